@@ -1,0 +1,29 @@
+"""Policies: the only place that knows about a concrete model.
+
+A policy maps a noisy latent, its noise level and a condition to a velocity; the trainer, the rollout
+and the losses see nothing else of the model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from torch import Tensor, nn
+
+
+class Policy(Protocol):
+    """What the rollout and the trainer need from a model."""
+
+    transformer: nn.Module  # the network LoRA adapters are attached to
+
+    def velocity(self, x: Tensor, sigma: Tensor, cond: Any, guidance_scale: float = 1.0) -> Tensor:
+        """Velocity ``v = eps - x0`` at latent ``x`` (B, ...) and noise level ``sigma`` (B,).
+
+        ``guidance_scale`` 1 is the plain conditional model; ``w > 1`` is classifier-free guidance
+        ``v_uncond + w * (v_cond - v_uncond)``.
+        """
+        ...
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents (B, ...) -> images (B, C, H, W) in [0, 1] for the rewards."""
+        ...
