@@ -38,9 +38,16 @@ class Transition:
     std: Tensor
 
 
+def upcast(t: Tensor | float) -> Tensor:
+    """Upcast to at least float32 (bf16/fp16 -> fp32; fp64 stays fp64)."""
+    t = torch.as_tensor(t)
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _as_batch_tensor(value: float | Tensor, like: Tensor) -> Tensor:
-    """A float, 0-d or ``(B,)`` tensor as a float32 tensor that broadcasts against ``like``."""
-    t = torch.as_tensor(value, dtype=torch.float32, device=like.device)
+    """A float, 0-d or ``(B,)`` tensor, at least float32, that broadcasts against ``like``."""
+    dtype = torch.promote_types(like.dtype, torch.float32)
+    t = torch.as_tensor(value, device=like.device).to(dtype)
     if t.ndim == 1:
         if t.shape[0] != like.shape[0]:
             raise ValueError(f"sigma has {t.shape[0]} entries but the latent batch has {like.shape[0]}")
@@ -71,7 +78,7 @@ def shifted_sigmas(num_steps: int, shift: float = 1.0, device: torch.device | st
 def ode_step(x: Tensor, v: Tensor, sigma: float | Tensor, sigma_next: float | Tensor) -> Transition:
     """Deterministic Euler step: ``x_next = x + dt * v``, ``std = 0``."""
     dt = _as_batch_tensor(sigma_next, x) - _as_batch_tensor(sigma, x)
-    mean = (x.float() + dt * v.float()).to(x.dtype)
+    mean = (upcast(x) + dt * upcast(v)).to(x.dtype)
     return Transition(mean=mean, std=torch.zeros_like(dt))
 
 
@@ -82,7 +89,7 @@ def flow_sde_g(sigma: float | Tensor, x: Tensor, eta: float, sigma_max: float | 
     ``sigmas[1]``) keeps ``g`` finite.
     """
     s = _as_batch_tensor(sigma, x)
-    s_max = torch.as_tensor(sigma_max, dtype=torch.float32, device=x.device)
+    s_max = torch.as_tensor(sigma_max, device=x.device).to(s.dtype)
     denom_sigma = torch.where(s >= 1.0, s_max, s)
     return eta * torch.sqrt(s / (1 - denom_sigma))
 
@@ -109,13 +116,11 @@ def flow_sde_step(
         sigma_max = 0.0
     g = flow_sde_g(sigma, x, eta, sigma_max)
     g2 = g * g
-    mean = x.float() * (1 + g2 * dt / (2 * s)) + v.float() * (1 + g2 * (1 - s) / (2 * s)) * dt  # eq. 9
+    mean = upcast(x) * (1 + g2 * dt / (2 * s)) + upcast(v) * (1 + g2 * (1 - s) / (2 * s)) * dt  # eq. 9
     return Transition(mean=mean.to(x.dtype), std=g * torch.sqrt(-dt))
 
 
-def cps_step(
-    x: Tensor, v: Tensor, sigma: float | Tensor, sigma_next: float | Tensor, eta: float = 0.8
-) -> Transition:
+def cps_step(x: Tensor, v: Tensor, sigma: float | Tensor, sigma_next: float | Tensor, eta: float = 0.8) -> Transition:
     """Coefficients-preserving step (CPS, arXiv 2509.05952).
 
     ``std = sigma_next * sin(eta * pi / 2)``, ``x0_hat = x - sigma * v``, ``x1_hat = x + (1 - sigma) * v``,
@@ -124,8 +129,8 @@ def cps_step(
     s = _as_batch_tensor(sigma, x)
     s_next = _as_batch_tensor(sigma_next, x)
     std = s_next * math.sin(eta * math.pi / 2)
-    x0_hat = x.float() - s * v.float()
-    x1_hat = x.float() + (1 - s) * v.float()
+    x0_hat = upcast(x) - s * upcast(v)
+    x1_hat = upcast(x) + (1 - s) * upcast(v)
     mean = (1 - s_next) * x0_hat + torch.sqrt(s_next**2 - std**2) * x1_hat
     return Transition(mean=mean.to(x.dtype), std=std)
 
@@ -158,7 +163,7 @@ def _reduce(t: Tensor, reduce: str) -> Tensor:
 
 
 def _check_std(std: Tensor) -> Tensor:
-    std = std.float()
+    std = upcast(std)
     if bool((std <= 0).any()):
         raise ValueError("std must be > 0 on a trained step (a deterministic step has no log-probability)")
     return std
@@ -176,9 +181,9 @@ def log_prob(
     ``"gaussian"``: ``-(x - mean)^2 / (2 std^2) - log(std) - log(sqrt(2 pi))`` per element.
     ``"cps"``: the published CPS convention ``-(x - mean)^2`` (no variance, no constants); its ratio
     is not a Gaussian likelihood ratio, so never mix the two conventions in one run.
-    Computed in float32 whatever the input dtype.
+    Computed in (at least) float32 whatever the input dtype.
     """
-    diff2 = (x_next.float() - mean.float()) ** 2
+    diff2 = (upcast(x_next) - upcast(mean)) ** 2
     if convention == "cps":
         return _reduce(-diff2, reduce)
     if convention != "gaussian":
@@ -202,7 +207,7 @@ def gaussian_kl(
     number of elements, the scale the public thresholds (1e-5) are calibrated for.
     ``add_kl_coefficient=False`` treats ``std`` as 1. Symmetric in ``a``, ``b``; float32 throughout.
     """
-    diff2 = (mean_a.float() - mean_b.float()) ** 2
+    diff2 = (upcast(mean_a) - upcast(mean_b)) ** 2
     if add_kl_coefficient:
         diff2 = diff2 / (2 * _check_std(std) ** 2)
     else:
