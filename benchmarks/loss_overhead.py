@@ -10,13 +10,12 @@ prints the per-repeat time ratio flow_dppo / flow_grpo (min / median / max) and 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
-import time
+from functools import partial
 from pathlib import Path
 
 import torch
+from common import RESULTS_DIR, interleaved_times, ratio_summary, write_result
 from diffusers import SD3Transformer2DModel
 
 from flowdppo.losses import StepBatch, get_loss
@@ -37,7 +36,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--width", type=int, default=64)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args()
     torch.manual_seed(0)
 
@@ -58,8 +57,7 @@ def main() -> None:
     logp_old = log_prob(x_next, old.mean, old.std)
     advantages = torch.randn(b)
 
-    def train_step(loss_mode: str) -> float:
-        start = time.perf_counter()
+    def train_step(loss_mode: str) -> None:
         new = transition()
         batch = StepBatch(
             logp_new=log_prob(x_next, new.mean, new.std), logp_old=logp_old, advantages=advantages,
@@ -69,33 +67,15 @@ def main() -> None:
         loss, _ = get_loss(loss_mode)(batch)
         loss.mean().backward()
         model.zero_grad(set_to_none=True)
-        return time.perf_counter() - start
 
-    for mode in ("flow_grpo", "flow_dppo"):  # warm-up
-        train_step(mode)
-    times = {"flow_grpo": [], "flow_dppo": []}
-    for i in range(args.repeats):
-        order = ("flow_grpo", "flow_dppo") if i % 2 == 0 else ("flow_dppo", "flow_grpo")
-        for mode in order:
-            times[mode].append(train_step(mode))
-    ratios = [d / g for d, g in zip(times["flow_dppo"], times["flow_grpo"], strict=True)]
-    result = {
-        "benchmark": "loss_overhead",
-        "ratio_dppo_over_grpo": {"min": min(ratios), "median": statistics.median(ratios), "max": max(ratios)},
-        "median_step_ms": {k: 1000 * statistics.median(v) for k, v in times.items()},
-        "batch": b,
-        "params": sum(p.numel() for p in model.parameters()),
-        "repeats": args.repeats,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
-    }
-    r = result["ratio_dppo_over_grpo"]
+    times = interleaved_times({m: partial(train_step, m) for m in ("flow_grpo", "flow_dppo")}, args.repeats)
+    r = ratio_summary(times["flow_dppo"], times["flow_grpo"])
+    ms = {k: 1000 * statistics.median(v) for k, v in times.items()}
     print(f"step time flow_dppo / flow_grpo: median {r['median']:.3f}x (min {r['min']:.3f}, max {r['max']:.3f})")
-    ms = result["median_step_ms"]
     print(f"median step: flow_grpo {ms['flow_grpo']:.1f} ms, flow_dppo {ms['flow_dppo']:.1f} ms")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "loss_overhead.json").write_text(json.dumps(result, indent=2) + "\n")
+    result = {"ratio_dppo_over_grpo": r, "median_step_ms": ms, "batch": b, "repeats": args.repeats,
+              "params": sum(p.numel() for p in model.parameters())}  # fmt: skip
+    print(f"wrote {write_result('loss_overhead', result, args.out)}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,5 @@
+import sys
+
+from flowdppo.cli import main
+
+sys.exit(main())

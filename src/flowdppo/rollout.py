@@ -1,0 +1,138 @@
+"""Sampling trajectories from a policy, recording what the update needs at the trained steps.
+
+A rollout runs the whole schedule ``sigmas[0..K]``. The trained steps are stochastic (Flow-SDE or CPS)
+and recorded: the state ``x_t``, the sampled ``x_next``, the transition mean and std, and the
+log-density of ``x_next``. Every other step is a plain Euler (ODE) step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from flowdppo.config import SamplerConfig
+from flowdppo.sde import gaussian_kl, log_prob, ode_step, sampler_step, shifted_sigmas
+
+VelocityFn = Callable[[Tensor, Tensor, Any], Tensor]
+
+
+@dataclass
+class Trajectory:
+    """A batch of ``B`` rollouts with ``T`` trained steps each.
+
+    cond:         (B,) the prompts (conditions) of the samples.
+    final:        (B, ...) the generated latents at sigma = 0.
+    step_index:   (T,) long, the trained steps' indices in the schedule.
+    sigma:        (T,) sigma of each trained step; sigma_next (T,) the one it steps to.
+    latents:      (T, B, ...) x_t at each trained step; next_latents (T, B, ...) the sampled x_next.
+    means:        (T, B, ...) transition mean of the rollout policy; stds (T, B) its std.
+    log_probs:    (T, B) log-density of next_latents under the rollout policy.
+    kl_to_base:   (B,) sum over trained steps of the per-step KL to the base policy (or None).
+    """
+
+    cond: Any
+    final: Tensor
+    step_index: Tensor
+    sigma: Tensor
+    sigma_next: Tensor
+    latents: Tensor
+    next_latents: Tensor
+    means: Tensor
+    stds: Tensor
+    log_probs: Tensor
+    kl_to_base: Tensor | None = None
+
+    @property
+    def num_elements(self) -> int:
+        """Trained (sample, step) elements: ``T * B``."""
+        return self.log_probs.numel()
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)}
+
+
+def trained_steps(cfg: SamplerConfig, seed: int, epoch: int) -> list[int]:
+    """Indices of the stochastic, trained steps for ``epoch``; the same on every process.
+
+    ``"window"``: ``W`` consecutive steps from a start drawn in ``[lo, hi)``; ``"random"``: ``k`` steps
+    drawn without replacement from ``[lo, hi)``; ``"all"``: every step with a positive std.
+    """
+    if cfg.window_mode == "all":
+        last = cfg.num_steps if cfg.sde_type == "sde" else cfg.num_steps - 1  # CPS's last step has std 0
+        return list(range(last))
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    lo, hi = cfg.window_range
+    if cfg.window_mode == "window":
+        start = int(torch.randint(lo, hi, (1,), generator=gen))
+        return list(range(start, start + cfg.window_size))
+    perm = torch.randperm(hi - lo, generator=gen)[: cfg.window_size]
+    return sorted((lo + perm).tolist())
+
+
+def rollout_schedule(cfg: SamplerConfig, device: torch.device | str = "cpu") -> Tensor:
+    return shifted_sigmas(cfg.num_steps, cfg.shift, device=device)
+
+
+@torch.no_grad()
+def rollout(
+    velocity: VelocityFn,
+    cond: Any,
+    x: Tensor,
+    cfg: SamplerConfig,
+    steps: list[int],
+    generator: torch.Generator | None = None,
+    base_velocity: VelocityFn | None = None,
+) -> Trajectory:
+    """Sample from noise ``x`` (B, ...) through the schedule; stochastic and recorded at ``steps``.
+
+    ``velocity(x, sigma (B,), cond)`` is the policy (guidance included). With ``base_velocity``, the
+    trajectory also carries the path KL to the base: ``sum_t D(mu_theta(x_t), mu_base(x_t))`` over
+    the trained steps, along the policy's own samples.
+    """
+    sigmas = rollout_schedule(cfg, x.device)
+    batch = x.shape[0]
+    records: dict[str, list[Tensor]] = {k: [] for k in ("latents", "next_latents", "means", "stds", "log_probs")}
+    kl = torch.zeros(batch, device=x.device) if base_velocity is not None else None
+    for i in range(cfg.num_steps):
+        sigma = sigmas[i].expand(batch)
+        v = velocity(x, sigma, cond)
+        if i not in steps:
+            x = ode_step(x, v, sigmas[i], sigmas[i + 1]).mean
+            continue
+        step = sampler_step(cfg.sde_type, x, v, sigmas[i], sigmas[i + 1], cfg.eta, sigmas[1])
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x_next = step.mean + step.std.to(x.dtype) * noise
+        std = step.std.expand(batch)
+        if kl is not None:
+            base = sampler_step(cfg.sde_type, x, base_velocity(x, sigma, cond), sigmas[i], sigmas[i + 1], cfg.eta,
+                                sigmas[1])  # fmt: skip
+            kl += gaussian_kl(step.mean, base.mean, step.std)
+        records["latents"].append(x)
+        records["next_latents"].append(x_next)
+        records["means"].append(step.mean)
+        records["stds"].append(std)
+        records["log_probs"].append(log_prob(x_next, step.mean, step.std, convention=cfg.logprob_convention))
+        x = x_next
+    index = torch.tensor(steps, dtype=torch.long, device=x.device)
+    return Trajectory(
+        cond=cond,
+        final=x,
+        step_index=index,
+        sigma=sigmas[index],
+        sigma_next=sigmas[index + 1],
+        kl_to_base=kl,
+        **{k: torch.stack(v) if v else x.new_zeros((0, batch)) for k, v in records.items()},
+    )
+
+
+@torch.no_grad()
+def sample(velocity: VelocityFn, cond: Any, x: Tensor, num_steps: int = 10, shift: float = 1.0) -> Tensor:
+    """Plain Euler (ODE) sampling from noise ``x``: ``x <- x + dt * v`` over the schedule."""
+    sigmas = shifted_sigmas(num_steps, shift, device=x.device)
+    for i in range(num_steps):
+        x = ode_step(x, velocity(x, sigmas[i].expand(x.shape[0]), cond), sigmas[i], sigmas[i + 1]).mean
+    return x

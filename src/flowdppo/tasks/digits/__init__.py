@@ -1,0 +1,21 @@
+"""The digits task: 8x8 scikit-learn digits, a tiny class-conditional flow model and a digit classifier.
+
+The shipped weights live under ``weights/`` next to this file:
+
+- ``weights/base/``: the base policy (``transformer/`` in diffusers layout + ``prompt_embeddings.safetensors``),
+  re-created by ``flowdppo.tasks.digits.pretrain.pretrain``;
+- ``weights/classifier/``: the reward classifier (``model.safetensors`` + ``config.json``), re-created by
+  ``flowdppo.tasks.digits.classifier.train_classifier``.
+
+A prompt is a digit class ``0..9``; class ``10`` is the null prompt used for classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+BASE_WEIGHTS_DIR = WEIGHTS_DIR / "base"
+CLASSIFIER_WEIGHTS_DIR = WEIGHTS_DIR / "classifier"
+
+__all__ = ["BASE_WEIGHTS_DIR", "CLASSIFIER_WEIGHTS_DIR", "WEIGHTS_DIR"]

@@ -1,0 +1,160 @@
+"""The digits task: data, shipped base policy and classifier, rewards and forgetting measures."""
+
+import pytest
+import torch
+
+from flowdppo.policies.digits import LORA_TARGET_MODULES, DigitsPolicy, load_base_policy
+from flowdppo.rewards import Reward
+from flowdppo.rewards.digits import (
+    DIGITS_REWARDS,
+    feature_fid,
+    group_diversity,
+    make_digits_reward,
+    prompt_accuracy,
+)
+from flowdppo.tasks.digits import BASE_WEIGHTS_DIR, CLASSIFIER_WEIGHTS_DIR, WEIGHTS_DIR
+from flowdppo.tasks.digits.classifier import DigitClassifier, accuracy, load_classifier
+from flowdppo.tasks.digits.data import as_labels, load_digits_split, to_unit_range
+from flowdppo.tasks.digits.pretrain import sample_digits
+
+
+@pytest.fixture(scope="module")
+def split():
+    return load_digits_split()
+
+
+@pytest.fixture(scope="module")
+def base():
+    return load_base_policy()
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return load_classifier()
+
+
+def test_split_is_fixed_stratified_and_scaled(split):
+    train_x, train_y, heldout_x, heldout_y = split
+    assert train_x.shape == (1437, 1, 8, 8) and heldout_x.shape == (360, 1, 8, 8)
+    assert train_x.min() == -1 and train_x.max() == 1 and train_x.dtype == torch.float32
+    assert heldout_y.bincount().min() >= 35  # stratified: every class held out
+    again = load_digits_split()
+    assert torch.equal(again[0], train_x) and torch.equal(again[3], heldout_y)
+
+
+def test_as_labels_accepts_tensors_ints_and_digit_strings():
+    assert as_labels(["3", 7, " 0"]).tolist() == [3, 7, 0]
+    assert as_labels(torch.tensor([[1], [2]])).tolist() == [1, 2]
+    with pytest.raises(ValueError, match="class index"):
+        as_labels(["three"])
+    with pytest.raises(ValueError, match="0..10"):
+        as_labels([11])
+
+
+def test_shipped_weights_load_through_the_real_loaders(base, classifier):
+    assert isinstance(base, DigitsPolicy) and isinstance(classifier, DigitClassifier)
+    assert (BASE_WEIGHTS_DIR / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (BASE_WEIGHTS_DIR / "prompt_embeddings.safetensors").is_file()
+    assert (CLASSIFIER_WEIGHTS_DIR / "model.safetensors").is_file()
+    assert sum(f.stat().st_size for f in WEIGHTS_DIR.rglob("*") if f.is_file()) < 5e6
+    assert type(base.transformer).__name__ == "SD3Transformer2DModel"
+    attn_modules = {n.split(".attn.", 1)[1] for n, _ in base.transformer.named_modules() if ".attn." in n}
+    assert set(LORA_TARGET_MODULES) <= attn_modules and base.lora_target_modules == LORA_TARGET_MODULES
+
+
+def test_classifier_heldout_accuracy(split, classifier):
+    _, _, heldout_x, heldout_y = split
+    assert accuracy(classifier, heldout_x, heldout_y) >= 0.95
+
+
+def test_save_and_load_round_trip_gives_identical_velocities(base, tmp_path):
+    base.save_pretrained(tmp_path / "policy")
+    loaded = DigitsPolicy.from_pretrained(tmp_path / "policy")
+    x = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    sigma, cond = torch.linspace(0.1, 1.0, 6), torch.tensor([0, 1, 2, 3, 4, 5])
+    with torch.no_grad():
+        assert torch.equal(base.velocity(x, sigma, cond), loaded.velocity(x, sigma, cond))
+        assert torch.equal(base.velocity(x, sigma, cond, 3.0), loaded.velocity(x, sigma, cond, 3.0))
+    with pytest.raises(FileNotFoundError, match="save_pretrained"):
+        DigitsPolicy.from_pretrained(tmp_path)
+
+
+def test_classifier_free_guidance(base):
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    sigma, cond = torch.full((4,), 0.6), torch.tensor([1, 4, 7, 9])
+    with torch.no_grad():
+        v_c = base.velocity(x, sigma, cond)
+        v_u = base.velocity(x, sigma, torch.full((4,), 10))
+        assert torch.allclose(base.velocity(x, sigma, cond, 1.0), v_c)
+        v_w = base.velocity(x, 0.6, cond, 3.0)  # a float sigma broadcasts
+    assert torch.allclose(v_w, v_u + 3.0 * (v_c - v_u), atol=1e-5)
+    assert (v_w - v_c).abs().max() > 1e-2
+    assert v_c.shape == x.shape and base.decode(x).min() >= 0 and base.decode(x).max() <= 1
+    with pytest.raises(ValueError, match="prompts"):
+        base.velocity(x, sigma, torch.tensor([1, 2]))
+
+
+def test_base_model_has_headroom_without_guidance(base, classifier):
+    labels = torch.arange(10).repeat_interleave(20)
+    acc = {}
+    for w in (1.0, 3.0):
+        latents = sample_digits(
+            base, labels, num_steps=10, guidance_scale=w, generator=torch.Generator().manual_seed(0)
+        )
+        acc[w] = prompt_accuracy(base.decode(latents), labels, classifier)
+    assert 0.4 <= acc[1.0] <= 0.8
+    assert acc[3.0] >= 0.9 and acc[3.0] - acc[1.0] >= 0.15
+
+
+def test_rewards_shapes_ranges_and_registry(split, classifier):
+    _, _, heldout_x, heldout_y = split
+    images, prompts = to_unit_range(heldout_x[:16]), heldout_y[:16]
+    rewards = {name: make_digits_reward(name, classifier=classifier) for name in DIGITS_REWARDS}
+    out = {name: fn(images, prompts, None) for name, fn in rewards.items()}
+    for name, r in out.items():
+        assert isinstance(rewards[name], Reward) and rewards[name].name == name
+        assert r.shape == (16,) and r.dtype == torch.float32 and torch.isfinite(r).all()
+    assert (out["classifier_prob"] >= 0).all() and (out["classifier_prob"] <= 1).all()
+    assert torch.allclose(out["classifier_logprob"].exp(), out["classifier_prob"], atol=1e-6)
+    assert (out["ink"] <= 0).all() and (out["ink"] >= -1).all()
+    assert torch.equal(rewards["classifier_prob"](images, [str(int(p)) for p in prompts]), out["classifier_prob"])
+    with pytest.raises(ValueError, match="choose one of"):
+        make_digits_reward("aesthetic")
+    with pytest.raises(ValueError, match="null prompt"):
+        rewards["classifier_prob"](images[:1], [10])
+
+
+def test_classifier_reward_prefers_the_prompted_class(split, classifier):
+    _, _, heldout_x, heldout_y = split
+    images, labels = to_unit_range(heldout_x), heldout_y
+    reward = make_digits_reward("classifier_prob", classifier=classifier)
+    right = reward(images, labels)
+    wrong = torch.stack([reward(images, (labels + k) % 10) for k in range(1, 10)])  # (9, N)
+    assert right.mean() > 0.9 and wrong.mean() < 0.05
+    assert (right > wrong.max(0).values).float().mean() > 0.95
+
+
+def test_ink_competes_with_legibility(split, classifier):
+    _, _, heldout_x, heldout_y = split
+    images = to_unit_range(heldout_x)
+    prob, ink = make_digits_reward("classifier_prob", classifier), make_digits_reward("ink")
+    faint = images * 0.4  # less ink: higher ink reward, lower classifier reward
+    assert ink(faint, heldout_y).mean() > ink(images, heldout_y).mean()
+    assert prob(faint, heldout_y).mean() < prob(images, heldout_y).mean() - 0.3
+
+
+def test_feature_fid_and_group_diversity(split, classifier):
+    train_x, _, heldout_x, heldout_y = split
+    train, heldout = to_unit_range(train_x), to_unit_range(heldout_x)
+    noise = torch.rand(360, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    fid_real = feature_fid(heldout, train, classifier)
+    fid_noise = feature_fid(noise, train, classifier)
+    assert 0 <= fid_real < 0.1 * fid_noise
+    assert feature_fid(train, train, classifier) < 1e-6
+    same = heldout[:1].repeat(8, 1, 1, 1)
+    assert group_diversity(same, [0] * 4 + [1] * 4) == 0.0
+    assert group_diversity(heldout, heldout_y) > 1.0
+    pair = torch.stack([torch.zeros(1, 8, 8), torch.ones(1, 8, 8)])
+    assert group_diversity(pair, torch.tensor([3, 3])) == pytest.approx(8.0)  # sqrt(64)
+    with pytest.raises(ValueError, match="two or more"):
+        group_diversity(heldout[:3], [0, 1, 2])

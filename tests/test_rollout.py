@@ -1,0 +1,81 @@
+"""Rollout: which steps are trained, what is recorded, and the path KL to the base."""
+
+import torch
+
+from flowdppo.config import SamplerConfig
+from flowdppo.rollout import rollout, sample, trained_steps
+from flowdppo.sde import log_prob, sampler_step, shifted_sigmas
+
+
+def toy_velocity(x, sigma, cond):
+    """Affine velocity with a per-sample offset from the condition."""
+    return 0.8 * x - cond.view(-1, 1, 1, 1).float() * (1 - sigma.view(-1, 1, 1, 1))
+
+
+def test_window_is_seeded_consecutive_and_in_range():
+    cfg = SamplerConfig(window_mode="window", window_size=3, window_range=[1, 5])
+    windows = [trained_steps(cfg, seed=0, epoch=e) for e in range(40)]
+    assert windows[7] == trained_steps(cfg, seed=0, epoch=7)  # same on every process / on resume
+    assert all(w == list(range(w[0], w[0] + 3)) and 1 <= w[0] < 5 for w in windows)
+    assert len({w[0] for w in windows}) == 4  # every start in [1, 5) is drawn
+    assert trained_steps(cfg, seed=1, epoch=7) != windows[7] or trained_steps(cfg, 1, 8) != windows[8]
+
+
+def test_random_steps_and_all_steps():
+    cfg = SamplerConfig(window_mode="random", window_size=3, window_range=[0, 5])
+    for epoch in range(20):
+        steps = trained_steps(cfg, seed=0, epoch=epoch)
+        assert len(set(steps)) == 3 and steps == sorted(steps) and all(0 <= s < 5 for s in steps)
+    assert trained_steps(SamplerConfig(window_mode="all", num_steps=6), 0, 0) == list(range(6))
+    assert trained_steps(SamplerConfig(window_mode="all", num_steps=6, sde_type="cps"), 0, 0) == list(range(5))
+
+
+def test_rollout_records_the_sampler_transitions():
+    cfg = SamplerConfig(sde_type="sde", eta=0.7, num_steps=6)
+    cond = torch.tensor([0, 1, 2, 3])
+    x = torch.randn(4, 1, 3, 3, generator=torch.Generator().manual_seed(0))
+    traj = rollout(toy_velocity, cond, x, cfg, [1, 2], torch.Generator().manual_seed(1))
+    sigmas = shifted_sigmas(6)
+    assert traj.latents.shape == (2, 4, 1, 3, 3) and traj.log_probs.shape == (2, 4)
+    for t, i in enumerate([1, 2]):
+        sigma = sigmas[i].expand(4)
+        step = sampler_step("sde", traj.latents[t], toy_velocity(traj.latents[t], sigma, cond), sigmas[i],
+                            sigmas[i + 1], 0.7, sigmas[1])  # fmt: skip
+        torch.testing.assert_close(traj.means[t], step.mean)
+        torch.testing.assert_close(traj.stds[t], step.std.expand(4))
+        torch.testing.assert_close(traj.log_probs[t], log_prob(traj.next_latents[t], step.mean, step.std))
+    torch.testing.assert_close(traj.latents[1], traj.next_latents[0])  # consecutive window
+    assert traj.step_index.tolist() == [1, 2]
+    assert torch.equal(traj.sigma, sigmas[[1, 2]]) and torch.equal(traj.sigma_next, sigmas[[2, 3]])
+
+
+def test_rollout_without_trained_steps_is_plain_euler():
+    cfg = SamplerConfig(num_steps=8)
+    cond = torch.tensor([1, 2])
+    x = torch.randn(2, 1, 4, 4)
+    traj = rollout(toy_velocity, cond, x, cfg, [], torch.Generator().manual_seed(0))
+    torch.testing.assert_close(traj.final, sample(toy_velocity, cond, x, num_steps=8))
+
+
+def test_path_kl_to_base():
+    """Zero for the same velocity; otherwise the sum over trained steps of mean (dmu)^2 / (2 std^2)."""
+    cfg = SamplerConfig(sde_type="cps", eta=0.8, num_steps=6)
+    cond = torch.tensor([1, 2, 3])
+    x = torch.randn(3, 1, 4, 4)
+
+    def base(x, sigma, cond):
+        return toy_velocity(x, sigma, cond) + 0.1
+
+    same = rollout(toy_velocity, cond, x, cfg, [0, 3], torch.Generator().manual_seed(0), base_velocity=toy_velocity)
+    assert torch.equal(same.kl_to_base, torch.zeros(3))
+    traj = rollout(toy_velocity, cond, x, cfg, [0, 3], torch.Generator().manual_seed(0), base_velocity=base)
+    sigmas = shifted_sigmas(6)
+    expected = torch.zeros(3)
+    for t, i in enumerate([0, 3]):
+        # CPS: mean depends on v through -(1 - s') sigma v + sqrt(s'^2 - std^2)(1 - sigma) v
+        s, s_next = sigmas[i], sigmas[i + 1]
+        std = s_next * torch.sin(torch.tensor(0.8 * torch.pi / 2))
+        coef = -(1 - s_next) * s + torch.sqrt(s_next**2 - std**2) * (1 - s)
+        expected += (coef * 0.1) ** 2 / (2 * std**2)
+        torch.testing.assert_close(traj.stds[t], std.expand(3))
+    torch.testing.assert_close(traj.kl_to_base, expected)

@@ -1,0 +1,134 @@
+"""End-to-end runs on the digits task: the reward moves, the alarms fire, the run folder is complete."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+from flowdppo.cli import main
+from flowdppo.config import load_config
+from flowdppo.policies.digits import load_base_policy
+from flowdppo.rollout import rollout, trained_steps
+from flowdppo.tasks.digits.task import DigitsTask
+from flowdppo.trainer import ConsistencyError, train, update
+
+FAST = ["prompts_per_epoch=10", "group_size=8", "eval_samples_per_class=10", "optim.lr=3e-3"]
+
+
+def short_run(tmp_path, name, overrides, method="flow_dppo"):
+    cfg = load_config(method, overrides=FAST + overrides)
+    return train(cfg, tmp_path / name, progress=False)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two 8-epoch runs from the same seed: one maximising the classifier reward, one minimising it."""
+    tmp = tmp_path_factory.mktemp("runs")
+    common = ["epochs=8", "eval_every=8", "checkpoint_every=4"]
+    up = short_run(tmp, "up", common)
+    down = short_run(tmp, "down", common + ["reward.weights=[-1.0]"])
+    return up, down
+
+
+def test_reward_moves_with_the_reward_and_against_its_opposite(runs):
+    up, down = runs
+    base = up.load_json("base_eval.json")["eval/reward"]
+    assert down.load_json("base_eval.json")["eval/reward"] == base  # same base, same eval noise
+    final_up, final_down = up.rows()[-1]["eval/reward"], down.rows()[-1]["eval/reward"]
+    assert final_up > base + 0.02, (base, final_up)
+    assert final_down < base - 0.02, (base, final_down)
+    assert up.rows()[-1]["kl_to_base"] > 0
+
+
+def test_run_folder_files_exist_and_parse(runs):
+    up, _ = runs
+    path = up.path
+    cfg = yaml.safe_load((path / "config.yaml").read_text())
+    assert cfg["loss"]["loss_mode"] == "flow_dppo" and cfg["epochs"] == 8
+    rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == list(range(8))
+    for key in ("reward_mean", "kl_to_base", "masked_fraction", "ratio_mean", "time_s", "kl_max", "grad_norm"):
+        assert all(key in r for r in rows), key
+    assert "eval/fid" in rows[-1] and "eval/accuracy" in rows[-1]
+    for name in ("plots/curves.png", "plots/per_step.png", "samples.png", "final/pytorch_lora_weights.safetensors"):
+        assert (path / name).stat().st_size > 0, name
+    assert list((path / "tensorboard").glob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (path / "checkpoints").iterdir()) == ["epoch_000004", "epoch_000008"]
+
+
+def test_exported_lora_loads_in_a_stock_pipeline_and_reproduces_the_policy(runs):
+    """``pipeline.load_lora_weights(final/)`` on a fresh base gives the trained policy's velocity."""
+    up, _ = runs
+    base_dir_policy = load_base_policy()
+    pipe = StableDiffusion3Pipeline(
+        transformer=base_dir_policy.transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=None,
+        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
+        tokenizer_3=None,
+    )  # fmt: skip
+    x, sigma, cond = torch.randn(6, 1, 8, 8), torch.rand(6), torch.arange(6)
+    before = base_dir_policy.velocity(x, sigma, cond)
+    pipe.load_lora_weights(up.path / "final")
+    after = base_dir_policy.velocity(x, sigma, cond)
+    from flowdppo.evaluate import load_trained_policy
+
+    trained = load_trained_policy(up.path, DigitsTask())
+    torch.testing.assert_close(after, trained.velocity(x, sigma, cond))
+    assert (after - before).abs().max() > 1e-4  # the adapter changes the model
+
+
+def test_resume_continues_as_if_never_stopped(runs, tmp_path):
+    """Drop the last checkpoint and its rows, resume: the metric rows come back identical."""
+    up, _ = runs
+    copy = tmp_path / "resumed"
+    shutil.copytree(up.path, copy)
+    shutil.rmtree(copy / "checkpoints" / "epoch_000008")
+    shutil.rmtree(copy / "final")
+    cfg = load_config(overrides=FAST + ["epochs=8", "eval_every=8", "checkpoint_every=4"])
+    resumed = train(cfg, copy, resume=True, progress=False)
+    drop = {"time_s"}
+    original = [{k: v for k, v in r.items() if k not in drop} for r in up.rows()]
+    again = [{k: v for k, v in r.items() if k not in drop} for r in resumed.rows()]
+    assert again == original
+
+
+def test_consistency_alarm_fires_when_rollout_and_replay_differ():
+    cfg = load_config(overrides=FAST)
+    task = DigitsTask()
+    policy = task.load_policy()
+    from flowdppo.policies.lora import make_trainable, trainable_parameters
+
+    make_trainable(policy, 4, 8.0, policy.lora_target_modules)
+    cond, _ = task.prompts(2, 4, 0, 0)
+    noise = torch.randn(8, 1, 8, 8)
+    traj = rollout(policy.velocity, cond, noise, cfg.sampler, trained_steps(cfg.sampler, 0, 0), torch.Generator())
+    optimizer = torch.optim.AdamW(trainable_parameters(policy), lr=1e-3)
+    with torch.no_grad():  # the weights move between rollout and update: the anchor is stale
+        for p in trainable_parameters(policy):
+            p.add_(0.05 * torch.randn_like(p))
+    with pytest.raises(ConsistencyError, match="optim.anchor=replay"):
+        update(policy, optimizer, traj, torch.randn(8), cfg, torch.Generator(), None, epoch=3)
+    cfg.optim.anchor = "replay"  # recomputing the anchor with the current weights clears it
+    from flowdppo.trainer import replay_anchor
+
+    update(policy, optimizer, replay_anchor(policy, traj, cfg), torch.randn(8), cfg, torch.Generator(), None, 3)
+
+
+def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "x"), "loss.kl_mask_treshold=1e-4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "did you mean loss.kl_mask_threshold" in err
+    assert main(["train", "--method", "ppo"]) == 2
+    assert "method: must be one of" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
+    assert "not a run folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["flow_grpo", "flow_cps", "grpo_guard", "flow_dppo_cps"])
+def test_every_preset_trains(tmp_path, method):
+    run = short_run(tmp_path, method, ["epochs=2", "eval_every=2", "optim.inner_epochs=2", "loss.beta=0.01"], method)
+    rows = run.rows()
+    assert len(rows) == 2 and all("ref_kl" in r for r in rows)
+    assert rows[-1]["kl_to_base"] > 0
