@@ -57,6 +57,16 @@ def test_rollout_without_trained_steps_is_plain_euler():
     torch.testing.assert_close(traj.final, sample(toy_velocity, cond, x, num_steps=8))
 
 
+def cps_kl_for_constant_velocity_gap(i, sigmas, gap=0.1, eta=0.8):
+    """Per-step KL of CPS when the base velocity is the policy's plus ``gap``: the mean is linear in v,
+
+    ``d mean / d v = -(1 - s') s + sqrt(s'^2 - std^2) (1 - s)``, so D = (coef * gap)^2 / (2 std^2)."""
+    s, s_next = sigmas[i], sigmas[i + 1]
+    std = s_next * torch.sin(torch.tensor(eta * torch.pi / 2))
+    coef = -(1 - s_next) * s + torch.sqrt(s_next**2 - std**2) * (1 - s)
+    return (coef * gap) ** 2 / (2 * std**2), std
+
+
 def test_path_kl_to_base():
     """Zero for the same velocity; otherwise the sum over trained steps of mean (dmu)^2 / (2 std^2)."""
     cfg = SamplerConfig(sde_type="cps", eta=0.8, num_steps=6)
@@ -70,12 +80,11 @@ def test_path_kl_to_base():
     assert torch.equal(same.kl_to_base, torch.zeros(3))
     traj = rollout(toy_velocity, cond, x, cfg, [0, 3], torch.Generator().manual_seed(0), base_velocity=base)
     sigmas = shifted_sigmas(6)
-    expected = torch.zeros(3)
     for t, i in enumerate([0, 3]):
-        # CPS: mean depends on v through -(1 - s') sigma v + sqrt(s'^2 - std^2)(1 - sigma) v
-        s, s_next = sigmas[i], sigmas[i + 1]
-        std = s_next * torch.sin(torch.tensor(0.8 * torch.pi / 2))
-        coef = -(1 - s_next) * s + torch.sqrt(s_next**2 - std**2) * (1 - s)
-        expected += (coef * 0.1) ** 2 / (2 * std**2)
-        torch.testing.assert_close(traj.stds[t], std.expand(3))
-    torch.testing.assert_close(traj.kl_to_base, expected)
+        torch.testing.assert_close(traj.stds[t], cps_kl_for_constant_velocity_gap(i, sigmas)[1].expand(3))
+    expected = sum(cps_kl_for_constant_velocity_gap(i, sigmas)[0] for i in (0, 3))
+    torch.testing.assert_close(traj.kl_to_base, expected.expand(3))
+    # measured over every stochastic step (ODE steps included), not only the trained ones
+    full = rollout(toy_velocity, cond, x, cfg, [0, 3], torch.Generator().manual_seed(0), base, kl_steps=range(5))
+    expected = sum(cps_kl_for_constant_velocity_gap(i, sigmas)[0] for i in range(5))
+    torch.testing.assert_close(full.kl_to_base, expected.expand(3))

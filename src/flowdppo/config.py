@@ -43,6 +43,9 @@ class SamplerConfig:
     """W for window_mode "window"; k for "random"."""
     window_range: list[int] = field(default_factory=lambda: [0, 5])
     """[lo, hi): step indices the window start ("window") or the steps ("random") are drawn from."""
+    kl_to_base_steps: str = "all"
+    """Steps the logged path KL to the base sums over: "all" stochastic-kernel steps (comparable across
+    epochs, one extra base forward per step) or the epoch's "trained" steps (free with beta > 0)."""
     logprob_convention: str = "gaussian"
     """"gaussian" (true density) or "cps" (the published CPS -(x - mean)^2, no variance)."""
 
@@ -138,6 +141,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "sampler.sde_type": ("sde", "cps"),
     "sampler.window_mode": ("window", "random", "all"),
     "sampler.logprob_convention": LOGPROB_CONVENTIONS,
+    "sampler.kl_to_base_steps": ("all", "trained"),
     "loss.loss_mode": tuple(sorted(LOSSES)),
     "loss.kl_reduce": REDUCTIONS,
     "reward.aggregation": ("sum", "gdpo"),

@@ -31,7 +31,7 @@ class Trajectory:
     latents:      (T, B, ...) x_t at each trained step; next_latents (T, B, ...) the sampled x_next.
     means:        (T, B, ...) transition mean of the rollout policy; stds (T, B) its std.
     log_probs:    (T, B) log-density of next_latents under the rollout policy.
-    kl_to_base:   (B,) sum over trained steps of the per-step KL to the base policy (or None).
+    kl_to_base:   (B,) sum over the measured steps of the per-step KL to the base policy (or None).
     """
 
     cond: Any
@@ -62,8 +62,7 @@ def trained_steps(cfg: SamplerConfig, seed: int, epoch: int) -> list[int]:
     drawn without replacement from ``[lo, hi)``; ``"all"``: every step with a positive std.
     """
     if cfg.window_mode == "all":
-        last = cfg.num_steps if cfg.sde_type == "sde" else cfg.num_steps - 1  # CPS's last step has std 0
-        return list(range(last))
+        return stochastic_steps(cfg)
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     lo, hi = cfg.window_range
     if cfg.window_mode == "window":
@@ -71,6 +70,11 @@ def trained_steps(cfg: SamplerConfig, seed: int, epoch: int) -> list[int]:
         return list(range(start, start + cfg.window_size))
     perm = torch.randperm(hi - lo, generator=gen)[: cfg.window_size]
     return sorted((lo + perm).tolist())
+
+
+def stochastic_steps(cfg: SamplerConfig) -> list[int]:
+    """Every step whose stochastic kernel has a positive std (CPS's last step has none)."""
+    return list(range(cfg.num_steps if cfg.sde_type == "sde" else cfg.num_steps - 1))
 
 
 def rollout_schedule(cfg: SamplerConfig, device: torch.device | str = "cpu") -> Tensor:
@@ -86,13 +90,16 @@ def rollout(
     steps: list[int],
     generator: torch.Generator | None = None,
     base_velocity: VelocityFn | None = None,
+    kl_steps: list[int] | None = None,
 ) -> Trajectory:
     """Sample from noise ``x`` (B, ...) through the schedule; stochastic and recorded at ``steps``.
 
     ``velocity(x, sigma (B,), cond)`` is the policy (guidance included). With ``base_velocity``, the
     trajectory also carries the path KL to the base: ``sum_t D(mu_theta(x_t), mu_base(x_t))`` over
-    the trained steps, along the policy's own samples.
+    ``kl_steps`` (default: the trained steps), with the stochastic kernel's own std at every such step,
+    along the policy's own samples.
     """
+    kl_steps = steps if kl_steps is None else kl_steps
     sigmas = rollout_schedule(cfg, x.device)
     batch = x.shape[0]
     records: dict[str, list[Tensor]] = {k: [] for k in ("latents", "next_latents", "means", "stds", "log_probs")}
@@ -100,17 +107,17 @@ def rollout(
     for i in range(cfg.num_steps):
         sigma = sigmas[i].expand(batch)
         v = velocity(x, sigma, cond)
-        if i not in steps:
-            x = ode_step(x, v, sigmas[i], sigmas[i + 1]).mean
-            continue
         step = sampler_step(cfg.sde_type, x, v, sigmas[i], sigmas[i + 1], cfg.eta, sigmas[1])
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x_next = step.mean + step.std.to(x.dtype) * noise
-        std = step.std.expand(batch)
-        if kl is not None:
+        if kl is not None and i in kl_steps:
             base = sampler_step(cfg.sde_type, x, base_velocity(x, sigma, cond), sigmas[i], sigmas[i + 1], cfg.eta,
                                 sigmas[1])  # fmt: skip
             kl += gaussian_kl(step.mean, base.mean, step.std)
+        if i not in steps:
+            x = ode_step(x, v, sigmas[i], sigmas[i + 1]).mean
+            continue
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x_next = step.mean + step.std.to(x.dtype) * noise
+        std = step.std.expand(batch)
         records["latents"].append(x)
         records["next_latents"].append(x_next)
         records["means"].append(step.mean)

@@ -26,7 +26,7 @@ from flowdppo.policies.lora import (
     reference_policy,
     trainable_parameters,
 )
-from flowdppo.rollout import Trajectory, rollout, rollout_schedule, trained_steps
+from flowdppo.rollout import Trajectory, rollout, rollout_schedule, stochastic_steps, trained_steps
 from flowdppo.runs import RunFolder
 from flowdppo.sde import log_prob, sampler_step
 from flowdppo.tasks.digits.task import DigitsTask
@@ -68,7 +68,8 @@ def train(
         cond, group_ids = task.prompts(cfg.prompts_per_epoch, cfg.group_size, cfg.seed, epoch)
         steps = trained_steps(cfg.sampler, cfg.seed, epoch)
         noise = torch.randn((len(group_ids), *task.latent_shape), generator=rng, device=device)
-        traj = rollout(velocity, cond, noise, cfg.sampler, steps, rng, base_velocity=base_velocity)
+        kl_steps = stochastic_steps(cfg.sampler) if cfg.sampler.kl_to_base_steps == "all" else steps
+        traj = rollout(velocity, cond, noise, cfg.sampler, steps, rng, base_velocity, kl_steps)
         # 2. rewards and group-relative advantages
         images = policy.decode(traj.final)
         rewards = torch.stack([fn(images, cond) for fn in reward_fns], dim=1)  # (B, num_rewards)
