@@ -10,10 +10,12 @@ from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
 from flowdppo.cli import main
 from flowdppo.config import load_config
+from flowdppo.evaluate import evaluate_run, load_trained_policy
 from flowdppo.policies.digits import load_base_policy
+from flowdppo.policies.lora import make_trainable, trainable_parameters
 from flowdppo.rollout import rollout, trained_steps
 from flowdppo.tasks.digits.task import DigitsTask
-from flowdppo.trainer import ConsistencyError, train, update
+from flowdppo.trainer import ConsistencyError, replay_anchor, train, update
 
 FAST = ["prompts_per_epoch=10", "group_size=8", "eval_samples_per_class=10", "optim.lr=3e-3"]
 
@@ -72,8 +74,6 @@ def test_exported_lora_loads_in_a_stock_pipeline_and_reproduces_the_policy(runs)
     before = base_dir_policy.velocity(x, sigma, cond)
     pipe.load_lora_weights(up.path / "final")
     after = base_dir_policy.velocity(x, sigma, cond)
-    from flowdppo.evaluate import load_trained_policy
-
     trained = load_trained_policy(up.path, DigitsTask())
     torch.testing.assert_close(after, trained.velocity(x, sigma, cond))
     assert (after - before).abs().max() > 1e-4  # the adapter changes the model
@@ -98,8 +98,6 @@ def test_consistency_alarm_fires_when_rollout_and_replay_differ():
     cfg = load_config(overrides=FAST)
     task = DigitsTask()
     policy = task.load_policy()
-    from flowdppo.policies.lora import make_trainable, trainable_parameters
-
     make_trainable(policy, 4, 8.0, policy.lora_target_modules)
     cond, _ = task.prompts(2, 4, 0, 0)
     noise = torch.randn(8, 1, 8, 8)
@@ -111,8 +109,6 @@ def test_consistency_alarm_fires_when_rollout_and_replay_differ():
     with pytest.raises(ConsistencyError, match="optim.anchor=replay"):
         update(policy, optimizer, traj, torch.randn(8), cfg, torch.Generator(), None, epoch=3)
     cfg.optim.anchor = "replay"  # recomputing the anchor with the current weights clears it
-    from flowdppo.trainer import replay_anchor
-
     update(policy, optimizer, replay_anchor(policy, traj, cfg), torch.randn(8), cfg, torch.Generator(), None, 3)
 
 
@@ -132,3 +128,13 @@ def test_every_preset_trains(tmp_path, method):
     rows = run.rows()
     assert len(rows) == 2 and all("ref_kl" in r for r in rows)
     assert rows[-1]["kl_to_base"] > 0
+
+
+def test_full_finetuning_with_accumulation_and_replayed_anchor(tmp_path):
+    overrides = ["epochs=2", "eval_every=2", "optim.lora_rank=0", "optim.grad_accum=2", "optim.anchor=replay",
+                 "loss.beta=0.01", "optim.lr=1e-4"]  # fmt: skip
+    run = short_run(tmp_path, "full", overrides)
+    assert (run.path / "final" / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+    assert run.rows()[-1]["kl_to_base"] > 0 and run.rows()[-1]["ref_kl"] > 0
+    results = evaluate_run(run.path, per_class=5)
+    assert results["base"] != results["trained"]
