@@ -1,9 +1,10 @@
-"""Command line: ``flowdppo train | eval | digits pretrain | digits classifier``.
+"""Command line: ``flowdppo train | eval | compare | digits pretrain | digits classifier``.
 
     flowdppo train                                  # Flow-DPPO on the digits task, CPU, ~2 minutes
     flowdppo train --method flow_grpo --out runs/grpo loss.clip_range=2e-4 epochs=60
     flowdppo train --resume runs/grpo
     flowdppo eval runs/grpo
+    flowdppo compare --preset single --seeds 5 --out runs/bench
 
 Configuration errors print one line and exit with code 2 (``--debug`` shows the traceback).
 """
@@ -12,9 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
+
+# transformers (imported by diffusers' pipelines) warns about optional image backends we never use
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import yaml
 
@@ -63,6 +68,22 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from flowdppo.compare import METHODS, render_report, run_compare
+
+    if args.report_only:
+        print(f"wrote {render_report(Path(args.report_only))}")
+        return 0
+    methods = tuple(args.methods.split(",")) if args.methods else METHODS
+    unknown = [m for m in methods if m not in PRESETS]
+    if unknown:
+        raise ConfigError(f"--methods: unknown method {unknown[0]!r}; choose from {', '.join(PRESETS)}")
+    out = Path(args.out or f"runs/compare-{args.preset}")
+    run_compare(args.preset, out, args.seeds, methods, args.overrides, args.jobs)
+    print(f"report: {out / 'REPORT.md'}")
+    return 0
+
+
 def _digits_pretrain(args: argparse.Namespace) -> int:
     from flowdppo.tasks.digits.pretrain import pretrain
 
@@ -97,6 +118,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--per-class", type=int, default=50)
     ev.set_defaults(func=_eval)
 
+    cmp = commands.add_parser("compare", help="DigitsBench: every method x seed, with a report")
+    cmp.add_argument("--preset", default="single", help="single, multi, epochs, threshold or smoke")
+    cmp.add_argument("--methods", help="comma-separated subset of the methods (default all five)")
+    cmp.add_argument("--seeds", type=int, default=5)
+    cmp.add_argument("--jobs", type=int, default=None, help="parallel runs (default: the number of cores)")
+    cmp.add_argument("--out", help="report folder (default runs/compare-PRESET)")
+    cmp.add_argument("--report-only", metavar="DIR", help="re-render REPORT.md from DIR/results.json")
+    cmp.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every run, e.g. epochs=20")
+    cmp.set_defaults(func=_compare)
+
     digits = commands.add_parser("digits", help="re-create the digits task's shipped weights")
     digits_commands = digits.add_subparsers(dest="digits_command", required=True)
     pre = digits_commands.add_parser("pretrain", help="pretrain the base flow model")
@@ -124,4 +155,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -1,13 +1,13 @@
 """The run folder: resolved config, metrics, tensorboard events, plots, grids, checkpoints, final weights.
 
-    RUN/config.yaml             resolved configuration
-    RUN/metrics.jsonl           one JSON row per epoch
-    RUN/tensorboard/            event files (scalars of every row)
-    RUN/plots/curves.png        reward and KL-to-base vs epoch, reward vs KL
-    RUN/plots/per_step.png      per trained step: mean D and masked fraction
-    RUN/samples.png             base vs trained samples, one row per prompt
-    RUN/checkpoints/epoch_N/    resumable checkpoints (safetensors + JSON)
-    RUN/final/                  the LoRA adapter (diffusers format) or the full policy
+RUN/config.yaml             resolved configuration
+RUN/metrics.jsonl           one JSON row per epoch
+RUN/tensorboard/            event files (scalars of every row)
+RUN/plots/curves.png        reward and KL-to-base vs epoch, reward vs KL
+RUN/plots/per_step.png      per trained step: mean D and masked fraction
+RUN/samples.png             base vs trained samples, one row per prompt
+RUN/checkpoints/epoch_N/    resumable checkpoints (safetensors + JSON)
+RUN/final/                  the LoRA adapter (diffusers format) or the full policy
 """
 
 from __future__ import annotations

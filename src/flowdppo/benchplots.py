@@ -1,0 +1,97 @@
+"""Plots of a DigitsBench report, from ``results.json`` alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from flowdppo.frontier import mean_ci  # noqa: E402
+
+
+def _records(arm: dict) -> list[dict]:
+    return [rec for _, rec in sorted(arm["seeds"].items(), key=lambda kv: int(kv[0]))]
+
+
+def _series(arm: dict, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Epochs, seed mean and CI half-width of ``key`` (rows that have it)."""
+    per_seed = [[(r["epoch"], r[key]) for r in rec["rows"] if key in r] for rec in _records(arm)]
+    epochs = [e for e, _ in per_seed[0]]
+    stats = [mean_ci([s[i][1] for s in per_seed if i < len(s)]) for i in range(len(epochs))]
+    return np.array(epochs), np.array([m for m, _ in stats]), np.array([h for _, h in stats])
+
+
+def plot_frontier(results: dict, path: Path) -> None:
+    """Eval reward vs KL to the base over training, seed means, one curve per arm (start: the base)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for label, arm in results["arms"].items():
+        records = _records(arm)
+        kl = np.mean([[0.0] + [r["kl_to_base"] for r in rec["rows"] if "eval/reward" in r] for rec in records], 0)
+        reward = np.mean([[rec["base"]["eval/reward"]] + [r["eval/reward"] for r in rec["rows"] if "eval/reward" in r]
+                          for rec in records], 0)  # fmt: skip
+        ax.plot(kl, reward, marker="o", ms=3, label=label)
+    ax.set(xlabel="path KL to base", ylabel="eval reward (p of prompted digit)", title="reward vs KL to base")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_vs_epoch(results: dict, keys: list[str], path: Path) -> None:
+    """Each key vs epoch, seed mean with a 95% CI band, one line per arm."""
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.6 * len(keys), 3.8))
+    for ax, key in zip(np.atleast_1d(axes), keys, strict=True):
+        for label, arm in results["arms"].items():
+            epochs, mean, half = _series(arm, key)
+            ax.plot(epochs, mean, label=label)
+            ax.fill_between(epochs, mean - half, mean + half, alpha=0.15)
+        ax.set(xlabel="epoch", title=key)
+        ax.grid(alpha=0.3)
+    np.atleast_1d(axes)[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_inner_epochs(results: dict, path: Path) -> None:
+    """Final eval reward vs inner epochs (1, 2, 4) per method, with CIs."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    methods = sorted({arm["method"] for arm in results["arms"].values()})
+    for method in methods:
+        xs, means, halves = [], [], []
+        for i in (1, 2, 4):
+            arm = results["arms"].get(f"{method}/I{i}")
+            if arm:
+                finals = [[r["eval/reward"] for r in rec["rows"] if "eval/reward" in r][-1] for rec in _records(arm)]
+                m, h = mean_ci(finals)
+                xs.append(i), means.append(m), halves.append(h)
+        ax.errorbar(xs, means, yerr=halves, marker="o", capsize=3, label=method)
+    ax.set(xscale="log", xticks=[1, 2, 4], xticklabels=["1", "2", "4"], xlabel="inner epochs",
+           ylabel="final eval reward", title="stability with several passes over a rollout")  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def render_all(results: dict, out: Path) -> list[str]:
+    """Every plot that fits the preset; returns the file names."""
+    names = ["frontier.png", "curves.png", "ood.png"]
+    plot_frontier(results, out / "frontier.png")
+    plot_vs_epoch(results, ["reward_mean", "kl_to_base", "masked_fraction"], out / "curves.png")
+    plot_vs_epoch(results, ["eval/reward", "eval/fid", "eval/diversity"], out / "ood.png")
+    first = next(iter(results["arms"].values()))
+    reward_keys = sorted(k for k in _records(first)[0]["rows"][0] if k.startswith("reward/"))
+    if len(reward_keys) > 1:
+        plot_vs_epoch(results, reward_keys, out / "per_reward.png")
+        names.append("per_reward.png")
+    if results["preset"] == "epochs":
+        plot_inner_epochs(results, out / "inner_epochs.png")
+        names.append("inner_epochs.png")
+    return names
