@@ -1,5 +1,6 @@
 """DigitsBench: frontier and matched comparisons on known curves; the compare command end to end."""
 
+import json
 import math
 
 import numpy as np
@@ -83,5 +84,15 @@ def test_compare_smoke_writes_the_report_and_rerenders_identically(tmp_path, cap
     assert main(["compare", "--report-only", str(out)]) == 0  # no training: results.json only
     assert (out / "REPORT.md").read_text() == report
     assert render_report(out).read_text() == report
+    # a second report with the same runs trains nothing: it takes them from the first
+    again = tmp_path / "again"
+    cmd = ["compare", "--preset", "smoke", "--methods", "flow_dppo", "--seeds", "1", "--out", str(again)]
+    assert main(cmd + ["--reuse", str(out), "epochs=2", "group_size=4", "eval_every=1"]) == 0
+    reused = json.loads((again / "results.json").read_text())["arms"]["flow_dppo"]["seeds"]["0"]
+    first = json.loads((out / "results.json").read_text())["arms"]["flow_dppo"]["seeds"]["0"]
+    assert reused["reused_from"] == str(out) and reused["rows"] == first["rows"]
+    assert not (again / "runs").exists()
+    assert main(["compare", "--gather", str(tmp_path)]) == 0
+    assert "[bench](bench/REPORT.md)" in (tmp_path / "REPORT.md").read_text()
     assert main(["compare", "--methods", "ppo"]) == 2
     assert "unknown method 'ppo'" in capsys.readouterr().err

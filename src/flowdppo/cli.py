@@ -69,8 +69,11 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from flowdppo.compare import METHODS, render_report, run_compare
+    from flowdppo.compare import METHODS, gather_reports, render_report, run_compare
 
+    if args.gather:
+        print(f"wrote {gather_reports(Path(args.gather))}")
+        return 0
     if args.report_only:
         print(f"wrote {render_report(Path(args.report_only))}")
         return 0
@@ -79,7 +82,7 @@ def _compare(args: argparse.Namespace) -> int:
     if unknown:
         raise ConfigError(f"--methods: unknown method {unknown[0]!r}; choose from {', '.join(PRESETS)}")
     out = Path(args.out or f"runs/compare-{args.preset}")
-    run_compare(args.preset, out, args.seeds, methods, args.overrides, args.jobs)
+    run_compare(args.preset, out, args.seeds, methods, args.overrides, args.jobs, [Path(d) for d in args.reuse])
     print(f"report: {out / 'REPORT.md'}")
     return 0
 
@@ -125,6 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--jobs", type=int, default=None, help="parallel runs (default: the number of cores)")
     cmp.add_argument("--out", help="report folder (default runs/compare-PRESET)")
     cmp.add_argument("--report-only", metavar="DIR", help="re-render REPORT.md from DIR/results.json")
+    cmp.add_argument(
+        "--reuse",
+        metavar="DIR",
+        action="append",
+        default=[],
+        help="take runs with an identical resolved config from DIR/results.json",
+    )
+    cmp.add_argument("--gather", metavar="ROOT", help="write ROOT/REPORT.md from the preset reports under ROOT")
     cmp.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every run, e.g. epochs=20")
     cmp.set_defaults(func=_compare)
 

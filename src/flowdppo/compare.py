@@ -82,9 +82,29 @@ def _run_one(method: str, overrides: list[str], path: str) -> dict:
     return {"base": run.load_json("base_eval.json"), "rows": rows, "wall_s": time.perf_counter() - start}
 
 
+def _config_key(method: str, overrides: list[str]) -> str:
+    from flowdppo.config import load_config, to_dict
+
+    return json.dumps(to_dict(load_config(method, overrides=overrides)), sort_keys=True)
+
+
+def reusable_runs(other_dirs: list[Path]) -> dict[str, dict]:
+    """Records of other reports, by resolved config: a run with the same config is not trained twice."""
+    found = {}
+    for other in other_dirs:
+        results = json.loads((other / "results.json").read_text())
+        for arm in results["arms"].values():
+            spec = Arm("", arm["method"], arm["overrides"])
+            for seed, record in arm["seeds"].items():
+                key = _config_key(spec.method, run_overrides(spec, results["overrides"], int(seed)))
+                found[key] = {**record, "reused_from": str(other)}
+    return found
+
+
 def run_compare(preset: str, out: Path, seeds: int, methods: tuple[str, ...], overrides: list[str],
-                jobs: int | None = None) -> dict:  # fmt: skip
-    """Train every arm x seed (skipping runs already in ``results.json``), save results, render the report."""
+                jobs: int | None = None, reuse: list[Path] | None = None) -> dict:  # fmt: skip
+    """Train every arm x seed (skipping runs already in ``results.json`` or, with the same resolved
+    config, in the ``reuse`` reports), save results, render the report."""
     from flowdppo.config import load_config
 
     arms = preset_arms(preset, methods)
@@ -94,14 +114,22 @@ def run_compare(preset: str, out: Path, seeds: int, methods: tuple[str, ...], ov
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     results.update({"preset": preset, "overrides": overrides, "seeds": seeds})
     results.setdefault("arms", {})
+    reusable = reusable_runs(reuse or [])
     todo = []
     for arm in arms:
         entry = results["arms"].setdefault(arm.label, {"method": arm.method, "overrides": arm.overrides,
                                                         "group": arm.group, "seeds": {}})  # fmt: skip
         for seed in range(seeds):
-            if str(seed) not in entry["seeds"]:
+            key = _config_key(arm.method, run_overrides(arm, overrides, seed)) if reusable else None
+            if str(seed) in entry["seeds"]:
+                continue
+            if key in reusable:
+                entry["seeds"][str(seed)] = reusable[key]
+            else:
                 todo.append((arm, seed))
     jobs = jobs or max(1, min(len(todo), os.cpu_count() or 1))
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    results_path.write_text(json.dumps(results) + "\n")
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
@@ -246,4 +274,21 @@ def render_report(out: Path) -> Path:
         lines.append(f"![{name}]({name})")
     path = out / "REPORT.md"
     path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def gather_reports(root: Path) -> Path:
+    """``root/REPORT.md``: the claims sections of every preset report under ``root``, with links."""
+    intro = "Each preset's full report (tables, plots) is linked; its claims are repeated here."
+    lines = ["# DigitsBench", "", intro, ""]
+    for report in sorted(root.glob("*/REPORT.md")):
+        text = report.read_text()
+        summary = text.split("\n")[2]
+        lines += [f"## [{report.parent.name}]({report.parent.name}/REPORT.md)", "", summary, ""]
+        if "## Claims" in text:
+            claims_section = text.split("## Claims", 1)[1].split("## Plots", 1)[0].strip()
+            lines += [claims_section, ""]
+        lines += [f"![frontier]({report.parent.name}/frontier.png)", ""]
+    path = root / "REPORT.md"
+    path.write_text("\n".join(lines))
     return path

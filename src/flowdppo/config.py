@@ -19,6 +19,7 @@ import yaml
 
 from flowdppo.losses import LOSSES
 from flowdppo.sde import LOGPROB_CONVENTIONS, REDUCTIONS
+from flowdppo.tasks import TASKS
 
 
 class ConfigError(ValueError):
@@ -148,7 +149,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "reward.std_scope": ("batch", "group"),
     "optim.anchor": ("rollout", "replay"),
     "method": tuple(PRESETS),
-    "task": ("digits",),
+    "task": TASKS,
 }
 
 

@@ -10,9 +10,7 @@ import yaml
 
 from flowdppo.config import ConfigError, config_from_dict
 from flowdppo.policies.lora import load_lora_adapter
-from flowdppo.tasks.digits.task import DigitsTask
-
-TASKS = {"digits": DigitsTask}
+from flowdppo.tasks import get_task
 
 
 def load_trained_policy(run_dir: Path, task):
@@ -34,7 +32,7 @@ def evaluate_run(run_dir: Path, per_class: int = 50) -> dict[str, dict[str, floa
     if not config_path.is_file():
         raise ConfigError(f"{run_dir} is not a run folder (no config.yaml)")
     cfg = config_from_dict(yaml.safe_load(config_path.read_text()))
-    task = TASKS[cfg.task](cfg.device)
+    task = get_task(cfg.task, cfg.device)
     base, trained = task.load_policy(), load_trained_policy(run_dir, task)
     w = cfg.sampler.guidance_scale
     return {

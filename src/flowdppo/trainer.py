@@ -29,9 +29,7 @@ from flowdppo.policies.lora import (
 from flowdppo.rollout import Trajectory, rollout, rollout_schedule, stochastic_steps, trained_steps
 from flowdppo.runs import RunFolder
 from flowdppo.sde import log_prob, sampler_step
-from flowdppo.tasks.digits.task import DigitsTask
-
-TASKS = {"digits": DigitsTask}
+from flowdppo.tasks import get_task
 
 
 class ConsistencyError(RuntimeError):
@@ -45,7 +43,7 @@ def train(
     run = RunFolder(Path(out_dir), cfg, resume=resume, overwrite=overwrite)
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
-    task = TASKS[cfg.task](device)
+    task = get_task(cfg.task, device)
     policy = task.load_policy()
     make_trainable(policy, cfg.optim.lora_rank, cfg.optim.lora_alpha, policy.lora_target_modules)
     base_velocity = make_base_velocity(policy, cfg.sampler.guidance_scale)
