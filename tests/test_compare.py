@@ -8,7 +8,7 @@ import pytest
 
 from flowdppo.cli import main
 from flowdppo.compare import arm_table, claims, preset_arms, render_report, run_overrides
-from flowdppo.frontier import frontier, kl_at_reward, mean_ci, reward_at_kl, verdict
+from flowdppo.frontier import frontier, kl_at_reward, mean_ci, reward_at_kl, value_at_reward, verdict
 
 KL = np.array([0.0, 1.0, 2.0, 3.0])
 REWARD = np.array([0.5, 0.7, 0.6, 0.9])  # the dip at KL 2 is not on the frontier
@@ -24,6 +24,15 @@ def test_frontier_and_matched_values_on_a_known_curve():
     assert reward_at_kl(KL, REWARD, 10.0) == pytest.approx(0.9)
     shuffled = np.array([3, 0, 2, 1])
     assert kl_at_reward(KL[shuffled], REWARD[shuffled], 0.8) == pytest.approx(2.0)  # order of points is irrelevant
+
+
+def test_value_at_reward_interpolates_at_the_first_crossing():
+    reward = np.array([0.5, 0.7, 0.6, 0.9])
+    diversity = np.array([2.0, 1.6, 1.5, 1.0])
+    assert value_at_reward(reward, diversity, 0.6) == pytest.approx(1.8)  # half way 0.5 -> 0.7
+    assert value_at_reward(reward, diversity, 0.8) == pytest.approx(1.5 - 0.5 * 2 / 3)  # 0.6 -> 0.9, two thirds
+    assert value_at_reward(reward, diversity, 0.4) == 2.0
+    assert math.isnan(value_at_reward(reward, diversity, 0.95))
 
 
 def test_mean_ci_and_verdict():

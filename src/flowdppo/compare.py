@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from flowdppo.frontier import kl_at_reward, mean_ci, reward_at_kl, verdict
+from flowdppo.frontier import kl_at_reward, mean_ci, reward_at_kl, value_at_reward, verdict
 
 METHODS = ("flow_grpo", "flow_cps", "grpo_guard", "flow_dppo", "flow_dppo_cps")
 BASELINES_OF = {"flow_dppo": ("flow_grpo", "flow_cps", "grpo_guard"), "flow_dppo_cps": ("flow_cps",)}
@@ -152,12 +152,11 @@ def run_compare(preset: str, out: Path, seeds: int, methods: tuple[str, ...], ov
 # ---------------------------------------------------------------- measures of one run
 
 
-def eval_points(record: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(KL to base, eval reward) at the base (0, base reward) and at every evaluated epoch."""
-    rows = [r for r in record["rows"] if "eval/reward" in r]
+def eval_points(record: dict, key: str = "eval/reward") -> tuple[np.ndarray, np.ndarray]:
+    """(KL to base, eval measure ``key``) at the base (KL 0) and at every evaluated epoch."""
+    rows = [r for r in record["rows"] if key in r]
     kl = np.array([0.0] + [r["kl_to_base"] for r in rows])
-    reward = np.array([record["base"]["eval/reward"]] + [r["eval/reward"] for r in rows])
-    return kl, reward
+    return kl, np.array([record["base"][key]] + [r[key] for r in rows])
 
 
 def final(record: dict, key: str) -> float:
@@ -215,6 +214,9 @@ def arm_table(results: dict) -> tuple[list[str], dict[str, dict[str, list[float]
             kl, reward = eval_points(rec)
             m[f"KL at reward {target_reward:.3f}"] = kl_at_reward(kl, reward, target_reward)
             m[f"reward at KL {target_kl:.3g}"] = reward_at_kl(kl, reward, target_kl)
+            for key in ("eval/fid", "eval/diversity"):  # forgetting at the same in-domain reward
+                m[f"{key[5:]} at reward {target_reward:.3f}"] = value_at_reward(reward, eval_points(rec, key)[1],
+                                                                                target_reward)  # fmt: skip
             per_seed.append(m)
         table[label] = {k: [m[k] for m in per_seed] for k in per_seed[0]}
     columns = list(next(iter(table.values())))
@@ -228,8 +230,8 @@ def claims(results: dict, table: dict[str, dict[str, list[float]]]) -> list[str]
     measures = {
         "single": [("KL at reward", "lower", "1: less KL to reach the matched reward"),
                    ("reward at KL", "higher", "1: more reward at the matched KL"),
-                   ("FID change", "lower", "2: forgets less (feature FID rises less)"),
-                   ("diversity change", "higher", "2: forgets less (diversity drops less)")],
+                   ("fid at reward", "lower", "2: forgets less (lower feature FID at the matched reward)"),
+                   ("diversity at reward", "higher", "2: forgets less (more diversity at the matched reward)")],
         "multi": [("worst gain", "higher", "3: the worst-served reward gains more")],
         "epochs": [("eval reward", "higher", "4: higher final reward with several inner epochs")],
     }.get(preset, [])  # fmt: skip
@@ -269,6 +271,9 @@ def render_report(out: Path) -> Path:
         header = ["| claim | pair | measure | difference | verdict |", "|---|---|---|---|---|"]
         lines += ["", "## Claims", "", "Differences are DPPO minus baseline, paired by seed.", ""]
         lines += header + claim_lines
+    notes = out / "NOTES.md"  # a hand-written reading of the numbers, kept across re-renders
+    if notes.is_file():
+        lines += ["", "## Reading", "", notes.read_text().strip()]
     lines += ["", "## Plots", ""]
     for name in benchplots.render_all(results, out):
         lines.append(f"![{name}]({name})")
@@ -285,9 +290,10 @@ def gather_reports(root: Path) -> Path:
         text = report.read_text()
         summary = text.split("\n")[2]
         lines += [f"## [{report.parent.name}]({report.parent.name}/REPORT.md)", "", summary, ""]
-        if "## Claims" in text:
-            claims_section = text.split("## Claims", 1)[1].split("## Plots", 1)[0].strip()
-            lines += [claims_section, ""]
+        for section in ("## Claims", "## Reading"):
+            if section in text:
+                body = text.split(section, 1)[1].split("\n## ", 1)[0].strip()
+                lines += [f"### {section[3:]}", "", body, ""]
         lines += [f"![frontier]({report.parent.name}/frontier.png)", ""]
     path = root / "REPORT.md"
     path.write_text("\n".join(lines))

@@ -65,3 +65,17 @@ def verdict(differences: list[float], better: str = "lower") -> str:
     if sign * mean + half < 0:
         return "does not hold"
     return "inconclusive"
+
+
+def value_at_reward(reward: np.ndarray, value: np.ndarray, target: float) -> float:
+    """A measure (e.g. diversity) when the reward first reaches ``target`` in training order,
+    linearly interpolated between the two evaluations around the crossing; NaN if it never does."""
+    reward, value = np.asarray(reward, float), np.asarray(value, float)
+    above = np.nonzero(reward >= target)[0]
+    if len(above) == 0:
+        return math.nan
+    i = int(above[0])
+    if i == 0:
+        return float(value[0])
+    w = (target - reward[i - 1]) / (reward[i] - reward[i - 1])
+    return float(value[i - 1] + w * (value[i] - value[i - 1]))

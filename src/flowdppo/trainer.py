@@ -185,8 +185,7 @@ def update(
     elements = flatten_elements(traj, advantages)
     n, size, accum = traj.num_elements, cfg.optim.minibatch_size, cfg.optim.grad_accum
     history: list[dict[str, Tensor]] = []
-    params = trainable_parameters(policy)
-    policy.train()
+    params = trainable_parameters(policy)  # the policy stays in eval mode: no dropout between rollout and replay
     for inner in range(cfg.optim.inner_epochs):
         order = torch.randperm(n, generator=rng, device=rng.device)
         chunks = list(order.split(size))
@@ -218,7 +217,6 @@ def update(
                 optimizer.zero_grad(set_to_none=True)
                 metrics["grad_norm"] = grad_norm.detach()
             history.append(metrics)
-    policy.eval()
     return average_metrics(history)
 
 
