@@ -105,3 +105,14 @@ def test_compare_smoke_writes_the_report_and_rerenders_identically(tmp_path, cap
     assert "[bench](bench/REPORT.md)" in (tmp_path / "REPORT.md").read_text()
     assert main(["compare", "--methods", "ppo"]) == 2
     assert "unknown method 'ppo'" in capsys.readouterr().err
+
+
+def test_epochs_report_compares_several_passes_with_one(tmp_path):
+    arms = {}
+    for label, kl_scale in (("flow_dppo/I1", 0.5), ("flow_dppo/I2", 1.0)):
+        seeds = {str(s): synthetic_record(kl_scale, s) for s in range(2)}
+        arms[label] = {"method": "flow_dppo", "overrides": [], "group": label[-2:], "seeds": seeds}
+    (tmp_path / "results.json").write_text(json.dumps({"preset": "epochs", "arms": arms, "overrides": []}))
+    report = render_report(tmp_path).read_text()
+    assert "| flow_dppo | I2 | 1.000 ± 0.000 |" in report  # same final reward with two passes as with one
+    assert (tmp_path / "inner_epochs.png").stat().st_size > 0

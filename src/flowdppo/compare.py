@@ -271,6 +271,16 @@ def render_report(out: Path) -> Path:
         header = ["| claim | pair | measure | difference | verdict |", "|---|---|---|---|---|"]
         lines += ["", "## Claims", "", "Differences are DPPO minus baseline, paired by seed.", ""]
         lines += header + claim_lines
+    if results["preset"] == "epochs":
+        lines += ["", "## Several passes vs one", "", "Final eval reward of I passes over each rollout divided by "
+                  "that of one pass, per seed (below 1: the extra passes degrade the result).", "",
+                  "| method | I | final reward / final reward at I = 1 |", "|---|---|---|"]  # fmt: skip
+        for method in sorted({arm["method"] for arm in results["arms"].values()}):
+            one = table.get(f"{method}/I1", {}).get("eval reward")
+            for label in (f"{method}/I2", f"{method}/I4", f"{method}/half-I2"):
+                if one and label in table:
+                    ratios = [a / b for a, b in zip(table[label]["eval reward"], one, strict=False)]
+                    lines.append(f"| {method} | {label.split('/')[1]} | {_fmt(*mean_ci(ratios))} |")
     notes = out / "NOTES.md"  # a hand-written reading of the numbers, kept across re-renders
     if notes.is_file():
         lines += ["", "## Reading", "", notes.read_text().strip()]
