@@ -1,18 +1,21 @@
 """Checkpoints: safetensors for tensors, JSON for the rest, written atomically.
 
 A checkpoint is a folder ``checkpoints/epoch_000010/`` holding ``trainable.safetensors`` (LoRA or full
-weights), ``optimizer.safetensors`` + ``optimizer.json`` and ``state.json`` (epoch, RNG state). It is
-written to a temporary folder and renamed into place, so a crash mid-write leaves no partial
-checkpoint; only folders with ``state.json`` count as complete.
+weights), ``optimizer.safetensors`` + ``optimizer.json``, ``rng.safetensors`` + ``rng.json`` (the
+trainer's generator, torch CPU / CUDA, numpy and python random states) and ``state.json`` (epoch). It
+is written to a temporary folder and renamed into place (``os.replace``), and an old one is renamed
+away before it is deleted, so a crash at any point leaves only complete checkpoints under ``epoch_*``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -40,6 +43,29 @@ def optimizer_from_flat(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
     return {"state": state, "param_groups": rest["param_groups"]}
 
 
+def rng_to_flat(rng: torch.Generator) -> tuple[dict[str, torch.Tensor], dict]:
+    """Every random stream a run draws from: the trainer's generator, torch, CUDA, numpy, python."""
+    tensors = {"trainer": rng.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda.{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
+    kind, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002 (the global stream user code may draw from)
+    tensors["numpy"] = torch.from_numpy(keys.astype(np.int64))
+    rest = {"numpy": [kind, int(pos), int(has_gauss), float(cached)], "python": random.getstate()}
+    return tensors, rest
+
+
+def restore_rng(rng: torch.Generator, tensors: dict[str, torch.Tensor], rest: dict) -> None:
+    rng.set_state(tensors["trainer"])
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[f"cuda.{i}"] for i in range(torch.cuda.device_count()) if f"cuda.{i}" in tensors]
+    if cuda:
+        torch.cuda.set_rng_state_all(cuda)
+    kind, pos, has_gauss, cached = rest["numpy"]
+    np.random.set_state((kind, tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))  # noqa: NPY002
+    version, state, gauss = rest["python"]
+    random.setstate((version, tuple(state), gauss))
+
+
 def save_checkpoint(
     directory: Path, policy: nn.Module, optimizer: torch.optim.Optimizer, rng: torch.Generator, epoch: int,
     keep: int,
@@ -53,12 +79,23 @@ def save_checkpoint(
     opt_tensors, opt_rest = optimizer_to_flat(optimizer)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     (tmp / "optimizer.json").write_text(json.dumps(opt_rest))
-    save_file({"rng": rng.get_state()}, str(tmp / "rng.safetensors"))
+    rng_tensors, rng_rest = rng_to_flat(rng)
+    save_file(rng_tensors, str(tmp / "rng.safetensors"))
+    (tmp / "rng.json").write_text(json.dumps(rng_rest))
     (tmp / STATE_FILE).write_text(json.dumps({"epoch": epoch}))
-    shutil.rmtree(directory, ignore_errors=True)
+    _remove(directory)
     os.replace(tmp, directory)
     for old in complete_checkpoints(directory.parent)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
+
+
+def _remove(directory: Path) -> None:
+    """Rename out of ``epoch_*`` first (atomic), then delete: never a half-deleted checkpoint."""
+    if directory.exists():
+        trash = directory.with_name(f".del-{directory.name}")
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(directory, trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -77,5 +114,5 @@ def load_checkpoint(
     load_trainable_state_dict(policy, load_file(str(directory / "trainable.safetensors")))
     rest = json.loads((directory / "optimizer.json").read_text())
     optimizer.load_state_dict(optimizer_from_flat(load_file(str(directory / "optimizer.safetensors")), rest))
-    rng.set_state(load_file(str(directory / "rng.safetensors"))["rng"])
+    restore_rng(rng, load_file(str(directory / "rng.safetensors")), json.loads((directory / "rng.json").read_text()))
     return int(json.loads((directory / STATE_FILE).read_text())["epoch"])

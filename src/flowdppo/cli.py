@@ -6,7 +6,11 @@
     flowdppo eval runs/grpo
     flowdppo compare --preset single --seeds 5 --out runs/bench
 
-Configuration errors print one line and exit with code 2 (``--debug`` shows the traceback).
+Errors the user can fix (configuration, inputs, a non-finite reward or loss) print one line and exit
+with code 2 (``--debug`` shows the traceback).
+
+Data-parallel on N GPUs (or CPU processes): ``torchrun --nproc-per-node N -m flowdppo train …`` or
+``accelerate launch --num_processes N -m flowdppo train …``.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import yaml
 
-from flowdppo.config import PRESETS, ConfigError, config_from_dict, load_config
+from flowdppo.config import PRESETS, load_config, resume_config
+from flowdppo.errors import ConfigError, FlowDPPOError
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -33,15 +38,14 @@ def _train(args: argparse.Namespace) -> int:
         config_path = Path(args.resume) / "config.yaml"
         if not config_path.is_file():
             raise ConfigError(f"--resume: {args.resume} is not a run folder (no config.yaml)")
-        if args.method or args.config or args.overrides:
-            raise ConfigError("--resume continues a run with its saved config; drop --method/--config/overrides")
-        cfg = config_from_dict(yaml.safe_load(config_path.read_text()))
+        cfg = resume_config(yaml.safe_load(config_path.read_text()), args.method, args.config, args.overrides)
         out = Path(args.resume)
     else:
         cfg = load_config(args.method, args.config, args.overrides)
         out = Path(args.out or f"runs/{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
     run = train(cfg, out, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.no_progress)
-    _print_summary(run.path)
+    if run.is_writer:
+        _print_summary(run.path)
     return 0
 
 
@@ -157,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
+    except (FlowDPPOError, ValueError, FileNotFoundError) as err:
         if args.debug:
             raise
         print(f"flowdppo: error: {err}", file=sys.stderr)

@@ -17,13 +17,10 @@ from typing import Any
 
 import yaml
 
+from flowdppo.errors import ConfigError
 from flowdppo.losses import LOSSES
 from flowdppo.sde import LOGPROB_CONVENTIONS, REDUCTIONS
 from flowdppo.tasks import TASKS
-
-
-class ConfigError(ValueError):
-    """A configuration problem, reported to the user as one line."""
 
 
 @dataclass
@@ -105,6 +102,8 @@ class TrainConfig:
     """Preset the run started from (informational once resolved)."""
     task: str = "digits"
     """The built-in task (policy, prompts, rewards, evaluation)."""
+    model: str = ""
+    """Folder of the base policy to fine-tune ("" = the task's shipped base model)."""
     seed: int = 0
     epochs: int = 40
     """Rollout -> update iterations."""
@@ -121,6 +120,10 @@ class TrainConfig:
     """Largest |log rho| and D allowed on the first mini-batch of a rollout (same weights)."""
     checkpoint_every: int = 10
     keep_checkpoints: int = 2
+    on_nonfinite: str = "stop"
+    """A NaN/inf reward, advantage, loss or gradient norm: "stop" with a message, or "skip" the step."""
+    max_nonfinite_in_a_row: int = 3
+    """With on_nonfinite=skip, stop after this many skipped steps in a row."""
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -148,6 +151,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "reward.aggregation": ("sum", "gdpo"),
     "reward.std_scope": ("batch", "group"),
     "optim.anchor": ("rollout", "replay"),
+    "on_nonfinite": ("stop", "skip"),
     "method": tuple(PRESETS),
     "task": TASKS,
 }
@@ -235,7 +239,7 @@ def to_dict(cfg: Any) -> dict:
 
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Range and compatibility checks; raises ``ConfigError`` with the key and what is allowed."""
-    flat = _flatten(to_dict(cfg))
+    flat = flatten_keys(to_dict(cfg))
     for key, allowed in CHOICES.items():
         if flat[key] not in allowed:
             raise ConfigError(f"{key}: must be one of {', '.join(allowed)}; got {flat[key]!r}")
@@ -243,7 +247,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                 "optim.minibatch_size", "optim.grad_accum", "optim.lr", "loss.kl_mask_threshold",
                 "loss.clip_range", "loss.adv_clip_max", "sampler.shift", "sampler.guidance_scale",
                 "eval_samples_per_class", "checkpoint_every", "keep_checkpoints", "eval_every",
-                "consistency_tolerance"]  # fmt: skip
+                "consistency_tolerance", "max_nonfinite_in_a_row"]  # fmt: skip
     for key in positive:
         if not flat[key] > 0:
             raise ConfigError(f"{key}: must be > 0, got {flat[key]!r}")
@@ -281,34 +285,47 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
+def flatten_keys(tree: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
     out = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(flatten_keys(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+def _read_yaml(config_file: str | Path | None) -> dict:
+    if config_file is None:
+        return {}
+    path = Path(config_file)
+    if not path.is_file():
+        raise ConfigError(f"--config: no such file {str(path)!r}")
+    tree = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"--config: {path} must hold a mapping of keys, got {type(tree).__name__}")
+    return tree
 
 
 def load_config(
     method: str | None = None, config_file: str | Path | None = None, overrides: list[str] | None = None
 ) -> TrainConfig:
     """Preset of ``method`` (default flow_dppo), then the YAML file, then the dotted overrides."""
-    tree: dict = {}
-    if config_file is not None:
-        path = Path(config_file)
-        if not path.is_file():
-            raise ConfigError(f"--config: no such file {str(path)!r}")
-        tree = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(tree, dict):
-            raise ConfigError(f"--config: {path} must hold a mapping of keys, got {type(tree).__name__}")
-    tree = _merge(tree, parse_overrides(overrides or []))
+    tree = _merge(_read_yaml(config_file), parse_overrides(overrides or []))
     method = method or tree.get("method", "flow_dppo")
     if method not in PRESETS:
         raise ConfigError(f"method: must be one of {', '.join(PRESETS)}; got {method!r}")
     tree = _merge(_merge({"method": method}, PRESETS[method]), {k: v for k, v in tree.items() if k != "method"})
     return validate(_build(TrainConfig, tree))
+
+
+def resume_config(
+    saved: dict, method: str | None = None, config_file: str | Path | None = None, overrides: list[str] | None = None
+) -> TrainConfig:
+    """A run's saved config with what the command line gives on top (a resumed run refuses any change)."""
+    tree = _merge(_merge(saved, _read_yaml(config_file)), parse_overrides(overrides or []))
+    return config_from_dict(tree if method is None else {**tree, "method": method})
 
 
 def config_from_dict(tree: dict) -> TrainConfig:
@@ -320,4 +337,5 @@ def save_config(cfg: TrainConfig, path: Path) -> None:
     path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-__all__ = ["ConfigError", "PRESETS", "TrainConfig", "config_from_dict", "load_config", "save_config", "to_dict"]
+__all__ = ["ConfigError", "PRESETS", "TrainConfig", "config_from_dict", "load_config", "resume_config", "save_config",
+           "to_dict"]

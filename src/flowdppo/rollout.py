@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from flowdppo.config import SamplerConfig
+from flowdppo.distributed import shared_randn
 from flowdppo.sde import gaussian_kl, log_prob, ode_step, sampler_step, shifted_sigmas
 
 VelocityFn = Callable[[Tensor, Tensor, Any], Tensor]
@@ -91,6 +92,8 @@ def rollout(
     generator: torch.Generator | None = None,
     base_velocity: VelocityFn | None = None,
     kl_steps: list[int] | None = None,
+    global_batch: int | None = None,
+    rows: slice = slice(None),
 ) -> Trajectory:
     """Sample from noise ``x`` (B, ...) through the schedule; stochastic and recorded at ``steps``.
 
@@ -98,6 +101,9 @@ def rollout(
     trajectory also carries the path KL to the base: ``sum_t D(mu_theta(x_t), mu_base(x_t))`` over
     ``kl_steps`` (default: the trained steps), with the stochastic kernel's own std at every such step,
     along the policy's own samples.
+
+    Data-parallel: ``x`` holds ``rows`` of a ``global_batch``; the step noise is drawn for the global
+    batch from ``generator`` (the same on every process) and sliced, as ``distributed.shared_randn``.
     """
     kl_steps = steps if kl_steps is None else kl_steps
     sigmas = rollout_schedule(cfg, x.device)
@@ -115,7 +121,7 @@ def rollout(
         if i not in steps:
             x = ode_step(x, v, sigmas[i], sigmas[i + 1]).mean
             continue
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        noise = shared_randn(generator, global_batch or batch, rows, x.shape[1:], x.device, x.dtype)
         x_next = step.mean + step.std.to(x.dtype) * noise
         std = step.std.expand(batch)
         records["latents"].append(x)

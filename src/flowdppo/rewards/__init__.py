@@ -7,10 +7,14 @@ prompts (a tensor of labels or a list) and optional per-sample metadata to one f
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import importlib
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
+import torch
 from torch import Tensor
+
+from flowdppo.errors import RewardError
 
 
 @runtime_checkable
@@ -24,4 +28,25 @@ class Reward(Protocol):
         ...
 
 
-__all__ = ["Reward"]
+def load_user_reward(path: str) -> Callable[..., Tensor]:
+    """Import ``module:function`` (the module on ``sys.path``), a callable ``(images, prompts) -> (B,)``."""
+    module_name, _, attr = path.partition(":")
+    try:
+        reward = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise RewardError(f"reward.names: cannot import {path!r} ({type(err).__name__}: {err})") from err
+    if not callable(reward):
+        raise RewardError(f"reward.names: {path!r} is not callable")
+    return reward
+
+
+def score(reward: Callable[..., Tensor], name: str, images: Tensor, prompts: Any) -> Tensor:
+    """``reward(images, prompts)`` checked to be one float score per image: ``(B,)`` float32."""
+    scores = reward(images, prompts)
+    if not isinstance(scores, Tensor) or scores.shape != (images.shape[0],):
+        got = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+        raise RewardError(f"reward {name!r} returned {got}; a reward returns a tensor of shape ({images.shape[0]},)")
+    return scores.to(torch.float32)
+
+
+__all__ = ["Reward", "load_user_reward", "score"]

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from flowdppo.errors import ConfigError
 from flowdppo.policies.digits import DigitsPolicy, load_base_policy
-from flowdppo.rewards.digits import feature_fid, group_diversity, make_digits_reward, prompt_accuracy
+from flowdppo.rewards import load_user_reward
+from flowdppo.rewards.digits import DIGITS_REWARDS, feature_fid, group_diversity, make_digits_reward, prompt_accuracy
 from flowdppo.rollout import sample
 from flowdppo.tasks.digits.classifier import load_classifier
 from flowdppo.tasks.digits.data import NUM_CLASSES, load_digits_split, to_unit_range
@@ -28,8 +31,16 @@ class DigitsTask:
         self.heldout_images = to_unit_range(load_digits_split()[2]).to(self.device)
         self.eval_reward = make_digits_reward("classifier_prob", self.classifier)
 
-    def load_policy(self) -> DigitsPolicy:
-        return load_base_policy().to(self.device)
+    def load_policy(self, model: str = "") -> DigitsPolicy:
+        """The shipped base policy, or one saved by ``DigitsPolicy.save_pretrained`` in folder ``model``."""
+        if not model:
+            return load_base_policy().to(self.device)
+        if not Path(model).is_dir():
+            raise ConfigError(f"model: no such folder {model!r}")
+        try:
+            return DigitsPolicy.from_pretrained(model).to(self.device)
+        except (OSError, ValueError) as err:  # diffusers raises OSError/ValueError on a folder it cannot read
+            raise ConfigError(f"model: {model} is not a digits policy saved with save_pretrained ({err})") from err
 
     def prompts(self, num_prompts: int, group_size: int, seed: int, epoch: int) -> tuple[Tensor, Tensor]:
         """``num_prompts`` classes (a seeded shuffle of 0..9, repeated as needed), each ``group_size`` times.
@@ -44,7 +55,14 @@ class DigitsTask:
         return cond, group_ids
 
     def rewards(self, names: list[str]) -> list[Callable[[Tensor, Tensor], Tensor]]:
-        return [make_digits_reward(name, self.classifier) for name in names]
+        """Built-in rewards by name; ``module:function`` imports a reward of your own."""
+        for name in names:
+            if ":" not in name and name not in DIGITS_REWARDS:
+                raise ConfigError(
+                    f"reward.names: unknown reward {name!r}; choose from {', '.join(DIGITS_REWARDS)} "
+                    "or give your own as module:function"
+                )
+        return [load_user_reward(n) if ":" in n else make_digits_reward(n, self.classifier) for n in names]
 
     def eval_noise(self, per_class: int, seed: int) -> tuple[Tensor, Tensor]:
         gen = torch.Generator().manual_seed(seed + EVAL_SEED_OFFSET)
