@@ -46,8 +46,8 @@ def train(
     dist = init_distributed()
     run = RunFolder(Path(out_dir), cfg, resume=resume, overwrite=overwrite, writer=dist.is_main)
     global_batch = cfg.prompts_per_epoch * cfg.group_size
-    rows = dist.rows(global_batch, "prompts_per_epoch x group_size")
     dist.share(cfg.prompts_per_epoch, "prompts_per_epoch")  # whole groups on each process
+    rows = dist.rows(global_batch, "prompts_per_epoch x group_size")
     device = dist.device(cfg.device)
     torch.manual_seed(cfg.seed)
     task = get_task(cfg.task, device)
