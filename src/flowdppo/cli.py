@@ -1,9 +1,10 @@
-"""Command line: ``flowdppo train | eval | compare | digits pretrain | digits classifier``.
+"""Command line: ``flowdppo train | eval | export | compare | digits pretrain | digits classifier``.
 
     flowdppo train                                  # Flow-DPPO on the digits task, CPU, ~2 minutes
     flowdppo train --method flow_grpo --out runs/grpo loss.clip_range=2e-4 epochs=60
     flowdppo train --resume runs/grpo
     flowdppo eval runs/grpo
+    flowdppo export runs/grpo --out lora/        # for pipeline.load_lora_weights("lora/")
     flowdppo compare --preset single --seeds 5 --out runs/bench
 
 Errors the user can fix (configuration, inputs, a non-finite reward or loss) print one line and exit
@@ -54,10 +55,10 @@ def _print_summary(path: Path) -> None:
     base = json.loads((path / "base_eval.json").read_text())
     last = rows[-1]
     print(f"\nrun folder: {path}")
-    print(f"  rollout reward  first epoch {rows[0]['reward_mean']:.3f} -> last epoch {last['reward_mean']:.3f}")
-    print(f"  eval accuracy   base {base['eval/accuracy']:.3f} -> trained {last['eval/accuracy']:.3f}")
-    print(f"  eval FID        base {base['eval/fid']:.3f} -> trained {last['eval/fid']:.3f}")
-    print(f"  path KL to base {last['kl_to_base']:.3e}")
+    print(f"  rollout reward   first epoch {rows[0]['reward_mean']:.3f} -> last epoch {last['reward_mean']:.3f}")
+    for key in ("eval/accuracy", "eval/fid") if "eval/accuracy" in base else base:
+        print(f"  {key:<16} base {base[key]:.3f} -> trained {last[key]:.3f}")
+    print(f"  path KL to base  {last['kl_to_base']:.3e}")
     print(f"  look at: {path / 'samples.png'} and {path / 'plots' / 'curves.png'}")
 
 
@@ -69,6 +70,13 @@ def _eval(args: argparse.Namespace) -> int:
     print(f"{'measure':<{width}}  {'base':>9}  {'trained':>9}")
     for key in results["base"]:
         print(f"{key:<{width}}  {results['base'][key]:>9.4f}  {results['trained'][key]:>9.4f}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from flowdppo.evaluate import export_lora
+
+    print(f"wrote {export_lora(Path(args.run_dir), Path(args.out), args.checkpoint)}")
     return 0
 
 
@@ -105,6 +113,15 @@ def _digits_classifier(args: argparse.Namespace) -> int:
     return 0
 
 
+def quiet_loading_bars() -> None:
+    """No per-component "Loading weights" bars from diffusers / transformers (hub downloads keep theirs)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowdppo", description="Online RL fine-tuning of flow-matching models.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -124,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dir")
     ev.add_argument("--per-class", type=int, default=50)
     ev.set_defaults(func=_eval)
+
+    exp = commands.add_parser("export", help="write a run's LoRA adapter for pipeline.load_lora_weights")
+    exp.add_argument("run_dir")
+    exp.add_argument("--out", required=True, help="folder for pytorch_lora_weights.safetensors")
+    exp.add_argument("--checkpoint", action="store_true", help="from the newest checkpoint instead of final/")
+    exp.set_defaults(func=_export)
 
     cmp = commands.add_parser("compare", help="DigitsBench: every method x seed, with a report")
     cmp.add_argument("--preset", default="single", help="single, multi, epochs, threshold or smoke")
@@ -159,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_loading_bars()
     try:
         return args.func(args)
     except (FlowDPPOError, ValueError, FileNotFoundError) as err:

@@ -92,6 +92,8 @@ class OptimConfig:
     lora_rank: int = 8
     """LoRA rank; 0 = full fine-tuning of the transformer."""
     lora_alpha: float = 16.0
+    lora_target_modules: list[str] = field(default_factory=list)
+    """Module names LoRA wraps (empty: the policy's attention projections)."""
     anchor: str = "rollout"
     """Source of logp_old / mu_old: "rollout" (recorded) or "replay" (no-grad recompute before the update)."""
 
@@ -101,9 +103,19 @@ class TrainConfig:
     method: str = "flow_dppo"
     """Preset the run started from (informational once resolved)."""
     task: str = "digits"
-    """The built-in task (policy, prompts, rewards, evaluation)."""
+    """What to train on: "digits" (built in) or "text_to_image" (a diffusers pipeline and a prompt file)."""
     model: str = ""
-    """Folder of the base policy to fine-tune ("" = the task's shipped base model)."""
+    """The base model: a folder (or, for text_to_image, a hub id); "" = the digits task's shipped model."""
+    prompts: str = ""
+    """text_to_image: prompt file, .txt (one per line) or .jsonl ("prompt" + metadata for the rewards)."""
+    eval_prompts: int = 8
+    """text_to_image: prompts held out of the file (seeded shuffle) for evaluation and sample grids."""
+    resolution: int = 512
+    """text_to_image: image height = width in pixels."""
+    precision: str = "float32"
+    """Dtype of the base model's weights: float32, bfloat16 or float16 (trained LoRA weights stay float32)."""
+    embedded_guidance: float = 3.5
+    """Guidance value fed to a guidance-distilled model's guidance embedding (FLUX.1-dev); others ignore it."""
     seed: int = 0
     epochs: int = 40
     """Rollout -> update iterations."""
@@ -115,7 +127,7 @@ class TrainConfig:
     eval_every: int = 10
     """Epochs between evaluations (in-domain and out-of-domain measures); the last epoch always."""
     eval_samples_per_class: int = 20
-    """Samples per prompt for the evaluation (ODE sampling, fixed noise)."""
+    """Samples per class (digits) or per held-out prompt (text_to_image) for the evaluation (ODE, fixed noise)."""
     consistency_tolerance: float = 1e-4
     """Largest |log rho| and D allowed on the first mini-batch of a rollout (same weights)."""
     checkpoint_every: int = 10
@@ -154,6 +166,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "on_nonfinite": ("stop", "skip"),
     "method": tuple(PRESETS),
     "task": TASKS,
+    "precision": ("float32", "bfloat16", "float16"),
 }
 
 
@@ -251,7 +264,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for key in positive:
         if not flat[key] > 0:
             raise ConfigError(f"{key}: must be > 0, got {flat[key]!r}")
-    for key in ("optim.weight_decay", "loss.beta", "optim.max_grad_norm", "optim.lora_rank"):
+    for key in ("optim.weight_decay", "loss.beta", "optim.max_grad_norm", "optim.lora_rank", "eval_prompts",
+                "resolution"):  # fmt: skip
         if flat[key] < 0:
             raise ConfigError(f"{key}: must be >= 0, got {flat[key]!r}")
     if cfg.group_size < 2:

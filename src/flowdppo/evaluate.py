@@ -1,4 +1,4 @@
-"""Evaluate a finished run: the task's in-domain and out-of-domain measures, base vs trained."""
+"""Evaluate a finished run (the task's measures, base vs trained) and export its LoRA adapter."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ from pathlib import Path
 
 import torch
 import yaml
+from safetensors.torch import load_file
 
+from flowdppo.checkpoint import complete_checkpoints
 from flowdppo.config import config_from_dict
 from flowdppo.errors import ConfigError
-from flowdppo.policies.lora import load_lora_adapter
+from flowdppo.policies.lora import load_lora_adapter, load_trainable_state_dict, make_trainable, save_lora_adapter
 from flowdppo.tasks import get_task
 
 
@@ -26,17 +28,43 @@ def load_trained_policy(run_dir: Path, task, model: str = ""):
     raise ConfigError(f"{run_dir} has no final weights (final/): did the run finish?")
 
 
-@torch.no_grad()
-def evaluate_run(run_dir: Path, per_class: int = 50) -> dict[str, dict[str, float]]:
-    """``{"base": measures, "trained": measures}`` on the same fixed noise."""
+def run_config(run_dir: Path):
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise ConfigError(f"{run_dir} is not a run folder (no config.yaml)")
-    cfg = config_from_dict(yaml.safe_load(config_path.read_text()))
-    task = get_task(cfg.task, cfg.device)
+    return config_from_dict(yaml.safe_load(config_path.read_text()))
+
+
+@torch.no_grad()
+def evaluate_run(run_dir: Path, per_class: int = 50) -> dict[str, dict[str, float]]:
+    """``{"base": measures, "trained": measures}`` on the same fixed noise."""
+    cfg = run_config(run_dir)
+    task = get_task(cfg, cfg.device)
+    task.rewards(cfg.reward.names)
     base, trained = task.load_policy(cfg.model), load_trained_policy(run_dir, task, cfg.model)
     w = cfg.sampler.guidance_scale
     return {
         name: task.evaluate(partial(policy.velocity, guidance_scale=w), per_class, cfg.seed, cfg.sampler.num_steps)
         for name, policy in (("base", base), ("trained", trained))
     }
+
+
+def export_lora(run_dir: Path, out: Path, from_checkpoint: bool = False) -> Path:
+    """Write the run's LoRA adapter (``final/``, or the newest checkpoint) in the ``load_lora_weights`` format."""
+    cfg = run_config(run_dir)
+    if cfg.optim.lora_rank == 0:
+        raise ConfigError(f"{run_dir} fine-tuned the whole transformer (no LoRA): its final/ is the model itself")
+    task = get_task(cfg, "cpu")
+    if from_checkpoint:
+        found = complete_checkpoints(run_dir / "checkpoints")
+        if not found:
+            raise ConfigError(f"{run_dir} has no complete checkpoint")
+        policy = task.load_policy(cfg.model)
+        targets = tuple(cfg.optim.lora_target_modules) or policy.lora_target_modules
+        make_trainable(policy, cfg.optim.lora_rank, cfg.optim.lora_alpha, targets)
+        load_trainable_state_dict(policy, load_file(str(found[-1] / "trainable.safetensors")))
+    else:
+        policy = load_trained_policy(run_dir, task, cfg.model)
+    out.mkdir(parents=True, exist_ok=True)
+    save_lora_adapter(policy, out)
+    return out

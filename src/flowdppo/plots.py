@@ -59,16 +59,20 @@ def plot_per_step(rows: list[dict], path: Path) -> None:
 
 
 def save_image_grid(panels: dict[str, np.ndarray], path: Path) -> None:
-    """Side-by-side grids; each panel is (rows, cols, H, W) in [0, 1], one row per prompt."""
+    """Side-by-side grids; each panel is (rows, cols, H, W) grey or (rows, cols, H, W, 3) RGB in [0, 1],
+    one row per prompt."""
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.4))
     axes = np.atleast_1d(axes)
     for ax, (name, grid) in zip(axes, panels.items(), strict=True):
-        rows, cols, h, w = grid.shape
-        mosaic = np.ones((rows * (h + 1) - 1, cols * (w + 1) - 1))
+        rows, cols, h, w = grid.shape[:4]
+        mosaic = np.ones((rows * (h + 1) - 1, cols * (w + 1) - 1, *grid.shape[4:]))
         for i in range(rows):
             for j in range(cols):
                 mosaic[i * (h + 1) : i * (h + 1) + h, j * (w + 1) : j * (w + 1) + w] = grid[i, j]
-        ax.imshow(mosaic, cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+        if grid.ndim == 4:
+            ax.imshow(mosaic, cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+        else:
+            ax.imshow(mosaic.clip(0, 1), interpolation="nearest")
         ax.set_title(name)
         ax.set_yticks([i * (h + 1) + h / 2 for i in range(rows)], [str(i) for i in range(rows)])
         ax.set_xticks([])

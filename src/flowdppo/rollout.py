@@ -33,6 +33,7 @@ class Trajectory:
     means:        (T, B, ...) transition mean of the rollout policy; stds (T, B) its std.
     log_probs:    (T, B) log-density of next_latents under the rollout policy.
     kl_to_base:   (B,) sum over the measured steps of the per-step KL to the base policy (or None).
+    sigmas:       (K + 1,) the whole noise schedule the rollout ran (``sigmas[1]`` caps the Flow-SDE std).
     """
 
     cond: Any
@@ -46,6 +47,7 @@ class Trajectory:
     stds: Tensor
     log_probs: Tensor
     kl_to_base: Tensor | None = None
+    sigmas: Tensor | None = None
 
     @property
     def num_elements(self) -> int:
@@ -79,6 +81,7 @@ def stochastic_steps(cfg: SamplerConfig) -> list[int]:
 
 
 def rollout_schedule(cfg: SamplerConfig, device: torch.device | str = "cpu") -> Tensor:
+    """The linear schedule with the SD3 time shift ``cfg.shift`` (the digits task's; real models bring their own)."""
     return shifted_sigmas(cfg.num_steps, cfg.shift, device=device)
 
 
@@ -94,6 +97,7 @@ def rollout(
     kl_steps: list[int] | None = None,
     global_batch: int | None = None,
     rows: slice = slice(None),
+    sigmas: Tensor | None = None,
 ) -> Trajectory:
     """Sample from noise ``x`` (B, ...) through the schedule; stochastic and recorded at ``steps``.
 
@@ -104,9 +108,10 @@ def rollout(
 
     Data-parallel: ``x`` holds ``rows`` of a ``global_batch``; the step noise is drawn for the global
     batch from ``generator`` (the same on every process) and sliced, as ``distributed.shared_randn``.
+    ``sigmas`` (K + 1,) is the model's schedule (default ``rollout_schedule(cfg)``).
     """
     kl_steps = steps if kl_steps is None else kl_steps
-    sigmas = rollout_schedule(cfg, x.device)
+    sigmas = rollout_schedule(cfg, x.device) if sigmas is None else sigmas.to(x.device)
     batch = x.shape[0]
     records: dict[str, list[Tensor]] = {k: [] for k in ("latents", "next_latents", "means", "stds", "log_probs")}
     kl = torch.zeros(batch, device=x.device) if base_velocity is not None else None
@@ -138,14 +143,19 @@ def rollout(
         sigma=sigmas[index],
         sigma_next=sigmas[index + 1],
         kl_to_base=kl,
+        sigmas=sigmas,
         **{k: torch.stack(v) if v else x.new_zeros((0, batch)) for k, v in records.items()},
     )
 
 
 @torch.no_grad()
-def sample(velocity: VelocityFn, cond: Any, x: Tensor, num_steps: int = 10, shift: float = 1.0) -> Tensor:
-    """Plain Euler (ODE) sampling from noise ``x``: ``x <- x + dt * v`` over the schedule."""
-    sigmas = shifted_sigmas(num_steps, shift, device=x.device)
+def sample(
+    velocity: VelocityFn, cond: Any, x: Tensor, num_steps: int = 10, shift: float = 1.0, sigmas: Tensor | None = None
+) -> Tensor:
+    """Plain Euler (ODE) sampling from noise ``x``: ``x <- x + dt * v`` over the schedule ``sigmas``
+    (default: ``num_steps`` linear steps with time shift ``shift``)."""
+    sigmas = shifted_sigmas(num_steps, shift, device=x.device) if sigmas is None else sigmas.to(x.device)
+    num_steps = len(sigmas) - 1
     for i in range(num_steps):
         x = ode_step(x, velocity(x, sigmas[i].expand(x.shape[0]), cond), sigmas[i], sigmas[i + 1]).mean
     return x

@@ -31,7 +31,7 @@ from flowdppo.policies.lora import (
     trainable_parameters,
 )
 from flowdppo.rewards import score
-from flowdppo.rollout import Trajectory, rollout, rollout_schedule, stochastic_steps, trained_steps
+from flowdppo.rollout import Trajectory, rollout, stochastic_steps, trained_steps
 from flowdppo.runs import RunFolder
 from flowdppo.sde import log_prob, sampler_step
 from flowdppo.tasks import get_task
@@ -50,9 +50,11 @@ def train(
     rows = dist.rows(global_batch, "prompts_per_epoch x group_size")
     device = dist.device(cfg.device)
     torch.manual_seed(cfg.seed)
-    task = get_task(cfg.task, device)
+    task = get_task(cfg, device)
     policy = task.load_policy(cfg.model)
-    make_trainable(policy, cfg.optim.lora_rank, cfg.optim.lora_alpha, policy.lora_target_modules)
+    targets = tuple(cfg.optim.lora_target_modules) or policy.lora_target_modules
+    make_trainable(policy, cfg.optim.lora_rank, cfg.optim.lora_alpha, targets)
+    sigmas = task.sigmas(cfg.sampler)  # the model's noise schedule
     base_velocity = make_base_velocity(policy, cfg.sampler.guidance_scale)
     optimizer = torch.optim.AdamW(trainable_parameters(policy), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     reward_fns = list(zip(cfg.reward.names, task.rewards(cfg.reward.names), strict=True))
@@ -79,7 +81,8 @@ def train(
         noise = shared_randn(rng, global_batch, rows, task.latent_shape, device)
         kl_steps = stochastic_steps(cfg.sampler) if cfg.sampler.kl_to_base_steps == "all" else steps
         prompts = cond[rows]
-        traj = rollout(velocity, prompts, noise, cfg.sampler, steps, rng, base_velocity, kl_steps, global_batch, rows)
+        traj = rollout(velocity, prompts, noise, cfg.sampler, steps, rng, base_velocity, kl_steps, global_batch, rows,
+                       sigmas)  # fmt: skip
         # 2. rewards of the whole batch (gathered) and group-relative advantages
         images = policy.decode(traj.final)
         rewards, advantages = rewards_and_advantages(reward_fns, images, prompts, group_ids, cfg.reward, dist)
@@ -209,7 +212,7 @@ def replay_step(velocity, elements: dict[str, Any], cond: Any, cfg: TrainConfig,
 def replay_anchor(policy: nn.Module, traj: Trajectory, cfg: TrainConfig) -> Trajectory:
     """Recompute ``mu_old`` and ``logp_old`` with a no-grad replay of every trained element."""
     velocity = partial(policy.velocity, guidance_scale=cfg.sampler.guidance_scale)
-    sigma_max = rollout_schedule(cfg.sampler, traj.final.device)[1]
+    sigma_max = traj.sigmas[1]
     t, b = traj.log_probs.shape
     elements = flatten_elements(traj, torch.zeros(b, device=traj.final.device))
     cond = index_cond(traj.cond, elements["sample"])
@@ -247,7 +250,7 @@ def update(
     guard = guard or NonFiniteGuard("stop", 1)
     loss_fn = partial(get_loss(cfg.loss.loss_mode), **loss_kwargs(cfg.loss))
     velocity = partial(policy, guidance_scale=cfg.sampler.guidance_scale)
-    sigma_max = rollout_schedule(cfg.sampler, advantages.device)[1]
+    sigma_max = traj.sigmas[1]
     elements = flatten_elements(traj, advantages)
     accum = cfg.optim.grad_accum
     size = dist.share(cfg.optim.minibatch_size, "optim.minibatch_size")

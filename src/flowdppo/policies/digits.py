@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import SD3Transformer2DModel
+from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -66,6 +66,7 @@ class DigitsPolicy(nn.Module):
     """
 
     lora_target_modules: tuple[str, ...] = LORA_TARGET_MODULES  # the modules a LoRA adapter wraps
+    pipeline_class = StableDiffusion3Pipeline  # whose save_lora_weights writes the adapter
 
     def __init__(self, transformer: SD3Transformer2DModel) -> None:
         super().__init__()

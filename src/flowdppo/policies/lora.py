@@ -13,22 +13,31 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusion3Pipeline
+from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import Tensor, nn
+
+from flowdppo.errors import ConfigError
 
 ADAPTER_NAME = "default"
 
 
 def make_trainable(policy: nn.Module, lora_rank: int, lora_alpha: float, target_modules: tuple[str, ...]) -> None:
-    """Freeze the policy, then add a LoRA adapter (rank > 0) or unfreeze the whole transformer (rank 0)."""
+    """Freeze the policy, then add a LoRA adapter (rank > 0) or unfreeze the whole transformer (rank 0).
+
+    Trained weights are kept in float32 (master weights) whatever the dtype of the frozen base.
+    """
     policy.requires_grad_(False)
     if lora_rank > 0:
         config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=list(target_modules))
-        policy.transformer.add_adapter(config, adapter_name=ADAPTER_NAME)
+        try:
+            policy.transformer.add_adapter(config, adapter_name=ADAPTER_NAME)
+        except ValueError as err:  # peft: a target module name the model does not have
+            raise ConfigError(f"optim.lora_target_modules: {err}") from err
     else:
         policy.transformer.requires_grad_(True)
+    cast_training_params(policy.transformer, torch.float32)
 
 
 def uses_lora(policy: nn.Module) -> bool:
@@ -77,7 +86,7 @@ def save_lora_adapter(policy: nn.Module, directory: Path) -> None:
     """
     transformer = policy.transformer
     state = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
-    StableDiffusion3Pipeline.save_lora_weights(
+    policy.pipeline_class.save_lora_weights(
         directory,
         transformer_lora_layers=state,
         transformer_lora_adapter_metadata=transformer.peft_config[ADAPTER_NAME].to_dict(),

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from flowdppo.errors import RewardError
+from flowdppo.prompts import PromptBatch
 
 
 @runtime_checkable
@@ -41,8 +42,12 @@ def load_user_reward(path: str) -> Callable[..., Tensor]:
 
 
 def score(reward: Callable[..., Tensor], name: str, images: Tensor, prompts: Any) -> Tensor:
-    """``reward(images, prompts)`` checked to be one float score per image: ``(B,)`` float32."""
-    scores = reward(images, prompts)
+    """``reward(images, prompts)`` checked to be one float score per image: ``(B,)`` float32.
+
+    Text prompts (a ``PromptBatch``) are passed as ``reward(images, texts, metadata)``.
+    """
+    args = (prompts.text, prompts.metadata) if isinstance(prompts, PromptBatch) else (prompts,)
+    scores = reward(images, *args)
     if not isinstance(scores, Tensor) or scores.shape != (images.shape[0],):
         got = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
         raise RewardError(f"reward {name!r} returned {got}; a reward returns a tensor of shape ({images.shape[0]},)")

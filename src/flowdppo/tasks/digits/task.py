@@ -9,11 +9,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from flowdppo.config import SamplerConfig
 from flowdppo.errors import ConfigError
 from flowdppo.policies.digits import DigitsPolicy, load_base_policy
 from flowdppo.rewards import load_user_reward
 from flowdppo.rewards.digits import DIGITS_REWARDS, feature_fid, group_diversity, make_digits_reward, prompt_accuracy
-from flowdppo.rollout import sample
+from flowdppo.rollout import rollout_schedule, sample
 from flowdppo.tasks.digits.classifier import load_classifier
 from flowdppo.tasks.digits.data import NUM_CLASSES, load_digits_split, to_unit_range
 
@@ -41,6 +42,10 @@ class DigitsTask:
             return DigitsPolicy.from_pretrained(model).to(self.device)
         except (OSError, ValueError) as err:  # diffusers raises OSError/ValueError on a folder it cannot read
             raise ConfigError(f"model: {model} is not a digits policy saved with save_pretrained ({err})") from err
+
+    def sigmas(self, sampler: SamplerConfig) -> Tensor:
+        """The linear schedule of ``sampler.num_steps`` steps with time shift ``sampler.shift``."""
+        return rollout_schedule(sampler, self.device)
 
     def prompts(self, num_prompts: int, group_size: int, seed: int, epoch: int) -> tuple[Tensor, Tensor]:
         """``num_prompts`` classes (a seeded shuffle of 0..9, repeated as needed), each ``group_size`` times.

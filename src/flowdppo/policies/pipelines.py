@@ -1,0 +1,347 @@
+"""Policies over diffusers text-to-image pipelines: SD3 / SD3.5, FLUX.1, FLUX.2-klein, Qwen-Image.
+
+Each adapter loads the pipeline with ``from_pretrained`` (a local folder or a hub id), and gives the
+trainer what ``Policy`` asks for, in the model's own terms:
+
+- ``encode_prompts``: the pipeline's own ``encode_prompt`` (its text encoders, its templates);
+- ``velocity(x, sigma, prompts)``: one transformer call on latents in the transformer's own layout
+  (SD3: ``(B, C, h, w)``; FLUX / FLUX.2 / Qwen-Image: packed tokens ``(B, h/2 * w/2, 4C)``), with
+  ``timestep = 1000 sigma`` (SD3) or ``sigma`` (the others) as their pipelines pass it;
+- ``sigmas(K)``: the scheduler's own ``K + 1`` noise levels (SD3: its static shift; FLUX / Qwen-Image:
+  the shift ``mu`` computed from the image's token count, FLUX.2-klein: its empirical ``mu(tokens, K)``);
+- ``decode``: the VAE's de-normalisation and decoder, images in ``[0, 1]``.
+
+The model's output is the flow velocity ``v = eps - x0`` (diffusers' ``x_next = x + (sigma_next -
+sigma) v``). Classifier-free guidance (``guidance_scale != 1``) uses the empty prompt as the
+unconditional branch; FLUX.1-dev's distilled guidance is ``embedded_guidance`` (its guidance embedding).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from diffusers import (
+    DiffusionPipeline,
+    Flux2KleinPipeline,
+    FluxPipeline,
+    QwenImagePipeline,
+    StableDiffusion3Pipeline,
+)
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+from torch import Tensor, nn
+
+from flowdppo.errors import ConfigError
+from flowdppo.prompts import PromptBatch
+
+ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+class PipelinePolicy(nn.Module):
+    """The velocity, schedule, text encoding and VAE decoding of one diffusers pipeline family."""
+
+    pipeline_class: ClassVar[type[DiffusionPipeline]]
+    lora_target_modules: ClassVar[tuple[str, ...]] = ATTENTION_PROJECTIONS
+
+    def __init__(self, pipeline: DiffusionPipeline, resolution: int, embedded_guidance: float = 3.5) -> None:
+        super().__init__()
+        multiple = pipeline.vae_scale_factor * 2  # the VAE's downsampling, then 2x2 patches
+        if resolution <= 0 or resolution % multiple:
+            raise ConfigError(f"resolution: must be a positive multiple of {multiple} for this model, got {resolution}")
+        self.pipeline = pipeline  # text encoders, tokenizers, scheduler (not trained, not registered)
+        self.transformer = pipeline.transformer
+        self.vae = pipeline.vae
+        self.resolution = resolution
+        self.latent_size = resolution // pipeline.vae_scale_factor  # h = w of the VAE latent
+        self.embedded_guidance = embedded_guidance
+        self._null: dict[str, Tensor] | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls, model: str, resolution: int, torch_dtype: torch.dtype, device: torch.device | str, **kwargs: Any
+    ) -> PipelinePolicy:
+        """Load the pipeline (frozen, eval mode) in ``torch_dtype`` onto ``device``."""
+        pipeline = cls.pipeline_class.from_pretrained(model, dtype=torch_dtype)
+        pipeline.set_progress_bar_config(disable=True)
+        pipeline.to(device)
+        for component in pipeline.components.values():
+            if isinstance(component, nn.Module):
+                component.requires_grad_(False).eval()
+        return cls(pipeline, resolution, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    @property
+    def tokens(self) -> int:
+        """Image tokens the transformer sees: ``(h / 2) * (w / 2)``."""
+        return (self.latent_size // 2) ** 2
+
+    def save_pretrained(self, directory) -> None:
+        """The whole pipeline (fully fine-tuned transformer included), loadable with ``from_pretrained``."""
+        self.pipeline.save_pretrained(directory)
+
+    # ---- what each family defines -------------------------------------------------------------
+    latent_shape: tuple[int, ...]
+
+    def schedule_kwargs(self, num_steps: int) -> dict[str, Any]:
+        """Arguments of ``scheduler.set_timesteps`` that give the pipeline's own schedule."""
+        raise NotImplementedError
+
+    def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
+        """``{name: (n, ...)}`` embeddings of ``prompts`` from the pipeline's text encoders."""
+        raise NotImplementedError
+
+    def transformer_output(self, x: Tensor, sigma: Tensor, embeds: dict[str, Tensor]) -> Tensor:
+        """One transformer call on ``x`` (B, *latent_shape) in the model's dtype."""
+        raise NotImplementedError
+
+    def vae_latents(self, latents: Tensor) -> Tensor:
+        """Transformer-layout latents -> de-normalised VAE latents."""
+        raise NotImplementedError
+
+    # ---- shared ------------------------------------------------------------------------------
+    def sigmas(self, num_steps: int) -> Tensor:
+        """The scheduler's ``num_steps + 1`` noise levels, from 1 down to 0 (float32, CPU)."""
+        scheduler = self.pipeline.scheduler
+        scheduler.set_timesteps(**self.schedule_kwargs(num_steps), device="cpu")
+        return scheduler.sigmas.float().cpu()
+
+    def unpack(self, latents: Tensor) -> Tensor:
+        """Packed 2x2 tokens -> VAE latents, with the pipeline's own ``_unpack_latents`` (FLUX, Qwen-Image)."""
+        return self.pipeline._unpack_latents(latents, self.resolution, self.resolution, self.pipeline.vae_scale_factor)
+
+    def velocity(self, x: Tensor, sigma: float | Tensor, cond: PromptBatch, guidance_scale: float = 1.0) -> Tensor:
+        """Velocity ``v = eps - x0`` at ``x`` (B, *latent_shape); ``w != 1``: ``v_u + w (v_c - v_u)``."""
+        batch = x.shape[0]
+        if len(cond) != batch:
+            raise ValueError(f"got {len(cond)} prompts for a batch of {batch} latents")
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+        sigma = sigma.expand(batch) if sigma.ndim == 0 else sigma.reshape(batch)
+        v = self.transformer_output(x.to(self.dtype), sigma, cond.embeddings()).float()
+        if guidance_scale != 1.0:
+            null = {k: t.expand(batch, *t.shape[1:]) for k, t in self.null_embeddings().items()}
+            v_u = self.transformer_output(x.to(self.dtype), sigma, null).float()
+            v = v_u + guidance_scale * (v - v_u)  # classifier-free guidance
+        return v.to(x.dtype)
+
+    def forward(self, x: Tensor, sigma: float | Tensor, cond: PromptBatch, guidance_scale: float = 1.0) -> Tensor:
+        """Same as ``velocity`` (so wrappers such as DDP call the right thing)."""
+        return self.velocity(x, sigma, cond, guidance_scale)
+
+    def null_embeddings(self) -> dict[str, Tensor]:
+        """The empty prompt's embeddings (1, ...), the unconditional branch of guidance."""
+        if self._null is None:
+            self._null = self.encode_prompts([""])
+        return self._null
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents -> images ``(B, 3, H, W)`` in ``[0, 1]``, float32."""
+        images = self.vae.decode(self.vae_latents(latents.to(self.vae.dtype)), return_dict=False)[0]
+        return ((images.float() + 1) / 2).clamp(0, 1)
+
+
+class SD3Policy(PipelinePolicy):
+    """Stable Diffusion 3 / 3.5 (``SD3Transformer2DModel``): latents ``(B, C, h, w)``, timestep ``1000 sigma``."""
+
+    pipeline_class = StableDiffusion3Pipeline
+    # the joint attention's text-stream projections too, as the SD3 LoRA recipes do
+    lora_target_modules = (*ATTENTION_PROJECTIONS, "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return (self.transformer.config.in_channels, self.latent_size, self.latent_size)
+
+    def schedule_kwargs(self, num_steps: int) -> dict[str, Any]:
+        config = self.pipeline.scheduler.config
+        if not config.get("use_dynamic_shifting"):
+            return {"num_inference_steps": num_steps}  # the static shift of the scheduler config
+        tokens = (self.latent_size // self.transformer.config.patch_size) ** 2
+        return {"num_inference_steps": num_steps, "mu": _calculate_mu(config, tokens)}
+
+    def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
+        embeds, _, pooled, _ = self.pipeline.encode_prompt(
+            prompt=prompts, prompt_2=None, prompt_3=None, device=self.device, do_classifier_free_guidance=False
+        )
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+    def transformer_output(self, x: Tensor, sigma: Tensor, embeds: dict[str, Tensor]) -> Tensor:
+        return self.transformer(
+            hidden_states=x,
+            timestep=sigma * 1000,
+            encoder_hidden_states=embeds["prompt_embeds"],
+            pooled_projections=embeds["pooled_prompt_embeds"],
+            return_dict=False,
+        )[0]
+
+    def vae_latents(self, latents: Tensor) -> Tensor:
+        config = self.vae.config
+        return latents / config.scaling_factor + config.shift_factor
+
+
+class FluxPolicy(PipelinePolicy):
+    """FLUX.1 (``FluxTransformer2DModel``): packed 2x2 latent tokens, guidance embedding if the model has one."""
+
+    pipeline_class = FluxPipeline
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return (self.tokens, self.transformer.config.in_channels)
+
+    def schedule_kwargs(self, num_steps: int) -> dict[str, Any]:
+        return {"sigmas": _linear_sigmas(num_steps), "mu": _calculate_mu(self.pipeline.scheduler.config, self.tokens)}
+
+    def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
+        embeds, pooled, _ = self.pipeline.encode_prompt(prompt=prompts, prompt_2=None, device=self.device)
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+    def transformer_output(self, x: Tensor, sigma: Tensor, embeds: dict[str, Tensor]) -> Tensor:
+        text = embeds["prompt_embeds"]
+        half = self.latent_size // 2
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full_like(sigma, self.embedded_guidance)
+        return self.transformer(
+            hidden_states=x,
+            timestep=sigma,
+            guidance=guidance,
+            pooled_projections=embeds["pooled_prompt_embeds"],
+            encoder_hidden_states=text,
+            txt_ids=text.new_zeros(text.shape[1], 3),
+            img_ids=self.pipeline._prepare_latent_image_ids(x.shape[0], half, half, x.device, x.dtype),
+            return_dict=False,
+        )[0]
+
+    def vae_latents(self, latents: Tensor) -> Tensor:
+        unpacked = self.unpack(latents)
+        config = self.vae.config
+        return unpacked / config.scaling_factor + config.shift_factor
+
+
+class QwenImagePolicy(PipelinePolicy):
+    """Qwen-Image (``QwenImageTransformer2DModel``): packed 2x2 latent tokens, masked text tokens."""
+
+    pipeline_class = QwenImagePipeline
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return (self.tokens, self.transformer.config.in_channels)
+
+    def schedule_kwargs(self, num_steps: int) -> dict[str, Any]:
+        return {"sigmas": _linear_sigmas(num_steps), "mu": _calculate_mu(self.pipeline.scheduler.config, self.tokens)}
+
+    def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
+        embeds, mask = self.pipeline.encode_prompt(prompt=prompts, device=self.device)
+        if mask is None:  # the pipeline drops an all-ones mask
+            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        return {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
+
+    def transformer_output(self, x: Tensor, sigma: Tensor, embeds: dict[str, Tensor]) -> Tensor:
+        half = self.latent_size // 2
+        return self.transformer(
+            hidden_states=x,
+            timestep=sigma,
+            encoder_hidden_states=embeds["prompt_embeds"],
+            encoder_hidden_states_mask=embeds["prompt_embeds_mask"],
+            img_shapes=[[(1, half, half)]] * x.shape[0],
+            return_dict=False,
+        )[0]
+
+    def vae_latents(self, latents: Tensor) -> Tensor:
+        unpacked = self.unpack(latents)  # (B, C, 1, h, w)
+        config = self.vae.config
+        mean = torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1).to(unpacked)
+        std = torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1).to(unpacked)
+        return unpacked * std + mean
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """The video VAE decodes one frame: ``(B, 3, 1, H, W)`` -> ``(B, 3, H, W)`` in ``[0, 1]``."""
+        images = self.vae.decode(self.vae_latents(latents.to(self.vae.dtype)), return_dict=False)[0][:, :, 0]
+        return ((images.float() + 1) / 2).clamp(0, 1)
+
+
+class Flux2KleinPolicy(PipelinePolicy):
+    """FLUX.2-klein (``Flux2Transformer2DModel``): 2x2-patchified latents as tokens, batch-norm latent stats."""
+
+    pipeline_class = Flux2KleinPipeline
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return (self.tokens, self.transformer.config.in_channels)
+
+    def schedule_kwargs(self, num_steps: int) -> dict[str, Any]:
+        return {"sigmas": _linear_sigmas(num_steps), "mu": compute_empirical_mu(self.tokens, num_steps)}
+
+    def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
+        embeds, _ = self.pipeline.encode_prompt(prompt=prompts, device=self.device)
+        return {"prompt_embeds": embeds}
+
+    def transformer_output(self, x: Tensor, sigma: Tensor, embeds: dict[str, Tensor]) -> Tensor:
+        text = embeds["prompt_embeds"]
+        half = self.latent_size // 2
+        guidance = torch.full_like(sigma, self.embedded_guidance) if self.transformer.config.guidance_embeds else None
+        return self.transformer(
+            hidden_states=x,
+            timestep=sigma,
+            guidance=guidance,
+            encoder_hidden_states=text,
+            txt_ids=self.pipeline._prepare_text_ids(text).to(x.device),
+            img_ids=self.pipeline._prepare_latent_ids(x.new_empty(x.shape[0], 1, half, half)).to(x.device),
+            return_dict=False,
+        )[0]
+
+    def vae_latents(self, latents: Tensor) -> Tensor:
+        half = self.latent_size // 2
+        patches = latents.transpose(1, 2).reshape(latents.shape[0], -1, half, half)  # tokens are row-major
+        bn = self.vae.bn
+        std = torch.sqrt(bn.running_var + self.vae.config.batch_norm_eps).view(1, -1, 1, 1).to(patches)
+        return self.pipeline._unpatchify_latents(patches * std + bn.running_mean.view(1, -1, 1, 1).to(patches))
+
+
+FAMILIES: dict[str, type[PipelinePolicy]] = {
+    "StableDiffusion3Pipeline": SD3Policy,
+    "FluxPipeline": FluxPolicy,
+    "Flux2KleinPipeline": Flux2KleinPolicy,
+    "QwenImagePipeline": QwenImagePolicy,
+}
+
+
+def load_pipeline_policy(
+    model: str, resolution: int, torch_dtype: torch.dtype, device: torch.device | str, **kwargs: Any
+) -> PipelinePolicy:
+    """The adapter for the pipeline class named in ``model``'s ``model_index.json`` (a folder or hub id)."""
+    try:
+        class_name = DiffusionPipeline.load_config(model)["_class_name"]
+    except (OSError, ValueError, KeyError) as err:
+        raise ConfigError(f"model: {model!r} is not a diffusers pipeline folder or hub id ({err})") from err
+    if class_name not in FAMILIES:
+        raise ConfigError(f"model: {model} is a {class_name}; supported: {', '.join(FAMILIES)}")
+    try:
+        return FAMILIES[class_name].from_pretrained(model, resolution, torch_dtype, device, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model: cannot load {model} as a {class_name} ({err})") from err
+
+
+def _linear_sigmas(num_steps: int) -> np.ndarray:
+    """The FLUX / Qwen-Image pipelines' unshifted sigmas ``linspace(1, 1/K, K)``."""
+    return np.linspace(1.0, 1 / num_steps, num_steps)
+
+
+def _calculate_mu(config, tokens: int) -> float:
+    """The resolution-dependent shift: ``mu`` linear in the token count between the config's anchors."""
+    return calculate_shift(
+        tokens,
+        config.get("base_image_seq_len", 256),
+        config.get("max_image_seq_len", 4096),
+        config.get("base_shift", 0.5),
+        config.get("max_shift", 1.15),
+    )

@@ -1,0 +1,128 @@
+"""Text prompts: prompt files, the train / eval split, and batches of prompts with cached embeddings.
+
+A prompt file is ``.txt`` (one prompt per line, blank lines skipped) or ``.jsonl`` (one JSON object per
+line with a ``prompt`` field; every other field is metadata handed to the rewards, e.g. the ``text`` an
+OCR reward should read).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from flowdppo.errors import ConfigError
+
+Record = dict  # {"prompt": str, **metadata}
+
+
+def load_prompts(path: str | Path) -> list[Record]:
+    """Read a ``.txt`` or ``.jsonl`` prompt file into records ``{"prompt": ..., **metadata}``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"prompts: no such file {str(path)!r}")
+    lines = [(n, line.strip()) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    if path.suffix == ".jsonl":
+        records = []
+        for n, line in lines:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"prompts: {path} line {n} is not JSON ({err.msg})") from err
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise ConfigError(f"prompts: {path} line {n} needs a string field 'prompt'")
+            records.append(record)
+    elif path.suffix == ".txt":
+        records = [{"prompt": line} for _, line in lines]
+    else:
+        raise ConfigError(f"prompts: {path} must be a .txt (one prompt per line) or .jsonl file")
+    if not records:
+        raise ConfigError(f"prompts: {path} holds no prompts")
+    return records
+
+
+def split_prompts(records: list[Record], eval_count: int, seed: int) -> tuple[list[Record], list[Record]]:
+    """A seeded shuffle, then ``eval_count`` records for evaluation and the rest for training."""
+    if not 0 <= eval_count < len(records):
+        raise ConfigError(f"eval_prompts: {eval_count} leaves no training prompts out of {len(records)}")
+    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
+    shuffled = [records[i] for i in order]
+    return shuffled[eval_count:], shuffled[:eval_count]
+
+
+@dataclass
+class PromptBatch:
+    """``B`` samples' prompts: text, metadata, and rows ``index`` (B,) of an embedding ``table``.
+
+    The table holds each distinct prompt's embeddings once (``{name: (P, ...)}``); a sample's embeddings
+    are ``table[name][index]``. Indexing a batch (a slice or a tensor of rows) selects samples.
+    """
+
+    text: list[str]
+    metadata: list[dict]
+    index: Tensor
+    table: dict[str, Tensor]
+
+    def __len__(self) -> int:
+        return len(self.text)
+
+    def __getitem__(self, rows: slice | Tensor) -> PromptBatch:
+        keep = range(len(self))[rows] if isinstance(rows, slice) else rows.tolist()
+        return PromptBatch([self.text[i] for i in keep], [self.metadata[i] for i in keep], self.index[rows], self.table)
+
+    def embeddings(self) -> dict[str, Tensor]:
+        """Per-sample embeddings ``{name: (B, ...)}``."""
+        return {name: value[self.index] for name, value in self.table.items()}
+
+
+class EmbeddingCache:
+    """Prompt embeddings computed once per prompt (an LRU of ``max_prompts``) and stacked into tables.
+
+    ``encode(list of prompts) -> {name: (n, ...)}`` is the model's text encoding; entries are kept on the
+    CPU. Sequences of different lengths (a model that trims padding) are right-padded with zeros when
+    stacked.
+    """
+
+    def __init__(self, encode: Callable[[list[str]], dict[str, Tensor]], max_prompts: int = 4096) -> None:
+        self.encode, self.max_prompts = encode, max_prompts
+        self.entries: OrderedDict[str, dict[str, Tensor]] = OrderedDict()
+
+    def table(self, prompts: list[str]) -> dict[str, Tensor]:
+        """``{name: (len(prompts), ...)}`` for ``prompts`` (encoding only those not cached)."""
+        missing = list(dict.fromkeys(p for p in prompts if p not in self.entries))
+        if missing:
+            encoded = self.encode(missing)
+            for i, prompt in enumerate(missing):
+                self.entries[prompt] = {name: value[i].cpu() for name, value in encoded.items()}
+        for prompt in prompts:
+            self.entries.move_to_end(prompt)
+        table = {name: pad_stack([self.entries[p][name] for p in prompts]) for name in self.entries[prompts[0]]}
+        while len(self.entries) > self.max_prompts:
+            self.entries.popitem(last=False)
+        return table
+
+
+def pad_stack(tensors: list[Tensor]) -> Tensor:
+    """Stack tensors whose first dim (sequence length) may differ, right-padding with zeros."""
+    length = max(t.shape[0] for t in tensors)
+    if all(t.shape[0] == length for t in tensors):
+        return torch.stack(tensors)
+    out = tensors[0].new_zeros((len(tensors), length, *tensors[0].shape[1:]))
+    for i, t in enumerate(tensors):
+        out[i, : t.shape[0]] = t
+    return out
+
+
+def make_batch(records: list[Record], group_size: int, cache: EmbeddingCache, device) -> PromptBatch:
+    """``P`` records, each repeated ``group_size`` times (a group), as one batch of ``P * G`` samples."""
+    prompts = [r["prompt"] for r in records]
+    table = {name: value.to(device) for name, value in cache.table(prompts).items()}
+    index = torch.arange(len(records), device=device).repeat_interleave(group_size)
+    text = [p for p in prompts for _ in range(group_size)]
+    metadata = [{k: v for k, v in r.items() if k != "prompt"} for r in records for _ in range(group_size)]
+    return PromptBatch(text, metadata, index, table)

@@ -1,0 +1,127 @@
+"""The diffusers policy adapters on tiny random-weight pipelines saved to disk and loaded like a user's model.
+
+- the adapters' velocity, schedule and decoding reproduce each pipeline's own denoising loop;
+- ``flowdppo train`` runs 2 epochs on each family (its first mini-batch check, rho == 1 and D == 0
+  before any update, runs inside); the LoRA moves the velocity, adapters-off is the base model, and the
+  exported adapter loads with ``pipeline.load_lora_weights`` into a fresh pipeline and gives the trained
+  velocity.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from safetensors.torch import load_file
+from tiny_pipelines import FAMILIES, save_tiny_pipeline
+
+from flowdppo.checkpoint import complete_checkpoints
+from flowdppo.cli import main
+from flowdppo.policies.lora import adapters_disabled, load_trainable_state_dict, make_trainable
+from flowdppo.policies.pipelines import FAMILIES as ADAPTERS
+from flowdppo.policies.pipelines import load_pipeline_policy
+from flowdppo.prompts import EmbeddingCache, make_batch
+from flowdppo.rollout import sample
+
+RESOLUTION = 32
+PROMPTS = ["a red 'cat'", "two dogs on a beach", 'a "STOP" sign', "a blue house", "a green apple", "a yellow car"]
+# guidance: SD3 runs real CFG with the empty negative prompt; FLUX.1 its guidance embedding (3.5 both sides)
+PIPELINE_GUIDANCE = {
+    "sd3": {"guidance_scale": 3.0},
+    "flux": {"guidance_scale": 3.5},
+    "flux2_klein": {"guidance_scale": 1.0},
+    "qwen_image": {"true_cfg_scale": 1.0},
+}
+POLICY_GUIDANCE = {"sd3": 3.0, "flux": 1.0, "flux2_klein": 1.0, "qwen_image": 1.0}
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: threads only add overhead
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("pipelines")
+    return {family: save_tiny_pipeline(family, root / family) for family in FAMILIES}
+
+
+def batch_of(policy, prompts: list[str]):
+    return make_batch([{"prompt": p} for p in prompts], 1, EmbeddingCache(policy.encode_prompts), policy.device)
+
+
+def pipeline_latents(family: str, noise: torch.Tensor, policy) -> torch.Tensor:
+    """Our latent layout -> the ``latents=`` a pipeline takes (FLUX.2-klein wants its 4-D patchified grid)."""
+    if family != "flux2_klein":
+        return noise
+    half = policy.latent_size // 2
+    return noise.transpose(1, 2).reshape(noise.shape[0], -1, half, half)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adapter_reproduces_the_pipeline_denoising_loop(family, model_dirs):
+    """Euler over ``policy.sigmas`` with ``policy.velocity``, then ``policy.decode`` == ``pipeline(...)``."""
+    policy = load_pipeline_policy(str(model_dirs[family]), RESOLUTION, torch.float32, "cpu")
+    assert type(policy) is ADAPTERS[type(policy.pipeline).__name__]
+    prompts, steps = PROMPTS[:2], 3
+    noise = torch.randn((2, *policy.latent_shape), generator=torch.Generator().manual_seed(0))
+    velocity = lambda x, s, c: policy.velocity(x, s, c, guidance_scale=POLICY_GUIDANCE[family])  # noqa: E731
+    ours = policy.decode(sample(velocity, batch_of(policy, prompts), noise, sigmas=policy.sigmas(steps)))
+    theirs = policy.pipeline(
+        prompt=prompts, height=RESOLUTION, width=RESOLUTION, num_inference_steps=steps, output_type="pt",
+        latents=pipeline_latents(family, noise, policy), **PIPELINE_GUIDANCE[family],
+    ).images  # fmt: skip
+    assert ours.shape == (2, 3, RESOLUTION, RESOLUTION)
+    torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=0)
+    assert (ours[0] - ours[1]).abs().max() > 1e-3  # the prompt matters
+
+
+def velocity_of(policy, prompts: list[str], seed: int = 1) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((len(prompts), *policy.latent_shape), generator=gen)
+    with torch.no_grad():
+        return policy.velocity(x, torch.full((len(prompts),), 0.6), batch_of(policy, prompts))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_train_two_epochs_then_export_loads_in_a_fresh_pipeline(family, model_dirs, tmp_path):
+    model, run, prompts_file = str(model_dirs[family]), tmp_path / "run", tmp_path / "prompts.txt"
+    prompts_file.write_text("\n".join(PROMPTS) + "\n")
+    code = main(["train", "--out", str(run), "--no-progress", "task=text_to_image", f"model={model}",
+                 f"prompts={prompts_file}", "eval_prompts=2", f"resolution={RESOLUTION}", "epochs=2",
+                 "prompts_per_epoch=2", "group_size=2", "eval_samples_per_class=1", "optim.minibatch_size=4",
+                 "optim.lr=1e-2", "reward.names=[jpeg_incompressibility]", "sampler.num_steps=4",
+                 "sampler.window_range=[0,2]"])  # fmt: skip
+    assert code == 0
+    assert (run / "samples.png").is_file() and (run / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+    # the trained weights, loaded through peft from the last checkpoint (not the export)
+    trained = load_pipeline_policy(model, RESOLUTION, torch.float32, "cpu")
+    make_trainable(trained, 8, 16.0, trained.lora_target_modules)
+    load_trainable_state_dict(
+        trained, load_file(str(complete_checkpoints(run / "checkpoints")[-1] / "trainable.safetensors"))
+    )
+    base = load_pipeline_policy(model, RESOLUTION, torch.float32, "cpu")
+    v_trained, v_base = velocity_of(trained, PROMPTS[:2]), velocity_of(base, PROMPTS[:2])
+    with adapters_disabled(trained):
+        torch.testing.assert_close(velocity_of(trained, PROMPTS[:2]), v_base, atol=0, rtol=0)
+    assert (v_trained - v_base).abs().max() > 1e-6  # the LoRA changed the policy
+
+    assert main(["export", str(run), "--out", str(tmp_path / "lora")]) == 0
+    fresh = DiffusionPipeline.from_pretrained(model)
+    fresh.load_lora_weights(str(tmp_path / "lora"))
+    exported = ADAPTERS[type(fresh).__name__](fresh, RESOLUTION)
+    torch.testing.assert_close(velocity_of(exported, PROMPTS[:2]), v_trained, atol=1e-6, rtol=1e-5)
+
+
+def test_not_a_pipeline_folder_is_one_line(tmp_path, capsys):
+    (tmp_path / "prompts.txt").write_text("a cat\na dog\n")
+    code = main(["train", "--out", str(tmp_path / "run"), "task=text_to_image", f"model={tmp_path}",
+                 f"prompts={tmp_path / 'prompts.txt'}", "eval_prompts=1"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "is not a diffusers pipeline" in err
