@@ -125,3 +125,25 @@ def test_not_a_pipeline_folder_is_one_line(tmp_path, capsys):
                  f"prompts={tmp_path / 'prompts.txt'}", "eval_prompts=1"])  # fmt: skip
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "is not a diffusers pipeline" in err
+
+
+def test_bfloat16_base_keeps_float32_lora_logprobs_and_rho_one(model_dirs):
+    """A bf16 base trains float32 LoRA weights; D and log-probs are float32; replay == rollout before an update."""
+    from flowdppo.config import load_config
+    from flowdppo.rollout import rollout
+    from flowdppo.trainer import flatten_elements, index_cond, replay_step
+
+    policy = load_pipeline_policy(str(model_dirs["sd3"]), RESOLUTION, torch.bfloat16, "cpu")
+    make_trainable(policy, 4, 8.0, policy.lora_target_modules)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert policy.transformer.pos_embed.proj.weight.dtype == torch.bfloat16
+    cfg = load_config(overrides=["sampler.num_steps=4", "sampler.window_range=[0,2]"])
+    sigmas, cond = policy.sigmas(4), batch_of(policy, PROMPTS[:4])
+    noise = torch.randn((4, *policy.latent_shape), generator=torch.Generator().manual_seed(0))
+    traj = rollout(policy.velocity, cond, noise, cfg.sampler, [1, 2], torch.Generator().manual_seed(1), sigmas=sigmas)
+    assert traj.log_probs.dtype == traj.means.dtype == torch.float32
+    elements = flatten_elements(traj, torch.zeros(4))
+    _, logp = replay_step(policy.velocity, elements, index_cond(cond, elements["sample"]), cfg, sigmas[1])
+    assert logp.dtype == torch.float32
+    assert (logp - elements["log_probs"]).abs().max() < cfg.consistency_tolerance

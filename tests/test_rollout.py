@@ -3,7 +3,7 @@
 import torch
 
 from flowdppo.config import SamplerConfig
-from flowdppo.rollout import rollout, sample, trained_steps
+from flowdppo.rollout import in_chunks, rollout, sample, trained_steps
 from flowdppo.sde import log_prob, sampler_step, shifted_sigmas
 
 
@@ -88,3 +88,23 @@ def test_path_kl_to_base():
     full = rollout(toy_velocity, cond, x, cfg, [0, 3], torch.Generator().manual_seed(0), base, kl_steps=range(5))
     expected = sum(cps_kl_for_constant_velocity_gap(i, sigmas)[0] for i in range(5))
     torch.testing.assert_close(full.kl_to_base, expected.expand(3))
+
+
+def test_chunked_velocity_and_custom_schedule():
+    """``in_chunks`` gives the same rollout in pieces; a given ``sigmas`` schedule is the one run and recorded."""
+    cfg = SamplerConfig(num_steps=4)
+    cond, x = torch.tensor([0, 1, 2, 3, 4]), torch.randn(5, 1, 3, 3, generator=torch.Generator().manual_seed(0))
+    sigmas = torch.tensor([1.0, 0.9, 0.6, 0.2, 0.0])
+    calls = []
+
+    def counting(x, sigma, cond):
+        calls.append(len(x))
+        return toy_velocity(x, sigma, cond)
+
+    whole = rollout(toy_velocity, cond, x, cfg, [1, 2], torch.Generator().manual_seed(1), sigmas=sigmas)
+    parts = rollout(in_chunks(counting, 2), cond, x, cfg, [1, 2], torch.Generator().manual_seed(1), sigmas=sigmas)
+    assert calls == [2, 2, 1] * 4
+    torch.testing.assert_close(parts.final, whole.final, atol=0, rtol=0)
+    assert torch.equal(whole.sigmas, sigmas) and torch.equal(whole.sigma, sigmas[[1, 2]])
+    torch.testing.assert_close(sample(toy_velocity, cond, x, sigmas=sigmas), rollout(toy_velocity, cond, x, cfg, [],
+                               sigmas=sigmas).final)  # fmt: skip

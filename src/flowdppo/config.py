@@ -44,6 +44,8 @@ class SamplerConfig:
     kl_to_base_steps: str = "all"
     """Steps the logged path KL to the base sums over: "all" stochastic-kernel steps (comparable across
     epochs, one extra base forward per step) or the epoch's "trained" steps (free with beta > 0)."""
+    rollout_batch_size: int = 0
+    """Samples per model call in rollouts, replays without gradients and decoding (0: the whole batch)."""
     logprob_convention: str = "gaussian"
     """"gaussian" (true density) or "cps" (the published CPS -(x - mean)^2, no variance)."""
 
@@ -265,7 +267,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if not flat[key] > 0:
             raise ConfigError(f"{key}: must be > 0, got {flat[key]!r}")
     for key in ("optim.weight_decay", "loss.beta", "optim.max_grad_norm", "optim.lora_rank", "eval_prompts",
-                "resolution"):  # fmt: skip
+                "resolution", "sampler.rollout_batch_size"):  # fmt: skip
         if flat[key] < 0:
             raise ConfigError(f"{key}: must be >= 0, got {flat[key]!r}")
     if cfg.group_size < 2:

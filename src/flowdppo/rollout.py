@@ -58,6 +58,18 @@ class Trajectory:
         return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)}
 
 
+def in_chunks(velocity: VelocityFn, size: int) -> VelocityFn:
+    """``velocity`` called on at most ``size`` samples at a time (0: all at once); same result, less memory."""
+    if size <= 0:
+        return velocity
+
+    def chunked(x: Tensor, sigma: Tensor, cond: Any) -> Tensor:
+        parts = [velocity(x[i : i + size], sigma[i : i + size], cond[i : i + size]) for i in range(0, len(x), size)]
+        return torch.cat(parts)
+
+    return chunked
+
+
 def trained_steps(cfg: SamplerConfig, seed: int, epoch: int) -> list[int]:
     """Indices of the stochastic, trained steps for ``epoch``; the same on every process.
 

@@ -31,7 +31,7 @@ from flowdppo.policies.lora import (
     trainable_parameters,
 )
 from flowdppo.rewards import score
-from flowdppo.rollout import Trajectory, rollout, stochastic_steps, trained_steps
+from flowdppo.rollout import Trajectory, in_chunks, rollout, stochastic_steps, trained_steps
 from flowdppo.runs import RunFolder
 from flowdppo.sde import log_prob, sampler_step
 from flowdppo.tasks import get_task
@@ -55,7 +55,8 @@ def train(
     targets = tuple(cfg.optim.lora_target_modules) or policy.lora_target_modules
     make_trainable(policy, cfg.optim.lora_rank, cfg.optim.lora_alpha, targets)
     sigmas = task.sigmas(cfg.sampler)  # the model's noise schedule
-    base_velocity = make_base_velocity(policy, cfg.sampler.guidance_scale)
+    chunk = cfg.sampler.rollout_batch_size
+    base_velocity = in_chunks(make_base_velocity(policy, cfg.sampler.guidance_scale), chunk)
     optimizer = torch.optim.AdamW(trainable_parameters(policy), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     reward_fns = list(zip(cfg.reward.names, task.rewards(cfg.reward.names), strict=True))
     dist.barrier()  # every process has checked the inputs before process 0 writes the run folder
@@ -64,7 +65,7 @@ def train(
     start_epoch = load_checkpoint(run.latest_checkpoint(), policy, optimizer, rng) if resume else 0
     run.start(start_epoch)
     guard = NonFiniteGuard(cfg.on_nonfinite, cfg.max_nonfinite_in_a_row, dist, device)
-    velocity = partial(policy.velocity, guidance_scale=cfg.sampler.guidance_scale)
+    velocity = in_chunks(partial(policy.velocity, guidance_scale=cfg.sampler.guidance_scale), chunk)
     trained_policy = dist.wrap(policy)  # DDP averages the gradients of the update across processes
     if start_epoch == 0 and dist.is_main:
         run.save_json(
@@ -84,7 +85,7 @@ def train(
         traj = rollout(velocity, prompts, noise, cfg.sampler, steps, rng, base_velocity, kl_steps, global_batch, rows,
                        sigmas)  # fmt: skip
         # 2. rewards of the whole batch (gathered) and group-relative advantages
-        images = policy.decode(traj.final)
+        images = torch.cat([policy.decode(part) for part in traj.final.split(chunk or len(traj.final))])
         rewards, advantages = rewards_and_advantages(reward_fns, images, prompts, group_ids, cfg.reward, dist)
         update_metrics = {}
         if guard.ok(f"epoch {epoch} (rollout)", reward=rewards, advantage=advantages):
@@ -211,7 +212,8 @@ def replay_step(velocity, elements: dict[str, Any], cond: Any, cfg: TrainConfig,
 @torch.no_grad()
 def replay_anchor(policy: nn.Module, traj: Trajectory, cfg: TrainConfig) -> Trajectory:
     """Recompute ``mu_old`` and ``logp_old`` with a no-grad replay of every trained element."""
-    velocity = partial(policy.velocity, guidance_scale=cfg.sampler.guidance_scale)
+    velocity = in_chunks(partial(policy.velocity, guidance_scale=cfg.sampler.guidance_scale),
+                         cfg.sampler.rollout_batch_size)  # fmt: skip
     sigma_max = traj.sigmas[1]
     t, b = traj.log_probs.shape
     elements = flatten_elements(traj, torch.zeros(b, device=traj.final.device))
