@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -89,16 +90,21 @@ def velocity_of(policy, prompts: list[str], seed: int = 1) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_train_two_epochs_then_export_loads_in_a_fresh_pipeline(family, model_dirs, tmp_path):
+def test_train_two_epochs_then_export_loads_in_a_fresh_pipeline(family, model_dirs, tmp_path, capsys):
     model, run, prompts_file = str(model_dirs[family]), tmp_path / "run", tmp_path / "prompts.txt"
     prompts_file.write_text("\n".join(PROMPTS) + "\n")
     code = main(["train", "--out", str(run), "--no-progress", "task=text_to_image", f"model={model}",
                  f"prompts={prompts_file}", "eval_prompts=2", f"resolution={RESOLUTION}", "epochs=2",
                  "prompts_per_epoch=2", "group_size=2", "eval_samples_per_class=1", "optim.minibatch_size=4",
-                 "optim.lr=1e-2", "reward.names=[jpeg_incompressibility]", "sampler.num_steps=4",
+                 "optim.lr=1e-2", "reward.names=[jpeg_incompressibility, user_rewards:prompt_length]",
+                 "reward.weights=[1, 1]", "sampler.num_steps=4",
                  "sampler.window_range=[0,2]"])  # fmt: skip
     assert code == 0
     assert (run / "samples.png").is_file() and (run / "final" / "pytorch_lora_weights.safetensors").is_file()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {"reward/user_rewards:prompt_length", "eval/jpeg_incompressibility"} <= rows[-1].keys()
+    assert main(["eval", str(run), "--per-class", "1"]) == 0
+    assert "eval/user_rewards:prompt_length" in capsys.readouterr().out
 
     # the trained weights, loaded through peft from the last checkpoint (not the export)
     trained = load_pipeline_policy(model, RESOLUTION, torch.float32, "cpu")
@@ -112,11 +118,12 @@ def test_train_two_epochs_then_export_loads_in_a_fresh_pipeline(family, model_di
         torch.testing.assert_close(velocity_of(trained, PROMPTS[:2]), v_base, atol=0, rtol=0)
     assert (v_trained - v_base).abs().max() > 1e-6  # the LoRA changed the policy
 
-    assert main(["export", str(run), "--out", str(tmp_path / "lora")]) == 0
-    fresh = DiffusionPipeline.from_pretrained(model)
-    fresh.load_lora_weights(str(tmp_path / "lora"))
-    exported = ADAPTERS[type(fresh).__name__](fresh, RESOLUTION)
-    torch.testing.assert_close(velocity_of(exported, PROMPTS[:2]), v_trained, atol=1e-6, rtol=1e-5)
+    for source in ([], ["--checkpoint"]):  # final/ and the newest checkpoint hold the same weights
+        assert main(["export", str(run), "--out", str(tmp_path / "lora"), *source]) == 0
+        fresh = DiffusionPipeline.from_pretrained(model)
+        fresh.load_lora_weights(str(tmp_path / "lora"))
+        exported = ADAPTERS[type(fresh).__name__](fresh, RESOLUTION)
+        torch.testing.assert_close(velocity_of(exported, PROMPTS[:2]), v_trained, atol=1e-6, rtol=1e-5)
 
 
 def test_not_a_pipeline_folder_is_one_line(tmp_path, capsys):

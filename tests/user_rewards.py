@@ -16,3 +16,9 @@ def nan_reward(images, prompts):
 def two_scores_per_image(images, prompts):
     """A broken reward: shape (B, 2) instead of (B,)."""
     return torch.zeros(images.shape[0], 2)
+
+
+def prompt_length(images, prompts, metadata):
+    """A text-to-image reward: (images, prompt strings, metadata dicts) -> mean pixel + 0.01 x prompt length."""
+    assert len(prompts) == len(metadata) == images.shape[0] and all(isinstance(p, str) for p in prompts)
+    return images.mean(dim=(1, 2, 3)) + 0.01 * torch.tensor([len(p) for p in prompts], dtype=images.dtype)
