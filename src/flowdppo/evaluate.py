@@ -60,8 +60,7 @@ def export_lora(run_dir: Path, out: Path, from_checkpoint: bool = False) -> Path
         if not found:
             raise ConfigError(f"{run_dir} has no complete checkpoint")
         policy = task.load_policy(cfg.model)
-        targets = tuple(cfg.optim.lora_target_modules) or policy.lora_target_modules
-        make_trainable(policy, cfg.optim.lora_rank, cfg.optim.lora_alpha, targets)
+        make_trainable(policy, cfg.optim.lora_rank, cfg.optim.lora_alpha, cfg.optim.lora_target_modules)
         load_trainable_state_dict(policy, load_file(str(found[-1] / "trainable.safetensors")))
     else:
         policy = load_trained_policy(run_dir, task, cfg.model)

@@ -52,8 +52,7 @@ def train(
     torch.manual_seed(cfg.seed)
     task = get_task(cfg, device)
     policy = task.load_policy(cfg.model)
-    targets = tuple(cfg.optim.lora_target_modules) or policy.lora_target_modules
-    make_trainable(policy, cfg.optim.lora_rank, cfg.optim.lora_alpha, targets)
+    make_trainable(policy, cfg.optim.lora_rank, cfg.optim.lora_alpha, cfg.optim.lora_target_modules)
     sigmas = task.sigmas(cfg.sampler)  # the model's noise schedule
     chunk = cfg.sampler.rollout_batch_size
     base_velocity = in_chunks(make_base_velocity(policy, cfg.sampler.guidance_scale), chunk)

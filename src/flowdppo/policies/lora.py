@@ -23,14 +23,18 @@ from flowdppo.errors import ConfigError
 ADAPTER_NAME = "default"
 
 
-def make_trainable(policy: nn.Module, lora_rank: int, lora_alpha: float, target_modules: tuple[str, ...]) -> None:
+def make_trainable(
+    policy: nn.Module, lora_rank: int, lora_alpha: float, target_modules: tuple[str, ...] | list[str] = ()
+) -> None:
     """Freeze the policy, then add a LoRA adapter (rank > 0) or unfreeze the whole transformer (rank 0).
 
-    Trained weights are kept in float32 (master weights) whatever the dtype of the frozen base.
+    ``target_modules`` empty: the policy's own ``lora_target_modules``. Trained weights are kept in
+    float32 (master weights) whatever the dtype of the frozen base.
     """
     policy.requires_grad_(False)
     if lora_rank > 0:
-        config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=list(target_modules))
+        targets = list(target_modules or policy.lora_target_modules)
+        config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=targets)
         try:
             policy.transformer.add_adapter(config, adapter_name=ADAPTER_NAME)
         except ValueError as err:  # peft: a target module name the model does not have
