@@ -92,6 +92,9 @@ class OptimConfig:
     lora_rank: int = 8
     """LoRA rank; 0 = full fine-tuning of the transformer."""
     lora_alpha: float = 16.0
+    fsdp: bool = False
+    """Shard the transformer with FSDP2 (``fully_shard``) across processes instead of DDP; full fine-tuning
+    only (lora_rank 0). On one process it changes nothing."""
     anchor: str = "rollout"
     """Source of logp_old / mu_old: "rollout" (recorded) or "replay" (no-grad recompute before the update)."""
 
@@ -254,6 +257,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for key in ("optim.weight_decay", "loss.beta", "optim.max_grad_norm", "optim.lora_rank"):
         if flat[key] < 0:
             raise ConfigError(f"{key}: must be >= 0, got {flat[key]!r}")
+    if cfg.optim.fsdp and cfg.optim.lora_rank > 0:
+        raise ConfigError(
+            f"optim.fsdp: shards the full transformer, for full fine-tuning only; set optim.lora_rank=0 "
+            f"(got {cfg.optim.lora_rank})"
+        )
     if cfg.group_size < 2:
         raise ConfigError(f"group_size: must be >= 2 (group-relative advantages need a group), got {cfg.group_size}")
     s = cfg.sampler
