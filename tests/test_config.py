@@ -45,6 +45,7 @@ def test_yaml_then_overrides(tmp_path):
         (["sampler.window_size=9"], "does not fit the 10-step schedule"),
         (["reward.weights=[1, 2]"], "reward.weights: need one weight per reward name"),
         (["epochs"], "must look like key=value"),
+        (["optim.fsdp=true"], "optim.fsdp: shards the full transformer, for full fine-tuning only"),
     ],
 )
 def test_bad_values_name_the_key(overrides, message):
@@ -62,3 +63,9 @@ def test_incompatible_sampler_and_method():
         load_config("ppo")
     with pytest.raises(ConfigError, match="no such file"):
         load_config(config_file="missing.yaml")
+
+
+def test_fsdp_is_for_full_fine_tuning():
+    assert load_config(overrides=["optim.fsdp=true", "optim.lora_rank=0"]).optim.fsdp
+    with pytest.raises(ConfigError, match=r"^optim.fsdp: .* set optim.lora_rank=0 \(got 4\)$"):
+        load_config(overrides=["optim.fsdp=true", "optim.lora_rank=4"])

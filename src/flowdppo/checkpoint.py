@@ -5,6 +5,9 @@ weights), ``optimizer.safetensors`` + ``optimizer.json``, ``rng.safetensors`` + 
 trainer's generator, torch CPU / CUDA, numpy and python random states) and ``state.json`` (epoch). It
 is written to a temporary folder and renamed into place (``os.replace``), and an old one is renamed
 away before it is deleted, so a crash at any point leaves only complete checkpoints under ``epoch_*``.
+
+A policy sharded with FSDP saves the same files: its full (gathered) state, so a run can resume on
+any number of processes.
 """
 
 from __future__ import annotations
@@ -20,14 +23,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from flowdppo.distributed import gather_full_state, is_sharded, load_full_state
 from flowdppo.policies.lora import load_trainable_state_dict, trainable_state_dict
 
 STATE_FILE = "state.json"
 
 
-def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+def optimizer_to_flat(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """Split an optimizer state dict into tensors (``state.{param}.{name}``) and JSON-able rest."""
-    state = optimizer.state_dict()
     tensors = {}
     for param_id, slots in state["state"].items():
         for name, value in slots.items():
@@ -66,17 +69,31 @@ def restore_rng(rng: torch.Generator, tensors: dict[str, torch.Tensor], rest: di
     random.setstate((version, tuple(state), gauss))
 
 
+def trained_state(policy: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """The trained weights and the optimizer state dict; gathered from a sharded policy (a collective: every
+    process calls it, process 0 gets them)."""
+    if is_sharded(policy):
+        return gather_full_state(policy, optimizer)
+    return trainable_state_dict(policy), optimizer.state_dict()
+
+
 def save_checkpoint(
     directory: Path, policy: nn.Module, optimizer: torch.optim.Optimizer, rng: torch.Generator, epoch: int,
-    keep: int,
+    keep: int, write: bool = True,
 ) -> None:  # fmt: skip
-    """Write the checkpoint of ``epoch`` atomically and keep only the newest ``keep`` checkpoints."""
+    """Write the checkpoint of ``epoch`` atomically and keep only the newest ``keep`` checkpoints.
+
+    With a sharded policy every process calls it (the state is gathered) and only ``write`` ones write.
+    """
+    trained, optimizer_state = trained_state(policy, optimizer)
+    if not write:
+        return
     tmp = directory.with_name(f".tmp-{directory.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    weights = {k: v.detach().cpu().contiguous() for k, v in trainable_state_dict(policy).items()}
+    weights = {k: v.detach().cpu().contiguous() for k, v in trained.items()}
     save_file(weights, str(tmp / "trainable.safetensors"))
-    opt_tensors, opt_rest = optimizer_to_flat(optimizer)
+    opt_tensors, opt_rest = optimizer_to_flat(optimizer_state)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     (tmp / "optimizer.json").write_text(json.dumps(opt_rest))
     rng_tensors, rng_rest = rng_to_flat(rng)
@@ -111,8 +128,13 @@ def load_checkpoint(
     """Restore weights, optimizer and RNG from ``directory``; returns the epoch to continue from."""
     if directory is None:
         return 0
-    load_trainable_state_dict(policy, load_file(str(directory / "trainable.safetensors")))
+    weights = load_file(str(directory / "trainable.safetensors"))
     rest = json.loads((directory / "optimizer.json").read_text())
-    optimizer.load_state_dict(optimizer_from_flat(load_file(str(directory / "optimizer.safetensors")), rest))
+    optimizer_state = optimizer_from_flat(load_file(str(directory / "optimizer.safetensors")), rest)
+    if is_sharded(policy):
+        load_full_state(policy, optimizer, weights, optimizer_state)
+    else:
+        load_trainable_state_dict(policy, weights)
+        optimizer.load_state_dict(optimizer_state)
     restore_rng(rng, load_file(str(directory / "rng.safetensors")), json.loads((directory / "rng.json").read_text()))
     return int(json.loads((directory / STATE_FILE).read_text())["epoch"])

@@ -96,6 +96,9 @@ class OptimConfig:
     lora_alpha: float = 16.0
     lora_target_modules: list[str] = field(default_factory=list)
     """Module names LoRA wraps (empty: the policy's attention projections)."""
+    fsdp: bool = False
+    """Shard the transformer with FSDP2 (``fully_shard``) across processes instead of DDP; full fine-tuning
+    only (lora_rank 0). On one process it changes nothing."""
     anchor: str = "rollout"
     """Source of logp_old / mu_old: "rollout" (recorded) or "replay" (no-grad recompute before the update)."""
 
@@ -270,6 +273,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                 "resolution", "sampler.rollout_batch_size"):  # fmt: skip
         if flat[key] < 0:
             raise ConfigError(f"{key}: must be >= 0, got {flat[key]!r}")
+    if cfg.optim.fsdp and cfg.optim.lora_rank > 0:
+        raise ConfigError(
+            f"optim.fsdp: shards the full transformer, for full fine-tuning only; set optim.lora_rank=0 "
+            f"(got {cfg.optim.lora_rank})"
+        )
     if cfg.group_size < 2:
         raise ConfigError(f"group_size: must be >= 2 (group-relative advantages need a group), got {cfg.group_size}")
     s = cfg.sampler

@@ -10,17 +10,30 @@ One process per GPU (or per CPU worker, gloo). What each process does and what t
 - **rewards**, path KL: gathered, so advantages use the global group and batch statistics;
 - **gradients**: averaged by ``DistributedDataParallel``; a mini-batch of ``M`` elements is ``M / N`` per
   process, so the mean loss is the same as on one process;
+- **weights** (``optim.fsdp``, full fine-tuning): instead of DDP, FSDP2 shards the transformer and the
+  frozen reference, each process holding ``1 / N`` of every parameter and of the optimizer state.
+  Every forward is then a collective, so every process evaluates and samples the grids too;
+  checkpoints and final weights are gathered into the full state a single process would hold;
 - **files**: metrics, evaluations, checkpoints and plots are written by process 0 only.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from flowdppo.errors import ConfigError
 
@@ -95,12 +108,114 @@ class Distributed:
         if self.enabled:
             dist.barrier()
 
-    def wrap(self, policy: nn.Module) -> nn.Module:
-        """``DistributedDataParallel`` over the trainable parameters (the policy itself on one process)."""
+    def wrap(self, policy: nn.Module, fsdp: bool = False) -> nn.Module:
+        """The module the update runs: ``DistributedDataParallel`` over the trainable parameters, or with
+        ``fsdp`` the policy itself, sharded in place (``shard``). The policy itself on one process."""
         if not self.enabled:
             return policy
+        if fsdp:
+            return self.shard(policy)
         device_ids = [self.local_rank] if next(policy.parameters()).is_cuda else None
         return nn.parallel.DistributedDataParallel(policy, device_ids=device_ids)
+
+    def wrap_frozen(self, module: nn.Module | None, fsdp: bool = False) -> nn.Module | None:
+        """A frozen module (the reference policy): sharded like the policy with ``fsdp``, else as it is."""
+        return self.shard(module) if fsdp and module is not None else module
+
+    def shard(self, policy: nn.Module) -> nn.Module:
+        """FSDP2, in place: ``fully_shard`` each transformer block, then the policy (the rest of its weights).
+
+        Each process keeps ``1 / world_size`` of every parameter (a ``DTensor``). A forward through the
+        policy's ``__call__`` (not ``.velocity``) gathers each block's weights just before it runs and frees
+        them after, so every process must run every forward; backward reduce-scatters the mean gradient.
+        """
+        if not self.enabled:
+            return policy
+        if torch.torch_version.TorchVersion(torch.__version__) < (2, 7):
+            raise ConfigError(f"optim.fsdp: needs torch >= 2.7 (fully_shard, ignored_params), not {torch.__version__}")
+        from torch.distributed.fsdp import fully_shard
+        for block in policy.transformer.transformer_blocks:
+            fully_shard(block)
+        # the root too (every transformer parameter is sharded between calls); frozen parts outside the
+        # transformer (a VAE, prompt tables) stay whole on every process
+        outside = set(policy.parameters()) - set(policy.transformer.parameters())
+        fully_shard(policy, reshard_after_forward=True, ignored_params=outside)
+        return policy
+
+    @contextmanager
+    def gradient_sync(self, model: nn.Module, sync: bool) -> Iterator[None]:
+        """One micro-batch's backward: DDP averages the gradients only when ``sync`` (``no_sync`` otherwise,
+        to accumulate locally); FSDP reduce-scatters every micro-batch and accumulates the sharded sums
+        (its no-sync mode would hold a full, unsharded gradient on every process)."""
+        if sync or not self.enabled or is_sharded(model):
+            yield
+        else:
+            with model.no_sync():
+                yield
+
+    def full_model(self, policy: nn.Module, blank: Callable[[], nn.Module]) -> nn.Module | None:
+        """``policy`` itself; when sharded, its gathered weights (a collective) loaded into ``blank()`` on
+        process 0, and None elsewhere."""
+        if not is_sharded(policy):
+            return policy
+        state = get_model_state_dict(policy, options=FULL_STATE)
+        if not self.is_main:
+            return None
+        full = blank()
+        full.load_state_dict(state)
+        return full
+
+
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+"""Gathered, unsharded state dicts on CPU, on process 0 only (the other processes get empty ones)."""
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether ``module`` was sharded by ``fully_shard`` (FSDP2)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6: no FSDP2, nothing is sharded
+        return False
+    return isinstance(module, FSDPModule)
+
+
+def clip_grad_norm(parameters: list[nn.Parameter], max_norm: float) -> Tensor:
+    """``torch.nn.utils.clip_grad_norm_``; for FSDP's sharded parameters the norm is the global one, returned
+    as a plain tensor."""
+    norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor for sharded parameters
+
+
+def gather_full_state(policy: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict]:
+    """The transformer's weights and the optimizer state of a sharded policy as one process would hold them
+    (``transformer.state_dict()``, ``optimizer.state_dict()`` keyed by parameter index), on CPU.
+
+    A collective: every process calls it; process 0 gets the state, the others empty dicts.
+    """
+    weights = get_model_state_dict(policy.transformer, options=FULL_STATE)
+    by_name = get_optimizer_state_dict(policy, optimizer, options=FULL_STATE)
+    if not by_name:
+        return weights, {}
+    index = {name: i for i, name in enumerate(name for group in by_name["param_groups"] for name in group["params"])}
+    return weights, _renamed(by_name, index)
+
+
+def load_full_state(policy: nn.Module, optimizer: torch.optim.Optimizer, weights: dict[str, Tensor],
+                    optimizer_state: dict) -> None:  # fmt: skip
+    """The inverse of ``gather_full_state``: every process passes the full state and keeps its shards."""
+    set_model_state_dict(policy.transformer, weights, options=StateDictOptions(full_state_dict=True))
+    fqn = {param: name for name, param in policy.named_parameters()}
+    name = dict(enumerate(fqn[p] for group in optimizer.param_groups for p in group["params"]))
+    by_name = _renamed(optimizer_state, name)
+    set_optimizer_state_dict(policy, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+
+
+def _renamed(optimizer_state: dict, key: dict) -> dict:
+    """An optimizer state dict with each parameter key ``k`` (index or name) replaced by ``key[k]``."""
+    return {
+        "state": {key[k]: slots for k, slots in optimizer_state["state"].items()},
+        "param_groups": [{**g, "params": [key[k] for k in g["params"]]} for g in optimizer_state["param_groups"]],
+    }
 
 
 def init_distributed() -> Distributed:

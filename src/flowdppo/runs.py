@@ -78,9 +78,11 @@ class RunFolder:
             _write_atomic(self.path / name, json.dumps(data, indent=2) + "\n")
 
     def save_checkpoint(self, epoch: int, policy: nn.Module, optimizer, rng) -> None:
-        """The state after ``epoch`` epochs, under ``checkpoints/`` (the newest ``keep_checkpoints`` kept)."""
-        if self.is_writer:
-            save_checkpoint(self.checkpoint_dir(epoch), policy, optimizer, rng, epoch, self.cfg.keep_checkpoints)
+        """The state after ``epoch`` epochs, under ``checkpoints/`` (the newest ``keep_checkpoints`` kept).
+
+        Every process calls it: a sharded policy's state is gathered first."""
+        save_checkpoint(self.checkpoint_dir(epoch), policy, optimizer, rng, epoch, self.cfg.keep_checkpoints,
+                        write=self.is_writer)  # fmt: skip
 
     def load_json(self, name: str) -> dict:
         return json.loads((self.path / name).read_text())
@@ -108,8 +110,8 @@ class RunFolder:
                 self.writer.add_scalar(key, value, row["epoch"])
         self.writer.flush()
 
-    def finish(self, policy: nn.Module, grid_panels: dict) -> None:
-        """Plots, the sample grid and the final weights."""
+    def finish(self, policy: nn.Module | None, grid_panels: dict) -> None:
+        """Plots, the sample grid and the final weights (written by process 0; ``policy`` may be None elsewhere)."""
         if not self.is_writer:
             return
         rows = self.rows()

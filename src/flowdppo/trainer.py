@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from tqdm.auto import tqdm
 from flowdppo.advantages import aggregate_rewards
 from flowdppo.checkpoint import load_checkpoint
 from flowdppo.config import LossConfig, RewardConfig, TrainConfig
-from flowdppo.distributed import Distributed, init_distributed, shared_randn
+from flowdppo.distributed import Distributed, clip_grad_norm, init_distributed, shared_randn
 from flowdppo.errors import ConsistencyError, NonFiniteError
 from flowdppo.losses import StepBatch, get_loss, reference_kl_penalty
 from flowdppo.policies.lora import (
@@ -54,8 +53,10 @@ def train(
     policy = task.load_policy(cfg.model)
     make_trainable(policy, cfg.optim.lora_rank, cfg.optim.lora_alpha, cfg.optim.lora_target_modules)
     sigmas = task.sigmas(cfg.sampler)  # the model's noise schedule
-    chunk = cfg.sampler.rollout_batch_size
-    base_velocity = in_chunks(make_base_velocity(policy, cfg.sampler.guidance_scale), chunk)
+    chunk = cfg.sampler.rollout_batch_size  # samples per model call in rollouts and decoding (0: all)
+    reference = dist.wrap_frozen(reference_policy(policy), cfg.optim.fsdp)  # frozen base copy; None with LoRA
+    trained_policy = dist.wrap(policy, cfg.optim.fsdp)  # DDP, or FSDP2 sharding the policy in place
+    base_velocity = in_chunks(make_base_velocity(policy, reference, cfg.sampler.guidance_scale), chunk)
     optimizer = torch.optim.AdamW(trainable_parameters(policy), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     reward_fns = list(zip(cfg.reward.names, task.rewards(cfg.reward.names), strict=True))
     dist.barrier()  # every process has checked the inputs before process 0 writes the run folder
@@ -64,9 +65,9 @@ def train(
     start_epoch = load_checkpoint(run.latest_checkpoint(), policy, optimizer, rng) if resume else 0
     run.start(start_epoch)
     guard = NonFiniteGuard(cfg.on_nonfinite, cfg.max_nonfinite_in_a_row, dist, device)
-    velocity = in_chunks(partial(policy.velocity, guidance_scale=cfg.sampler.guidance_scale), chunk)
-    trained_policy = dist.wrap(policy)  # DDP averages the gradients of the update across processes
-    if start_epoch == 0 and dist.is_main:
+    velocity = in_chunks(partial(policy, guidance_scale=cfg.sampler.guidance_scale), chunk)  # module call: FSDP hooks
+    # Every process evaluates and samples (a sharded policy's forwards are collective); process 0 writes.
+    if start_epoch == 0:
         run.save_json(
             "base_eval.json", task.evaluate(base_velocity, cfg.eval_samples_per_class, cfg.seed, cfg.sampler.num_steps)
         )
@@ -105,15 +106,14 @@ def train(
             "nonfinite_skipped": guard.skipped,
             "time_s": time.perf_counter() - t0,
         }
-        if dist.is_main and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
             row.update(task.evaluate(velocity, cfg.eval_samples_per_class, cfg.seed, cfg.sampler.num_steps))
         run.log(row)
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl_to_base']:.2e}")
         if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
             run.save_checkpoint(epoch + 1, policy, optimizer, rng)
-    if dist.is_main:
-        grids = {name: task.sample_grid(v, cfg.seed) for name, v in (("base", base_velocity), ("trained", velocity))}
-        run.finish(policy, grids)
+    grids = {name: task.sample_grid(v, cfg.seed) for name, v in (("base", base_velocity), ("trained", velocity))}
+    run.finish(dist.full_model(policy, lambda: task.load_policy(cfg.model)), grids)
     dist.barrier()
     return run
 
@@ -161,15 +161,15 @@ class NonFiniteGuard:
         self.in_a_row = 0
 
 
-def make_base_velocity(policy: nn.Module, guidance_scale: float):
-    """Velocity of the frozen base: the same network with LoRA off, or a frozen copy (full fine-tuning)."""
-    reference = reference_policy(policy)
+def make_base_velocity(policy: nn.Module, reference: nn.Module | None, guidance_scale: float):
+    """Velocity of the frozen base: the ``reference`` copy (full fine-tuning), or with LoRA (``reference``
+    None) the same network with its adapters off."""
     if reference is not None:
-        return partial(reference.velocity, guidance_scale=guidance_scale)
+        return partial(reference, guidance_scale=guidance_scale)
 
     def base_velocity(x: Tensor, sigma: Tensor, cond: Any) -> Tensor:
         with adapters_disabled(policy):
-            return policy.velocity(x, sigma, cond, guidance_scale=guidance_scale)
+            return policy(x, sigma, cond, guidance_scale=guidance_scale)
 
     return base_velocity
 
@@ -211,8 +211,7 @@ def replay_step(velocity, elements: dict[str, Any], cond: Any, cfg: TrainConfig,
 @torch.no_grad()
 def replay_anchor(policy: nn.Module, traj: Trajectory, cfg: TrainConfig) -> Trajectory:
     """Recompute ``mu_old`` and ``logp_old`` with a no-grad replay of every trained element."""
-    velocity = in_chunks(partial(policy.velocity, guidance_scale=cfg.sampler.guidance_scale),
-                         cfg.sampler.rollout_batch_size)  # fmt: skip
+    velocity = in_chunks(partial(policy, guidance_scale=cfg.sampler.guidance_scale), cfg.sampler.rollout_batch_size)
     sigma_max = traj.sigmas[1]
     t, b = traj.log_probs.shape
     elements = flatten_elements(traj, torch.zeros(b, device=traj.final.device))
@@ -244,8 +243,8 @@ def update(
 ) -> dict[str, float]:
     """``inner_epochs`` passes over the rollout's elements in shuffled mini-batches; returns mean metrics.
 
-    ``policy`` may be wrapped in DDP (its ``forward`` is the velocity): each process then takes
-    ``minibatch_size / world_size`` of its own elements per mini-batch and DDP averages the gradients.
+    ``policy`` may be wrapped in DDP or sharded by FSDP (its ``forward`` is the velocity): each process then
+    takes ``minibatch_size / world_size`` of its own elements per mini-batch and the gradients are averaged.
     """
     dist = dist or Distributed()
     guard = guard or NonFiniteGuard("stop", 1)
@@ -265,8 +264,7 @@ def update(
             last_of_window = (k + 1) % accum == 0 or k + 1 == len(chunks)
             mb = {key: value[index] for key, value in elements.items()}
             cond = index_cond(traj.cond, mb["sample"])
-            sync = nullcontext() if last_of_window or not dist.enabled else policy.no_sync()
-            with sync:
+            with dist.gradient_sync(policy, last_of_window):
                 mean_new, logp_new = replay_step(velocity, mb, cond, cfg, sigma_max)
                 batch = StepBatch(
                     logp_new=logp_new, logp_old=mb["log_probs"], advantages=mb["advantages"], mean_new=mean_new,
@@ -290,7 +288,7 @@ def update(
                     window_ok = False
             metrics["loss"] = loss.detach()
             if last_of_window:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm or math.inf)
+                grad_norm = clip_grad_norm(params, cfg.optim.max_grad_norm or math.inf)
                 if window_ok and guard.ok(where, grad_norm=grad_norm):
                     optimizer.step()
                     guard.stepped()

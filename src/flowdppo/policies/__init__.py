@@ -24,6 +24,10 @@ class Policy(Protocol):
         """
         ...
 
+    def __call__(self, x: Tensor, sigma: Tensor, cond: Any, guidance_scale: float = 1.0) -> Tensor:
+        """The same as ``velocity`` (``forward``): the trainer calls the module, so DDP's and FSDP's hooks run."""
+        ...
+
     def decode(self, latents: Tensor) -> Tensor:
         """Latents (B, ...) -> images (B, C, H, W) in [0, 1] for the rewards."""
         ...
