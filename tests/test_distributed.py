@@ -230,3 +230,24 @@ def test_fsdp_checkpoint_resumes_exactly(fsdp_runs, tmp_path):
 def test_fsdp_checkpoint_resumes_on_another_number_of_processes(fsdp_runs, tmp_path, written_on, resumed_on):
     resumed = resume_from_epoch_1(fsdp_runs[written_on], resumed_on, tmp_path / "resumed")
     assert_same_tensors(TRANSFORMER, fsdp_runs[written_on], resumed, WEIGHT_ATOL)
+
+
+def test_fsdp_on_a_diffusers_pipeline_equals_one_process(tmp_path):
+    """FLUX.1 (double- and single-stream blocks sharded, the VAE left whole): 2 processes == 1 process.
+
+    8 elements in 2 accumulated mini-batches: one optimizer step over the same elements on 1 or 2 processes.
+    """
+    from tiny_pipelines import save_tiny_pipeline
+
+    model, prompts = save_tiny_pipeline("flux", tmp_path / "flux"), tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\ntwo dogs\na blue house\na green apple\n")
+    args = ["task=text_to_image", f"model={model}", f"prompts={prompts}", "eval_prompts=1", "resolution=32",
+            "epochs=1", "prompts_per_epoch=2", "group_size=2", "eval_samples_per_class=1", "optim.minibatch_size=4",
+            "optim.grad_accum=2",
+            "optim.lora_rank=0", "optim.fsdp=true", "optim.lr=1e-4", "reward.names=[jpeg_incompressibility]",
+            "sampler.num_steps=4", "sampler.window_range=[0,2]"]  # fmt: skip
+    for processes in (1, 2):
+        flowdppo_train(processes, "--out", str(tmp_path / f"p{processes}"), *args)
+    assert_same_tensors(TRANSFORMER, tmp_path / "p1", tmp_path / "p2", WEIGHT_ATOL)
+    vae = "final/vae/diffusion_pytorch_model.safetensors"
+    assert_same_tensors(vae, model.parent / "p1", model.parent / "p2", 0.0)
