@@ -144,8 +144,9 @@ class PipelinePolicy(nn.Module):
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
-        """Latents -> images ``(B, 3, H, W)`` in ``[0, 1]``, float32."""
+        """Latents -> images ``(B, 3, H, W)`` in ``[0, 1]``, float32 (a video VAE's one frame, Qwen-Image)."""
         images = self.vae.decode(self.vae_latents(latents.to(self.vae.dtype)), return_dict=False)[0]
+        images = images[:, :, 0] if images.ndim == 5 else images  # (B, 3, frames, H, W) -> (B, 3, H, W)
         return ((images.float() + 1) / 2).clamp(0, 1)
 
 
@@ -261,12 +262,6 @@ class QwenImagePolicy(PipelinePolicy):
         mean = torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1).to(unpacked)
         std = torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1).to(unpacked)
         return unpacked * std + mean
-
-    @torch.no_grad()
-    def decode(self, latents: Tensor) -> Tensor:
-        """The video VAE decodes one frame: ``(B, 3, 1, H, W)`` -> ``(B, 3, H, W)`` in ``[0, 1]``."""
-        images = self.vae.decode(self.vae_latents(latents.to(self.vae.dtype)), return_dict=False)[0][:, :, 0]
-        return ((images.float() + 1) / 2).clamp(0, 1)
 
 
 class Flux2KleinPolicy(PipelinePolicy):

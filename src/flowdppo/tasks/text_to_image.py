@@ -82,9 +82,10 @@ class TextToImageTask:
         return noise, cond
 
     @torch.no_grad()
-    def generate(self, velocity, noise: Tensor, cond: PromptBatch, num_steps: int, batch_size: int = 8) -> Tensor:
-        """ODE samples decoded to images ``(N, 3, H, W)``, ``batch_size`` at a time."""
+    def generate(self, velocity, noise: Tensor, cond: PromptBatch, num_steps: int) -> Tensor:
+        """ODE samples decoded to images ``(N, 3, H, W)``, ``sampler.rollout_batch_size`` at a time."""
         sigmas = self.policy.sigmas(num_steps)
+        batch_size = self.cfg.sampler.rollout_batch_size or len(cond)
         images = []
         for start in range(0, len(cond), batch_size):
             rows = slice(start, start + batch_size)
