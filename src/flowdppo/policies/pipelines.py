@@ -188,10 +188,9 @@ class SD3Policy(PipelinePolicy):
         return latents / config.scaling_factor + config.shift_factor
 
 
-class FluxPolicy(PipelinePolicy):
-    """FLUX.1 (``FluxTransformer2DModel``): packed 2x2 latent tokens, guidance embedding if the model has one."""
-
-    pipeline_class = FluxPipeline
+class PackedLatentPolicy(PipelinePolicy):
+    """Latents as the transformer takes them: ``(h/2 * w/2)`` tokens of ``in_channels`` (2x2 patches), and
+    the sigmas ``linspace(1, 1/K, K)`` shifted by ``mu``, linear in the token count (FLUX.1, Qwen-Image)."""
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
@@ -199,6 +198,12 @@ class FluxPolicy(PipelinePolicy):
 
     def schedule_kwargs(self, num_steps: int) -> dict[str, Any]:
         return {"sigmas": _linear_sigmas(num_steps), "mu": _calculate_mu(self.pipeline.scheduler.config, self.tokens)}
+
+
+class FluxPolicy(PackedLatentPolicy):
+    """FLUX.1 (``FluxTransformer2DModel``): packed 2x2 latent tokens, guidance embedding if the model has one."""
+
+    pipeline_class = FluxPipeline
 
     def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
         embeds, pooled, _ = self.pipeline.encode_prompt(prompt=prompts, prompt_2=None, device=self.device)
@@ -227,17 +232,10 @@ class FluxPolicy(PipelinePolicy):
         return unpacked / config.scaling_factor + config.shift_factor
 
 
-class QwenImagePolicy(PipelinePolicy):
+class QwenImagePolicy(PackedLatentPolicy):
     """Qwen-Image (``QwenImageTransformer2DModel``): packed 2x2 latent tokens, masked text tokens."""
 
     pipeline_class = QwenImagePipeline
-
-    @property
-    def latent_shape(self) -> tuple[int, ...]:
-        return (self.tokens, self.transformer.config.in_channels)
-
-    def schedule_kwargs(self, num_steps: int) -> dict[str, Any]:
-        return {"sigmas": _linear_sigmas(num_steps), "mu": _calculate_mu(self.pipeline.scheduler.config, self.tokens)}
 
     def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
         embeds, mask = self.pipeline.encode_prompt(prompt=prompts, device=self.device)
@@ -264,16 +262,13 @@ class QwenImagePolicy(PipelinePolicy):
         return unpacked * std + mean
 
 
-class Flux2KleinPolicy(PipelinePolicy):
+class Flux2KleinPolicy(PackedLatentPolicy):
     """FLUX.2-klein (``Flux2Transformer2DModel``): 2x2-patchified latents as tokens, batch-norm latent stats."""
 
     pipeline_class = Flux2KleinPipeline
 
-    @property
-    def latent_shape(self) -> tuple[int, ...]:
-        return (self.tokens, self.transformer.config.in_channels)
-
     def schedule_kwargs(self, num_steps: int) -> dict[str, Any]:
+        """Its pipeline's ``mu`` depends on the number of steps too (an empirical fit)."""
         return {"sigmas": _linear_sigmas(num_steps), "mu": compute_empirical_mu(self.tokens, num_steps)}
 
     def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
