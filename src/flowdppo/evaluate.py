@@ -12,8 +12,15 @@ from safetensors.torch import load_file
 from flowdppo.checkpoint import complete_checkpoints
 from flowdppo.config import config_from_dict
 from flowdppo.errors import ConfigError
-from flowdppo.policies.lora import load_lora_adapter, load_trainable_state_dict, make_trainable, save_lora_adapter
+from flowdppo.policies.lora import (
+    load_lora_adapter,
+    load_trainable_state_dict,
+    make_trainable,
+    save_lora_adapter,
+    uses_lora,
+)
 from flowdppo.tasks import get_task
+from flowdppo.trainer import make_base_velocity
 
 
 def load_trained_policy(run_dir: Path, task, model: str = ""):
@@ -41,12 +48,12 @@ def evaluate_run(run_dir: Path, per_class: int = 50) -> dict[str, dict[str, floa
     cfg = run_config(run_dir)
     task = get_task(cfg, cfg.device)
     task.rewards(cfg.reward.names)
-    base, trained = task.load_policy(cfg.model), load_trained_policy(run_dir, task, cfg.model)
+    trained = load_trained_policy(run_dir, task, cfg.model)
     w = cfg.sampler.guidance_scale
-    return {
-        name: task.evaluate(partial(policy.velocity, guidance_scale=w), per_class, cfg.seed, cfg.sampler.num_steps)
-        for name, policy in (("base", base), ("trained", trained))
-    }
+    # with LoRA the base is the same network with its adapters off: the model is loaded once
+    reference = None if uses_lora(trained) else task.load_policy(cfg.model)
+    velocities = {"base": make_base_velocity(trained, reference, w), "trained": partial(trained, guidance_scale=w)}
+    return {name: task.evaluate(v, per_class, cfg.seed, cfg.sampler.num_steps) for name, v in velocities.items()}
 
 
 def export_lora(run_dir: Path, out: Path, from_checkpoint: bool = False) -> Path:
