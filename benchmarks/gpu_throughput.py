@@ -28,12 +28,14 @@ import torch
 from common import RESULTS_DIR, interleaved_times, ratio_summary, write_result
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
+from flowdppo.algorithms.policy_gradient import PolicyGradient
 from flowdppo.config import load_config
+from flowdppo.distributed import Distributed
 from flowdppo.policies.lora import make_trainable, trainable_parameters
 from flowdppo.policies.pipelines import SD3Policy
 from flowdppo.prompts import PromptBatch
-from flowdppo.rollout import rollout, trained_steps
-from flowdppo.trainer import flatten_elements, update
+from flowdppo.rollout import rollout
+from flowdppo.samplers import trained_steps
 
 SD35_MEDIUM = {  # stabilityai/stable-diffusion-3.5-medium transformer/config.json (2.24 B parameters)
     "sample_size": 128, "patch_size": 2, "in_channels": 16, "num_layers": 24, "attention_head_dim": 64,
@@ -114,7 +116,7 @@ def main() -> None:
           f"{args.resolution}^2, {args.steps} steps, group {args.group}, {len(steps)} trained steps, on {device}")
 
     def ours_rollout():
-        return rollout(policy.velocity, cond, noise, cfg.sampler, steps, gen, sigmas=sigmas)
+        return rollout(policy.velocity, cond, noise, sigmas, cfg.sampler, steps, gen)
 
     def plain_loop():
         policy.pipeline(prompt_embeds=embeds["prompt_embeds"], pooled_prompt_embeds=embeds["pooled_prompt_embeds"],
@@ -129,13 +131,14 @@ def main() -> None:
 
     traj = ours_rollout()
     advantages = torch.randn(args.group, device=device)
-    elements = flatten_elements(traj, advantages)
+    algorithm = PolicyGradient(cfg)
+    elements = algorithm.elements(traj, advantages, policy, torch.Generator(device), Distributed()).data
     mb = {k: v[: args.minibatch] for k, v in elements.items()}
     rng = torch.Generator(device).manual_seed(0)
     sub = traj_subset(traj, max(1, args.minibatch // len(steps)))  # about one mini-batch of elements
 
     def policy_update():
-        update(policy, optimizer, sub, advantages[: sub.log_probs.shape[1]], cfg, rng, None, epoch=0)
+        algorithm.update(policy, optimizer, sub, advantages[: sub.log_probs.shape[1]], rng, None, epoch=0)
 
     def raw_step():
         v = policy.velocity(mb["latents"], mb["sigma"], cond[mb["sample"]])
@@ -158,7 +161,7 @@ def main() -> None:
         t = ours_rollout()
         with torch.no_grad():
             policy.decode(t.final)
-        update(policy, optimizer, t, torch.randn(args.group, device=device), cfg, rng, None, epoch=0)
+        algorithm.update(policy, optimizer, t, torch.randn(args.group, device=device), rng, None, epoch=0)
 
     epoch_times = [timed(synchronized(epoch, device)) for _ in range(max(2, args.repeats // 2) + 1)][1:]
     epoch_ips = args.group / statistics.median(epoch_times)

@@ -64,7 +64,7 @@ def main() -> None:
             mean_new=new.mean, mean_old=old.mean, std=new.std.flatten(), dt=sigma_next - sigma,
             step_index=torch.full((b,), 2),
         )  # fmt: skip
-        loss, _ = get_loss(loss_mode)(batch)
+        loss, _ = get_loss(loss_mode).fn(batch)
         loss.mean().backward()
         model.zero_grad(set_to_none=True)
 

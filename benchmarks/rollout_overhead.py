@@ -17,8 +17,10 @@ import torch
 from common import RESULTS_DIR, interleaved_times, ratio_summary, write_result
 
 from flowdppo.config import SamplerConfig
-from flowdppo.policies.digits import load_base_policy
-from flowdppo.rollout import rollout, sample, trained_steps
+from flowdppo.rollout import rollout, sample
+from flowdppo.samplers import trained_steps
+from flowdppo.sde import shifted_sigmas
+from flowdppo.tasks.digits.policy import load_base_policy
 
 
 def main() -> None:
@@ -35,13 +37,14 @@ def main() -> None:
     cond = torch.arange(args.batch) % 10
     noise = torch.randn(args.batch, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     gen = torch.Generator()
+    sigmas = shifted_sigmas(cfg.num_steps, cfg.shift)
 
     def recording_rollout() -> None:
-        rollout(policy.velocity, cond, noise, cfg, steps, gen.manual_seed(1))
+        rollout(policy.velocity, cond, noise, sigmas, cfg, steps, gen.manual_seed(1))
 
     def plain_euler() -> None:
         with torch.no_grad():
-            sample(policy.velocity, cond, noise, cfg.num_steps)
+            sample(policy.velocity, cond, noise, sigmas)
 
     times = interleaved_times({"rollout": recording_rollout, "euler": plain_euler}, args.repeats)
     r = ratio_summary(times["rollout"], times["euler"])

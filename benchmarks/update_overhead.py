@@ -1,8 +1,8 @@
 """Cost per trained element of the policy update vs a raw forward + backward of the model.
 
-The update is ``flowdppo.trainer.update`` on one digits rollout (LoRA r 8, one inner epoch, Flow-DPPO):
-replay with gradients, transition mean, log-prob, loss, backward, clip, AdamW. The baseline runs the
-same LoRA model on the same inputs (x_t, sigma, class) with an MSE loss, backward and AdamW.
+The update is ``PolicyGradient.update`` (``flowdppo.algorithms``) on one digits rollout (LoRA r 8, one
+inner epoch, Flow-DPPO): replay with gradients, transition mean, log-prob, loss, backward, clip, AdamW.
+The baseline runs the same LoRA model on the same inputs (x_t, sigma, class) with an MSE loss, backward and AdamW.
 
     python benchmarks/update_overhead.py [--repeats 20] [--group 16]
 """
@@ -16,11 +16,13 @@ from pathlib import Path
 import torch
 from common import RESULTS_DIR, interleaved_times, ratio_summary, write_result
 
+from flowdppo.algorithms.policy_gradient import PolicyGradient
 from flowdppo.config import load_config
+from flowdppo.distributed import Distributed
 from flowdppo.policies.lora import make_trainable, trainable_parameters
-from flowdppo.rollout import rollout, trained_steps
+from flowdppo.rollout import rollout
+from flowdppo.samplers import trained_steps
 from flowdppo.tasks.digits.task import DigitsTask
-from flowdppo.trainer import flatten_elements, update
 
 
 def main() -> None:
@@ -32,22 +34,24 @@ def main() -> None:
     args = parser.parse_args()
 
     cfg = load_config(args.method, overrides=[f"group_size={args.group}"])
-    task = DigitsTask()
-    policy = task.load_policy()
+    task = DigitsTask(cfg)
+    policy = task.policy
     make_trainable(policy, cfg.optim.lora_rank, cfg.optim.lora_alpha, policy.lora_target_modules)
     optimizer = torch.optim.AdamW(trainable_parameters(policy), lr=1e-6)  # tiny lr: the anchor stays valid
     cond, group_ids = task.prompts(cfg.prompts_per_epoch, cfg.group_size, 0, 0)
     noise = torch.randn(len(cond), 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    traj = rollout(policy.velocity, cond, noise, cfg.sampler, trained_steps(cfg.sampler, 0, 0), torch.Generator())
+    traj = rollout(policy.velocity, cond, noise, task.sigmas(), cfg.sampler, trained_steps(cfg.sampler, 0, 0),
+                   torch.Generator())  # fmt: skip
     advantages = torch.randn(len(cond))
-    elements = flatten_elements(traj, advantages)
+    algorithm = PolicyGradient(cfg)
+    elements = algorithm.elements(traj, advantages, policy, torch.Generator(), Distributed()).data
     n = traj.num_elements
     cfg.optim.minibatch_size = n  # one optimizer step per repeat in both
     cfg.consistency_tolerance = float("inf")  # repeats reuse one rollout while the weights move
     rng = torch.Generator().manual_seed(0)
 
     def policy_update() -> None:
-        update(policy, optimizer, traj, advantages, cfg, rng, None, epoch=0)
+        algorithm.update(policy, optimizer, traj, advantages, rng, None, epoch=0)
 
     def raw_step() -> None:
         v = policy.velocity(elements["latents"], elements["sigma"], traj.cond[elements["sample"]])

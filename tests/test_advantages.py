@@ -79,3 +79,18 @@ def test_bad_inputs_name_the_argument():
         aggregate_rewards(torch.ones(2, 2), torch.zeros(2), method="max")
     with pytest.raises(ValueError, match="weights must have shape"):
         aggregate_rewards(torch.ones(2, 2), torch.zeros(2), torch.ones(3))
+
+
+def test_a_group_of_equal_rewards_gets_exactly_zero_advantages():
+    """A float32 mean of eight 123.7s is not 123.7; dividing the rounding by 0 + eps must not make it -0.07."""
+    rewards = torch.tensor([123.7] * 8 + [1.0, 2.0, 3.0, 4.0])
+    groups = torch.tensor([0] * 8 + [1] * 4)
+    for scope in ("group", "batch"):
+        adv = group_advantages(rewards, groups, std_scope=scope)
+        assert torch.equal(adv[:8], torch.zeros(8)), (scope, adv[:8])
+        assert adv[8:].abs().min() > 0
+    two = torch.stack([rewards, torch.tensor([0.3] * 8 + [5.0, 1.0, 2.0, 0.0])], dim=1)
+    gdpo = aggregate_rewards(two, groups, method="gdpo")
+    assert torch.equal(gdpo[:8], torch.full((8,), gdpo[0].item()))  # both rewards constant: one value
+    per_reward = group_advantages(two[:, 1], groups, std_scope="group")
+    assert torch.equal(per_reward[:8], torch.zeros(8))

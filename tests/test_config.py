@@ -8,15 +8,25 @@ from flowdppo.config import PRESETS, ConfigError, config_from_dict, load_config,
 def test_presets_carry_the_public_defaults():
     dppo = load_config()
     assert (dppo.method, dppo.loss.loss_mode, dppo.loss.kl_mask_threshold) == ("flow_dppo", "flow_dppo", 1e-5)
-    assert (dppo.sampler.sde_type, dppo.sampler.eta) == ("sde", 0.7)
+    assert (dppo.sampler.kind, dppo.sampler.eta, dppo.algorithm) == ("flow_sde", 0.7, "policy_gradient")
     grpo = load_config("flow_grpo")
     assert (grpo.loss.loss_mode, grpo.loss.clip_range, grpo.loss.adv_clip_max) == ("flow_grpo", 1e-4, 5.0)
     cps = load_config("flow_cps")
-    assert (cps.sampler.sde_type, cps.sampler.eta, cps.sampler.logprob_convention) == ("cps", 0.8, "cps")
+    assert (cps.sampler.kind, cps.sampler.eta, cps.sampler.logprob_convention) == ("cps", 0.8, "cps")
     assert load_config("grpo_guard").loss.clip_range == 2e-6
     dppo_cps = load_config("flow_dppo_cps")
-    assert (dppo_cps.sampler.sde_type, dppo_cps.loss.loss_mode) == ("cps", "flow_dppo")
-    assert set(PRESETS) == {"flow_dppo", "flow_grpo", "flow_cps", "grpo_guard", "flow_dppo_cps"}
+    assert (dppo_cps.sampler.kind, dppo_cps.loss.loss_mode) == ("cps", "flow_dppo")
+    dance = load_config("dance_grpo")
+    assert (dance.sampler.kind, dance.sampler.eta, dance.sampler.group_shared_noise) == ("dance_sde", 0.3, True)
+    assert (dance.algorithm, dance.loss.loss_mode) == ("policy_gradient", "flow_grpo")
+    nft = load_config("diffusion_nft")
+    assert (nft.algorithm, nft.sampler.kind, nft.sampler.kl_kernel, nft.loss.beta) == ("diffusion_nft", "ode",
+                                                                                      "flow_sde", 1e-4)  # fmt: skip
+    assert (nft.nft.b, nft.nft.adv_clip_max, nft.nft.train_timesteps, nft.nft.timesteps) == (1.0, 5.0, 9, "schedule")
+    awm = load_config("awm")
+    assert (awm.algorithm, awm.awm.clip_range, awm.awm.weighting, awm.awm.ema_kl) == ("awm", 1.0, "ghuber", 1.0)
+    assert set(PRESETS) == {"flow_dppo", "flow_grpo", "flow_cps", "grpo_guard", "flow_dppo_cps", "dance_grpo",
+                            "diffusion_nft", "awm"}  # fmt: skip
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -39,10 +49,12 @@ def test_yaml_then_overrides(tmp_path):
         ),
         (["epochs=ten"], "epochs: expected int, got 'ten'"),
         (["loss.kl_mask_threshold=-1e-5"], "loss.kl_mask_threshold: must be > 0"),
-        (["sampler.sde_type=euler"], "sampler.sde_type: must be one of sde, cps"),
+        (["sampler.kind=euler"], "sampler.kind: must be one of flow_sde, cps, dance_sde, ode"),
         (["group_size=1"], "group_size: must be >= 2"),
         (["sampler.eta=3.0"], "sampler.eta: must be in"),
         (["sampler.window_size=9"], "does not fit the 10-step schedule"),
+        (["sampler.window_mode=progressive", "sampler.window_range=[0, 10]"], "does not fit the 10-step schedule"),
+        (["sampler.window_shift_every=0"], "sampler.window_shift_every: must be > 0"),
         (["reward.weights=[1, 2]"], "reward.weights: need one weight per reward name"),
         (["epochs"], "must look like key=value"),
         (["optim.fsdp=true"], "optim.fsdp: shards the full transformer, for full fine-tuning only"),
@@ -54,9 +66,41 @@ def test_bad_values_name_the_key(overrides, message):
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "method,overrides,message",
+    [
+        ("flow_dppo", ["sampler.kind=ode"], "sampler.kind: flow_dppo trains per-step log-probabilities, which an ode"),
+        ("diffusion_nft", ["loss.kl_mask_threshold=1e-4"], "loss.kl_mask_threshold: the diffusion_nft algorithm "
+                                                           "does not use it (it reads nft.*, loss.beta)"),
+        ("awm", ["loss.clip_range=0.2"], "loss.clip_range: the awm algorithm does not use it"),
+        ("awm", ["nft.b=0.5"], "nft.b: the awm algorithm does not use it"),
+        ("flow_dppo", ["awm.ema_kl=0.5"], "awm.ema_kl: the policy_gradient algorithm does not use it"),
+        ("diffusion_nft", ["nft.b=0"], "nft.b: must be > 0"),
+        ("diffusion_nft", ["nft.b=-1"], "nft.b: must be > 0"),
+        ("diffusion_nft", ["nft.train_timesteps=11"], "nft.train_timesteps: schedule draws at most 10 levels"),
+        ("awm", ["awm.train_timesteps=10"], "awm.train_timesteps: stratified draws at most 9 levels"),
+        ("diffusion_nft", ["sampler.kl_kernel=rollout"], "sampler.kl_kernel: an ode rollout has no stochastic kernel"),
+        ("diffusion_nft", ["optim.fsdp=true", "optim.lora_rank=0"], "optim.fsdp: not supported by diffusion_nft"),
+        ("dance_grpo", ["sampler.eta=2.5"], "sampler.eta: must be in (0.0, 2.0] for sampler.kind dance_sde"),
+        ("flow_dppo", ["sampler.logprob_convention=cps"], "sampler.logprob_convention cps needs sampler.kind cps"),
+    ],
+)
+def test_bad_sampler_algorithm_combinations_name_the_key(method, overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(method, overrides=overrides)
+    assert message in str(err.value)
+
+
+def test_likelihood_free_methods_take_any_sampler_and_their_own_keys():
+    cfg = load_config("diffusion_nft", overrides=["sampler.kind=flow_sde", "sampler.kl_kernel=rollout", "nft.b=0.1",
+                                                  "loss.beta=0.01"])  # fmt: skip
+    assert (cfg.sampler.kind, cfg.nft.b, cfg.loss.beta) == ("flow_sde", 0.1, 0.01)
+    assert load_config("awm", overrides=["sampler.kind=cps", "sampler.eta=0.8", "awm.weighting=t"]).awm.weighting == "t"
+
+
 def test_incompatible_sampler_and_method():
-    with pytest.raises(ConfigError, match="grpo_guard needs sampler.sde_type sde"):
-        load_config("grpo_guard", overrides=["sampler.sde_type=cps", "sampler.eta=0.8"])
+    with pytest.raises(ConfigError, match="grpo_guard needs sampler.kind flow_sde"):
+        load_config("grpo_guard", overrides=["sampler.kind=cps", "sampler.eta=0.8"])
     with pytest.raises(ConfigError, match="flow_cps needs sampler.logprob_convention cps"):
         load_config("flow_cps", overrides=["sampler.logprob_convention=gaussian"])
     with pytest.raises(ConfigError, match="method: must be one of"):

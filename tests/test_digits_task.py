@@ -3,19 +3,19 @@
 import pytest
 import torch
 
-from flowdppo.policies.digits import LORA_TARGET_MODULES, DigitsPolicy, load_base_policy
 from flowdppo.rewards import Reward
-from flowdppo.rewards.digits import (
+from flowdppo.tasks.digits import BASE_WEIGHTS_DIR, CLASSIFIER_WEIGHTS_DIR, WEIGHTS_DIR
+from flowdppo.tasks.digits.classifier import DigitClassifier, accuracy, load_classifier
+from flowdppo.tasks.digits.data import as_labels, load_digits_split, to_unit_range
+from flowdppo.tasks.digits.policy import LORA_TARGET_MODULES, DigitsPolicy, load_base_policy
+from flowdppo.tasks.digits.pretrain import sample_digits
+from flowdppo.tasks.digits.rewards import (
     DIGITS_REWARDS,
     feature_fid,
     group_diversity,
     make_digits_reward,
     prompt_accuracy,
 )
-from flowdppo.tasks.digits import BASE_WEIGHTS_DIR, CLASSIFIER_WEIGHTS_DIR, WEIGHTS_DIR
-from flowdppo.tasks.digits.classifier import DigitClassifier, accuracy, load_classifier
-from flowdppo.tasks.digits.data import as_labels, load_digits_split, to_unit_range
-from flowdppo.tasks.digits.pretrain import sample_digits
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,13 @@ from torch.distributed.tensor import DTensor
 
 from flowdppo.config import RewardConfig
 from flowdppo.distributed import Distributed, clip_grad_norm, gather_full_state, shared_randn
-from flowdppo.policies.digits import DigitsPolicy
 from flowdppo.policies.lora import make_trainable, trainable_parameters, trainable_state_dict
 from flowdppo.tasks.digits import BASE_WEIGHTS_DIR
+from flowdppo.tasks.digits.policy import DigitsPolicy
 from flowdppo.trainer import rewards_and_advantages
 
 GROUPS, GROUP_SIZE = 4, 6
-REWARDS = [("brightness", user_rewards.brightness), ("label", lambda images, prompts: prompts.float() / 9)]
+REWARDS = [("brightness", user_rewards.brightness), ("label", lambda images, prompts, metadata: prompts.float() / 9)]
 
 
 def batch():

@@ -9,6 +9,7 @@ import yaml
 
 import flowdppo
 import flowdppo.trainer as trainer_module
+from flowdppo.algorithms.policy_gradient import PolicyGradient
 from flowdppo.cli import main
 from flowdppo.config import load_config, resume_config, save_config
 from flowdppo.errors import ConfigError, NonFiniteError
@@ -23,13 +24,13 @@ def inject(monkeypatch, quantity: str) -> None:
         real = trainer_module.aggregate_rewards
         monkeypatch.setattr(trainer_module, "aggregate_rewards", lambda *a, **k: real(*a, **k) * float("inf"))
     elif quantity == "loss":
-        real_get_loss = trainer_module.get_loss
+        real_loss = PolicyGradient.loss
 
-        def nan_loss(name):
-            fn = real_get_loss(name)
-            return lambda batch, **kw: (lambda out: (out[0] * float("nan"), out[1]))(fn(batch, **kw))
+        def nan_loss(self, *args):
+            loss, metrics = real_loss(self, *args)
+            return loss * float("nan"), metrics
 
-        monkeypatch.setattr(trainer_module, "get_loss", nan_loss)
+        monkeypatch.setattr(PolicyGradient, "loss", nan_loss)
     elif quantity == "grad_norm":
         real_make_trainable = trainer_module.make_trainable
 
@@ -82,20 +83,15 @@ def test_nonfinite_skip_mode_stops_after_k_in_a_row(tmp_path, monkeypatch):
 
 def test_a_skipped_step_does_not_stop_training_that_follows(tmp_path, monkeypatch):
     """NaN loss on the first mini-batch only: that step is skipped, the others train."""
-    real_get_loss = trainer_module.get_loss
+    real_loss = PolicyGradient.loss
     calls = []
 
-    def nan_once(name):
-        fn = real_get_loss(name)
+    def nan_once(self, *args):
+        loss, metrics = real_loss(self, *args)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 1 else loss), metrics
 
-        def loss(batch, **kw):
-            out, metrics = fn(batch, **kw)
-            calls.append(1)
-            return (out * float("nan") if len(calls) == 1 else out), metrics
-
-        return loss
-
-    monkeypatch.setattr(trainer_module, "get_loss", nan_once)
+    monkeypatch.setattr(PolicyGradient, "loss", nan_once)
     cfg = load_config(overrides=TINY + ["epochs=1", "on_nonfinite=skip", "optim.minibatch_size=8"])
     run = train(cfg, tmp_path / "run", progress=False)
     assert run.rows()[-1]["nonfinite_skipped"] == 1 and lora_b_norm(run) > 0
@@ -123,7 +119,7 @@ BAD_INPUTS = {
     "eta out of range": (lambda t: ["--method", "flow_cps", "sampler.eta=1.5"], r"sampler\.eta: must be in \(0\.0, 1"),
     "window too large": (lambda t: ["sampler.window_size=12"], r"does not fit the 10-step schedule"),
     "group size 1": (lambda t: ["group_size=1"], r"group_size: must be >= 2"),
-    "sampler vs method": (lambda t: ["--method", "grpo_guard", "sampler.sde_type=cps"], r"grpo_guard needs sampler"),
+    "sampler vs method": (lambda t: ["--method", "grpo_guard", "sampler.kind=cps"], r"grpo_guard needs sampler"),
     "unknown value": (lambda t: ["on_nonfinite=ignore"], r"on_nonfinite: must be one of stop, skip"),
     "missing config file": (lambda t: ["--config", str(t / "none.yaml")], r"--config: no such file"),
     "unknown reward": (lambda t: ["reward.names=[sharpness]"], r"reward\.names: unknown reward 'sharpness'"),

@@ -14,14 +14,8 @@ from PIL import Image
 
 from flowdppo.errors import ConfigError, RewardError
 from flowdppo.rewards import Reward
-from flowdppo.rewards.image import (
-    IMAGE_REWARDS,
-    AestheticHead,
-    levenshtein,
-    make_image_reward,
-    ocr_score,
-    ocr_target,
-)
+from flowdppo.rewards.image import IMAGE_REWARDS, AestheticHead, make_image_reward
+from flowdppo.rewards.ocr import levenshtein, ocr_score, ocr_target
 
 transformers = pytest.importorskip("transformers")
 

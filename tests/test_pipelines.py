@@ -136,9 +136,11 @@ def test_not_a_pipeline_folder_is_one_line(tmp_path, capsys):
 
 def test_bfloat16_base_keeps_float32_lora_logprobs_and_rho_one(model_dirs):
     """A bf16 base trains float32 LoRA weights; D and log-probs are float32; replay == rollout before an update."""
+    from flowdppo.algorithms.base import index_cond
+    from flowdppo.algorithms.policy_gradient import PolicyGradient, replay_step
     from flowdppo.config import load_config
+    from flowdppo.distributed import Distributed
     from flowdppo.rollout import rollout
-    from flowdppo.trainer import flatten_elements, index_cond, replay_step
 
     policy = load_pipeline_policy(str(model_dirs["sd3"]), RESOLUTION, torch.bfloat16, "cpu")
     make_trainable(policy, 4, 8.0, policy.lora_target_modules)
@@ -148,9 +150,9 @@ def test_bfloat16_base_keeps_float32_lora_logprobs_and_rho_one(model_dirs):
     cfg = load_config(overrides=["sampler.num_steps=4", "sampler.window_range=[0,2]"])
     sigmas, cond = policy.sigmas(4), batch_of(policy, PROMPTS[:4])
     noise = torch.randn((4, *policy.latent_shape), generator=torch.Generator().manual_seed(0))
-    traj = rollout(policy.velocity, cond, noise, cfg.sampler, [1, 2], torch.Generator().manual_seed(1), sigmas=sigmas)
+    traj = rollout(policy.velocity, cond, noise, sigmas, cfg.sampler, [1, 2], torch.Generator().manual_seed(1))
     assert traj.log_probs.dtype == traj.means.dtype == torch.float32
-    elements = flatten_elements(traj, torch.zeros(4))
-    _, logp = replay_step(policy.velocity, elements, index_cond(cond, elements["sample"]), cfg, sigmas[1])
+    elements = PolicyGradient(cfg).elements(traj, torch.zeros(4), policy, torch.Generator(), Distributed()).data
+    _, logp = replay_step(policy.velocity, elements, index_cond(cond, elements["sample"]), cfg)
     assert logp.dtype == torch.float32
     assert (logp - elements["log_probs"]).abs().max() < cfg.consistency_tolerance

@@ -5,13 +5,14 @@ import math
 import pytest
 import torch
 
+from flowdppo.samplers import get_sampler
 from flowdppo.sde import (
     cps_step,
+    dance_sde_step,
     flow_sde_step,
     gaussian_kl,
     log_prob,
     ode_step,
-    sampler_step,
     shifted_sigmas,
 )
 
@@ -32,13 +33,14 @@ def exact_velocity(x, sigma):
     return eps_hat - x0_hat
 
 
-def sample_toy(sde_type, num_steps, eta, n=1_000_000, stop_at=None, seed=0):
+def sample_toy(kind, num_steps, eta, n=1_000_000, stop_at=None, seed=0):
     """Run the sampler from pure noise with the exact velocity; returns samples (n,) at the stop sigma."""
     sigmas = shifted_sigmas(num_steps).double()
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 1, generator=gen, dtype=torch.float64)
+    sampler = get_sampler(kind)
     for i in range(stop_at or num_steps):
-        step = sampler_step(sde_type, x, exact_velocity(x, sigmas[i]), sigmas[i], sigmas[i + 1], eta, sigmas[1])
+        step = sampler.step(x, exact_velocity(x, sigmas[i]), sigmas[i], sigmas[i + 1], eta, sigmas[1])
         x = step.mean + step.std * torch.randn(x.shape, generator=gen, dtype=torch.float64)
     return x.squeeze(1), float(sigmas[stop_at or num_steps])
 
@@ -54,13 +56,13 @@ def mc_tolerance(sigma, n, z=5.0):
     return z * math.sqrt(var / n), z * var * math.sqrt(2 / n)
 
 
-@pytest.mark.parametrize("sde_type,eta", [("ode", 0.0), ("sde", 0.7), ("cps", 0.0)])
-def test_sampler_reproduces_data_and_converges(sde_type, eta):
+@pytest.mark.parametrize("kind,eta", [("ode", 0.0), ("flow_sde", 0.7), ("cps", 0.0), ("dance_sde", 0.3)])
+def test_sampler_reproduces_data_and_converges(kind, eta):
     """Errors vs the exact data moments shrink when the step count doubles, and end within MC error + bias."""
     n = 1_000_000
     errors = []
     for k in (5, 10, 20):
-        samples, sigma = sample_toy(sde_type, k, eta, n)
+        samples, sigma = sample_toy(kind, k, eta, n)
         errors.append(moment_errors(samples, sigma))
     mean_tol, var_tol = mc_tolerance(0.0, n)
     var_errors = [e[1] for e in errors]
@@ -70,13 +72,13 @@ def test_sampler_reproduces_data_and_converges(sde_type, eta):
     assert var_errors[2] < 0.04, var_errors
 
 
-@pytest.mark.parametrize("sde_type,eta", [("ode", 0.0), ("sde", 0.7)])
-def test_intermediate_marginal_converges(sde_type, eta):
+@pytest.mark.parametrize("kind,eta", [("ode", 0.0), ("flow_sde", 0.7), ("dance_sde", 0.3)])
+def test_intermediate_marginal_converges(kind, eta):
     """Half way through the schedule (sigma = 0.5), x approaches N((1 - s) M, (1 - s)^2 C^2 + s^2)."""
     n = 500_000
     var_errors = []
     for k in (10, 20, 40):
-        samples, sigma = sample_toy(sde_type, k, eta, n, stop_at=k // 2)
+        samples, sigma = sample_toy(kind, k, eta, n, stop_at=k // 2)
         mean_err, var_err = moment_errors(samples, sigma)
         assert mean_err < mc_tolerance(sigma, n)[0] + 0.01
         var_errors.append(var_err)
@@ -121,6 +123,32 @@ def test_flow_sde_step_matches_reverse_sde_with_exact_score():
         expected = x + (s_next - s) * (exact_velocity(x, s) - g2 / 2 * score)
         torch.testing.assert_close(step.mean, expected, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(step.std, torch.sqrt(g2 * (s - s_next)), rtol=1e-10, atol=0)
+
+
+def test_dance_sde_step_matches_reverse_sde_with_exact_score():
+    """Dance-SDE mean == x + dt * (v - eta^2/2 * score), std = eta sqrt(-dt): the reverse SDE with g = eta."""
+    x = torch.randn(64, 1, 4, 4, dtype=torch.float64)
+    sigmas = shifted_sigmas(10).double()
+    for i in range(10):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        step = dance_sde_step(x, exact_velocity(x, s), s, s_next, eta=0.3)
+        score = -(x - (1 - s) * M) / marginal_var(s)  # the exact score; the kernel uses the model's x0 estimate
+        expected = x + (s_next - s) * (exact_velocity(x, s) - 0.09 / 2 * score)
+        torch.testing.assert_close(step.mean, expected, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(step.std, 0.3 * torch.sqrt(s - s_next), rtol=1e-10, atol=0)
+
+
+def test_python_float_sigma_keeps_the_latent_dtype():
+    """A float sigma near 1 is not rounded through float32 on the way to a float64 latent."""
+    x, v = torch.randn(3, 1, 4, 4, dtype=torch.float64), torch.randn(3, 1, 4, 4, dtype=torch.float64)
+    sigma, sigma_next = 1 - 3e-8, 0.9  # 1 - 3e-8 rounds to 1.0 in float32
+    as_tensors = (torch.tensor(sigma, dtype=torch.float64), torch.tensor(sigma_next, dtype=torch.float64))
+    for step_fn in (lambda a, b: flow_sde_step(x, v, a, b, sigma_max=0.95), lambda a, b: dance_sde_step(x, v, a, b),
+                    lambda a, b: cps_step(x, v, a, b), lambda a, b: ode_step(x, v, a, b)):  # fmt: skip
+        from_floats, from_tensors = step_fn(sigma, sigma_next), step_fn(*as_tensors)
+        assert torch.equal(from_floats.mean, from_tensors.mean) and torch.equal(from_floats.std, from_tensors.std)
+    step = flow_sde_step(x, v, sigma, sigma_next, sigma_max=0.95)  # sigma < 1: g uses sigma itself, not sigma_max
+    torch.testing.assert_close(step.std, 0.7 * math.sqrt(sigma / (1 - sigma) * (sigma - sigma_next)) + 0 * step.std)
 
 
 def test_first_step_std_uses_sigmas_1():
@@ -225,8 +253,8 @@ def test_public_bug_first_step_std():
 
 def test_bad_inputs_name_the_argument():
     x = torch.randn(2, 1, 4, 4)
-    with pytest.raises(ValueError, match="sde_type must be one of"):
-        sampler_step("euler", x, x, 0.5, 0.4, 0.7)
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        get_sampler("euler")
     with pytest.raises(ValueError, match="reduce must be one of"):
         gaussian_kl(x, x, torch.tensor(1.0), reduce="max")
     with pytest.raises(ValueError, match="convention must be one of"):

@@ -8,14 +8,16 @@ import torch
 import yaml
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
+from flowdppo.algorithms.policy_gradient import PolicyGradient, replay_anchor
 from flowdppo.cli import main
 from flowdppo.config import load_config
 from flowdppo.evaluate import evaluate_run, load_trained_policy
-from flowdppo.policies.digits import load_base_policy
 from flowdppo.policies.lora import make_trainable, trainable_parameters
-from flowdppo.rollout import rollout, trained_steps
+from flowdppo.rollout import rollout
+from flowdppo.samplers import trained_steps
+from flowdppo.tasks.digits.policy import load_base_policy
 from flowdppo.tasks.digits.task import DigitsTask
-from flowdppo.trainer import ConsistencyError, replay_anchor, train, update
+from flowdppo.trainer import ConsistencyError, train
 
 FAST = ["prompts_per_epoch=10", "group_size=8", "eval_samples_per_class=10", "optim.lr=3e-3"]
 
@@ -74,7 +76,7 @@ def test_exported_lora_loads_in_a_stock_pipeline_and_reproduces_the_policy(runs)
     before = base_dir_policy.velocity(x, sigma, cond)
     pipe.load_lora_weights(up.path / "final")
     after = base_dir_policy.velocity(x, sigma, cond)
-    trained = load_trained_policy(up.path, DigitsTask())
+    trained = load_trained_policy(up.path, DigitsTask(load_config()))
     torch.testing.assert_close(after, trained.velocity(x, sigma, cond))
     assert (after - before).abs().max() > 1e-4  # the adapter changes the model
 
@@ -96,20 +98,22 @@ def test_resume_continues_as_if_never_stopped(runs, tmp_path):
 
 def test_consistency_alarm_fires_when_rollout_and_replay_differ():
     cfg = load_config(overrides=FAST)
-    task = DigitsTask()
-    policy = task.load_policy()
+    task = DigitsTask(cfg)
+    policy = task.policy
     make_trainable(policy, 4, 8.0, policy.lora_target_modules)
     cond, _ = task.prompts(2, 4, 0, 0)
     noise = torch.randn(8, 1, 8, 8)
-    traj = rollout(policy.velocity, cond, noise, cfg.sampler, trained_steps(cfg.sampler, 0, 0), torch.Generator())
+    steps = trained_steps(cfg.sampler, 0, 0)
+    traj = rollout(policy.velocity, cond, noise, task.sigmas(), cfg.sampler, steps, torch.Generator())
     optimizer = torch.optim.AdamW(trainable_parameters(policy), lr=1e-3)
     with torch.no_grad():  # the weights move between rollout and update: the anchor is stale
         for p in trainable_parameters(policy):
             p.add_(0.05 * torch.randn_like(p))
     with pytest.raises(ConsistencyError, match="optim.anchor=replay"):
-        update(policy, optimizer, traj, torch.randn(8), cfg, torch.Generator(), None, epoch=3)
+        PolicyGradient(cfg).update(policy, optimizer, traj, torch.randn(8), torch.Generator(), None, epoch=3)
     cfg.optim.anchor = "replay"  # recomputing the anchor with the current weights clears it
-    update(policy, optimizer, replay_anchor(policy, traj, cfg), torch.randn(8), cfg, torch.Generator(), None, 3)
+    PolicyGradient(cfg).update(policy, optimizer, traj, torch.randn(8), torch.Generator(), None, epoch=3)
+    assert replay_anchor(policy, traj, cfg) is traj
 
 
 def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
@@ -122,7 +126,8 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
     assert "not a run folder" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("method", ["flow_grpo", "flow_cps", "grpo_guard", "flow_dppo_cps"])
+@pytest.mark.parametrize("method", ["flow_grpo", "flow_cps", "grpo_guard", "flow_dppo_cps", "dance_grpo",
+                                    "diffusion_nft", "awm"])  # fmt: skip
 def test_every_preset_trains(tmp_path, method):
     run = short_run(tmp_path, method, ["epochs=2", "eval_every=2", "optim.inner_epochs=2", "loss.beta=0.01"], method)
     rows = run.rows()
@@ -138,3 +143,26 @@ def test_full_finetuning_with_accumulation_and_replayed_anchor(tmp_path):
     assert run.rows()[-1]["kl_to_base"] > 0 and run.rows()[-1]["ref_kl"] > 0
     results = evaluate_run(run.path, per_class=5)
     assert results["base"] != results["trained"]
+
+
+@pytest.mark.parametrize("method,epochs", [("dance_grpo", 16), ("diffusion_nft", 8), ("awm", 8)])
+def test_new_methods_raise_the_reward(tmp_path, method, epochs):
+    """DanceGRPO learns slowest (one starting noise per group, a small eta): it gets twice the epochs."""
+    run = short_run(tmp_path, method, [f"epochs={epochs}", f"eval_every={epochs}"], method)
+    base, final = run.load_json("base_eval.json")["eval/reward"], run.rows()[-1]["eval/reward"]
+    assert final > base + 0.05, (base, final)
+
+
+@pytest.mark.parametrize("method", ["diffusion_nft", "awm"])
+def test_likelihood_free_runs_resume_exactly_with_their_slow_weights(tmp_path, method):
+    """The slow copy of the weights and the optimizer-step count are checkpointed: a resumed run is identical."""
+    overrides = ["epochs=4", "eval_every=4", "checkpoint_every=2"]
+    whole = short_run(tmp_path, "whole", overrides, method)
+    assert (whole.path / "checkpoints" / "epoch_000002" / "algorithm.safetensors").is_file()
+    copy = tmp_path / "resumed"
+    shutil.copytree(whole.path, copy)
+    shutil.rmtree(copy / "checkpoints" / "epoch_000004")
+    shutil.rmtree(copy / "final")
+    resumed = train(load_config(method, overrides=FAST + overrides), copy, resume=True, progress=False)
+    rows = [{k: v for k, v in r.items() if k != "time_s"} for r in resumed.rows()]
+    assert rows == [{k: v for k, v in r.items() if k != "time_s"} for r in whole.rows()]

@@ -3,17 +3,17 @@
 import torch
 
 
-def brightness(images, prompts):
+def brightness(images, prompts, metadata):
     """A valid reward: mean pixel value, (B,)."""
     return images.mean(dim=(1, 2, 3))
 
 
-def nan_reward(images, prompts):
+def nan_reward(images, prompts, metadata):
     """A broken reward: NaN for every image."""
     return torch.full((images.shape[0],), float("nan"))
 
 
-def two_scores_per_image(images, prompts):
+def two_scores_per_image(images, prompts, metadata):
     """A broken reward: shape (B, 2) instead of (B,)."""
     return torch.zeros(images.shape[0], 2)
 

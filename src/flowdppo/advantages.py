@@ -6,6 +6,7 @@ as ``numpy.std``): a group of one sample then has std 0 and advantage 0 rather t
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -16,14 +17,20 @@ AGGREGATIONS = ("sum", "gdpo")
 
 
 def _group_stats(values: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-element mean and population std of the element's group. values, group_ids: (N,)."""
+    """Per-element deviation from the group mean and population std of the element's group. (N,) each.
+
+    A group whose values are all equal has deviations and std of exactly 0 (a float mean of equal values
+    can miss them by a rounding error, which dividing by ``std + eps`` would magnify).
+    """
     _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
     counts = counts.to(values.dtype)
     sums = torch.zeros_like(counts).index_add_(0, inverse, values)
-    means = sums / counts
-    centred = values - means[inverse]
+    lowest = torch.full_like(counts, math.inf).scatter_reduce(0, inverse, values, "amin")
+    highest = torch.full_like(counts, -math.inf).scatter_reduce(0, inverse, values, "amax")
+    constant = (lowest == highest)[inverse]
+    centred = torch.where(constant, torch.zeros_like(values), values - (sums / counts)[inverse])
     variances = torch.zeros_like(counts).index_add_(0, inverse, centred**2) / counts
-    return means[inverse], variances.sqrt()[inverse]
+    return centred, variances.sqrt()[inverse]
 
 
 def group_advantages(
@@ -40,9 +47,9 @@ def group_advantages(
     if std_scope not in STD_SCOPES:
         raise ValueError(f"std_scope must be one of {STD_SCOPES}, got {std_scope!r}")
     rewards = rewards.float()
-    group_mean, group_std = _group_stats(rewards, group_ids)
+    centred, group_std = _group_stats(rewards, group_ids)
     std = group_std if std_scope == "group" else rewards.std(unbiased=False)
-    return (rewards - group_mean) / (std + eps)
+    return centred / (std + eps)
 
 
 def aggregate_rewards(

@@ -2,9 +2,10 @@
 
 A checkpoint is a folder ``checkpoints/epoch_000010/`` holding ``trainable.safetensors`` (LoRA or full
 weights), ``optimizer.safetensors`` + ``optimizer.json``, ``rng.safetensors`` + ``rng.json`` (the
-trainer's generator, torch CPU / CUDA, numpy and python random states) and ``state.json`` (epoch). It
-is written to a temporary folder and renamed into place (``os.replace``), and an old one is renamed
-away before it is deleted, so a crash at any point leaves only complete checkpoints under ``epoch_*``.
+trainer's generator, torch CPU / CUDA, numpy and python random states), ``algorithm.safetensors`` (the
+algorithm's own state, e.g. a slow copy of the weights, if it has any) and ``state.json`` (epoch). It is
+written to a temporary folder and renamed into place (``os.replace``), and an old one is renamed away
+before it is deleted, so a crash at any point leaves only complete checkpoints under ``epoch_*``.
 
 A policy sharded with FSDP saves the same files: its full (gathered) state, so a run can resume on
 any number of processes.
@@ -27,6 +28,7 @@ from flowdppo.distributed import gather_full_state, is_sharded, load_full_state
 from flowdppo.policies.lora import load_trainable_state_dict, trainable_state_dict
 
 STATE_FILE = "state.json"
+ALGORITHM_FILE = "algorithm.safetensors"
 
 
 def optimizer_to_flat(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -79,7 +81,7 @@ def trained_state(policy: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[
 
 def save_checkpoint(
     directory: Path, policy: nn.Module, optimizer: torch.optim.Optimizer, rng: torch.Generator, epoch: int,
-    keep: int, write: bool = True,
+    keep: int, write: bool = True, algorithm=None,
 ) -> None:  # fmt: skip
     """Write the checkpoint of ``epoch`` atomically and keep only the newest ``keep`` checkpoints.
 
@@ -99,6 +101,9 @@ def save_checkpoint(
     rng_tensors, rng_rest = rng_to_flat(rng)
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
     (tmp / "rng.json").write_text(json.dumps(rng_rest))
+    algorithm_state = algorithm.state_dict() if algorithm is not None else {}
+    if algorithm_state:  # e.g. the slow copy of the weights of DiffusionNFT / AWM
+        save_file({k: v.contiguous() for k, v in algorithm_state.items()}, str(tmp / ALGORITHM_FILE))
     (tmp / STATE_FILE).write_text(json.dumps({"epoch": epoch}))
     _remove(directory)
     os.replace(tmp, directory)
@@ -123,7 +128,7 @@ def complete_checkpoints(root: Path) -> list[Path]:
 
 
 def load_checkpoint(
-    directory: Path | None, policy: nn.Module, optimizer: torch.optim.Optimizer, rng: torch.Generator
+    directory: Path | None, policy: nn.Module, optimizer: torch.optim.Optimizer, rng: torch.Generator, algorithm=None
 ) -> int:
     """Restore weights, optimizer and RNG from ``directory``; returns the epoch to continue from."""
     if directory is None:
@@ -137,4 +142,6 @@ def load_checkpoint(
         load_trainable_state_dict(policy, weights)
         optimizer.load_state_dict(optimizer_state)
     restore_rng(rng, load_file(str(directory / "rng.safetensors")), json.loads((directory / "rng.json").read_text()))
+    if algorithm is not None and (directory / ALGORITHM_FILE).is_file():
+        algorithm.load_state_dict(load_file(str(directory / ALGORITHM_FILE)))
     return int(json.loads((directory / STATE_FILE).read_text())["epoch"])

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from flowdppo.frontier import kl_at_reward, mean_ci, reward_at_kl, value_at_reward, verdict
 
-METHODS = ("flow_grpo", "flow_cps", "grpo_guard", "flow_dppo", "flow_dppo_cps")
+METHODS = ("flow_grpo", "flow_cps", "grpo_guard", "flow_dppo", "flow_dppo_cps", "dance_grpo", "diffusion_nft", "awm")
 BASELINES_OF = {"flow_dppo": ("flow_grpo", "flow_cps", "grpo_guard"), "flow_dppo_cps": ("flow_cps",)}
 BENCH_OVERRIDES = ["eval_every=5", "eval_samples_per_class=20", "checkpoint_every=1000", "keep_checkpoints=1"]
 HALF_EPOCHS = "epochs=half"  # resolved to half the run's epochs (half the rollouts)
@@ -39,22 +39,34 @@ class Arm:
     group: str = ""  # arms compared with each other in a claim share a group
 
 
+def kl_in_flow_sde(method: str) -> list[str]:
+    """The override that measures an arm's path KL to the base in the Flow-SDE kernel, as the Flow-SDE arms
+    do, when its sampler is another one (CPS arms keep their kernel: their pairs compare within it)."""
+    from flowdppo.config import load_config
+
+    sampler = load_config(method).sampler
+    return [] if sampler.kind in ("flow_sde", "cps") or sampler.kl_kernel != "rollout" else [
+        "sampler.kl_kernel=flow_sde"]  # fmt: skip
+
+
 def preset_arms(preset: str, methods: tuple[str, ...] = METHODS) -> list[Arm]:
     """The arms of a named experiment."""
     if preset == "single":  # claims 1 and 2
-        return [Arm(m, m) for m in methods]
+        return [Arm(m, m, kl_in_flow_sde(m)) for m in methods]
     if preset == "multi":  # claim 3: two competing rewards
         rewards = ["reward.names=[classifier_prob, ink]", "reward.weights=[1.0, 1.0]"]
-        return [Arm(f"{m}/{agg}", m, rewards + [f"reward.aggregation={agg}"], agg) for agg in ("sum", "gdpo")
-                for m in methods]  # fmt: skip
+        return [Arm(f"{m}/{agg}", m, kl_in_flow_sde(m) + rewards + [f"reward.aggregation={agg}"], agg)
+                for agg in ("sum", "gdpo") for m in methods]  # fmt: skip
     if preset == "epochs":  # claim 4: inner epochs at equal rollouts, and half the rollouts x 2 passes
-        arms = [Arm(f"{m}/I{i}", m, [f"optim.inner_epochs={i}"], f"I{i}") for i in (1, 2, 4) for m in methods]
-        return arms + [Arm(f"{m}/half-I2", m, [HALF_EPOCHS, "optim.inner_epochs=2"], "half-I2") for m in methods]
+        arms = [Arm(f"{m}/I{i}", m, kl_in_flow_sde(m) + [f"optim.inner_epochs={i}"], f"I{i}") for i in (1, 2, 4)
+                for m in methods]  # fmt: skip
+        return arms + [Arm(f"{m}/half-I2", m, kl_in_flow_sde(m) + [HALF_EPOCHS, "optim.inner_epochs=2"], "half-I2")
+                       for m in methods]  # fmt: skip
     if preset == "threshold":  # the mask threshold a decade either side of the default
         return [Arm(f"flow_dppo/tau{t:g}", "flow_dppo", [f"loss.kl_mask_threshold={t:g}"], "tau")
                 for t in (1e-6, 3e-6, 1e-5, 3e-5, 1e-4)]  # fmt: skip
     if preset == "smoke":  # what CI runs
-        return [Arm(m, m) for m in methods]
+        return [Arm(m, m, kl_in_flow_sde(m)) for m in methods]
     raise ValueError(f"preset must be one of single, multi, epochs, threshold, smoke; got {preset!r}")
 
 
@@ -172,9 +184,13 @@ def run_measures(record: dict) -> dict[str, float]:
         "KL to base": final(record, "kl_to_base"),
         "FID change": final(record, "eval/fid") - base["eval/fid"],
         "diversity change": final(record, "eval/diversity") - base["eval/diversity"],
-        "masked fraction": float(np.mean([r["masked_fraction"] for r in rows])),
+        "masked fraction": float(np.mean([r.get("masked_fraction", math.nan) for r in rows])),
         "wall s": record["wall_s"],
     }
+    # eval reward gained from the base per epoch and per minute of training (rollout + update, no evaluation)
+    gain = measures["eval reward"] - base["eval/reward"]
+    measures["gain per epoch"] = gain / len(rows)
+    measures["gain per min"] = gain / (sum(r.get("time_s", math.nan) for r in rows) / 60)
     reward_keys = sorted(k for k in rows[0] if k.startswith("reward/"))
     if len(reward_keys) > 1:  # per-reward gain: mean of the last 5 epochs minus the first epoch
         gains = {k: float(np.mean([r[k] for r in rows[-5:]]) - rows[0][k]) for k in reward_keys}
@@ -183,9 +199,15 @@ def run_measures(record: dict) -> dict[str, float]:
     return measures
 
 
+def claim_methods() -> set[str]:
+    """The methods the paper's claims are about: Flow-DPPO and the ratio-clipping baselines."""
+    return set(BASELINES_OF) | {m for baselines in BASELINES_OF.values() for m in baselines}
+
+
 def matched_targets(arms: dict) -> tuple[float, float]:
-    """The best reward every run reaches, and the smallest final KL of any run."""
-    records = [rec for arm in arms.values() for rec in arm["seeds"].values()]
+    """The best reward every run of the claims' methods reaches, and their smallest final KL (other arms
+    are measured at the same targets, so adding an arm does not move the claims)."""
+    records = [rec for arm in arms.values() if arm["method"] in claim_methods() for rec in arm["seeds"].values()]
     target_reward = min(eval_points(rec)[1].max() for rec in records)
     target_kl = min(eval_points(rec)[0].max() for rec in records)
     return float(target_reward), float(target_kl)

@@ -8,42 +8,51 @@ raises ``ConfigError`` naming the key and what is allowed.
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from flowdppo.algorithms import ALGORITHMS
+from flowdppo.algorithms.awm import WEIGHTINGS
+from flowdppo.algorithms.likelihood_free import TIMESTEP_MODES
 from flowdppo.errors import ConfigError
 from flowdppo.losses import LOSSES
+from flowdppo.overrides import build, flatten_keys, merge, parse_overrides, read_yaml, to_dict
+from flowdppo.samplers import SAMPLERS, WINDOW_MODES, get_sampler, window_error
 from flowdppo.sde import LOGPROB_CONVENTIONS, REDUCTIONS
-from flowdppo.tasks import TASKS
 
 
 @dataclass
 class SamplerConfig:
-    sde_type: str = "sde"
-    """Stochastic kernel of the trained steps: "sde" (Flow-SDE) or "cps"."""
+    kind: str = "flow_sde"
+    """Kernel of the stochastic steps: "flow_sde" (Flow-GRPO), "cps", "dance_sde" (DanceGRPO) or "ode" (none)."""
     eta: float = 0.7
-    """Noise level: Flow-SDE 0.7, CPS 0.8 in the public recipes."""
+    """Noise level: flow_sde 0.7, cps 0.8, dance_sde 0.3 in the public recipes."""
     num_steps: int = 10
     """Steps of the sampling schedule (K)."""
     shift: float = 1.0
-    """SD3 time shift of the schedule (1 = linear sigmas)."""
+    """SD3 time shift of the digits schedule (1 = linear sigmas); a real model brings its own schedule."""
     guidance_scale: float = 1.0
     """Classifier-free guidance during rollout and replay (1 = off)."""
+    group_shared_noise: bool = False
+    """Start every sample of a group from the same initial noise (DanceGRPO)."""
     window_mode: str = "window"
-    """Which steps are stochastic and trained: "window" (W consecutive), "random" (k drawn), "all"."""
+    """Which steps are stochastic and trained: "window" (W consecutive, start drawn), "random" (k drawn),
+    "progressive" (W consecutive sliding from lo toward later steps as training advances, MixGRPO), "all"."""
     window_size: int = 2
-    """W for window_mode "window"; k for "random"."""
+    """W for "window" and "progressive"; k for "random"."""
     window_range: list[int] = field(default_factory=lambda: [0, 5])
-    """[lo, hi): step indices the window start ("window") or the steps ("random") are drawn from."""
+    """[lo, hi): step indices the window start ("window", "progressive") or the steps ("random") come from."""
+    window_shift_every: int = 5
+    """"progressive": epochs between two one-step moves of the window."""
     kl_to_base_steps: str = "all"
     """Steps the logged path KL to the base sums over: "all" stochastic-kernel steps (comparable across
     epochs, one extra base forward per step) or the epoch's "trained" steps (free with beta > 0)."""
+    kl_kernel: str = "rollout"
+    """Kernel the path KL to the base is measured in: "rollout" (the sampler's own, at its eta) or a named
+    stochastic one at its default eta (an ODE rollout needs one; compare arms in one kernel)."""
     rollout_batch_size: int = 0
     """Samples per model call in rollouts, replays without gradients and decoding (0: the whole batch)."""
     logprob_convention: str = "gaussian"
@@ -66,6 +75,47 @@ class LossConfig:
     """Divide the mean drift by 2 std^2 (True) or by 2 (False)."""
     beta: float = 0.0
     """Weight of the KL penalty to the frozen base (adapters disabled)."""
+
+
+@dataclass
+class NFTConfig:
+    """DiffusionNFT (algorithm diffusion_nft)."""
+
+    b: float = 1.0
+    """Strength of the implicit policies v+- around the sampling policy (public: 1.0; 0.1 for OCR)."""
+    adv_clip_max: float = 5.0
+    """c in the optimality weight r = clip(A, -c, c) / (2c) + 1/2."""
+    train_timesteps: int = 9
+    """Noise levels each final sample is trained at."""
+    timesteps: str = "schedule"
+    """How they are drawn: "schedule" (distinct levels of the rollout schedule), "stratified", "uniform"."""
+    old_decay_rate: float = 0.001
+    """Sampling policy w_old <- d w_old + (1 - d) w after each update, d = min(rate * optimizer steps, max)."""
+    old_decay_max: float = 0.5
+    """Upper bound of d (0: roll out with the current weights)."""
+
+
+@dataclass
+class AWMConfig:
+    """Advantage Weighted Matching (algorithm awm)."""
+
+    clip_range: float = 1.0
+    """PPO clip epsilon on the ratio of matching log-probs."""
+    adv_clip_max: float = 5.0
+    """Advantages clamped to +-adv_clip_max, then divided by it."""
+    train_timesteps: int = 6
+    """Noise levels each final sample is trained at."""
+    timesteps: str = "stratified"
+    """How they are drawn: "stratified" (one per stratum of the schedule's steps 1..K-1), "schedule", "uniform"."""
+    weighting: str = "ghuber"
+    """Log-prob surrogate: "ghuber" -s((mse + d)^p - d^p)/p, "t" -s mse, "uniform" -mse."""
+    huber_p: float = 0.25
+    """p of the ghuber weighting."""
+    ema_kl: float = 1.0
+    """Weight of mean((v - v_ema)^2) to the slowly-updated policy (0: off)."""
+    ema_decay_rate: float = 0.001
+    """Slow policy w_ema <- d w_ema + (1 - d) w after each update, d = min(rate * optimizer steps, max)."""
+    ema_decay_max: float = 0.3
 
 
 @dataclass
@@ -107,6 +157,8 @@ class OptimConfig:
 class TrainConfig:
     method: str = "flow_dppo"
     """Preset the run started from (informational once resolved)."""
+    algorithm: str = "policy_gradient"
+    """How rollouts are trained on: "policy_gradient" (the loss.loss_mode of each step), "diffusion_nft", "awm"."""
     task: str = "digits"
     """What to train on: "digits" (built in) or "text_to_image" (a diffusers pipeline and a prompt file)."""
     model: str = ""
@@ -143,134 +195,73 @@ class TrainConfig:
     """With on_nonfinite=skip, stop after this many skipped steps in a row."""
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    nft: NFTConfig = field(default_factory=NFTConfig)
+    awm: AWMConfig = field(default_factory=AWMConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
+SDE = {"kind": "flow_sde", "eta": 0.7}
+LIKELIHOOD_FREE = {"kind": "ode", "kl_kernel": "flow_sde"}  # path KL measured in Flow-SDE, as for the SDE arms
 PRESETS: dict[str, dict[str, Any]] = {
-    "flow_dppo": {"sampler": {"sde_type": "sde", "eta": 0.7}, "loss": {"loss_mode": "flow_dppo"}},
-    "flow_grpo": {"sampler": {"sde_type": "sde", "eta": 0.7}, "loss": {"loss_mode": "flow_grpo", "clip_range": 1e-4}},
+    "flow_dppo": {"sampler": SDE, "loss": {"loss_mode": "flow_dppo"}},
+    "flow_grpo": {"sampler": SDE, "loss": {"loss_mode": "flow_grpo", "clip_range": 1e-4}},
     "flow_cps": {
-        "sampler": {"sde_type": "cps", "eta": 0.8, "logprob_convention": "cps"},
+        "sampler": {"kind": "cps", "eta": 0.8, "logprob_convention": "cps"},
         "loss": {"loss_mode": "flow_cps", "clip_range": 1e-4},
     },
-    "grpo_guard": {"sampler": {"sde_type": "sde", "eta": 0.7}, "loss": {"loss_mode": "grpo_guard", "clip_range": 2e-6}},
-    "flow_dppo_cps": {"sampler": {"sde_type": "cps", "eta": 0.8}, "loss": {"loss_mode": "flow_dppo"}},
+    "grpo_guard": {"sampler": SDE, "loss": {"loss_mode": "grpo_guard", "clip_range": 2e-6}},
+    "flow_dppo_cps": {"sampler": {"kind": "cps", "eta": 0.8}, "loss": {"loss_mode": "flow_dppo"}},
+    "dance_grpo": {"sampler": {"kind": "dance_sde", "eta": 0.3, "group_shared_noise": True},
+                   "loss": {"loss_mode": "flow_grpo", "clip_range": 1e-4}},
+    "diffusion_nft": {"algorithm": "diffusion_nft", "sampler": LIKELIHOOD_FREE, "loss": {"beta": 1e-4}},
+    "awm": {"algorithm": "awm", "sampler": LIKELIHOOD_FREE, "loss": {"beta": 1e-4}},
 }
 
-CHOICES: dict[str, tuple[str, ...]] = {
-    "sampler.sde_type": ("sde", "cps"),
-    "sampler.window_mode": ("window", "random", "all"),
-    "sampler.logprob_convention": LOGPROB_CONVENTIONS,
-    "sampler.kl_to_base_steps": ("all", "trained"),
-    "loss.loss_mode": tuple(sorted(LOSSES)),
-    "loss.kl_reduce": REDUCTIONS,
-    "reward.aggregation": ("sum", "gdpo"),
-    "reward.std_scope": ("batch", "group"),
-    "optim.anchor": ("rollout", "replay"),
-    "on_nonfinite": ("stop", "skip"),
-    "method": tuple(PRESETS),
-    "task": TASKS,
-    "precision": ("float32", "bfloat16", "float16"),
-}
+ALGORITHM_SECTIONS = ("loss", "nft", "awm")  # config sections read by one algorithm or another
 
-
-def _merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for key, value in update.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    for part in parents:
-        tree = tree.setdefault(part, {})
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{dotted}: {part} is not a section")
-    tree[leaf] = value
-
-
-def parse_overrides(overrides: list[str]) -> dict:
-    """``["a.b=1", "c=[1, 2]"]`` -> nested dict; values are parsed as YAML scalars / lists."""
-    tree: dict = {}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} must look like key=value (e.g. loss.kl_mask_threshold=1e-4)")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
-    return tree
-
-
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Check ``value`` against a field annotation (int -> float allowed; 1e-4 strings from YAML parsed)."""
-    if annotation is float:
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif annotation is bool:
-        if isinstance(value, bool):
-            return value
-    elif annotation is str:
-        if isinstance(value, str):
-            return value
-    elif typing.get_origin(annotation) is list:
-        (item_type,) = typing.get_args(annotation)
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            value = [value]
-        if isinstance(value, list):
-            return [_coerce(v, item_type, key) for v in value]
-    name = getattr(annotation, "__name__", str(annotation))
-    raise ConfigError(f"{key}: expected {name}, got {value!r}")
-
-
-def _build(cls: type, tree: dict, prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in tree.items():
-        dotted = f"{prefix}{key}"
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
-            raise ConfigError(f"unknown config key {dotted!r}{hint}; allowed: {', '.join(names)}")
-        annotation = hints[key]
-        if dataclasses.is_dataclass(annotation):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{dotted}: expected a section of keys, got {value!r}")
-            kwargs[key] = _build(annotation, value, f"{dotted}.")
-        else:
-            kwargs[key] = _coerce(value, annotation, dotted)
-    return cls(**kwargs)
-
-
-def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
+def choices() -> dict[str, tuple[str, ...]]:
+    """The allowed values of the keys that take a name (read from the registries when asked)."""
+    return {
+        "sampler.kind": tuple(SAMPLERS),
+        "sampler.window_mode": WINDOW_MODES,
+        "sampler.logprob_convention": LOGPROB_CONVENTIONS,
+        "sampler.kl_to_base_steps": ("all", "trained"),
+        "sampler.kl_kernel": ("rollout", *(name for name, s in SAMPLERS.items() if s.stochastic)),
+        "algorithm": tuple(ALGORITHMS),
+        "loss.loss_mode": tuple(sorted(LOSSES)),
+        "loss.kl_reduce": REDUCTIONS,
+        "nft.timesteps": TIMESTEP_MODES,
+        "awm.timesteps": TIMESTEP_MODES,
+        "awm.weighting": WEIGHTINGS,
+        "reward.aggregation": ("sum", "gdpo"),
+        "reward.std_scope": ("batch", "group"),
+        "optim.anchor": ("rollout", "replay"),
+        "on_nonfinite": ("stop", "skip"),
+        "method": tuple(PRESETS),
+        "precision": ("float32", "bfloat16", "float16"),
+    }
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Range and compatibility checks; raises ``ConfigError`` with the key and what is allowed."""
     flat = flatten_keys(to_dict(cfg))
-    for key, allowed in CHOICES.items():
+    for key, allowed in choices().items():
         if flat[key] not in allowed:
             raise ConfigError(f"{key}: must be one of {', '.join(allowed)}; got {flat[key]!r}")
     positive = ["epochs", "prompts_per_epoch", "sampler.num_steps", "sampler.window_size", "optim.inner_epochs",
                 "optim.minibatch_size", "optim.grad_accum", "optim.lr", "loss.kl_mask_threshold",
                 "loss.clip_range", "loss.adv_clip_max", "sampler.shift", "sampler.guidance_scale",
                 "eval_samples_per_class", "checkpoint_every", "keep_checkpoints", "eval_every",
-                "consistency_tolerance", "max_nonfinite_in_a_row"]  # fmt: skip
+                "consistency_tolerance", "max_nonfinite_in_a_row", "sampler.window_shift_every",
+                "nft.adv_clip_max", "nft.train_timesteps", "awm.clip_range", "awm.adv_clip_max",
+                "awm.train_timesteps", "awm.huber_p"]  # fmt: skip
     for key in positive:
         if not flat[key] > 0:
             raise ConfigError(f"{key}: must be > 0, got {flat[key]!r}")
     for key in ("optim.weight_decay", "loss.beta", "optim.max_grad_norm", "optim.lora_rank", "eval_prompts",
-                "resolution", "sampler.rollout_batch_size"):  # fmt: skip
+                "resolution", "sampler.rollout_batch_size", "nft.old_decay_rate", "nft.old_decay_max",
+                "awm.ema_kl", "awm.ema_decay_rate", "awm.ema_decay_max"):  # fmt: skip
         if flat[key] < 0:
             raise ConfigError(f"{key}: must be >= 0, got {flat[key]!r}")
     if cfg.optim.fsdp and cfg.optim.lora_rank > 0:
@@ -280,27 +271,21 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         )
     if cfg.group_size < 2:
         raise ConfigError(f"group_size: must be >= 2 (group-relative advantages need a group), got {cfg.group_size}")
-    s = cfg.sampler
-    eta_range = {"sde": (0.0, 2.0), "cps": (0.0, 1.0)}[s.sde_type]
-    if not eta_range[0] < s.eta <= eta_range[1]:
-        raise ConfigError(f"sampler.eta: must be in ({eta_range[0]}, {eta_range[1]}] for sde_type {s.sde_type}")
-    lo, hi = (s.window_range + [None, None])[:2]
-    if len(s.window_range) != 2 or not 0 <= lo < hi:
-        raise ConfigError(f"sampler.window_range: must be [lo, hi) with 0 <= lo < hi, got {s.window_range}")
-    last_trainable = s.num_steps - 1 if s.sde_type == "sde" else s.num_steps - 2  # CPS's last step has std 0
-    if s.window_mode != "all":
-        top = hi - 1 + (s.window_size - 1 if s.window_mode == "window" else 0)
-        if top > last_trainable or (s.window_mode == "random" and s.window_size > hi - lo):
-            raise ConfigError(
-                f"sampler.window_size/window_range: {s.window_mode} of {s.window_size} in [{lo}, {hi}) does not fit "
-                f"the {s.num_steps}-step schedule (last trainable step {last_trainable})"
-            )
-    if cfg.loss.loss_mode == "grpo_guard" and s.sde_type != "sde":
-        raise ConfigError("loss.loss_mode grpo_guard needs sampler.sde_type sde (its renormalisation is Flow-SDE's)")
-    if cfg.loss.loss_mode == "flow_cps" and s.logprob_convention != "cps":
-        raise ConfigError("loss.loss_mode flow_cps needs sampler.logprob_convention cps (the published CPS ratio)")
-    if s.logprob_convention == "cps" and s.sde_type != "cps":
-        raise ConfigError("sampler.logprob_convention cps needs sampler.sde_type cps")
+    s, sampler = cfg.sampler, get_sampler(cfg.sampler.kind)
+    lo, hi = sampler.eta_range
+    if sampler.stochastic and not lo < s.eta <= hi:
+        raise ConfigError(f"sampler.eta: must be in ({lo}, {hi}] for sampler.kind {s.kind}, got {s.eta}")
+    algorithm = ALGORITHMS[cfg.algorithm]
+    problem = algorithm.config_error(cfg) or window_error(s)  # the most specific message first
+    if not problem and s.logprob_convention not in sampler.logprob_conventions:
+        problem = f"sampler.logprob_convention {s.logprob_convention} needs sampler.kind cps"
+    if not problem and s.kl_kernel == "rollout" and not sampler.stochastic:
+        problem = ("sampler.kl_kernel: an ode rollout has no stochastic kernel to measure the path KL to the base "
+                   "in; set sampler.kl_kernel=flow_sde (or cps, dance_sde)")
+    if not problem and cfg.optim.fsdp and not algorithm.supports_fsdp:
+        problem = f"optim.fsdp: not supported by {cfg.algorithm} (its slow copy of the weights is not sharded)"
+    if problem:
+        raise ConfigError(problem)
     if len(cfg.reward.weights) != len(cfg.reward.names) or not cfg.reward.names:
         raise ConfigError(
             f"reward.weights: need one weight per reward name ({len(cfg.reward.names)} names, "
@@ -309,52 +294,41 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def flatten_keys(tree: dict, prefix: str = "") -> dict:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flatten_keys(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def _read_yaml(config_file: str | Path | None) -> dict:
-    if config_file is None:
-        return {}
-    path = Path(config_file)
-    if not path.is_file():
-        raise ConfigError(f"--config: no such file {str(path)!r}")
-    tree = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(tree, dict):
-        raise ConfigError(f"--config: {path} must hold a mapping of keys, got {type(tree).__name__}")
-    return tree
-
-
 def load_config(
     method: str | None = None, config_file: str | Path | None = None, overrides: list[str] | None = None
 ) -> TrainConfig:
     """Preset of ``method`` (default flow_dppo), then the YAML file, then the dotted overrides."""
-    tree = _merge(_read_yaml(config_file), parse_overrides(overrides or []))
+    tree = merge(read_yaml(config_file), parse_overrides(overrides or []))
     method = method or tree.get("method", "flow_dppo")
     if method not in PRESETS:
         raise ConfigError(f"method: must be one of {', '.join(PRESETS)}; got {method!r}")
-    tree = _merge(_merge({"method": method}, PRESETS[method]), {k: v for k, v in tree.items() if k != "method"})
-    return validate(_build(TrainConfig, tree))
+    user = {k: v for k, v in tree.items() if k != "method"}
+    cfg = validate(build(TrainConfig, merge(merge({"method": method}, PRESETS[method]), user)))
+    check_algorithm_keys(cfg, flatten_keys(user))
+    return cfg
+
+
+def check_algorithm_keys(cfg: TrainConfig, given: dict) -> None:
+    """Refuse a setting of an algorithm section (``loss``, ``nft``, ``awm``) that ``cfg.algorithm`` does not
+    read: it would silently do nothing."""
+    reads = ALGORITHMS[cfg.algorithm].reads
+    for key in given:
+        if key.split(".")[0] in ALGORITHM_SECTIONS and not any(key == r or key.startswith(r) for r in reads):
+            raise ConfigError(f"{key}: the {cfg.algorithm} algorithm does not use it (it reads "
+                              f"{', '.join(r + '*' if r.endswith('.') else r for r in reads)}); remove it")
 
 
 def resume_config(
     saved: dict, method: str | None = None, config_file: str | Path | None = None, overrides: list[str] | None = None
 ) -> TrainConfig:
     """A run's saved config with what the command line gives on top (a resumed run refuses any change)."""
-    tree = _merge(_merge(saved, _read_yaml(config_file)), parse_overrides(overrides or []))
+    tree = merge(merge(saved, read_yaml(config_file)), parse_overrides(overrides or []))
     return config_from_dict(tree if method is None else {**tree, "method": method})
 
 
 def config_from_dict(tree: dict) -> TrainConfig:
     """A validated config from a resolved mapping (e.g. a run's saved ``config.yaml``)."""
-    return validate(_build(TrainConfig, tree))
+    return validate(build(TrainConfig, tree))
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:

@@ -134,9 +134,8 @@ class Distributed:
         if torch.torch_version.TorchVersion(torch.__version__) < (2, 7):
             raise ConfigError(f"optim.fsdp: needs torch >= 2.7 (fully_shard, ignored_params), not {torch.__version__}")
         from torch.distributed.fsdp import fully_shard
-        for name in ("transformer_blocks", "single_transformer_blocks"):  # FLUX has both kinds
-            for block in getattr(policy.transformer, name, ()):
-                fully_shard(block)
+        for block in policy.shard_units():
+            fully_shard(block)
         # the root too (every transformer parameter is sharded between calls); frozen parts outside the
         # transformer (a VAE, prompt tables) stay whole on every process
         outside = set(policy.parameters()) - set(policy.transformer.parameters())

@@ -19,17 +19,17 @@ from flowdppo.policies.lora import (
     save_lora_adapter,
     uses_lora,
 )
-from flowdppo.tasks import get_task
+from flowdppo.tasks import load_task
 from flowdppo.trainer import make_base_velocity
 
 
-def load_trained_policy(run_dir: Path, task, model: str = ""):
-    """The base policy ``model`` with the run's final weights (LoRA adapter or full policy) loaded."""
+def load_trained_policy(run_dir: Path, task):
+    """The run's trained policy: the task's base policy with the final LoRA adapter loaded into it, or the
+    fully fine-tuned policy of ``final/``."""
     final = run_dir / "final"
     if (final / "pytorch_lora_weights.safetensors").is_file():
-        policy = task.load_policy(model)
-        load_lora_adapter(policy, final)
-        return policy
+        load_lora_adapter(task.policy, final)
+        return task.policy
     if final.is_dir():
         return task.load_policy(str(final))
     raise ConfigError(f"{run_dir} has no final weights (final/): did the run finish?")
@@ -46,14 +46,13 @@ def run_config(run_dir: Path):
 def evaluate_run(run_dir: Path, per_class: int = 50) -> dict[str, dict[str, float]]:
     """``{"base": measures, "trained": measures}`` on the same fixed noise."""
     cfg = run_config(run_dir)
-    task = get_task(cfg, cfg.device)
-    task.rewards(cfg.reward.names)
-    trained = load_trained_policy(run_dir, task, cfg.model)
+    task = load_task(cfg, cfg.device)
+    trained = load_trained_policy(run_dir, task)
     w = cfg.sampler.guidance_scale
     # with LoRA the base is the same network with its adapters off: the model is loaded once
-    reference = None if uses_lora(trained) else task.load_policy(cfg.model)
+    reference = None if uses_lora(trained) else task.policy
     velocities = {"base": make_base_velocity(trained, reference, w), "trained": partial(trained, guidance_scale=w)}
-    return {name: task.evaluate(v, per_class, cfg.seed, cfg.sampler.num_steps) for name, v in velocities.items()}
+    return {name: task.evaluate(v, per_class) for name, v in velocities.items()}
 
 
 def export_lora(run_dir: Path, out: Path, from_checkpoint: bool = False) -> Path:
@@ -61,16 +60,16 @@ def export_lora(run_dir: Path, out: Path, from_checkpoint: bool = False) -> Path
     cfg = run_config(run_dir)
     if cfg.optim.lora_rank == 0:
         raise ConfigError(f"{run_dir} fine-tuned the whole transformer (no LoRA): its final/ is the model itself")
-    task = get_task(cfg, "cpu")
+    task = load_task(cfg, "cpu")
     if from_checkpoint:
         found = complete_checkpoints(run_dir / "checkpoints")
         if not found:
             raise ConfigError(f"{run_dir} has no complete checkpoint")
-        policy = task.load_policy(cfg.model)
+        policy = task.policy
         make_trainable(policy, cfg.optim.lora_rank, cfg.optim.lora_alpha, cfg.optim.lora_target_modules)
         load_trainable_state_dict(policy, load_file(str(found[-1] / "trainable.safetensors")))
     else:
-        policy = load_trained_policy(run_dir, task, cfg.model)
+        policy = load_trained_policy(run_dir, task)
     out.mkdir(parents=True, exist_ok=True)
     save_lora_adapter(policy, out)
     return out

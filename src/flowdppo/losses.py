@@ -2,7 +2,8 @@
 
 Each loss takes a ``StepBatch`` of trained elements (one element = one sample at one trained step)
 and returns ``(per_element_loss, metrics)``. The trainer averages the per-element loss over all
-elements, masked zeros included. Register a new loss with one line in ``LOSSES``.
+elements, masked zeros included. Add a loss: one function here and one line in ``LOSSES``; its keyword
+arguments are filled from the ``loss`` config fields of the same names.
 
 Notation (per element): ``logp`` the log-density of the stored next latent, ``rho = exp(logp_new -
 logp_old)``, ``A`` the (detached) advantage, ``mu`` the transition mean, ``s`` the transition std,
@@ -16,8 +17,10 @@ dropped, so an overflowing ratio cannot turn ``inf * 0`` into NaN.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -72,13 +75,13 @@ class StepBatch:
         return gaussian_kl(self.mean_new, self.mean_old.detach(), std, reduce, add_kl_coefficient)
 
 
-def _masked_policy_gradient(log_ratio: Tensor, advantages: Tensor, keep: Tensor, dropped_value: Tensor) -> Tensor:
+def masked_policy_gradient(log_ratio: Tensor, advantages: Tensor, keep: Tensor, dropped_value: Tensor) -> Tensor:
     """``-A * exp(log_ratio)`` where ``keep``, ``dropped_value`` (no gradient) elsewhere."""
     safe_log_ratio = torch.where(keep, log_ratio, torch.zeros_like(log_ratio))
     return torch.where(keep, -advantages * torch.exp(safe_log_ratio), dropped_value.detach())
 
 
-def _ppo_clip(log_ratio: Tensor, advantages: Tensor, clip_range: float) -> tuple[Tensor, Tensor]:
+def ppo_clip(log_ratio: Tensor, advantages: Tensor, clip_range: float) -> tuple[Tensor, Tensor]:
     """PPO clipped surrogate ``max(-A rho, -A clip(rho, 1 - eps, 1 + eps))`` and its clip indicator.
 
     The max picks the clipped (constant) branch exactly when ``A > 0, rho > 1 + eps`` or
@@ -87,7 +90,7 @@ def _ppo_clip(log_ratio: Tensor, advantages: Tensor, clip_range: float) -> tuple
     rho = torch.exp(log_ratio.detach())
     clipped = ((advantages > 0) & (rho > 1 + clip_range)) | ((advantages < 0) & (rho < 1 - clip_range))
     dropped_value = -advantages * torch.clamp(rho, 1 - clip_range, 1 + clip_range)
-    return _masked_policy_gradient(log_ratio, advantages, ~clipped, dropped_value), clipped
+    return masked_policy_gradient(log_ratio, advantages, ~clipped, dropped_value), clipped
 
 
 def _metrics(
@@ -134,7 +137,7 @@ def flow_grpo_loss(
     _check_positive(clip_range=clip_range, adv_clip_max=adv_clip_max)
     advantages = torch.clamp(batch.advantages.detach(), -adv_clip_max, adv_clip_max)
     log_ratio = batch.logp_new - batch.logp_old.detach()
-    loss, clipped = _ppo_clip(log_ratio, advantages, clip_range)
+    loss, clipped = ppo_clip(log_ratio, advantages, clip_range)
     divergence = batch.divergence(kl_reduce, add_kl_coefficient)
     return loss, _metrics(log_ratio, divergence, advantages, clipped, batch.step_index)
 
@@ -157,7 +160,7 @@ def grpo_guard_loss(
     s = upcast(batch.std)  # (E,), shaped like the log-prob: one scale per sample
     mean_sq_drift = ((upcast(batch.mean_new) - upcast(batch.mean_old.detach())) ** 2).flatten(1).mean(dim=1)
     log_ratio = s * (batch.logp_new - batch.logp_old.detach()) + mean_sq_drift / (2 * s)
-    loss, clipped = _ppo_clip(log_ratio, advantages, clip_range)
+    loss, clipped = ppo_clip(log_ratio, advantages, clip_range)
     loss = loss / batch.dt.abs()
     divergence = batch.divergence(kl_reduce, add_kl_coefficient)
     return loss, _metrics(log_ratio, divergence, advantages, clipped, batch.step_index)
@@ -185,7 +188,7 @@ def flow_dppo_loss(
     log_ratio = batch.logp_new - batch.logp_old.detach()
     divergence = batch.divergence(kl_reduce, add_kl_coefficient)
     masked = dppo_mask(advantages, torch.exp(log_ratio.detach()), divergence.detach(), kl_mask_threshold)
-    loss = _masked_policy_gradient(log_ratio, advantages, ~masked, torch.zeros_like(log_ratio))
+    loss = masked_policy_gradient(log_ratio, advantages, ~masked, torch.zeros_like(log_ratio))
     return loss, _metrics(log_ratio, divergence, advantages, masked, batch.step_index)
 
 
@@ -204,23 +207,51 @@ def _check_positive(**values: float) -> None:
 
 LossFn = Callable[..., tuple[Tensor, dict[str, Tensor]]]
 
-LOSSES: dict[str, LossFn] = {
-    "flow_grpo": flow_grpo_loss,
-    "flow_cps": flow_grpo_loss,  # same clip; the CPS log-prob convention is set by the sampler config
-    "grpo_guard": grpo_guard_loss,
-    "flow_dppo": flow_dppo_loss,
+
+@dataclass(frozen=True)
+class Loss:
+    """A registered loss: the function, and what it needs of the sampler.
+
+    Its hyper-parameters are its keyword arguments, filled from the ``loss`` config fields of the same
+    names (``loss_kwargs``). samplers: the sampler kinds it is defined for (empty: any stochastic one);
+    logprob_conventions: the log-prob conventions its ratio may be built from.
+    """
+
+    fn: LossFn
+    samplers: tuple[str, ...] = ()
+    logprob_conventions: tuple[str, ...] = ("gaussian", "cps")
+
+
+LOSSES: dict[str, Loss] = {
+    "flow_grpo": Loss(flow_grpo_loss),
+    "flow_cps": Loss(flow_grpo_loss, samplers=("cps",), logprob_conventions=("cps",)),  # same clip, CPS's ratio
+    "grpo_guard": Loss(grpo_guard_loss, samplers=("flow_sde",), logprob_conventions=("gaussian",)),  # Flow-SDE's
+    "flow_dppo": Loss(flow_dppo_loss),
 }
 
 
-def get_loss(loss_mode: str) -> LossFn:
-    """The loss function registered as ``loss_mode``."""
+def get_loss(loss_mode: str) -> Loss:
+    """The loss registered as ``loss_mode``."""
     if loss_mode not in LOSSES:
         raise ValueError(f"loss_mode must be one of {sorted(LOSSES)}, got {loss_mode!r}")
     return LOSSES[loss_mode]
 
 
+def loss_kwargs(fn: LossFn, loss_cfg: Any) -> dict[str, Any]:
+    """The hyper-parameters ``fn`` takes (its keyword arguments), read from the same-named config fields."""
+    names = [name for name in inspect.signature(fn).parameters if name != "batch"]
+    missing = [name for name in names if not hasattr(loss_cfg, name)]
+    if missing:
+        raise TypeError(f"{fn.__name__} takes {missing}, which the loss config does not have: add the field(s)")
+    return {name: getattr(loss_cfg, name) for name in names}
+
+
 __all__ = [
     "LOSSES",
+    "Loss",
+    "loss_kwargs",
+    "masked_policy_gradient",
+    "ppo_clip",
     "StepBatch",
     "dppo_mask",
     "flow_dppo_loss",

@@ -1,22 +1,27 @@
 """Sampling trajectories from a policy, recording what the update needs at the trained steps.
 
-A rollout runs the whole schedule ``sigmas[0..K]``. The trained steps are stochastic (Flow-SDE or CPS)
-and recorded: the state ``x_t``, the sampled ``x_next``, the transition mean and std, and the
-log-density of ``x_next``. Every other step is a plain Euler (ODE) step.
+A rollout runs the whole schedule ``sigmas[0..K]`` (the task's, the one source of the schedule). The
+trained steps are stochastic (the configured sampler) and recorded: the state ``x_t``, the sampled
+``x_next``, the transition mean and std, and the log-density of ``x_next``. Every other step is a plain
+Euler (ODE) step. A likelihood-free algorithm trains on ``final`` only and may roll out with no
+trained step at all.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from flowdppo.config import SamplerConfig
 from flowdppo.distributed import shared_randn
-from flowdppo.sde import gaussian_kl, log_prob, ode_step, sampler_step, shifted_sigmas
+from flowdppo.samplers import get_sampler, measure_sampler
+from flowdppo.sde import gaussian_kl, log_prob, ode_step
+
+if TYPE_CHECKING:
+    from flowdppo.config import SamplerConfig
 
 VelocityFn = Callable[[Tensor, Tensor, Any], Tensor]
 
@@ -70,31 +75,14 @@ def in_chunks(velocity: VelocityFn, size: int) -> VelocityFn:
     return chunked
 
 
-def trained_steps(cfg: SamplerConfig, seed: int, epoch: int) -> list[int]:
-    """Indices of the stochastic, trained steps for ``epoch``; the same on every process.
-
-    ``"window"``: ``W`` consecutive steps from a start drawn in ``[lo, hi)``; ``"random"``: ``k`` steps
-    drawn without replacement from ``[lo, hi)``; ``"all"``: every step with a positive std.
-    """
-    if cfg.window_mode == "all":
-        return stochastic_steps(cfg)
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    lo, hi = cfg.window_range
-    if cfg.window_mode == "window":
-        start = int(torch.randint(lo, hi, (1,), generator=gen))
-        return list(range(start, start + cfg.window_size))
-    perm = torch.randperm(hi - lo, generator=gen)[: cfg.window_size]
-    return sorted((lo + perm).tolist())
-
-
-def stochastic_steps(cfg: SamplerConfig) -> list[int]:
-    """Every step whose stochastic kernel has a positive std (CPS's last step has none)."""
-    return list(range(cfg.num_steps if cfg.sde_type == "sde" else cfg.num_steps - 1))
-
-
-def rollout_schedule(cfg: SamplerConfig, device: torch.device | str = "cpu") -> Tensor:
-    """The linear schedule with the SD3 time shift ``cfg.shift`` (the digits task's; real models bring their own)."""
-    return shifted_sigmas(cfg.num_steps, cfg.shift, device=device)
+def initial_noise(generator: torch.Generator, cfg: SamplerConfig, num_prompts: int, group_size: int, rows: slice,
+                  shape: tuple[int, ...], device) -> Tensor:  # fmt: skip
+    """This process's ``rows`` of the global batch's starting noise ``(P * G, *shape)``; with
+    ``group_shared_noise`` every sample of a group starts from the same noise (DanceGRPO)."""
+    if cfg.group_shared_noise:
+        per_group = torch.randn((num_prompts, *shape), generator=generator, device=device)
+        return per_group.repeat_interleave(group_size, dim=0)[rows]
+    return shared_randn(generator, num_prompts * group_size, rows, shape, device)
 
 
 @torch.no_grad()
@@ -102,6 +90,7 @@ def rollout(
     velocity: VelocityFn,
     cond: Any,
     x: Tensor,
+    sigmas: Tensor,
     cfg: SamplerConfig,
     steps: list[int],
     generator: torch.Generator | None = None,
@@ -109,35 +98,34 @@ def rollout(
     kl_steps: list[int] | None = None,
     global_batch: int | None = None,
     rows: slice = slice(None),
-    sigmas: Tensor | None = None,
 ) -> Trajectory:
-    """Sample from noise ``x`` (B, ...) through the schedule; stochastic and recorded at ``steps``.
+    """Sample from noise ``x`` (B, ...) through ``sigmas`` (K + 1,); stochastic and recorded at ``steps``.
 
-    ``velocity(x, sigma (B,), cond)`` is the policy (guidance included). With ``base_velocity``, the
-    trajectory also carries the path KL to the base: ``sum_t D(mu_theta(x_t), mu_base(x_t))`` over
-    ``kl_steps`` (default: the trained steps), with the stochastic kernel's own std at every such step,
-    along the policy's own samples.
+    ``velocity(x, sigma (B,), cond)`` is the policy (guidance included); ``cfg`` the sampler settings.
+    With ``base_velocity``, the trajectory also carries the path KL to the base:
+    ``sum_t D(mu_theta(x_t), mu_base(x_t))`` over ``kl_steps`` (default: the trained steps), in the kernel
+    ``samplers.measure_sampler(cfg)`` with its own std at every such step, along the policy's own samples.
 
     Data-parallel: ``x`` holds ``rows`` of a ``global_batch``; the step noise is drawn for the global
     batch from ``generator`` (the same on every process) and sliced, as ``distributed.shared_randn``.
-    ``sigmas`` (K + 1,) is the model's schedule (default ``rollout_schedule(cfg)``).
     """
     kl_steps = steps if kl_steps is None else kl_steps
-    sigmas = rollout_schedule(cfg, x.device) if sigmas is None else sigmas.to(x.device)
+    sigmas = sigmas.to(x.device)
+    sampler, (kl_sampler, kl_eta) = get_sampler(cfg.kind), measure_sampler(cfg)
     batch = x.shape[0]
     records: dict[str, list[Tensor]] = {k: [] for k in ("latents", "next_latents", "means", "stds", "log_probs")}
     kl = torch.zeros(batch, device=x.device) if base_velocity is not None else None
-    for i in range(cfg.num_steps):
+    for i in range(len(sigmas) - 1):
         sigma = sigmas[i].expand(batch)
         v = velocity(x, sigma, cond)
-        step = sampler_step(cfg.sde_type, x, v, sigmas[i], sigmas[i + 1], cfg.eta, sigmas[1])
         if kl is not None and i in kl_steps:
-            base = sampler_step(cfg.sde_type, x, base_velocity(x, sigma, cond), sigmas[i], sigmas[i + 1], cfg.eta,
-                                sigmas[1])  # fmt: skip
-            kl += gaussian_kl(step.mean, base.mean, step.std)
+            ours = kl_sampler.step(x, v, sigmas[i], sigmas[i + 1], kl_eta, sigmas[1])
+            base = kl_sampler.step(x, base_velocity(x, sigma, cond), sigmas[i], sigmas[i + 1], kl_eta, sigmas[1])
+            kl += gaussian_kl(ours.mean, base.mean, ours.std)
         if i not in steps:
             x = ode_step(x, v, sigmas[i], sigmas[i + 1]).mean
             continue
+        step = sampler.step(x, v, sigmas[i], sigmas[i + 1], cfg.eta, sigmas[1])
         noise = shared_randn(generator, global_batch or batch, rows, x.shape[1:], x.device, x.dtype)
         x_next = step.mean + step.std.to(x.dtype) * noise
         std = step.std.expand(batch)
@@ -161,13 +149,9 @@ def rollout(
 
 
 @torch.no_grad()
-def sample(
-    velocity: VelocityFn, cond: Any, x: Tensor, num_steps: int = 10, shift: float = 1.0, sigmas: Tensor | None = None
-) -> Tensor:
-    """Plain Euler (ODE) sampling from noise ``x``: ``x <- x + dt * v`` over the schedule ``sigmas``
-    (default: ``num_steps`` linear steps with time shift ``shift``)."""
-    sigmas = shifted_sigmas(num_steps, shift, device=x.device) if sigmas is None else sigmas.to(x.device)
-    num_steps = len(sigmas) - 1
-    for i in range(num_steps):
+def sample(velocity: VelocityFn, cond: Any, x: Tensor, sigmas: Tensor) -> Tensor:
+    """Plain Euler (ODE) sampling from noise ``x``: ``x <- x + dt * v`` over the schedule ``sigmas``."""
+    sigmas = sigmas.to(x.device)
+    for i in range(len(sigmas) - 1):
         x = ode_step(x, velocity(x, sigmas[i].expand(x.shape[0]), cond), sigmas[i], sigmas[i + 1]).mean
     return x

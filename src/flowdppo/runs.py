@@ -77,12 +77,12 @@ class RunFolder:
         if self.is_writer:
             _write_atomic(self.path / name, json.dumps(data, indent=2) + "\n")
 
-    def save_checkpoint(self, epoch: int, policy: nn.Module, optimizer, rng) -> None:
+    def save_checkpoint(self, epoch: int, policy: nn.Module, optimizer, rng, algorithm=None) -> None:
         """The state after ``epoch`` epochs, under ``checkpoints/`` (the newest ``keep_checkpoints`` kept).
 
         Every process calls it: a sharded policy's state is gathered first."""
         save_checkpoint(self.checkpoint_dir(epoch), policy, optimizer, rng, epoch, self.cfg.keep_checkpoints,
-                        write=self.is_writer)  # fmt: skip
+                        write=self.is_writer, algorithm=algorithm)  # fmt: skip
 
     def load_json(self, name: str) -> dict:
         return json.loads((self.path / name).read_text())

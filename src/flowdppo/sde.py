@@ -21,7 +21,6 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-SDE_TYPES = ("sde", "cps", "ode")
 LOGPROB_CONVENTIONS = ("gaussian", "cps")
 REDUCTIONS = ("mean", "sum")
 
@@ -45,9 +44,13 @@ def upcast(t: Tensor | float) -> Tensor:
 
 
 def _as_batch_tensor(value: float | Tensor, like: Tensor) -> Tensor:
-    """A float, 0-d or ``(B,)`` tensor, at least float32, that broadcasts against ``like``."""
+    """A float, 0-d or ``(B,)`` tensor, at least float32, that broadcasts against ``like``.
+
+    A Python float is converted straight to that dtype (never rounded through float32 first)."""
     dtype = torch.promote_types(like.dtype, torch.float32)
-    t = torch.as_tensor(value, device=like.device).to(dtype)
+    if not isinstance(value, Tensor):
+        value = torch.as_tensor(value, dtype=dtype)
+    t = value.to(device=like.device, dtype=dtype)
     if t.ndim == 1:
         if t.shape[0] != like.shape[0]:
             raise ValueError(f"sigma has {t.shape[0]} entries but the latent batch has {like.shape[0]}")
@@ -89,7 +92,8 @@ def flow_sde_g(sigma: float | Tensor, x: Tensor, eta: float, sigma_max: float | 
     ``sigmas[1]``) keeps ``g`` finite.
     """
     s = _as_batch_tensor(sigma, x)
-    s_max = torch.as_tensor(sigma_max, device=x.device).to(s.dtype)
+    s_max = (sigma_max if isinstance(sigma_max, Tensor) else torch.as_tensor(sigma_max, dtype=s.dtype))
+    s_max = s_max.to(device=x.device, dtype=s.dtype)
     denom_sigma = torch.where(s >= 1.0, s_max, s)
     return eta * torch.sqrt(s / (1 - denom_sigma))
 
@@ -135,23 +139,20 @@ def cps_step(x: Tensor, v: Tensor, sigma: float | Tensor, sigma_next: float | Te
     return Transition(mean=mean.to(x.dtype), std=std)
 
 
-def sampler_step(
-    sde_type: Literal["sde", "cps", "ode"],
-    x: Tensor,
-    v: Tensor,
-    sigma: float | Tensor,
-    sigma_next: float | Tensor,
-    eta: float,
-    sigma_max: float | Tensor | None = None,
+def dance_sde_step(
+    x: Tensor, v: Tensor, sigma: float | Tensor, sigma_next: float | Tensor, eta: float = 0.3
 ) -> Transition:
-    """Dispatch to ``flow_sde_step`` (``"sde"``), ``cps_step`` (``"cps"``) or ``ode_step`` (``"ode"``)."""
-    if sde_type == "sde":
-        return flow_sde_step(x, v, sigma, sigma_next, eta=eta, sigma_max=sigma_max)
-    if sde_type == "cps":
-        return cps_step(x, v, sigma, sigma_next, eta=eta)
-    if sde_type == "ode":
-        return ode_step(x, v, sigma, sigma_next)
-    raise ValueError(f"sde_type must be one of {SDE_TYPES}, got {sde_type!r}")
+    """Dance-SDE step (DanceGRPO, arXiv 2505.07818): Euler-Maruyama with a constant diffusion ``eta``.
+
+    ``x0_hat = x - sigma * v``, ``score = -(x - (1 - sigma) * x0_hat) / sigma^2``,
+    ``mean = x + dt * v - eta^2 * score * dt / 2``, ``std = eta * sqrt(-dt)``.
+    """
+    s = _as_batch_tensor(sigma, x)
+    dt = _as_batch_tensor(sigma_next, x) - s
+    x0_hat = upcast(x) - s * upcast(v)
+    score = -(upcast(x) - (1 - s) * x0_hat) / s**2  # the score of x_sigma given the model's x0 estimate
+    mean = upcast(x) + dt * upcast(v) - 0.5 * eta**2 * score * dt
+    return Transition(mean=mean.to(x.dtype), std=eta * torch.sqrt(-dt))
 
 
 def _reduce(t: Tensor, reduce: str) -> Tensor:

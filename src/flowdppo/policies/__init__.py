@@ -6,15 +6,21 @@ and the losses see nothing else of the model.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from torch import Tensor, nn
 
 
 class Policy(Protocol):
-    """What the rollout and the trainer need from a model."""
+    """What the rollout, the trainer and the export need from a model; the model facts live here."""
 
     transformer: nn.Module  # the network LoRA adapters are attached to
+    lora_target_modules: ClassVar[tuple[str, ...]]  # the modules a LoRA adapter wraps by default
+    pipeline_class: ClassVar[type]  # the diffusers pipeline whose save_lora_weights writes the adapter
+
+    def shard_units(self) -> list[nn.Module]:
+        """The blocks FSDP2 shards one by one (the transformer blocks of every kind)."""
+        ...
 
     def velocity(self, x: Tensor, sigma: Tensor, cond: Any, guidance_scale: float = 1.0) -> Tensor:
         """Velocity ``v = eps - x0`` at latent ``x`` (B, ...) and noise level ``sigma`` (B,).

@@ -75,6 +75,11 @@ class PipelinePolicy(nn.Module):
     def device(self) -> torch.device:
         return self.transformer.device
 
+    def shard_units(self) -> list[nn.Module]:
+        """Every transformer block FSDP2 shards on its own: double- and single-stream (FLUX) alike."""
+        blocks = [getattr(self.transformer, name, ()) for name in ("transformer_blocks", "single_transformer_blocks")]
+        return [block for kind in blocks for block in kind]
+
     @property
     def dtype(self) -> torch.dtype:
         return self.transformer.dtype

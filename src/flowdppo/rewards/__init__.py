@@ -8,7 +8,7 @@ prompts (a tensor of labels or a list) and optional per-sample metadata to one f
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -29,8 +29,8 @@ class Reward(Protocol):
         ...
 
 
-def load_user_reward(path: str) -> Callable[..., Tensor]:
-    """Import ``module:function`` (the module on ``sys.path``), a callable ``(images, prompts) -> (B,)``."""
+def load_user_reward(path: str) -> Reward:
+    """Import ``module:function`` (the module on ``sys.path``), a callable ``(images, prompts, metadata) -> (B,)``."""
     module_name, _, attr = path.partition(":")
     try:
         reward = getattr(importlib.import_module(module_name), attr)
@@ -41,13 +41,14 @@ def load_user_reward(path: str) -> Callable[..., Tensor]:
     return reward
 
 
-def score(reward: Callable[..., Tensor], name: str, images: Tensor, prompts: Any) -> Tensor:
-    """``reward(images, prompts)`` checked to be one float score per image: ``(B,)`` float32.
+def score(reward: Reward, name: str, images: Tensor, prompts: Any) -> Tensor:
+    """``reward(images, prompts, metadata)`` checked to be one float score per image: ``(B,)`` float32.
 
-    Text prompts (a ``PromptBatch``) are passed as ``reward(images, texts, metadata)``.
+    Text prompts (a ``PromptBatch``) are passed as their texts and metadata dicts; other prompts (digit
+    labels) as they are, with ``metadata=None``.
     """
-    args = (prompts.text, prompts.metadata) if isinstance(prompts, PromptBatch) else (prompts,)
-    scores = reward(images, *args)
+    texts, metadata = (prompts.text, prompts.metadata) if isinstance(prompts, PromptBatch) else (prompts, None)
+    scores = reward(images, texts, metadata)
     if not isinstance(scores, Tensor) or scores.shape != (images.shape[0],):
         got = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
         raise RewardError(f"reward {name!r} returned {got}; a reward returns a tensor of shape ({images.shape[0]},)")

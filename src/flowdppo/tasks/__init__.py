@@ -1,20 +1,24 @@
-"""Tasks: what the trainer trains on (base policy, prompts, rewards, evaluation).
+"""Tasks: what the trainer trains on (base policy, prompts, rewards, evaluation); see ``tasks.base.Task``.
 
 ``digits`` is a small self-contained world shipped in the package; ``text_to_image`` runs a diffusers
-pipeline on a prompt file.
+pipeline on a prompt file. Add a task: a class following ``Task`` and one line in ``TASKS``.
 """
 
-TASKS = ("digits", "text_to_image")
+from __future__ import annotations
+
+import importlib
+
+from flowdppo.errors import ConfigError
+
+TASKS = {
+    "digits": "flowdppo.tasks.digits.task:DigitsTask",
+    "text_to_image": "flowdppo.tasks.text_to_image:TextToImageTask",
+}
 
 
-def get_task(cfg, device):
-    """The task ``cfg.task`` on ``device``."""
-    if cfg.task == "digits":
-        from flowdppo.tasks.digits.task import DigitsTask
-
-        return DigitsTask(device)
-    if cfg.task == "text_to_image":
-        from flowdppo.tasks.text_to_image import TextToImageTask
-
-        return TextToImageTask(cfg, device)
-    raise ValueError(f"task must be one of {', '.join(TASKS)}; got {cfg.task!r}")
+def load_task(cfg, device):
+    """The task ``cfg.task`` on ``device``, its policy and rewards loaded (imported only when used)."""
+    if cfg.task not in TASKS:
+        raise ConfigError(f"task: must be one of {', '.join(TASKS)}; got {cfg.task!r}")
+    module, _, name = TASKS[cfg.task].partition(":")
+    return getattr(importlib.import_module(module), name)(cfg, device)

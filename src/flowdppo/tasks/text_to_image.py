@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
 from torch import Tensor
 
-from flowdppo.config import SamplerConfig, TrainConfig
 from flowdppo.errors import ConfigError
 from flowdppo.policies.pipelines import PipelinePolicy, load_pipeline_policy
 from flowdppo.prompts import EmbeddingCache, PromptBatch, load_prompts, make_batch, split_prompts
-from flowdppo.rewards import load_user_reward, score
+from flowdppo.rewards import Reward, load_user_reward, score
 from flowdppo.rewards.image import IMAGE_REWARDS, make_image_reward
 from flowdppo.rollout import sample
 
@@ -23,31 +20,29 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class TextToImageTask:
     """Prompts are lines of ``cfg.prompts``; a group is ``G`` images of one prompt; the policy a pipeline."""
 
-    def __init__(self, cfg: TrainConfig, device: torch.device | str = "cpu") -> None:
+    def __init__(self, cfg, device: torch.device | str = "cpu") -> None:
         if not cfg.prompts:
             raise ConfigError("prompts: the text_to_image task needs a prompt file (.txt or .jsonl)")
         self.cfg, self.device = cfg, torch.device(device)
         self.train_records, self.eval_records = split_prompts(load_prompts(cfg.prompts), cfg.eval_prompts, cfg.seed)
-        self.policy: PipelinePolicy | None = None
-        self.cache: EmbeddingCache | None = None
-        self.eval_rewards: list[tuple[str, Callable]] = []
+        self.policy = self.load_policy(cfg.model)
+        self.cache = EmbeddingCache(self.policy.encode_prompts)
+        self.rewards = [(name, self.load_reward(name)) for name in cfg.reward.names]
 
     def load_policy(self, model: str = "") -> PipelinePolicy:
         """The pipeline in folder (or hub id) ``model``, in ``cfg.precision``."""
         if not model:
             raise ConfigError("model: the text_to_image task needs a diffusers pipeline folder or hub id")
-        policy = load_pipeline_policy(model, self.cfg.resolution, DTYPES[self.cfg.precision], self.device,
-                                      embedded_guidance=self.cfg.embedded_guidance)  # fmt: skip
-        self.policy, self.cache = policy, EmbeddingCache(policy.encode_prompts)
-        return policy
+        return load_pipeline_policy(model, self.cfg.resolution, DTYPES[self.cfg.precision], self.device,
+                                    embedded_guidance=self.cfg.embedded_guidance)  # fmt: skip
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
         return self.policy.latent_shape
 
-    def sigmas(self, sampler: SamplerConfig) -> Tensor:
+    def sigmas(self) -> Tensor:
         """The model's own schedule of ``sampler.num_steps`` steps."""
-        return self.policy.sigmas(sampler.num_steps)
+        return self.policy.sigmas(self.cfg.sampler.num_steps)
 
     def prompts(self, num_prompts: int, group_size: int, seed: int, epoch: int) -> tuple[PromptBatch, Tensor]:
         """``num_prompts`` training prompts (a seeded shuffle per epoch), each ``group_size`` times."""
@@ -58,33 +53,28 @@ class TextToImageTask:
         group_ids = torch.arange(num_prompts, device=self.device).repeat_interleave(group_size)
         return make_batch(records, group_size, self.cache, self.device), group_ids
 
-    def rewards(self, names: list[str]) -> list[Callable]:
-        """Image rewards by name (``name`` or ``name@model_path``); ``module:function`` imports your own."""
-        fns = []
-        for name in names:
-            if ":" in name and "@" not in name:
-                fns.append(load_user_reward(name))
-            elif name.partition("@")[0] in IMAGE_REWARDS:
-                fns.append(make_image_reward(name, self.device))
-            else:
-                raise ConfigError(
-                    f"reward.names: unknown reward {name!r}; choose from {', '.join(IMAGE_REWARDS)} "
-                    "(optionally name@model_path) or give your own as module:function"
-                )
-        self.eval_rewards = list(zip(names, fns, strict=True))
-        return fns
+    def load_reward(self, name: str) -> Reward:
+        """An image reward by name (``name`` or ``name@model_path``); ``module:function`` imports your own."""
+        if ":" in name and "@" not in name:
+            return load_user_reward(name)
+        if name.partition("@")[0] in IMAGE_REWARDS:
+            return make_image_reward(name, self.device)
+        raise ConfigError(
+            f"reward.names: unknown reward {name!r}; choose from {', '.join(IMAGE_REWARDS)} "
+            "(optionally name@model_path) or give your own as module:function"
+        )
 
-    def fixed_batch(self, records: list[dict], per_prompt: int, seed: int) -> tuple[Tensor, PromptBatch]:
-        """``records``, ``per_prompt`` samples each, with noise fixed by ``seed`` (the same for every policy)."""
-        gen = torch.Generator().manual_seed(seed + EVAL_SEED_OFFSET)
+    def fixed_batch(self, records: list[dict], per_prompt: int) -> tuple[Tensor, PromptBatch]:
+        """``records``, ``per_prompt`` samples each, with noise fixed by the seed (the same for every policy)."""
+        gen = torch.Generator().manual_seed(self.cfg.seed + EVAL_SEED_OFFSET)
         cond = make_batch(records, per_prompt, self.cache, self.device)
         noise = torch.randn((len(cond), *self.latent_shape), generator=gen).to(self.device)
         return noise, cond
 
     @torch.no_grad()
-    def generate(self, velocity, noise: Tensor, cond: PromptBatch, num_steps: int) -> Tensor:
+    def generate(self, velocity, noise: Tensor, cond: PromptBatch) -> Tensor:
         """ODE samples decoded to images ``(N, 3, H, W)``, ``sampler.rollout_batch_size`` at a time."""
-        sigmas = self.policy.sigmas(num_steps)
+        sigmas = self.sigmas()
         batch_size = self.cfg.sampler.rollout_batch_size or len(cond)
         images = []
         for start in range(0, len(cond), batch_size):
@@ -92,19 +82,17 @@ class TextToImageTask:
             images.append(self.policy.decode(sample(velocity, cond[rows], noise[rows], sigmas=sigmas)))
         return torch.cat(images)
 
-    def evaluate(self, velocity, per_prompt: int, seed: int, num_steps: int = 10) -> dict[str, float]:
+    def evaluate(self, velocity, per_prompt: int) -> dict[str, float]:
         """Mean of each reward over ODE samples of the held-out prompts from fixed noise: ``eval/<reward>``."""
         if not self.eval_records:
             return {}
-        noise, cond = self.fixed_batch(self.eval_records, per_prompt, seed)
-        images = self.generate(velocity, noise, cond, num_steps)
-        return {
-            f"eval/{name}": float(score(fn, name, images, cond).mean()) for name, fn in self.eval_rewards
-        }
+        noise, cond = self.fixed_batch(self.eval_records, per_prompt)
+        images = self.generate(velocity, noise, cond)
+        return {f"eval/{name}": float(score(fn, name, images, cond).mean()) for name, fn in self.rewards}
 
-    def sample_grid(self, velocity, seed: int, per_prompt: int = 4, num_steps: int = 10) -> np.ndarray:
+    def sample_grid(self, velocity, per_prompt: int = 4) -> np.ndarray:
         """ODE samples of up to 4 held-out (or training) prompts: ``(rows, per_prompt, H, W, 3)`` in [0, 1]."""
         records = (self.eval_records or self.train_records)[:4]
-        noise, cond = self.fixed_batch(records, per_prompt, seed)
-        images = self.generate(velocity, noise, cond, num_steps)
+        noise, cond = self.fixed_batch(records, per_prompt)
+        images = self.generate(velocity, noise, cond)
         return images.permute(0, 2, 3, 1).reshape(len(records), per_prompt, *images.shape[2:], 3).cpu().numpy()

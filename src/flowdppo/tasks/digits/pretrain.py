@@ -27,10 +27,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from flowdppo.policies.digits import DigitsPolicy
-from flowdppo.sde import sampler_step, shifted_sigmas
+from flowdppo.samplers import get_sampler
+from flowdppo.sde import shifted_sigmas
 from flowdppo.tasks.digits.classifier import DigitClassifier
 from flowdppo.tasks.digits.data import NULL_CLASS, NUM_CLASSES, load_digits_split
+from flowdppo.tasks.digits.policy import DigitsPolicy
 
 SIGMA_SAMPLING = ("uniform", "logit_normal")
 
@@ -123,14 +124,14 @@ def sample_digits(
     labels: Tensor,
     num_steps: int = 10,
     guidance_scale: float = 1.0,
-    sde_type: Literal["ode", "sde", "cps"] = "ode",
+    kind: str = "ode",
     eta: float = 0.7,
     shift: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Sample latents ``(B, 1, 8, 8)`` for ``labels`` (B,) from ``x ~ N(0, I)`` at ``sigma = 1``.
 
-    Every step is a ``flowdppo.sde.sampler_step`` of ``sde_type`` on ``shifted_sigmas(num_steps, shift)``:
+    Every step is a step of the sampler ``kind`` (``flowdppo.samplers``) on ``shifted_sigmas(num_steps, shift)``:
     ``x_next = mean + std * noise`` (``std = 0`` for ``"ode"``, the Euler step ``x + dt v``).
     """
     device = policy.device
@@ -138,12 +139,13 @@ def sample_digits(
     sigmas = shifted_sigmas(num_steps, shift)
     shape = (labels.shape[0], 1, 8, 8)
     x = torch.randn(shape, generator=generator).to(device)
+    sampler = get_sampler(kind)
     for i in range(num_steps):
         sigma = sigmas[i].expand(labels.shape[0]).to(device)
         v = policy.velocity(x, sigma, labels, guidance_scale)
-        step = sampler_step(sde_type, x, v, sigmas[i].item(), sigmas[i + 1].item(), eta, sigma_max=sigmas[1].item())
+        step = sampler.step(x, v, sigmas[i].item(), sigmas[i + 1].item(), eta, sigmas[1].item())
         x = step.mean
-        if sde_type != "ode":
+        if sampler.stochastic:
             x = x + step.std * torch.randn(shape, generator=generator).to(device)
     return x
 
@@ -155,21 +157,21 @@ def evaluate_policy(
     num_per_class: int = 100,
     num_steps: int = 10,
     guidance_scales: Sequence[float] = (1.0, 3.0),
-    sde_types: Sequence[str] = ("ode", "sde"),
+    kinds: Sequence[str] = ("ode", "flow_sde"),
     eta: float = 0.7,
     seed: int = 0,
 ) -> dict[str, float]:
-    """Classifier accuracy of samples, ``num_per_class`` per digit -> ``{"acc/{sde_type}/cfg{w}": acc}``.
+    """Classifier accuracy of samples, ``num_per_class`` per digit -> ``{"acc/{kind}/cfg{w}": acc}``.
 
     Accuracy: fraction of samples whose arg-max class is the prompted digit. Every setting uses the same
     seed, hence the same initial noise.
     """
     labels = torch.arange(NUM_CLASSES).repeat_interleave(num_per_class)
     results = {}
-    for sde_type in sde_types:
+    for kind in kinds:
         for w in guidance_scales:
             generator = torch.Generator().manual_seed(seed)
-            latents = sample_digits(policy, labels, num_steps, w, sde_type, eta, generator=generator)
+            latents = sample_digits(policy, labels, num_steps, w, kind, eta, generator=generator)
             logits = classifier(latents.clamp(-1, 1).to(next(classifier.parameters()).device))
-            results[f"acc/{sde_type}/cfg{w:g}"] = (logits.argmax(-1).cpu() == labels).float().mean().item()
+            results[f"acc/{kind}/cfg{w:g}"] = (logits.argmax(-1).cpu() == labels).float().mean().item()
     return results

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from flowdppo.config import SamplerConfig
 from flowdppo.errors import ConfigError
-from flowdppo.policies.digits import DigitsPolicy, load_base_policy
-from flowdppo.rewards import load_user_reward
-from flowdppo.rewards.digits import DIGITS_REWARDS, feature_fid, group_diversity, make_digits_reward, prompt_accuracy
-from flowdppo.rollout import rollout_schedule, sample
+from flowdppo.rewards import Reward, load_user_reward
+from flowdppo.rollout import sample
+from flowdppo.sde import shifted_sigmas
 from flowdppo.tasks.digits.classifier import load_classifier
 from flowdppo.tasks.digits.data import NUM_CLASSES, load_digits_split, to_unit_range
+from flowdppo.tasks.digits.policy import DigitsPolicy, load_base_policy
+from flowdppo.tasks.digits.rewards import (
+    DIGITS_REWARDS,
+    feature_fid,
+    group_diversity,
+    make_digits_reward,
+    prompt_accuracy,
+)
 
 EVAL_SEED_OFFSET = 10_007  # evaluation noise never coincides with rollout noise
 
@@ -26,11 +31,13 @@ class DigitsTask:
 
     latent_shape = (1, 8, 8)
 
-    def __init__(self, device: torch.device | str = "cpu") -> None:
-        self.device = torch.device(device)
+    def __init__(self, cfg, device: torch.device | str = "cpu") -> None:
+        self.cfg, self.device = cfg, torch.device(device)
         self.classifier = load_classifier().to(self.device)
         self.heldout_images = to_unit_range(load_digits_split()[2]).to(self.device)
         self.eval_reward = make_digits_reward("classifier_prob", self.classifier)
+        self.policy = self.load_policy(cfg.model)
+        self.rewards = [(name, self.load_reward(name)) for name in cfg.reward.names]
 
     def load_policy(self, model: str = "") -> DigitsPolicy:
         """The shipped base policy, or one saved by ``DigitsPolicy.save_pretrained`` in folder ``model``."""
@@ -43,9 +50,9 @@ class DigitsTask:
         except (OSError, ValueError) as err:  # diffusers raises OSError/ValueError on a folder it cannot read
             raise ConfigError(f"model: {model} is not a digits policy saved with save_pretrained ({err})") from err
 
-    def sigmas(self, sampler: SamplerConfig) -> Tensor:
-        """The linear schedule of ``sampler.num_steps`` steps with time shift ``sampler.shift``."""
-        return rollout_schedule(sampler, self.device)
+    def sigmas(self) -> Tensor:
+        """The linear schedule of ``sampler.num_steps`` steps with the SD3 time shift ``sampler.shift``."""
+        return shifted_sigmas(self.cfg.sampler.num_steps, self.cfg.sampler.shift, device=self.device)
 
     def prompts(self, num_prompts: int, group_size: int, seed: int, epoch: int) -> tuple[Tensor, Tensor]:
         """``num_prompts`` classes (a seeded shuffle of 0..9, repeated as needed), each ``group_size`` times.
@@ -59,32 +66,31 @@ class DigitsTask:
         group_ids = torch.arange(num_prompts).repeat_interleave(group_size).to(self.device)
         return cond, group_ids
 
-    def rewards(self, names: list[str]) -> list[Callable[[Tensor, Tensor], Tensor]]:
-        """Built-in rewards by name; ``module:function`` imports a reward of your own."""
-        for name in names:
-            if ":" not in name and name not in DIGITS_REWARDS:
-                raise ConfigError(
-                    f"reward.names: unknown reward {name!r}; choose from {', '.join(DIGITS_REWARDS)} "
-                    "or give your own as module:function"
-                )
-        return [load_user_reward(n) if ":" in n else make_digits_reward(n, self.classifier) for n in names]
+    def load_reward(self, name: str) -> Reward:
+        """A built-in reward by name; ``module:function`` imports a reward of your own."""
+        if ":" in name:
+            return load_user_reward(name)
+        if name not in DIGITS_REWARDS:
+            raise ConfigError(f"reward.names: unknown reward {name!r}; choose from {', '.join(DIGITS_REWARDS)} "
+                              "or give your own as module:function")  # fmt: skip
+        return make_digits_reward(name, self.classifier)
 
-    def eval_noise(self, per_class: int, seed: int) -> tuple[Tensor, Tensor]:
-        gen = torch.Generator().manual_seed(seed + EVAL_SEED_OFFSET)
+    def eval_noise(self, per_class: int) -> tuple[Tensor, Tensor]:
+        gen = torch.Generator().manual_seed(self.cfg.seed + EVAL_SEED_OFFSET)
         noise = torch.randn((NUM_CLASSES * per_class, *self.latent_shape), generator=gen).to(self.device)
         cond = torch.arange(NUM_CLASSES).repeat_interleave(per_class).to(self.device)
         return noise, cond
 
     @torch.no_grad()
-    def evaluate(self, velocity, per_class: int, seed: int, num_steps: int = 10) -> dict[str, float]:
+    def evaluate(self, velocity, per_class: int) -> dict[str, float]:
         """In-domain and out-of-domain measures of ODE samples from fixed noise, ``per_class`` per digit.
 
         ``eval/accuracy``: classifier accuracy on the prompted class; ``eval/reward``: mean probability
         of the prompted class; ``eval/fid``: Frechet distance to held-out real digits in the classifier's
         feature space; ``eval/diversity``: mean pairwise distance within a class.
         """
-        noise, cond = self.eval_noise(per_class, seed)
-        images = to_unit_range(sample(velocity, cond, noise, num_steps))
+        noise, cond = self.eval_noise(per_class)
+        images = to_unit_range(sample(velocity, cond, noise, self.sigmas()))
         return {
             "eval/accuracy": prompt_accuracy(images, cond, self.classifier),
             "eval/reward": float(self.eval_reward(images, cond).mean()),
@@ -93,8 +99,8 @@ class DigitsTask:
         }
 
     @torch.no_grad()
-    def sample_grid(self, velocity, seed: int, per_class: int = 8, num_steps: int = 10) -> np.ndarray:
+    def sample_grid(self, velocity, per_class: int = 8) -> np.ndarray:
         """ODE samples from fixed noise as a (10, per_class, 8, 8) array in [0, 1]."""
-        noise, cond = self.eval_noise(per_class, seed)
-        images = to_unit_range(sample(velocity, cond, noise, num_steps))
+        noise, cond = self.eval_noise(per_class)
+        images = to_unit_range(sample(velocity, cond, noise, self.sigmas()))
         return images.view(NUM_CLASSES, per_class, 8, 8).cpu().numpy()

@@ -126,6 +126,10 @@ class DigitsPolicy(nn.Module):
         """Same as ``velocity`` (so wrappers such as DDP call the right thing)."""
         return self.velocity(x, sigma, cond, guidance_scale)
 
+    def shard_units(self) -> list[nn.Module]:
+        """The transformer blocks, each sharded on its own by FSDP2."""
+        return list(self.transformer.transformer_blocks)
+
     def decode(self, latents: Tensor) -> Tensor:
         """Latents in ``[-1, 1]`` -> images in ``[0, 1]``: ``clamp((x + 1) / 2, 0, 1)``, float32."""
         return to_unit_range(latents.float())

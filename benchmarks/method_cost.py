@@ -1,0 +1,57 @@
+"""Training time per epoch of each method on the digits task, measured in turn in one process.
+
+Each repeat trains every method for a few epochs (default config, its preset) in an alternating order
+and takes the median of the rows' ``time_s`` (rollout + rewards + update; evaluation excluded). Ratios
+to Flow-DPPO are per repeat, so a slow spell of the machine hits all methods alike.
+
+    python benchmarks/method_cost.py [--repeats 3] [--epochs 3] [--methods flow_dppo,flow_grpo,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+
+from common import RESULTS_DIR, ratio_summary, write_result
+
+from flowdppo.config import load_config
+from flowdppo.trainer import train
+
+METHODS = "flow_dppo,flow_grpo,grpo_guard,dance_grpo,diffusion_nft,awm"
+
+
+def seconds_per_epoch(method: str, epochs: int, folder: Path) -> float:
+    cfg = load_config(method, overrides=[f"epochs={epochs}", "eval_every=1000", "eval_samples_per_class=2",
+                                         "checkpoint_every=1000"])  # fmt: skip
+    run = train(cfg, folder / method, overwrite=True, progress=False)
+    return statistics.median(row["time_s"] for row in run.rows())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--methods", default=METHODS)
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args()
+    methods = args.methods.split(",")
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.repeats):
+            for method in methods if i % 2 == 0 else methods[::-1]:
+                times[method].append(seconds_per_epoch(method, args.epochs, Path(tmp)))
+    reference = methods[0]
+    result = {"seconds_per_epoch": {m: statistics.median(t) for m, t in times.items()},
+              f"ratio_to_{reference}": {m: ratio_summary(t, times[reference]) for m, t in times.items()},
+              "epochs": args.epochs, "repeats": args.repeats}  # fmt: skip
+    for m in methods:
+        r = result[f"ratio_to_{reference}"][m]
+        print(f"{m:>14}: {result['seconds_per_epoch'][m]:.2f} s/epoch, {r['median']:.2f}x {reference} "
+              f"(min {r['min']:.2f}, max {r['max']:.2f})")  # fmt: skip
+    print(f"wrote {write_result('method_cost', result, args.out)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""Algorithms: how a rollout and its advantages become training elements and a loss.
+
+``policy_gradient`` trains the sampler's per-step Gaussian policies with the losses of ``flowdppo.losses``
+(Flow-DPPO, Flow-GRPO, Flow-CPS, GRPO-Guard); ``diffusion_nft`` and ``awm`` are likelihood-free and train
+on the final samples with forward noising. Add an algorithm: one file with an ``Algorithm`` subclass and
+one line in ``ALGORITHMS``.
+"""
+
+from flowdppo.algorithms.awm import AWM
+from flowdppo.algorithms.base import Algorithm, Elements, NonFiniteGuard
+from flowdppo.algorithms.diffusion_nft import DiffusionNFT
+from flowdppo.algorithms.policy_gradient import PolicyGradient
+
+ALGORITHMS: dict[str, type[Algorithm]] = {
+    "policy_gradient": PolicyGradient,
+    "diffusion_nft": DiffusionNFT,
+    "awm": AWM,
+}
+
+
+def get_algorithm(cfg) -> Algorithm:
+    """The configured algorithm (``cfg.algorithm``), ready to ``setup`` on the policy."""
+    return ALGORITHMS[cfg.algorithm](cfg)
+
+
+__all__ = ["ALGORITHMS", "Algorithm", "Elements", "NonFiniteGuard", "get_algorithm"]

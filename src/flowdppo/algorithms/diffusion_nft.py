@@ -1,0 +1,134 @@
+"""DiffusionNFT (arXiv 2509.16117): online RL on the forward process, with no likelihood.
+
+Per element (final sample ``x0`` noised to ``x_s = (1 - s) x0 + s eps``), with ``v`` the current velocity
+and ``v_old`` the sampling policy's (no gradient):
+
+- implicit policies ``v+ = b v + (1 - b) v_old`` (positive), ``v- = (1 + b) v_old - b v`` (negative);
+- optimality weight ``r = clip(A, -c, c) / (2 c) + 1/2`` in ``[0, 1]``;
+- x0-prediction error ``L(u) = mean((x_s - s u - x0)^2) / w`` with the adaptive weight
+  ``w = max(detach(mean|x_s - s u - x0|), 1e-5)`` (computed for each of ``v+``, ``v-``);
+- loss ``(r L(v+) + (1 - r) L(v-)) / b``, averaged over elements; ``loss.beta > 0`` adds
+  ``beta * mean((v - v_ref)^2)`` to the frozen base.
+
+The sampling ("old") policy is a slowly-updated copy of the trained weights: after each rollout's
+update, ``w_old <- d w_old + (1 - d) w`` with ``d = min(nft.old_decay_rate * steps, nft.old_decay_max)``
+(``old_decay_max = 0``: roll out with the current weights). Rollouts run the old weights.
+The public code also multiplies the loss by ``c``; under Adam that only changes where gradient clipping
+binds, and it is left out here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from flowdppo.algorithms.base import Algorithm, Elements
+from flowdppo.algorithms.likelihood_free import (
+    SlowWeights,
+    mean_squared,
+    noised_elements,
+    timesteps_error,
+    velocities,
+)
+from flowdppo.distributed import Distributed
+from flowdppo.errors import ConsistencyError
+from flowdppo.rollout import Trajectory
+from flowdppo.sde import upcast
+
+
+def optimality_weight(advantages: Tensor, adv_clip_max: float) -> Tensor:
+    """``r = clip(A, -c, c) / (2 c) + 1/2``: 0 for the worst samples, 1 for the best, 1/2 at ``A = 0``."""
+    return advantages.clamp(-adv_clip_max, adv_clip_max) / (2 * adv_clip_max) + 0.5
+
+
+def x0_error(noised: Tensor, sigma: Tensor, velocity: Tensor, x0: Tensor) -> Tensor:
+    """Adaptively weighted x0-prediction error ``mean((x_s - s v - x0)^2) / max(detach(mean|.|), 1e-5)`` -> (E,)."""
+    s = upcast(sigma).view(-1, *([1] * (x0.ndim - 1)))
+    error = (upcast(noised) - s * upcast(velocity) - upcast(x0)).flatten(1)
+    weight = error.detach().abs().mean(dim=1).clamp_min(1e-5)
+    return error.pow(2).mean(dim=1) / weight
+
+
+def nft_loss(v: Tensor, v_old: Tensor, noised: Tensor, sigma: Tensor, x0: Tensor, advantages: Tensor, b: float,
+             adv_clip_max: float) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Per-element DiffusionNFT loss ``(r L(v+) + (1 - r) L(v-)) / b`` and the optimality weight ``r``. (E,)"""
+    v_old = v_old.detach()
+    positive, negative = b * v + (1 - b) * v_old, (1 + b) * v_old - b * v
+    r = optimality_weight(upcast(advantages.detach()), adv_clip_max)
+    loss = (r * x0_error(noised, sigma, positive, x0) + (1 - r) * x0_error(noised, sigma, negative, x0)) / b
+    return loss, r
+
+
+class DiffusionNFT(Algorithm):
+    name = "diffusion_nft"
+    reads = ("nft.", "loss.beta")
+    supports_fsdp = False
+
+    @classmethod
+    def config_error(cls, cfg) -> str | None:
+        if not cfg.nft.b > 0:
+            return f"nft.b: must be > 0 (it divides the loss; the public recipes use 1.0 or 0.1), got {cfg.nft.b}"
+        return timesteps_error("nft", cfg.nft.timesteps, cfg.nft.train_timesteps, cfg.sampler.num_steps)
+
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        self.old: SlowWeights | None = None
+
+    def setup(self, policy: nn.Module) -> None:
+        self.old = SlowWeights(policy, self.cfg.nft.old_decay_rate, self.cfg.nft.old_decay_max)
+
+    def sampling_weights(self, policy: nn.Module):
+        return self.old.swapped_in(policy)
+
+    def elements(self, traj: Trajectory, advantages: Tensor, policy: nn.Module, rng: torch.Generator,
+                 dist: Distributed) -> Elements:  # fmt: skip
+        nft = self.cfg.nft
+        elements = noised_elements(traj, advantages, nft.timesteps, nft.train_timesteps, rng, dist)
+        self.on_policy = self.old.equals(policy)
+        with self.old.swapped_in(policy):
+            elements.data["v_old"] = velocities(policy, elements, traj.cond, self.cfg)
+        return elements
+
+    def loss(self, velocity, base_velocity, mb: dict[str, Tensor], cond: Any, first: bool,
+             dist: Distributed) -> tuple[Tensor, dict[str, Tensor]]:  # fmt: skip
+        v = velocity(mb["noised"], mb["sigma"], cond)
+        drift = mean_squared(v.detach(), mb["v_old"])
+        if first and self.on_policy:
+            check_same_velocity(drift, self.cfg.consistency_tolerance, self.epoch, dist)
+        per_element, r = nft_loss(v, mb["v_old"], mb["noised"], mb["sigma"], mb["x0"], mb["advantages"],
+                                  self.cfg.nft.b, self.cfg.nft.adv_clip_max)  # fmt: skip
+        loss = per_element.mean()
+        metrics = {"policy_loss": loss.detach(), "optimality_weight": r.mean(), "velocity_drift": drift.mean(),
+                   "velocity_drift_max": drift.max()}  # fmt: skip
+        if self.cfg.loss.beta > 0:
+            ref_kl = velocity_kl(v, base_velocity, mb, cond)
+            loss = loss + self.cfg.loss.beta * ref_kl
+            metrics["ref_kl"] = ref_kl.detach()
+        return loss, metrics
+
+    def after_update(self, policy: nn.Module) -> None:
+        self.old.update(policy, self.optimizer_steps)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {**self.old.state_dict("old"), "optimizer_steps": torch.tensor(self.optimizer_steps)}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.old.load_state_dict(state, "old")
+        self.optimizer_steps = int(state["optimizer_steps"])
+
+
+def velocity_kl(v: Tensor, base_velocity, mb: dict[str, Tensor], cond: Any) -> Tensor:
+    """``mean((v - v_ref)^2)`` to the frozen base on the same noised samples (the likelihood-free KL penalty)."""
+    with torch.no_grad():
+        v_ref = base_velocity(mb["noised"], mb["sigma"], cond)
+    return mean_squared(v, v_ref).mean()
+
+
+def check_same_velocity(drift: Tensor, tolerance: float, epoch: int, dist: Distributed) -> None:
+    """Before any update, with the sampling policy equal to the current one, ``v == v_old``."""
+    worst = float(drift.max())
+    if dist.any(worst > tolerance, drift.device):
+        raise ConsistencyError(f"epoch {epoch}: the trained policy's velocity differs from the sampling policy's "
+                               f"before any update (max mean squared difference {worst:.3g}, tolerance {tolerance:g})")

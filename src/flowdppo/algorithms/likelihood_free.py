@@ -1,0 +1,133 @@
+"""What the likelihood-free algorithms (DiffusionNFT, AWM) share: forward-noised elements, slow weights.
+
+They need no per-step log-probability, so any sampler (ODE included) can roll out. They train on the
+rollout's final samples ``x0``: element ``(t, b)`` is sample ``b`` noised forward to level ``s``,
+``x_s = (1 - s) x0 + s eps`` with fresh ``eps``, and the flow-matching target velocity is ``eps - x0``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+
+from flowdppo.algorithms.base import Elements, index_cond
+from flowdppo.distributed import Distributed
+from flowdppo.policies.lora import trainable_parameters
+from flowdppo.rollout import Trajectory, in_chunks
+from flowdppo.sde import upcast
+
+TIMESTEP_MODES = ("schedule", "stratified", "uniform")
+
+
+def noise_levels(mode: str, sigmas: Tensor, n: int, batch: int, generator: torch.Generator) -> Tensor:
+    """Training noise levels ``(n, batch)`` drawn from the rollout schedule ``sigmas[0..K]``.
+
+    ``"schedule"`` (DiffusionNFT): per sample, ``n`` distinct levels of ``sigmas[0..K-1]`` in random order;
+    ``"stratified"`` (AWM): the step indices ``1..K-1`` cut into ``n`` consecutive, disjoint strata, one
+    index drawn in each, per sample; ``"uniform"``: ``s ~ U(sigmas[K-1], sigmas[0])``.
+    """
+    levels = sigmas[:-1].to(generator.device)
+    k = len(levels)
+    if mode == "schedule":
+        index = torch.rand((batch, k), generator=generator, device=generator.device).argsort(dim=1)[:, :n].T
+    elif mode == "stratified":
+        edges = torch.linspace(1, k, n + 1, device=generator.device).floor().long()  # [1, K) in n strata
+        lo, width = edges[:-1, None], (edges[1:] - edges[:-1])[:, None]
+        u = torch.rand((n, batch), generator=generator, device=generator.device)
+        index = lo + (u * width).floor().long()
+    elif mode == "uniform":
+        u = torch.rand((n, batch), generator=generator, device=generator.device)
+        return levels[-1] + u * (levels[0] - levels[-1])
+    else:
+        raise ValueError(f"timesteps must be one of {', '.join(TIMESTEP_MODES)}; got {mode!r}")
+    return levels[index]
+
+
+def timesteps_error(section: str, mode: str, n: int, num_steps: int) -> str | None:
+    """Why ``n`` training levels cannot be drawn with ``mode`` from a ``num_steps`` schedule, or None."""
+    most = {"schedule": num_steps, "stratified": num_steps - 1}.get(mode)
+    if most is not None and n > most:
+        return (f"{section}.train_timesteps: {mode} draws at most {most} levels from a {num_steps}-step schedule, "
+                f"got {n}")
+    return None
+
+
+def noised_elements(traj: Trajectory, advantages: Tensor, mode: str, n: int, rng: torch.Generator,
+                    dist: Distributed) -> Elements:  # fmt: skip
+    """``n`` forward-noised copies of each final sample: element ``e = t * B + b`` holds ``x0`` (sample
+    ``b``), ``eps``, ``sigma = s`` and ``noised = (1 - s) x0 + s eps``. The levels and the noise are drawn
+    for the global batch from ``rng`` (alike on every process) and sliced to this process's rows."""
+    x0 = traj.final
+    b = x0.shape[0]
+    rows = slice(dist.rank * b, (dist.rank + 1) * b)
+    sigma = noise_levels(mode, traj.sigmas, n, b * dist.world_size, rng)[:, rows].to(x0.device)
+    eps = torch.randn((n, b * dist.world_size, *x0.shape[1:]), generator=rng, device=rng.device)[:, rows]
+    eps = eps.to(device=x0.device, dtype=x0.dtype).flatten(0, 1)
+    sample = torch.arange(b, device=x0.device).repeat(n)
+    s = sigma.flatten().view(-1, *([1] * (x0.ndim - 1)))
+    x0_rep = x0[sample]
+    data = {"x0": x0_rep, "eps": eps, "sigma": sigma.flatten(), "noised": (1 - s) * x0_rep + s * eps,
+            "advantages": advantages[sample], "sample": sample}  # fmt: skip
+    return Elements(data, n, b)
+
+
+@torch.no_grad()
+def velocities(policy: nn.Module, elements: Elements, cond, cfg) -> Tensor:
+    """The policy's velocity at every element, without gradients, ``rollout_batch_size`` at a time."""
+    velocity = in_chunks(partial(policy, guidance_scale=cfg.sampler.guidance_scale), cfg.sampler.rollout_batch_size)
+    return velocity(elements.data["noised"], elements.data["sigma"], index_cond(cond, elements.data["sample"]))
+
+
+def mean_squared(a: Tensor, b: Tensor) -> Tensor:
+    """``mean((a - b)^2)`` over the non-batch dimensions, float32 or wider -> ``(E,)``."""
+    return (upcast(a) - upcast(b)).pow(2).flatten(1).mean(dim=1)
+
+
+class SlowWeights:
+    """A slowly-updated copy of the trained weights (the "old" policy of DiffusionNFT, AWM's EMA policy).
+
+    ``update``: ``w_slow <- d * w_slow + (1 - d) * w`` with ``d = min(decay_rate * steps, decay_max)``,
+    ``steps`` the optimizer steps so far (``d = 0`` copies the current weights).
+    """
+
+    def __init__(self, policy: nn.Module, decay_rate: float, decay_max: float) -> None:
+        self.decay_rate, self.decay_max = decay_rate, decay_max
+        self.weights = [p.detach().clone() for p in trainable_parameters(policy)]
+
+    def decay(self, steps: int) -> float:
+        return min(self.decay_rate * steps, self.decay_max)
+
+    @torch.no_grad()
+    def update(self, policy: nn.Module, steps: int) -> None:
+        d = self.decay(steps)
+        for slow, p in zip(self.weights, trainable_parameters(policy), strict=True):
+            slow.mul_(d).add_(p.detach(), alpha=1 - d)
+
+    def equals(self, policy: nn.Module) -> bool:
+        return all(torch.equal(s, p) for s, p in zip(self.weights, trainable_parameters(policy), strict=True))
+
+    @contextmanager
+    def swapped_in(self, policy: nn.Module) -> Iterator[None]:
+        """Inside the block the policy runs the slow weights; its own come back after."""
+        params = trainable_parameters(policy)
+        current = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, slow in zip(params, self.weights, strict=True):
+                p.copy_(slow)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, own in zip(params, current, strict=True):
+                    p.copy_(own)
+
+    def state_dict(self, prefix: str) -> dict[str, Tensor]:
+        return {f"{prefix}.{i}": w.detach().cpu().contiguous() for i, w in enumerate(self.weights)}
+
+    def load_state_dict(self, state: dict[str, Tensor], prefix: str) -> None:
+        for i, w in enumerate(self.weights):
+            w.copy_(state[f"{prefix}.{i}"])

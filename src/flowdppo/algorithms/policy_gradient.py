@@ -1,0 +1,130 @@
+"""Policy gradient on the sampler's per-step Gaussian policies: Flow-DPPO, Flow-GRPO, Flow-CPS, GRPO-Guard.
+
+Elements are the rollout's trained ``(step, sample)`` pairs. Each mini-batch replays its steps with
+gradients (``mu_theta``, ``logp_new``) against the anchor frozen before the update (``mu_old``,
+``logp_old``: recorded by the rollout, or a no-grad replay with ``optim.anchor=replay``), and the
+configured loss of ``flowdppo.losses`` (``loss.loss_mode``) turns them into per-element losses,
+averaged over the mini-batch; ``loss.beta > 0`` adds ``beta * mean((mu_theta - mu_ref)^2) / (2 s^2)``
+to the frozen base.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from flowdppo.algorithms.base import Algorithm, Elements, index_cond
+from flowdppo.distributed import Distributed
+from flowdppo.errors import ConsistencyError
+from flowdppo.losses import StepBatch, get_loss, loss_kwargs, reference_kl_penalty
+from flowdppo.rollout import Trajectory, in_chunks
+from flowdppo.samplers import get_sampler
+from flowdppo.sde import log_prob
+
+
+class PolicyGradient(Algorithm):
+    name = "policy_gradient"
+    reads = ("loss.",)
+
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        loss = get_loss(cfg.loss.loss_mode)
+        self.loss_fn = partial(loss.fn, **loss_kwargs(loss.fn, cfg.loss))
+
+    @classmethod
+    def config_error(cls, cfg) -> str | None:
+        s, loss = cfg.sampler, get_loss(cfg.loss.loss_mode)
+        if not get_sampler(s.kind).stochastic:
+            return (f"sampler.kind: {cfg.loss.loss_mode} trains per-step log-probabilities, which an {s.kind} sampler "
+                    "does not have; use flow_sde, cps or dance_sde (or a likelihood-free method: diffusion_nft, awm)")
+        if loss.samplers and s.kind not in loss.samplers:
+            return f"loss.loss_mode {cfg.loss.loss_mode} needs sampler.kind {' or '.join(loss.samplers)}, got {s.kind}"
+        if s.logprob_convention not in loss.logprob_conventions:
+            return (f"loss.loss_mode {cfg.loss.loss_mode} needs sampler.logprob_convention "
+                    f"{' or '.join(loss.logprob_conventions)} (got {s.logprob_convention})")
+        return None
+
+    def elements(self, traj: Trajectory, advantages: Tensor, policy: nn.Module, rng: torch.Generator,
+                 dist: Distributed) -> Elements:  # fmt: skip
+        """(T, B, ...) records -> (T*B, ...) elements; element ``e`` is step ``e // B`` of sample ``e % B``."""
+        if self.cfg.optim.anchor == "replay":
+            traj = replay_anchor(policy, traj, self.cfg)
+        t, b = traj.log_probs.shape
+        sample = torch.arange(b, device=advantages.device).repeat(t)
+        data = {
+            "latents": traj.latents.flatten(0, 1),
+            "next_latents": traj.next_latents.flatten(0, 1),
+            "means": traj.means.flatten(0, 1),
+            "stds": traj.stds.flatten(),
+            "log_probs": traj.log_probs.flatten(),
+            "sigma": traj.sigma.repeat_interleave(b),
+            "sigma_next": traj.sigma_next.repeat_interleave(b),
+            "step_index": traj.step_index.repeat_interleave(b),
+            "advantages": advantages[sample],
+            "sample": sample,
+            "sigma_max": traj.sigmas[1].expand(t * b),
+        }
+        return Elements(data, t, b)
+
+    def loss(self, velocity, base_velocity, mb: dict[str, Tensor], cond: Any, first: bool,
+             dist: Distributed) -> tuple[Tensor, dict[str, Tensor]]:  # fmt: skip
+        mean_new, logp_new = replay_step(velocity, mb, cond, self.cfg)
+        batch = StepBatch(
+            logp_new=logp_new, logp_old=mb["log_probs"], advantages=mb["advantages"], mean_new=mean_new,
+            mean_old=mb["means"], std=mb["stds"], dt=mb["sigma_next"] - mb["sigma"], step_index=mb["step_index"],
+        )  # fmt: skip
+        if first:
+            check_consistency(batch, self.cfg.consistency_tolerance, self.epoch, dist)
+        per_element, metrics = self.loss_fn(batch)
+        loss = per_element.mean()
+        if self.cfg.loss.beta > 0:
+            with torch.no_grad():
+                mean_ref, _ = replay_step(base_velocity, mb, cond, self.cfg)
+            ref_kl = reference_kl_penalty(mean_new, mean_ref, mb["stds"], 1.0, self.cfg.loss.kl_reduce).mean()
+            loss = loss + self.cfg.loss.beta * ref_kl
+            metrics["ref_kl"] = ref_kl.detach()
+        return loss, metrics
+
+
+def replay_step(velocity, mb: dict[str, Tensor], cond: Any, cfg) -> tuple[Tensor, Tensor]:
+    """Recompute the transitions of some elements with the current weights: (mean, log-prob)."""
+    x, s = mb["latents"], cfg.sampler
+    v = velocity(x, mb["sigma"], cond)
+    step = get_sampler(s.kind).step(x, v, mb["sigma"], mb["sigma_next"], s.eta, mb["sigma_max"][0])
+    return step.mean, log_prob(mb["next_latents"], step.mean, step.std, convention=s.logprob_convention)
+
+
+@torch.no_grad()
+def replay_anchor(policy: nn.Module, traj: Trajectory, cfg) -> Trajectory:
+    """Recompute ``mu_old`` and ``logp_old`` with a no-grad replay of every trained element."""
+    velocity = in_chunks(partial(policy, guidance_scale=cfg.sampler.guidance_scale), cfg.sampler.rollout_batch_size)
+    t, b = traj.log_probs.shape
+    mb = {
+        "latents": traj.latents.flatten(0, 1),
+        "next_latents": traj.next_latents.flatten(0, 1),
+        "sigma": traj.sigma.repeat_interleave(b),
+        "sigma_next": traj.sigma_next.repeat_interleave(b),
+        "sigma_max": traj.sigmas[1].expand(t * b),
+    }
+    cond = index_cond(traj.cond, torch.arange(b, device=traj.final.device).repeat(t))
+    means, log_probs = replay_step(velocity, mb, cond, cfg)
+    traj.means, traj.log_probs = means.view_as(traj.means), log_probs.view(t, b)
+    return traj
+
+
+def check_consistency(batch: StepBatch, tolerance: float, epoch: int, dist: Distributed | None = None) -> None:
+    """Before any update the replay must reproduce the rollout: ``rho == 1`` and ``D == 0``."""
+    with torch.no_grad():
+        max_log_ratio = (batch.logp_new - batch.logp_old).abs().max().item()
+        max_divergence = batch.divergence().max().item()
+    failed = max_log_ratio > tolerance or max_divergence > tolerance
+    if (dist or Distributed()).any(failed, batch.logp_new.device):  # every process stops, none waits
+        raise ConsistencyError(
+            f"epoch {epoch}: the replayed policy differs from the rollout policy before any update "
+            f"(max |log rho| {max_log_ratio:.3g}, max D {max_divergence:.3g}, tolerance {tolerance:g}). "
+            "The rollout and the replay must run the same weights and numerics; if your rollout engine "
+            "differs on purpose, set optim.anchor=replay."
+        )

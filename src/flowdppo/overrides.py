@@ -1,0 +1,121 @@
+"""Typed configs from nested mappings: YAML files, dotted ``key=value`` overrides, dataclass building.
+
+Generic helpers of ``flowdppo.config``; an unknown key or a value of the wrong type raises ``ConfigError``
+naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from flowdppo.errors import ConfigError
+
+
+def merge(base: dict, update: dict) -> dict:
+    """``update`` over ``base``, section by section."""
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        tree = tree.setdefault(part, {})
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{dotted}: {part} is not a section")
+    tree[leaf] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["a.b=1", "c=[1, 2]"]`` -> nested dict; values are parsed as YAML scalars / lists."""
+    tree: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. loss.kl_mask_threshold=1e-4)")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    return tree
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check ``value`` against a field annotation (int -> float allowed; 1e-4 strings from YAML parsed)."""
+    if annotation is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    elif typing.get_origin(annotation) is list:
+        (item_type,) = typing.get_args(annotation)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]
+        if isinstance(value, list):
+            return [_coerce(v, item_type, key) for v in value]
+    name = getattr(annotation, "__name__", str(annotation))
+    raise ConfigError(f"{key}: expected {name}, got {value!r}")
+
+
+def build(cls: type, tree: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise ConfigError(f"unknown config key {dotted!r}{hint}; allowed: {', '.join(names)}")
+        annotation = hints[key]
+        if dataclasses.is_dataclass(annotation):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{dotted}: expected a section of keys, got {value!r}")
+            kwargs[key] = build(annotation, value, f"{dotted}.")
+        else:
+            kwargs[key] = _coerce(value, annotation, dotted)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def flatten_keys(tree: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten_keys(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def read_yaml(config_file: str | Path | None) -> dict:
+    if config_file is None:
+        return {}
+    path = Path(config_file)
+    if not path.is_file():
+        raise ConfigError(f"--config: no such file {str(path)!r}")
+    tree = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"--config: {path} must hold a mapping of keys, got {type(tree).__name__}")
+    return tree
