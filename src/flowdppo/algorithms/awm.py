@@ -22,14 +22,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from flowdppo.algorithms.base import Algorithm, Elements
-from flowdppo.algorithms.diffusion_nft import velocity_kl
+from flowdppo.algorithms.base import Elements
 from flowdppo.algorithms.likelihood_free import (
-    SlowWeights,
+    LikelihoodFree,
     mean_squared,
     noised_elements,
     timesteps_error,
     velocities,
+    velocity_kl,
 )
 from flowdppo.distributed import Distributed
 from flowdppo.errors import ConsistencyError
@@ -57,21 +57,16 @@ def matching_log_prob(v: Tensor, target: Tensor, sigma: Tensor, weighting: str =
     raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}; got {weighting!r}")
 
 
-class AWM(Algorithm):
+class AWM(LikelihoodFree):
     name = "awm"
     reads = ("awm.", "loss.beta")
-    supports_fsdp = False
 
     @classmethod
     def config_error(cls, cfg) -> str | None:
         return timesteps_error("awm", cfg.awm.timesteps, cfg.awm.train_timesteps, cfg.sampler.num_steps)
 
-    def __init__(self, cfg) -> None:
-        super().__init__(cfg)
-        self.ema: SlowWeights | None = None
-
-    def setup(self, policy: nn.Module) -> None:
-        self.ema = SlowWeights(policy, self.cfg.awm.ema_decay_rate, self.cfg.awm.ema_decay_max)
+    def slow_decay(self) -> tuple[float, float]:
+        return self.cfg.awm.ema_decay_rate, self.cfg.awm.ema_decay_max
 
     def elements(self, traj: Trajectory, advantages: Tensor, policy: nn.Module, rng: torch.Generator,
                  dist: Distributed) -> Elements:  # fmt: skip
@@ -81,7 +76,7 @@ class AWM(Algorithm):
         target = data["eps"] - data["x0"]
         data["log_probs"] = self.log_prob(velocities(policy, elements, traj.cond, self.cfg), target, data["sigma"])
         if awm.ema_kl > 0:
-            with self.ema.swapped_in(policy):
+            with self.slow.swapped_in(policy):  # the EMA policy
                 data["v_ema"] = velocities(policy, elements, traj.cond, self.cfg)
         return elements
 
@@ -110,16 +105,6 @@ class AWM(Algorithm):
             loss = loss + awm.ema_kl * ema_kl
             metrics["ema_kl"] = ema_kl.detach()
         return loss, metrics
-
-    def after_update(self, policy: nn.Module) -> None:
-        self.ema.update(policy, self.optimizer_steps)
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {**self.ema.state_dict("ema"), "optimizer_steps": torch.tensor(self.optimizer_steps)}
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.ema.load_state_dict(state, "ema")
-        self.optimizer_steps = int(state["optimizer_steps"])
 
 
 def check_unit_ratio(log_ratio: Tensor, tolerance: float, epoch: int, dist: Distributed) -> None:

@@ -24,13 +24,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from flowdppo.algorithms.base import Algorithm, Elements
+from flowdppo.algorithms.base import Elements
 from flowdppo.algorithms.likelihood_free import (
-    SlowWeights,
+    LikelihoodFree,
     mean_squared,
     noised_elements,
     timesteps_error,
     velocities,
+    velocity_kl,
 )
 from flowdppo.distributed import Distributed
 from flowdppo.errors import ConsistencyError
@@ -61,10 +62,9 @@ def nft_loss(v: Tensor, v_old: Tensor, noised: Tensor, sigma: Tensor, x0: Tensor
     return loss, r
 
 
-class DiffusionNFT(Algorithm):
+class DiffusionNFT(LikelihoodFree):
     name = "diffusion_nft"
     reads = ("nft.", "loss.beta")
-    supports_fsdp = False
 
     @classmethod
     def config_error(cls, cfg) -> str | None:
@@ -72,22 +72,18 @@ class DiffusionNFT(Algorithm):
             return f"nft.b: must be > 0 (it divides the loss; the public recipes use 1.0 or 0.1), got {cfg.nft.b}"
         return timesteps_error("nft", cfg.nft.timesteps, cfg.nft.train_timesteps, cfg.sampler.num_steps)
 
-    def __init__(self, cfg) -> None:
-        super().__init__(cfg)
-        self.old: SlowWeights | None = None
-
-    def setup(self, policy: nn.Module) -> None:
-        self.old = SlowWeights(policy, self.cfg.nft.old_decay_rate, self.cfg.nft.old_decay_max)
+    def slow_decay(self) -> tuple[float, float]:
+        return self.cfg.nft.old_decay_rate, self.cfg.nft.old_decay_max
 
     def sampling_weights(self, policy: nn.Module):
-        return self.old.swapped_in(policy)
+        return self.slow.swapped_in(policy)  # rollouts run the old policy
 
     def elements(self, traj: Trajectory, advantages: Tensor, policy: nn.Module, rng: torch.Generator,
                  dist: Distributed) -> Elements:  # fmt: skip
         nft = self.cfg.nft
         elements = noised_elements(traj, advantages, nft.timesteps, nft.train_timesteps, rng, dist)
-        self.on_policy = self.old.equals(policy)
-        with self.old.swapped_in(policy):
+        self.on_policy = self.slow.equals(policy)
+        with self.slow.swapped_in(policy):
             elements.data["v_old"] = velocities(policy, elements, traj.cond, self.cfg)
         return elements
 
@@ -107,23 +103,6 @@ class DiffusionNFT(Algorithm):
             loss = loss + self.cfg.loss.beta * ref_kl
             metrics["ref_kl"] = ref_kl.detach()
         return loss, metrics
-
-    def after_update(self, policy: nn.Module) -> None:
-        self.old.update(policy, self.optimizer_steps)
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {**self.old.state_dict("old"), "optimizer_steps": torch.tensor(self.optimizer_steps)}
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.old.load_state_dict(state, "old")
-        self.optimizer_steps = int(state["optimizer_steps"])
-
-
-def velocity_kl(v: Tensor, base_velocity, mb: dict[str, Tensor], cond: Any) -> Tensor:
-    """``mean((v - v_ref)^2)`` to the frozen base on the same noised samples (the likelihood-free KL penalty)."""
-    with torch.no_grad():
-        v_ref = base_velocity(mb["noised"], mb["sigma"], cond)
-    return mean_squared(v, v_ref).mean()
 
 
 def check_same_velocity(drift: Tensor, tolerance: float, epoch: int, dist: Distributed) -> None:

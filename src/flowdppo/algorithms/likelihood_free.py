@@ -10,11 +10,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from flowdppo.algorithms.base import Elements, index_cond
+from flowdppo.algorithms.base import Algorithm, Elements, index_cond
 from flowdppo.distributed import Distributed
 from flowdppo.policies.lora import trainable_parameters
 from flowdppo.rollout import Trajectory, in_chunks
@@ -87,6 +88,13 @@ def mean_squared(a: Tensor, b: Tensor) -> Tensor:
     return (upcast(a) - upcast(b)).pow(2).flatten(1).mean(dim=1)
 
 
+def velocity_kl(v: Tensor, base_velocity, mb: dict[str, Tensor], cond: Any) -> Tensor:
+    """``mean((v - v_ref)^2)`` to the frozen base on the same noised samples (the likelihood-free KL penalty)."""
+    with torch.no_grad():
+        v_ref = base_velocity(mb["noised"], mb["sigma"], cond)
+    return mean_squared(v, v_ref).mean()
+
+
 class SlowWeights:
     """A slowly-updated copy of the trained weights (the "old" policy of DiffusionNFT, AWM's EMA policy).
 
@@ -131,3 +139,27 @@ class SlowWeights:
     def load_state_dict(self, state: dict[str, Tensor], prefix: str) -> None:
         for i, w in enumerate(self.weights):
             w.copy_(state[f"{prefix}.{i}"])
+
+
+class LikelihoodFree(Algorithm):
+    """Base of DiffusionNFT and AWM: any sampler rolls out, and a slowly-updated copy of the weights
+    (``self.slow``, updated after each rollout's update and checkpointed) plays the role each gives it."""
+
+    supports_fsdp = False  # the slow copy is not sharded
+
+    def slow_decay(self) -> tuple[float, float]:
+        """``(decay_rate, decay_max)`` of the slow copy."""
+        raise NotImplementedError
+
+    def setup(self, policy: nn.Module) -> None:
+        self.slow = SlowWeights(policy, *self.slow_decay())
+
+    def after_update(self, policy: nn.Module) -> None:
+        self.slow.update(policy, self.optimizer_steps)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {**self.slow.state_dict("slow"), "optimizer_steps": torch.tensor(self.optimizer_steps)}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.slow.load_state_dict(state, "slow")
+        self.optimizer_steps = int(state["optimizer_steps"])
