@@ -4,7 +4,7 @@ Measured side by side in one process, bf16 base + float32 LoRA r32 (attention pr
 
 - rollout: ``flowdppo.rollout`` (SDE window recorded) vs the plain diffusers denoising loop of the same
   transformer (``StableDiffusion3Pipeline(..., output_type="latent")``), images/s;   target >= 0.9x
-- update: ``flowdppo.trainer.update`` per trained element vs a raw forward + backward + AdamW step of
+- update: ``PolicyGradient.update`` per trained element vs a raw forward + backward + AdamW step of
   the same LoRA model on the same inputs;                                             target <= 1.15x
 - peak memory of one LoRA training step (mini-batch ``--minibatch`` elements);
 - a whole epoch: rollout of ``--group`` images + VAE decode + update over ``--trained-steps`` steps

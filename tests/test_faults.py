@@ -156,8 +156,7 @@ def test_bad_input_is_one_line_with_exit_code_2(tmp_path, capsys, case):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0, err
     assert err.startswith("flowdppo: error: ") and re.search(message, err), err
-    if case not in ("reward NaN", "reward wrong shape"):  # found before training: nothing is written
-        assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists()  # found before or in the first epoch: nothing is left
 
 
 def test_debug_shows_the_traceback():

@@ -5,6 +5,7 @@ scheduler or the OOM killer would. The default suite runs a few trials; ``-m slo
 """
 
 import json
+import os
 import random
 import signal
 import subprocess
@@ -20,12 +21,15 @@ from flowdppo.checkpoint import complete_checkpoints, load_checkpoint
 EPOCHS = 6
 RUN = ["prompts_per_epoch=2", "group_size=4", "eval_samples_per_class=2", "eval_every=3", f"epochs={EPOCHS}",
        "checkpoint_every=1", "keep_checkpoints=2", "optim.minibatch_size=8"]  # fmt: skip
+SKIP = ["on_nonfinite=skip", "max_nonfinite_in_a_row=6", "reward.names=[user_rewards:sometimes_nan]"]
+MODES = {"stop": [], "skip": SKIP}  # skip: some rollouts have NaN rewards and are skipped, counted in the rows
 NONDETERMINISTIC = {"time_s"}
 
 
 def flowdppo_train(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}  # the tests' user rewards
     return subprocess.Popen([sys.executable, "-m", "flowdppo", "train", "--no-progress", *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
 
 
 def finish(process: subprocess.Popen) -> None:
@@ -38,18 +42,21 @@ def deterministic_rows(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in row.items() if k not in NONDETERMINISTIC} for row in rows]
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> list[dict]:
-    """The metric rows of an uninterrupted run."""
+@pytest.fixture(scope="module", params=list(MODES))
+def reference(request, tmp_path_factory) -> tuple[str, list[dict]]:
+    """The mode (``on_nonfinite``) and the metric rows of an uninterrupted run."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
-    finish(flowdppo_train("--out", str(run_dir), *RUN))
-    return deterministic_rows(run_dir)
+    finish(flowdppo_train("--out", str(run_dir), *RUN, *MODES[request.param]))
+    rows = deterministic_rows(run_dir)
+    if request.param == "skip":
+        assert 0 < rows[-1]["nonfinite_skipped"] < EPOCHS, "the trial must skip some rollouts, not all"
+    return request.param, rows
 
 
-def kill_and_resume(run_dir: Path, rng: random.Random) -> int:
+def kill_and_resume(run_dir: Path, rng: random.Random, mode: str = "stop") -> int:
     """Start the run, SIGKILL it at a random moment after checkpoint ``k``, resume; returns ``k``."""
     after = rng.randint(1, EPOCHS - 2)
-    process = flowdppo_train("--out", str(run_dir), *RUN)
+    process = flowdppo_train("--out", str(run_dir), *RUN, *MODES[mode])
     while not any(int(p.name.split("_")[1]) >= after for p in complete_checkpoints(run_dir / "checkpoints")):
         assert process.poll() is None, process.stderr.read()
         time.sleep(0.01)
@@ -62,15 +69,17 @@ def kill_and_resume(run_dir: Path, rng: random.Random) -> int:
 
 
 def test_killed_and_resumed_run_gives_identical_metrics(reference, tmp_path):
-    kill_and_resume(tmp_path / "run", random.Random(0))
-    assert deterministic_rows(tmp_path / "run") == reference
+    mode, rows = reference
+    kill_and_resume(tmp_path / "run", random.Random(0), mode)
+    assert deterministic_rows(tmp_path / "run") == rows
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("trial", range(1, 6))
 def test_killed_and_resumed_run_gives_identical_metrics_many_trials(reference, tmp_path, trial):
-    kill_and_resume(tmp_path / "run", random.Random(trial))
-    assert deterministic_rows(tmp_path / "run") == reference
+    mode, rows = reference
+    kill_and_resume(tmp_path / "run", random.Random(trial), mode)
+    assert deterministic_rows(tmp_path / "run") == rows
 
 
 WRITER = """
@@ -92,7 +101,7 @@ root = Path(sys.argv[1])
 policy, rng = Holder(), torch.Generator()
 optimizer = torch.optim.AdamW(policy.parameters())
 found = complete_checkpoints(root)
-epoch = load_checkpoint(found[-1], policy, optimizer, rng) if found else 0
+epoch = load_checkpoint(found[-1], policy, optimizer, rng)["epoch"] if found else 0
 print("ready", flush=True)
 while True:  # checkpoints as fast as possible, until killed
     epoch += 1
@@ -123,7 +132,7 @@ def kill_writer_repeatedly(root: Path, kills: int, seed: int) -> list[int]:
             holder = torch.nn.Module()
             holder.transformer = linear
             optimizer = torch.optim.AdamW(holder.parameters())
-            epoch = load_checkpoint(directory, holder, optimizer, torch.Generator())
+            epoch = load_checkpoint(directory, holder, optimizer, torch.Generator())["epoch"]
             assert directory.name == f"epoch_{epoch:06d}"
             assert torch.equal(linear.weight, torch.full_like(linear.weight, epoch))
             assert optimizer.state_dict()["state"][0]["step"] == epoch

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from flowdppo.distributed import gather_full_state, is_sharded, load_full_state
+from flowdppo.errors import CheckpointError
 from flowdppo.policies.lora import load_trainable_state_dict, trainable_state_dict
 
 STATE_FILE = "state.json"
@@ -81,7 +82,7 @@ def trained_state(policy: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[
 
 def save_checkpoint(
     directory: Path, policy: nn.Module, optimizer: torch.optim.Optimizer, rng: torch.Generator, epoch: int,
-    keep: int, write: bool = True, algorithm=None,
+    keep: int, write: bool = True, algorithm=None, extra_state: dict | None = None,
 ) -> None:  # fmt: skip
     """Write the checkpoint of ``epoch`` atomically and keep only the newest ``keep`` checkpoints.
 
@@ -104,7 +105,7 @@ def save_checkpoint(
     algorithm_state = algorithm.state_dict() if algorithm is not None else {}
     if algorithm_state:  # e.g. the slow copy of the weights of DiffusionNFT / AWM
         save_file({k: v.contiguous() for k, v in algorithm_state.items()}, str(tmp / ALGORITHM_FILE))
-    (tmp / STATE_FILE).write_text(json.dumps({"epoch": epoch}))
+    (tmp / STATE_FILE).write_text(json.dumps({"epoch": epoch, **(extra_state or {})}))
     _remove(directory)
     os.replace(tmp, directory)
     for old in complete_checkpoints(directory.parent)[:-keep]:
@@ -128,20 +129,47 @@ def complete_checkpoints(root: Path) -> list[Path]:
 
 
 def load_checkpoint(
-    directory: Path | None, policy: nn.Module, optimizer: torch.optim.Optimizer, rng: torch.Generator, algorithm=None
-) -> int:
-    """Restore weights, optimizer and RNG from ``directory``; returns the epoch to continue from."""
-    if directory is None:
-        return 0
-    weights = load_file(str(directory / "trainable.safetensors"))
-    rest = json.loads((directory / "optimizer.json").read_text())
-    optimizer_state = optimizer_from_flat(load_file(str(directory / "optimizer.safetensors")), rest)
-    if is_sharded(policy):
-        load_full_state(policy, optimizer, weights, optimizer_state)
-    else:
-        load_trainable_state_dict(policy, weights)
-        optimizer.load_state_dict(optimizer_state)
-    restore_rng(rng, load_file(str(directory / "rng.safetensors")), json.loads((directory / "rng.json").read_text()))
-    if algorithm is not None and (directory / ALGORITHM_FILE).is_file():
-        algorithm.load_state_dict(load_file(str(directory / ALGORITHM_FILE)))
-    return int(json.loads((directory / STATE_FILE).read_text())["epoch"])
+    directory: Path, policy: nn.Module, optimizer: torch.optim.Optimizer, rng: torch.Generator, algorithm=None
+) -> dict:
+    """Restore weights, optimizer, RNG and the algorithm's state from ``directory``; returns its ``state.json``
+    (``epoch``: the epoch to continue from). A file that is missing, truncated or malformed raises
+    ``CheckpointError`` naming it."""
+    state = read_json(directory / STATE_FILE)
+    if not isinstance(state, dict) or not isinstance(state.get("epoch"), int) or state["epoch"] < 1:
+        raise CheckpointError(f"{directory / STATE_FILE}: no valid epoch (a positive integer)")
+    weights = read_tensors(directory / "trainable.safetensors")
+    optimizer_tensors, optimizer_rest = read_tensors(directory / "optimizer.safetensors"), read_json(
+        directory / "optimizer.json")  # fmt: skip
+    rng_state = read_tensors(directory / "rng.safetensors"), read_json(directory / "rng.json")
+    algorithm_file = directory / ALGORITHM_FILE
+    algorithm_state = read_tensors(algorithm_file) if algorithm_file.is_file() else None
+    try:
+        optimizer_state = optimizer_from_flat(optimizer_tensors, optimizer_rest)
+        if is_sharded(policy):
+            load_full_state(policy, optimizer, weights, optimizer_state)
+        else:
+            load_trainable_state_dict(policy, weights)
+            optimizer.load_state_dict(optimizer_state)
+        restore_rng(rng, *rng_state)
+        if algorithm is not None and algorithm_state is not None:
+            algorithm.load_state_dict(algorithm_state)
+    except (KeyError, ValueError, TypeError, RuntimeError) as err:
+        raise CheckpointError(f"{directory}: does not fit this run ({type(err).__name__}: {err})") from err
+    return state
+
+
+def read_json(path: Path):
+    """A checkpoint's JSON file; unreadable or malformed: a ``CheckpointError`` naming it."""
+    return _checked(path, lambda: json.loads(path.read_text()))
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's safetensors file; missing, truncated or corrupt: a ``CheckpointError`` naming it."""
+    return _checked(path, lambda: load_file(str(path)))
+
+
+def _checked(path: Path, load):
+    try:
+        return load()
+    except Exception as err:  # safetensors, json and OS errors alike: the file is not what we wrote
+        raise CheckpointError(f"{path}: unreadable ({type(err).__name__}: {err})") from err

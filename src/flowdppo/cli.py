@@ -17,8 +17,10 @@ Data-parallel on N GPUs (or CPU processes): ``torchrun --nproc-per-node N -m flo
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -26,9 +28,9 @@ from pathlib import Path
 # transformers (imported by diffusers' pipelines) warns about optional image backends we never use
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import yaml
+import torch  # noqa: E402  (after the environment is set)
 
-from flowdppo.config import PRESETS, load_config, resume_config
+from flowdppo.config import PRESETS, load_config, resume_config, saved_config
 from flowdppo.errors import ConfigError, FlowDPPOError
 
 
@@ -36,14 +38,12 @@ def _train(args: argparse.Namespace) -> int:
     from flowdppo.trainer import train
 
     if args.resume:
-        config_path = Path(args.resume) / "config.yaml"
-        if not config_path.is_file():
-            raise ConfigError(f"--resume: {args.resume} is not a run folder (no config.yaml)")
-        cfg = resume_config(yaml.safe_load(config_path.read_text()), args.method, args.config, args.overrides)
+        cfg = resume_config(saved_config(Path(args.resume), "--resume"), args.method, args.config, args.overrides)
         out = Path(args.resume)
     else:
         cfg = load_config(args.method, args.config, args.overrides)
         out = Path(args.out or f"runs/{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+    args.run_dir = out  # named in the message if the run is interrupted
     run = train(cfg, out, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.no_progress)
     if run.is_writer:
         _print_summary(run.path)
@@ -65,6 +65,7 @@ def _print_summary(path: Path) -> None:
 def _eval(args: argparse.Namespace) -> int:
     from flowdppo.evaluate import evaluate_run
 
+    _positive(per_class=args.per_class)
     results = evaluate_run(Path(args.run_dir), per_class=args.per_class)
     width = max(len(k) for k in results["base"])
     print(f"{'measure':<{width}}  {'base':>9}  {'trained':>9}")
@@ -89,6 +90,7 @@ def _compare(args: argparse.Namespace) -> int:
     if args.report_only:
         print(f"wrote {render_report(Path(args.report_only))}")
         return 0
+    _positive(seeds=args.seeds, jobs=args.jobs if args.jobs is not None else 1)
     methods = tuple(args.methods.split(",")) if args.methods else METHODS
     unknown = [m for m in methods if m not in PRESETS]
     if unknown:
@@ -97,6 +99,12 @@ def _compare(args: argparse.Namespace) -> int:
     run_compare(args.preset, out, args.seeds, methods, args.overrides, args.jobs, [Path(d) for d in args.reuse])
     print(f"report: {out / 'REPORT.md'}")
     return 0
+
+
+def _positive(**values: int) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')}: must be at least 1, got {value}")
 
 
 def _digits_pretrain(args: argparse.Namespace) -> int:
@@ -180,16 +188,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so the run stops where SIGINT would stop it."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Interrupted()
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Every failure a user can cause ends in one line and exit code 2 (130 when interrupted); ``--debug``
+    anywhere on the command line shows the traceback instead. Under ``torchrun`` only process 0 prints."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
     quiet_loading_bars()
+    quiet = int(os.environ.get("RANK", "0")) != 0  # one message per job, not one per process
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return args.func(args)
-    except (FlowDPPOError, ValueError, FileNotFoundError) as err:
-        if args.debug:
+    except KeyboardInterrupt as err:
+        if debug:
             raise
-        print(f"flowdppo: error: {err}", file=sys.stderr)
+        how = "SIGTERM" if isinstance(err, Interrupted) else "SIGINT"
+        run = getattr(args, "run_dir", None)
+        resumable = run is not None and (Path(run) / "config.yaml").is_file()
+        hint = f"; continue with: flowdppo train --resume {run}" if resumable else ""
+        _say(f"flowdppo: interrupted ({how}){hint}", quiet)
+        return 130
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        _say(f"flowdppo: error: {_one_line(err)}", quiet)
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+USER_ERRORS = (FlowDPPOError, ValueError, OSError, MemoryError, torch.cuda.OutOfMemoryError)
+"""What a user's input or machine can cause: configuration, files and folders (missing, unreadable, a full or
+read-only disk), out of memory. Anything else is a defect and keeps its traceback."""
+
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, (MemoryError, torch.cuda.OutOfMemoryError)):
+        return ("out of memory; reduce group_size, prompts_per_epoch, optim.minibatch_size or "
+                "sampler.rollout_batch_size")
+    if isinstance(err, OSError) and not isinstance(err, FlowDPPOError):
+        where = f": {err.filename}" if err.filename else ""
+        return f"{err.strerror or err}{where}" + ("; free some space and resume with --resume"
+                                                 if err.errno == errno.ENOSPC else "")  # fmt: skip
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _say(message: str, quiet: bool) -> None:
+    if not quiet:
+        print(message, file=sys.stderr)
 
 
 if __name__ == "__main__":

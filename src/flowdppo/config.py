@@ -19,7 +19,7 @@ from flowdppo.algorithms.awm import WEIGHTINGS
 from flowdppo.algorithms.likelihood_free import TIMESTEP_MODES
 from flowdppo.errors import ConfigError
 from flowdppo.losses import LOSSES
-from flowdppo.overrides import build, flatten_keys, merge, parse_overrides, read_yaml, to_dict
+from flowdppo.overrides import build, flatten_keys, merge, parse_overrides, read_yaml, read_yaml_file, to_dict
 from flowdppo.samplers import SAMPLERS, WINDOW_MODES, get_sampler, window_error
 from flowdppo.sde import LOGPROB_CONVENTIONS, REDUCTIONS
 
@@ -219,6 +219,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 ALGORITHM_SECTIONS = ("loss", "nft", "awm")  # config sections read by one algorithm or another
+LARGEST = {"sampler.num_steps": 10_000, "group_size": 100_000, "prompts_per_epoch": 100_000, "epochs": 10_000_000,
+           "eval_samples_per_class": 100_000, "optim.inner_epochs": 10_000}  # beyond: a typo, not a run
+LARGEST_BATCH = 10_000_000
 
 def choices() -> dict[str, tuple[str, ...]]:
     """The allowed values of the keys that take a name (read from the registries when asked)."""
@@ -249,6 +252,14 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for key, allowed in choices().items():
         if flat[key] not in allowed:
             raise ConfigError(f"{key}: must be one of {', '.join(allowed)}; got {flat[key]!r}")
+    if not 0 <= cfg.seed < 2**63:
+        raise ConfigError(f"seed: must be in [0, 2^63), got {cfg.seed}")
+    for key, most in LARGEST.items():
+        if flat[key] > most:
+            raise ConfigError(f"{key}: at most {most:,}, got {flat[key]:,}")
+    if cfg.prompts_per_epoch * cfg.group_size > LARGEST_BATCH:
+        raise ConfigError(f"prompts_per_epoch x group_size: at most {LARGEST_BATCH:,} samples per rollout, got "
+                          f"{cfg.prompts_per_epoch * cfg.group_size:,}")
     positive = ["epochs", "prompts_per_epoch", "sampler.num_steps", "sampler.window_size", "optim.inner_epochs",
                 "optim.minibatch_size", "optim.grad_accum", "optim.lr", "loss.kl_mask_threshold",
                 "loss.clip_range", "loss.adv_clip_max", "sampler.shift", "sampler.guidance_scale",
@@ -286,6 +297,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         problem = f"optim.fsdp: not supported by {cfg.algorithm} (its slow copy of the weights is not sharded)"
     if problem:
         raise ConfigError(problem)
+    if sum(cfg.reward.weights) == 0:
+        raise ConfigError(f"reward.weights: must not sum to 0 (the logged reward is their weighted mean), got "
+                          f"{cfg.reward.weights}")
     if len(cfg.reward.weights) != len(cfg.reward.names) or not cfg.reward.names:
         raise ConfigError(
             f"reward.weights: need one weight per reward name ({len(cfg.reward.names)} names, "
@@ -300,7 +314,7 @@ def load_config(
     """Preset of ``method`` (default flow_dppo), then the YAML file, then the dotted overrides."""
     tree = merge(read_yaml(config_file), parse_overrides(overrides or []))
     method = method or tree.get("method", "flow_dppo")
-    if method not in PRESETS:
+    if not isinstance(method, str) or method not in PRESETS:
         raise ConfigError(f"method: must be one of {', '.join(PRESETS)}; got {method!r}")
     user = {k: v for k, v in tree.items() if k != "method"}
     cfg = validate(build(TrainConfig, merge(merge({"method": method}, PRESETS[method]), user)))
@@ -324,6 +338,17 @@ def resume_config(
     """A run's saved config with what the command line gives on top (a resumed run refuses any change)."""
     tree = merge(merge(saved, read_yaml(config_file)), parse_overrides(overrides or []))
     return config_from_dict(tree if method is None else {**tree, "method": method})
+
+
+def saved_config(run_dir: Path, what: str) -> dict:
+    """A run folder's ``config.yaml`` as a mapping; missing, empty or broken: one line naming it."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{what}: {run_dir} is not a run folder (no config.yaml)")
+    tree = read_yaml_file(path, what)
+    if not isinstance(tree, dict) or not tree:
+        raise ConfigError(f"{what}: {path} is empty or not a mapping of keys; restore it or start a new run")
+    return tree
 
 
 def config_from_dict(tree: dict) -> TrainConfig:

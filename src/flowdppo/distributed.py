@@ -55,11 +55,23 @@ class Distributed:
         return self.world_size > 1
 
     def device(self, name: str) -> torch.device:
-        """``cuda`` means this process's GPU (``cuda:LOCAL_RANK``) when distributed."""
+        """``cuda`` means this process's GPU (``cuda:LOCAL_RANK``) when distributed; a device this machine does
+        not have is a ``ConfigError``."""
+        try:
+            device = torch.device(name)
+        except RuntimeError as err:
+            raise ConfigError(f"device: {name!r} is not a device name (cpu, cuda, cuda:1, mps, ...)") from err
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise ConfigError(f"device: {name} is not available on this machine (CUDA devices: "
+                              f"{torch.cuda.device_count()}); use device=cpu")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise ConfigError(f"device: {name} is not available on this machine; use device=cpu")
+        if device.type not in ("cpu", "cuda", "mps"):
+            raise ConfigError(f"device: {name} is not supported; use cpu, cuda or mps")
         if name == "cuda" and self.enabled:
             torch.cuda.set_device(self.local_rank)
             return torch.device("cuda", self.local_rank)
-        return torch.device(name)
+        return device
 
     def share(self, total: int, what: str) -> int:
         """``total / world_size``; ``what`` names the setting when it does not divide."""

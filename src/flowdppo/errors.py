@@ -19,3 +19,7 @@ class ConsistencyError(FlowDPPOError, RuntimeError):
 
 class NonFiniteError(FlowDPPOError, FloatingPointError):
     """A reward, advantage, loss or gradient norm was NaN or infinite (and was not trained on)."""
+
+
+class CheckpointError(FlowDPPOError, ValueError):
+    """A checkpoint file is missing, truncated, malformed or does not fit the run."""

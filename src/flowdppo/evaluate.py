@@ -6,11 +6,10 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import yaml
-from safetensors.torch import load_file
 
-from flowdppo.checkpoint import complete_checkpoints
-from flowdppo.config import config_from_dict
+from flowdppo.checkpoint import complete_checkpoints, read_tensors
+from flowdppo.config import config_from_dict, saved_config
+from flowdppo.distributed import Distributed
 from flowdppo.errors import ConfigError
 from flowdppo.policies.lora import (
     load_lora_adapter,
@@ -28,7 +27,11 @@ def load_trained_policy(run_dir: Path, task):
     fully fine-tuned policy of ``final/``."""
     final = run_dir / "final"
     if (final / "pytorch_lora_weights.safetensors").is_file():
-        load_lora_adapter(task.policy, final)
+        try:
+            load_lora_adapter(task.policy, final)
+        except Exception as err:  # safetensors / peft errors on a truncated or foreign file
+            raise ConfigError(f"{final / 'pytorch_lora_weights.safetensors'}: unreadable ({type(err).__name__}: "
+                              f"{' '.join(str(err).split())}); export from a checkpoint with --checkpoint") from err
         return task.policy
     if final.is_dir():
         return task.load_policy(str(final))
@@ -36,17 +39,14 @@ def load_trained_policy(run_dir: Path, task):
 
 
 def run_config(run_dir: Path):
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise ConfigError(f"{run_dir} is not a run folder (no config.yaml)")
-    return config_from_dict(yaml.safe_load(config_path.read_text()))
+    return config_from_dict(saved_config(run_dir, str(run_dir)))
 
 
 @torch.no_grad()
 def evaluate_run(run_dir: Path, per_class: int = 50) -> dict[str, dict[str, float]]:
     """``{"base": measures, "trained": measures}`` on the same fixed noise."""
     cfg = run_config(run_dir)
-    task = load_task(cfg, cfg.device)
+    task = load_task(cfg, Distributed().device(cfg.device))
     trained = load_trained_policy(run_dir, task)
     w = cfg.sampler.guidance_scale
     # with LoRA the base is the same network with its adapters off: the model is loaded once
@@ -67,7 +67,7 @@ def export_lora(run_dir: Path, out: Path, from_checkpoint: bool = False) -> Path
             raise ConfigError(f"{run_dir} has no complete checkpoint")
         policy = task.policy
         make_trainable(policy, cfg.optim.lora_rank, cfg.optim.lora_alpha, cfg.optim.lora_target_modules)
-        load_trainable_state_dict(policy, load_file(str(found[-1] / "trainable.safetensors")))
+        load_trainable_state_dict(policy, read_tensors(found[-1] / "trainable.safetensors"))
     else:
         policy = load_trained_policy(run_dir, task)
     out.mkdir(parents=True, exist_ok=True)

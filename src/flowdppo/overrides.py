@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from pathlib import Path
 from typing import Any
@@ -41,8 +42,32 @@ def parse_overrides(overrides: list[str]) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. loss.kl_mask_threshold=1e-4)")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+        _set_dotted(tree, key.strip(), load_yaml_text(raw, f"override {item!r}"))
     return tree
+
+
+def load_yaml_text(text: str, where: str) -> Any:
+    """``yaml.safe_load`` with every failure (bad syntax, a Python-object tag, absurd nesting) as one line."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML{line} ({problem})") from err
+    except RecursionError as err:
+        raise ConfigError(f"{where}: YAML nested too deeply") from err
+
+
+def read_yaml_file(path: Path, what: str) -> Any:
+    """The YAML document in ``path``; a missing, unreadable, non-UTF-8 or invalid file is one line naming it."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{what}: {path} is not UTF-8 text (byte {err.start})") from err
+    except OSError as err:
+        raise ConfigError(f"{what}: cannot read {path} ({err.strerror or err})") from err
+    return load_yaml_text(text, f"{what} {path}")
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
@@ -54,6 +79,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             except ValueError:
                 pass
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{key}: must be a finite number, got {value!r}")
             return float(value)
     elif annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -115,7 +142,7 @@ def read_yaml(config_file: str | Path | None) -> dict:
     path = Path(config_file)
     if not path.is_file():
         raise ConfigError(f"--config: no such file {str(path)!r}")
-    tree = yaml.safe_load(path.read_text()) or {}
+    tree = read_yaml_file(path, "--config") or {}
     if not isinstance(tree, dict):
         raise ConfigError(f"--config: {path} must hold a mapping of keys, got {type(tree).__name__}")
     return tree

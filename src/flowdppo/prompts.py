@@ -26,7 +26,11 @@ def load_prompts(path: str | Path) -> list[Record]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"prompts: no such file {str(path)!r}")
-    lines = [(n, line.strip()) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"prompts: {path} is not UTF-8 text (byte {err.start})") from err
+    lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     if path.suffix == ".jsonl":
         records = []
         for n, line in lines:

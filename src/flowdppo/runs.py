@@ -8,6 +8,7 @@ RUN/plots/per_step.png      per trained step: mean D and masked fraction
 RUN/samples.png             base vs trained samples, one row per prompt
 RUN/checkpoints/epoch_N/    resumable checkpoints (safetensors + JSON)
 RUN/final/                  the LoRA adapter (diffusers format) or the full policy
+RUN/.lock                   held while a run writes the folder (the id of its process)
 """
 
 from __future__ import annotations
@@ -15,19 +16,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
-import yaml
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
 
-from flowdppo.checkpoint import complete_checkpoints, save_checkpoint
-from flowdppo.config import TrainConfig, flatten_keys, save_config, to_dict
-from flowdppo.errors import ConfigError
+from flowdppo.checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
+from flowdppo.config import TrainConfig, flatten_keys, save_config, saved_config, to_dict
+from flowdppo.errors import CheckpointError, ConfigError
 from flowdppo.plots import plot_per_step, plot_training_curves, save_image_grid
 from flowdppo.policies.lora import save_lora_adapter, uses_lora
 
 CONFIG_FILE = "config.yaml"
+LOCK_FILE = ".lock"
 RUN_SUBFOLDERS = ("checkpoints", "tensorboard", "plots", "final")
 METRICS_FILE = "metrics.jsonl"
 
@@ -40,10 +43,14 @@ class RunFolder:
         """Check that ``path`` may hold this run (``create`` then writes it)."""
         self.path, self.cfg, self.resume, self.is_writer = path, cfg, resume, writer
         config_path = path / CONFIG_FILE
+        flag = "--resume" if resume else "--out"
+        for folder in (path, *path.parents):
+            if folder.exists() and not folder.is_dir():
+                raise ConfigError(f"{flag}: {folder} is a file, not a folder; choose another run folder")
+        self.made_folder = not path.exists()  # a failure before the first epoch removes what this run made
+        self.locked = False
         if resume:
-            if not config_path.is_file():
-                raise ConfigError(f"--resume: {path} is not a run folder (no {CONFIG_FILE})")
-            saved, wanted = flatten_keys(yaml.safe_load(config_path.read_text())), flatten_keys(to_dict(cfg))
+            saved, wanted = flatten_keys(saved_config(path, "--resume")), flatten_keys(to_dict(cfg))
             changed = sorted(k for k in wanted.keys() | saved.keys() if saved.get(k) != wanted.get(k))
             if changed:
                 shown = ", ".join(f"{k} (run {saved.get(k)!r}, now {wanted.get(k)!r})" for k in changed[:3])
@@ -53,14 +60,36 @@ class RunFolder:
         self.writer: SummaryWriter | None = None
 
     def create(self) -> None:
-        """Write the resolved config; a new run over an old one (``--overwrite``) clears the old files."""
+        """Lock the folder and write the resolved config; a new run over an old one (``--overwrite``) clears the
+        old files, a resumed one the leftovers of interrupted writes and deletions."""
         if not self.is_writer:
             return
-        if not self.resume:
-            for name in RUN_SUBFOLDERS:
-                shutil.rmtree(self.path / name, ignore_errors=True)
-        self.path.mkdir(parents=True, exist_ok=True)
-        save_config(self.cfg, self.path / CONFIG_FILE)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.locked = take_lock(self.path / LOCK_FILE)
+            if not self.resume:
+                for name in (*RUN_SUBFOLDERS, METRICS_FILE, "base_eval.json"):
+                    _remove_any(self.path / name)
+            for leftover in (*self.path.glob(".tmp-*"), *(self.path / "checkpoints").glob(".*-epoch_*")):
+                _remove_any(leftover)
+            save_config(self.cfg, self.path / CONFIG_FILE)
+        except PermissionError as err:
+            raise ConfigError(f"--out: cannot write in {self.path} ({err.strerror}); choose a writable folder") from err
+
+    def close(self, failed: bool) -> None:
+        """Release the lock. A run that failed before finishing its first epoch leaves nothing behind: the
+        folder if it made it, else what it wrote (so the same command can simply be run again)."""
+        if not self.is_writer:
+            return
+        if failed and not self.resume and not self.rows():
+            if self.made_folder:
+                shutil.rmtree(self.path, ignore_errors=True)
+            else:
+                for name in (*RUN_SUBFOLDERS, METRICS_FILE, "base_eval.json", CONFIG_FILE):
+                    _remove_any(self.path / name)
+        if self.locked:
+            (self.path / LOCK_FILE).unlink(missing_ok=True)
+            self.locked = False
 
     @property
     def metrics_path(self) -> Path:
@@ -73,24 +102,65 @@ class RunFolder:
         found = complete_checkpoints(self.path / "checkpoints")
         return found[-1] if found else None
 
+    def load_latest_checkpoint(self, policy: nn.Module, optimizer, rng, algorithm=None) -> dict:
+        """Restore the newest checkpoint that reads (a broken newer one is skipped with a warning) and return
+        its state (``{"epoch": 0}`` when there is none yet). The run's config must be the one it ran with."""
+        found = complete_checkpoints(self.path / "checkpoints")
+        for directory in reversed(found):
+            try:
+                state = load_checkpoint(directory, policy, optimizer, rng, algorithm)
+            except CheckpointError as err:
+                tqdm.write(f"flowdppo: warning: skipping a checkpoint: {err}", file=sys.stderr)
+                continue
+            self._check_same_config(state.get("config"), directory)
+            if state["epoch"] > self.cfg.epochs:
+                raise CheckpointError(f"{directory}: epoch {state['epoch']} is past the run's {self.cfg.epochs} epochs")
+            return state
+        if found:
+            raise CheckpointError(f"--resume: no checkpoint of {self.path} could be read (see the warnings above)")
+        return {"epoch": 0}
+
+    def _check_same_config(self, ran_with: dict | None, directory: Path) -> None:
+        """A ``config.yaml`` edited after the checkpoint was written would misreport the run: refuse it."""
+        if ran_with is None:  # a checkpoint from before configs were recorded in it
+            return
+        saved, now = flatten_keys(ran_with), flatten_keys(to_dict(self.cfg))
+        changed = sorted(k for k in saved.keys() & now.keys() if saved[k] != now[k])
+        if changed:
+            shown = ", ".join(f"{k} (checkpoint {saved[k]!r}, now {now[k]!r})" for k in changed[:3])
+            raise ConfigError(f"--resume: {self.path / CONFIG_FILE} differs from the config {directory.name} ran "
+                              f"with: {shown}; restore it, or start a new run to change it")
+
     def save_json(self, name: str, data: dict) -> None:
         if self.is_writer:
             _write_atomic(self.path / name, json.dumps(data, indent=2) + "\n")
 
-    def save_checkpoint(self, epoch: int, policy: nn.Module, optimizer, rng, algorithm=None) -> None:
-        """The state after ``epoch`` epochs, under ``checkpoints/`` (the newest ``keep_checkpoints`` kept).
+    def save_checkpoint(self, epoch: int, policy: nn.Module, optimizer, rng, algorithm=None,
+                        extra_state: dict | None = None) -> None:  # fmt: skip
+        """The state after ``epoch`` epochs, under ``checkpoints/`` (the newest ``keep_checkpoints`` kept), with
+        the config it ran with and ``extra_state`` in its ``state.json``.
 
         Every process calls it: a sharded policy's state is gathered first."""
+        state = {"config": to_dict(self.cfg), **(extra_state or {})}
         save_checkpoint(self.checkpoint_dir(epoch), policy, optimizer, rng, epoch, self.cfg.keep_checkpoints,
-                        write=self.is_writer, algorithm=algorithm)  # fmt: skip
+                        write=self.is_writer, algorithm=algorithm, extra_state=state)  # fmt: skip
 
     def load_json(self, name: str) -> dict:
         return json.loads((self.path / name).read_text())
 
     def rows(self) -> list[dict]:
+        """The metric rows; a last row cut short by a kill is left out (its epoch is run again on resume)."""
         if not self.metrics_path.is_file():
             return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        lines = [line for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        rows = []
+        for n, line in enumerate(lines, 1):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                if n < len(lines):
+                    raise ConfigError(f"{self.metrics_path}: line {n} is not a JSON row ({err.msg})") from err
+        return rows
 
     def start(self, start_epoch: int) -> None:
         """Keep the metric rows of epochs before ``start_epoch`` (a resumed run rewrites the rest)."""
@@ -127,6 +197,48 @@ class RunFolder:
             policy.save_pretrained(final)
         if self.writer is not None:
             self.writer.close()
+
+
+def take_lock(lock: Path) -> bool:
+    """Create ``lock`` holding this process's id; a lock whose process is gone (a killed run) is taken over."""
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            holder = _lock_holder(lock)
+            if holder is not None and _alive(holder):
+                raise ConfigError(f"--out: {lock.parent} is in use by another run (process {holder}); wait for it "
+                                  f"or choose another folder (remove {lock} if that process is gone)") from None
+            lock.unlink(missing_ok=True)  # stale: left by a run that was killed
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        return True
+    raise ConfigError(f"--out: cannot lock {lock.parent}; another run keeps taking it")
+
+
+def _lock_holder(lock: Path) -> int | None:
+    try:
+        return int(lock.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_any(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -20,7 +20,6 @@ from tqdm.auto import tqdm
 from flowdppo.advantages import aggregate_rewards
 from flowdppo.algorithms import get_algorithm
 from flowdppo.algorithms.base import NonFiniteGuard
-from flowdppo.checkpoint import load_checkpoint
 from flowdppo.config import RewardConfig, TrainConfig
 from flowdppo.distributed import Distributed, init_distributed
 from flowdppo.errors import ConsistencyError, NonFiniteError
@@ -40,6 +39,17 @@ def train(
     """Run ``cfg`` and write the run folder ``out_dir``; ``resume`` continues from its last checkpoint."""
     dist = init_distributed()
     run = RunFolder(Path(out_dir), cfg, resume=resume, overwrite=overwrite, writer=dist.is_main)
+    try:
+        run_training(cfg, run, dist, resume, progress)
+    except BaseException:
+        run.close(failed=True)  # the lock is released; a run that failed in its first epoch leaves nothing
+        raise
+    run.close(failed=False)
+    return run
+
+
+def run_training(cfg: TrainConfig, run: RunFolder, dist: Distributed, resume: bool, progress: bool) -> None:
+    """The body of ``train``: set up, then rollout -> reward -> advantage -> update, epoch after epoch."""
     global_batch = cfg.prompts_per_epoch * cfg.group_size
     dist.share(cfg.prompts_per_epoch, "prompts_per_epoch")  # whole groups on each process
     rows = dist.rows(global_batch, "prompts_per_epoch x group_size")
@@ -59,11 +69,13 @@ def train(
     dist.barrier()  # every process has checked the inputs before process 0 writes the run folder
     run.create()
     rng = torch.Generator(device).manual_seed(cfg.seed)  # rollout noise and mini-batch order, same on every process
-    start_epoch = load_checkpoint(run.latest_checkpoint(), policy, optimizer, rng, algorithm) if resume else 0
-    run.start(start_epoch)
     guard = NonFiniteGuard(cfg.on_nonfinite, cfg.max_nonfinite_in_a_row, dist, device)
+    state = run.load_latest_checkpoint(policy, optimizer, rng, algorithm) if resume else {"epoch": 0}
+    start_epoch = state["epoch"]
+    guard.load_state_dict(state.get("nonfinite", {}))
+    run.start(start_epoch)
     velocity = in_chunks(partial(policy, guidance_scale=cfg.sampler.guidance_scale), chunk)  # module call: FSDP hooks
-    kl_sampler = measure_sampler(cfg.sampler)[0]  # the kernel the path KL to the base is measured in
+    measured_steps = measure_sampler(cfg.sampler)[0].stochastic_steps(cfg.sampler.num_steps)  # path KL's steps
     # Every process evaluates and samples (a sharded policy's forwards are collective); process 0 writes.
     if start_epoch == 0:
         run.save_json("base_eval.json", task.evaluate(base_velocity, cfg.eval_samples_per_class))
@@ -76,8 +88,7 @@ def train(
         cond, group_ids = task.prompts(cfg.prompts_per_epoch, cfg.group_size, cfg.seed, epoch)
         steps = trained_steps(cfg.sampler, cfg.seed, epoch)
         noise = initial_noise(rng, cfg.sampler, cfg.prompts_per_epoch, cfg.group_size, rows, task.latent_shape, device)
-        all_steps = kl_sampler.stochastic_steps(cfg.sampler.num_steps)
-        kl_steps = all_steps if cfg.sampler.kl_to_base_steps == "all" else steps
+        kl_steps = measured_steps if cfg.sampler.kl_to_base_steps == "all" else steps
         prompts = cond[rows]
         with algorithm.sampling_weights(policy):  # the current weights, or the algorithm's sampling policy
             traj = rollout(velocity, prompts, noise, sigmas, cfg.sampler, steps, rng, base_velocity, kl_steps,
@@ -106,11 +117,10 @@ def train(
         run.log(row)
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl_to_base']:.2e}")
         if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
-            run.save_checkpoint(epoch + 1, policy, optimizer, rng, algorithm)
+            run.save_checkpoint(epoch + 1, policy, optimizer, rng, algorithm, {"nonfinite": guard.state_dict()})
     grids = {name: task.sample_grid(v) for name, v in (("base", base_velocity), ("trained", velocity))}
     run.finish(dist.full_model(policy, lambda: task.load_policy(cfg.model)), grids)
     dist.barrier()
-    return run
 
 
 def rewards_and_advantages(

@@ -200,3 +200,9 @@ class NonFiniteGuard:
     def stepped(self) -> None:
         """An optimizer step went through: the run of skips is broken."""
         self.in_a_row = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"skipped": self.skipped, "in_a_row": self.in_a_row}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skipped, self.in_a_row = int(state.get("skipped", 0)), int(state.get("in_a_row", 0))

@@ -63,7 +63,7 @@ class PipelinePolicy(nn.Module):
         cls, model: str, resolution: int, torch_dtype: torch.dtype, device: torch.device | str, **kwargs: Any
     ) -> PipelinePolicy:
         """Load the pipeline (frozen, eval mode) in ``torch_dtype`` onto ``device``."""
-        pipeline = cls.pipeline_class.from_pretrained(model, dtype=torch_dtype)
+        pipeline = cls.pipeline_class.from_pretrained(model, dtype=torch_dtype, use_safetensors=True)
         pipeline.set_progress_bar_config(disable=True)
         pipeline.to(device)
         for component in pipeline.components.values():

@@ -8,6 +8,8 @@ prompts (a tensor of labels or a list) and optional per-sample metadata to one f
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -32,6 +34,8 @@ class Reward(Protocol):
 def load_user_reward(path: str) -> Reward:
     """Import ``module:function`` (the module on ``sys.path``), a callable ``(images, prompts, metadata) -> (B,)``."""
     module_name, _, attr = path.partition(":")
+    if os.getcwd() not in sys.path and "" not in sys.path:  # a module in the working folder, as `python -m` finds it
+        sys.path.insert(0, os.getcwd())
     try:
         reward = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
@@ -48,7 +52,13 @@ def score(reward: Reward, name: str, images: Tensor, prompts: Any) -> Tensor:
     labels) as they are, with ``metadata=None``.
     """
     texts, metadata = (prompts.text, prompts.metadata) if isinstance(prompts, PromptBatch) else (prompts, None)
-    scores = reward(images, texts, metadata)
+    try:
+        scores = reward(images, texts, metadata)
+    except RewardError:
+        raise
+    except Exception as err:  # a user's reward may raise anything; say where it came from
+        raise RewardError(f"reward {name!r} raised {type(err).__name__}: {err} (a reward is called as "
+                          "reward(images, prompts, metadata))") from err
     if not isinstance(scores, Tensor) or scores.shape != (images.shape[0],):
         got = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
         raise RewardError(f"reward {name!r} returned {got}; a reward returns a tensor of shape ({images.shape[0]},)")

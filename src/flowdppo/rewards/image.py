@@ -183,7 +183,7 @@ class ClipEmbedder:
 
         _check_local(reward, path)
         try:
-            model = AutoModel.from_pretrained(os.path.expanduser(path))
+            model = AutoModel.from_pretrained(os.path.expanduser(path), use_safetensors=True)
         except Exception as err:
             raise _load_error(reward, path, err) from err
         if not (hasattr(model, "get_image_features") and hasattr(model, "get_text_features")):

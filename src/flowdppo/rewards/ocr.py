@@ -90,7 +90,7 @@ class OcrReward:
             image_processor, tokenizer = _load_processors(path)
             for i, auto in enumerate(auto_classes):
                 try:
-                    model = auto.from_pretrained(os.path.expanduser(path))
+                    model = auto.from_pretrained(os.path.expanduser(path), use_safetensors=True)
                     break
                 except ValueError:  # an architecture this auto class does not map
                     if i == len(auto_classes) - 1:

@@ -156,7 +156,7 @@ class DigitsPolicy(nn.Module):
                 f"'{TRANSFORMER_SUBFOLDER}/' and '{EMBEDDINGS_FILE}' (written by DigitsPolicy.save_pretrained)"
             )
         transformer = SD3Transformer2DModel.from_pretrained(
-            pretrained_path, subfolder=TRANSFORMER_SUBFOLDER, torch_dtype=torch_dtype
+            pretrained_path, subfolder=TRANSFORMER_SUBFOLDER, torch_dtype=torch_dtype, use_safetensors=True
         )
         tables = load_file(str(emb_file))
         policy = cls(transformer)

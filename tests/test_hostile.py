@@ -1,0 +1,232 @@
+"""Hostile inputs and interrupted runs: one line naming what to fix, exit code 2 (130 when interrupted), and
+nothing lost or changed on disk."""
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import string
+from pathlib import Path
+
+import pytest
+import yaml
+
+import flowdppo.cli as cli
+from flowdppo.cli import main
+from flowdppo.config import load_config
+from flowdppo.errors import ConfigError
+
+TINY = ["prompts_per_epoch=2", "group_size=4", "eval_samples_per_class=2", "eval_every=100"]
+
+
+def one_line_error(capsys, pattern: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    assert err.startswith("flowdppo: error: ") and re.search(pattern, err), err
+    return err
+
+
+def write(path: Path, data: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data if isinstance(data, bytes) else data.encode())
+    return path
+
+
+def nested(depth: int) -> str:
+    return "a: " + "[" * depth + "]" * depth
+
+
+CONFIG_FILES = {
+    "malformed": ("epochs: [1, 2\nloss: {", r"--config .*bad\.yaml: not valid YAML at line \d+"),
+    "python tag": ("epochs: !!python/object/apply:os.system ['echo hi']\n", r"not valid YAML .*python/object"),
+    "list for a name": ("method: [flow_dppo, flow_grpo]\n", r"method: must be one of"),
+    "not a mapping": ("- epochs\n", r"must hold a mapping of keys, got list"),
+    "deeply nested": (nested(20000), r"(nested too deeply|not valid YAML)"),
+    "not UTF-8": (b"epochs: 3\n\xff\xfe\n", r"--config: .*bad\.yaml is not UTF-8 text"),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIG_FILES))
+def test_bad_config_files_are_one_line(tmp_path, capsys, case):
+    text, pattern = CONFIG_FILES[case]
+    path = write(tmp_path / "bad.yaml", text)
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "out")]) == 2
+    one_line_error(capsys, pattern)
+    assert not (tmp_path / "out").exists()
+
+
+BAD_VALUES = {
+    "malformed override": (["loss.beta=[1,"], r"override 'loss\.beta=\[1,': not valid YAML"),
+    "list for a name": (["sampler.kind=[ode, cps]"], r"sampler\.kind: expected str"),
+    "nan grad norm": (["optim.max_grad_norm=nan"], r"optim\.max_grad_norm: must be a finite number"),
+    "nan beta": (["loss.beta=.nan"], r"loss\.beta: must be a finite number"),
+    "infinite lr": (["optim.lr=inf"], r"optim\.lr: must be a finite number"),
+    "weights sum to 0": (["reward.weights=[0]"], r"reward\.weights: must not sum to 0"),
+    "huge seed": (["seed=100000000000000000000000"], r"seed: must be in \[0, 2\^63\)"),
+    "float seed": (["seed=1e23"], r"seed: expected int, got '1e23'"),
+    "absurd steps": (["sampler.num_steps=1000000000"], r"sampler\.num_steps: at most 10,000"),
+    "absurd group": (["group_size=1000000000"], r"group_size: at most 100,000"),
+    "absurd batch": (["group_size=90000", "prompts_per_epoch=90000"], r"at most 10,000,000 samples per rollout"),
+    "unknown device": (["device=tpu9"], r"device: 'tpu9' is not a device name"),
+    "absent GPU": (["device=cuda:7"], r"device: cuda:7 is not available on this machine"),
+    "zero eval samples": (["eval_samples_per_class=0"], r"eval_samples_per_class: must be > 0"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_VALUES))
+def test_bad_values_are_one_line_and_write_nothing(tmp_path, capsys, case):
+    overrides, pattern = BAD_VALUES[case]
+    assert main(["train", "--no-progress", "--out", str(tmp_path / "out"), *TINY, "epochs=1", *overrides]) == 2
+    one_line_error(capsys, pattern)
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_that_is_a_file_or_under_a_file(tmp_path, capsys):
+    file = write(tmp_path / "file", "x")
+    for out in (file, file / "run"):
+        assert main(["train", "--out", str(out), *TINY, "epochs=1"]) == 2
+        one_line_error(capsys, rf"--out: {re.escape(str(file))} is a file, not a folder")
+    assert file.read_text() == "x"
+
+
+def test_out_that_cannot_be_created(capsys):
+    assert main(["train", "--no-progress", "--out", "/proc/flowdppo-run", *TINY, "epochs=1"]) == 2
+    one_line_error(capsys, r"/proc/flowdppo-run")
+
+
+def test_command_line_values_are_checked(tmp_path, capsys):
+    assert main(["compare", "--seeds", "0", "--out", str(tmp_path / "c")]) == 2
+    one_line_error(capsys, r"--seeds: must be at least 1, got 0")
+    assert main(["eval", str(tmp_path), "--per-class", "-1"]) == 2
+    one_line_error(capsys, r"--per-class: must be at least 1")
+
+
+def test_debug_anywhere_shows_the_traceback():
+    with pytest.raises(ConfigError, match="method: must be one of"):
+        main(["train", "--method", "ppo", "--debug"])
+
+
+def test_only_process_0_prints(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    assert main(["train", "--method", "ppo"]) == 2
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("reward,pattern", [
+    ("user_rewards:raises", r"reward 'user_rewards:raises' raised RuntimeError: the reward server is down"),
+    ("user_rewards:two_arguments", r"reward 'user_rewards:two_arguments' raised TypeError: .*reward\(images, prompts, "
+                                   r"metadata\)"),
+])  # fmt: skip
+def test_a_failing_user_reward_is_named(tmp_path, capsys, reward, pattern):
+    out = tmp_path / "out"
+    assert main(["train", "--no-progress", "--out", str(out), *TINY, "epochs=1", f"reward.names=[{reward}]"]) == 2
+    one_line_error(capsys, pattern)
+    assert not out.exists()  # it failed in its first epoch: nothing is left, the same command can run again
+
+
+def test_a_user_reward_module_in_the_working_folder_is_found(tmp_path, capsys, monkeypatch):
+    write(tmp_path / "my_reward_here.py", "def dark(images, prompts, metadata):\n    return -images.mean((1, 2, 3))\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", os.getcwd())])
+    args = ["train", "--no-progress", "--out", "run", *TINY, "epochs=1", "reward.names=[my_reward_here:dark]"]
+    assert main(args) == 0
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text())["reward/my_reward_here:dark"] < 0
+
+
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM"])
+def test_interrupt_exits_130_with_a_resume_hint(tmp_path, capsys, monkeypatch, how):
+    import flowdppo.trainer as trainer_module
+
+    real_log = trainer_module.RunFolder.log
+
+    def log_then_interrupt(self, row):
+        real_log(self, row)
+        if row["epoch"] == 1:
+            if how == "SIGINT":
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(trainer_module.RunFolder, "log", log_then_interrupt)
+    out = tmp_path / "run"
+    assert main(["train", "--no-progress", "--out", str(out), *TINY, "epochs=4", "checkpoint_every=1"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == f"flowdppo: interrupted ({how}); continue with: flowdppo train --resume {out}"
+    assert not (out / ".lock").exists()  # released
+    monkeypatch.setattr(trainer_module.RunFolder, "log", real_log)
+    assert main(["train", "--no-progress", "--resume", str(out)]) == 0
+    assert [r["epoch"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [0, 1, 2, 3]
+
+
+def test_a_pickle_only_model_folder_is_refused(tmp_path, capsys):
+    from flowdppo.tasks.digits.policy import load_base_policy
+
+    folder = tmp_path / "model"
+    policy = load_base_policy()
+    policy.save_pretrained(folder)
+    policy.transformer.save_pretrained(folder / "transformer", safe_serialization=False)  # .bin next to ...
+    (folder / "transformer" / "diffusion_pytorch_model.safetensors").unlink()  # ... and no safetensors
+    assert main(["train", "--out", str(tmp_path / "out"), *TINY, "epochs=1", f"model={folder}"]) == 2
+    one_line_error(capsys, r"model: .* is not a digits policy saved with save_pretrained .*safetensors")
+
+
+def random_override(rng: random.Random) -> str:
+    keys = ["epochs", "seed", "loss.beta", "sampler.kind", "sampler.window_range", "reward.weights", "optim.lr",
+            "nft.b", "loss", "sampler", "x.y.z", "method", "reward.names", "sampler.eta", ""]  # fmt: skip
+    values = ["1", "-1", "0", "1e400", "nan", "[", "]", "{a: 1}", "[1, 2]", "!!python/name:os.system", "'s'",
+              "~", "true", "flow_sde", "[ode]", "\x00", "é", "1" * 40, ": :", "*a", "&a [1]"]  # fmt: skip
+    if rng.random() < 0.6:  # a valid one, so that some combinations load
+        return rng.choice(["epochs=3", "loss.beta=0.01", "seed=5", "sampler.eta=0.5", "optim.lr=1e-4"])
+    key = rng.choice(keys) + rng.choice(["", "", ".kind", "x"])
+    value = rng.choice(values) + rng.choice(["", "", rng.choice(string.printable)])
+    return f"{key}={value}" if rng.random() < 0.9 else key + value
+
+
+def random_yaml(rng: random.Random) -> str:
+    pieces = ["epochs: 3\n", "loss:\n  beta: ", "[", "{", "}", "]", "- ", "!!python/tuple [1]", "\t", ": ", "'",
+              '"', "sampler: {kind: ode}\n", "method: awm\n", "&x 1\n", "*x\n", "---\n", "? a\n", "%YAML 1.1\n",
+              "nft: {b: -1}\n", "reward: {weights: [0]}\n"]  # fmt: skip
+    if rng.random() < 0.3:
+        return rng.choice(["epochs: 3\n", "loss:\n  beta: 0.1\n", "{}\n", "optim: {lr: 0.001}\n"])
+    return "".join(rng.choice(pieces) for _ in range(rng.randint(1, 8)))
+
+
+def test_fuzzed_overrides_and_yaml_give_a_config_or_one_line(tmp_path):
+    """Seeded random override strings and YAML documents: every outcome is a valid config or a one-line
+    ``ConfigError``, never another exception."""
+    rng = random.Random(1234)
+    outcomes = {"config": 0, "error": 0}
+    for i in range(300):
+        overrides = [random_override(rng) for _ in range(rng.randint(1, 3))]
+        config_file = write(tmp_path / f"f{i}.yaml", random_yaml(rng)) if i % 2 else None
+        try:
+            load_config(config_file=config_file, overrides=overrides)
+            outcomes["config"] += 1
+        except ConfigError as err:
+            assert "\n" not in cli._one_line(err) and str(err), (overrides, err)
+            outcomes["error"] += 1
+    assert outcomes["config"] > 10 and outcomes["error"] > 100, outcomes
+
+
+def test_failed_first_epoch_leaves_nothing_and_overwrite_keeps_nothing_stale(tmp_path, capsys):
+    out = tmp_path / "out"
+    bad = ["train", "--no-progress", "--out", str(out), *TINY, "epochs=1", "reward.names=[user_rewards:nan_reward]"]
+    for _ in range(2):  # the same command again is not refused as "already holds a run"
+        assert main(bad) == 2
+        one_line_error(capsys, r"non-finite reward at epoch 0")
+        assert not out.exists()
+    out.mkdir()
+    assert main(bad) == 2  # a folder that existed stays, empty of what the failed run wrote
+    assert out.is_dir() and not list(out.iterdir())
+    capsys.readouterr()
+
+
+def test_yaml_of_a_run_is_safe_loaded_and_shell_commands_never_run(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    run = write(tmp_path / "run" / "config.yaml", f"epochs: !!python/object/apply:os.system ['touch {marker}']\n")
+    assert main(["train", "--resume", str(run.parent)]) == 2
+    one_line_error(capsys, r"--resume .*config\.yaml: not valid YAML")
+    assert not marker.exists()
+    shutil.rmtree(run.parent)
+    assert yaml.safe_load("a: 1") == {"a": 1}
