@@ -119,3 +119,52 @@ def test_export_of_a_damaged_adapter_is_one_line(finished, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "pytorch_lora_weights.safetensors: unreadable" in err and "--checkpoint" in err
     assert main(["export", str(copy), "--out", str(tmp_path / "lora"), "--checkpoint"]) == 0
+
+
+def test_a_second_run_on_a_folder_in_use_changes_nothing_of_the_first(tmp_path, capsys, monkeypatch):
+    """Run B starts on run A's folder while A writes it (A's lock is there): B stops, A's files are intact."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").write_text(f"{os.getpid()}\n")
+    (out / "metrics.jsonl").write_text('{"epoch": 0}\n')
+    before = snapshot(out)
+    assert main(["train", "--no-progress", "--out", str(out), "--overwrite", *RUN]) == 2
+    assert "is in use by another run" in capsys.readouterr().err
+    assert snapshot(out) == before
+
+
+def test_a_full_disk_is_one_line_and_the_run_resumes(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import flowdppo.runs as runs
+
+    real_log = runs.RunFolder.log
+
+    def log_then_fill_the_disk(self, row):
+        if row["epoch"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.metrics_path))
+        real_log(self, row)
+
+    monkeypatch.setattr(runs.RunFolder, "log", log_then_fill_the_disk)
+    out = tmp_path / "run"
+    assert main(["train", "--no-progress", "--out", str(out), *RUN]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"flowdppo: error: No space left on device: {out / 'metrics.jsonl'}; free some space and resume " \
+                  "with --resume"  # fmt: skip
+    assert [r["epoch"] for r in rows(out)] == [0, 1] and not (out / ".lock").exists()
+    monkeypatch.setattr(runs.RunFolder, "log", real_log)
+    assert resume(out) == 0 and [r["epoch"] for r in rows(out)] == [0, 1, 2]
+
+
+def test_an_empty_run_config_and_a_non_utf8_prompt_file(run, tmp_path, capsys):
+    (run / "config.yaml").write_text("")
+    assert resume(run) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "config.yaml is empty or not a mapping of keys" in err
+    from flowdppo.errors import ConfigError
+    from flowdppo.prompts import load_prompts
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_bytes(b"a cat\n\xff a dog\n")
+    with pytest.raises(ConfigError, match=r"prompts: .*p\.txt is not UTF-8 text \(byte 6\)"):
+        load_prompts(prompts)

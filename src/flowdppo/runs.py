@@ -79,7 +79,7 @@ class RunFolder:
     def close(self, failed: bool) -> None:
         """Release the lock. A run that failed before finishing its first epoch leaves nothing behind: the
         folder if it made it, else what it wrote (so the same command can simply be run again)."""
-        if not self.is_writer:
+        if not self.is_writer or not self.locked:  # it wrote nothing (or the folder is another run's)
             return
         if failed and not self.resume and not self.rows():
             if self.made_folder:
@@ -87,9 +87,8 @@ class RunFolder:
             else:
                 for name in (*RUN_SUBFOLDERS, METRICS_FILE, "base_eval.json", CONFIG_FILE):
                     _remove_any(self.path / name)
-        if self.locked:
-            (self.path / LOCK_FILE).unlink(missing_ok=True)
-            self.locked = False
+        (self.path / LOCK_FILE).unlink(missing_ok=True)
+        self.locked = False
 
     @property
     def metrics_path(self) -> Path:
