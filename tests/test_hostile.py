@@ -230,3 +230,13 @@ def test_yaml_of_a_run_is_safe_loaded_and_shell_commands_never_run(tmp_path, cap
     assert not marker.exists()
     shutil.rmtree(run.parent)
     assert yaml.safe_load("a: 1") == {"a": 1}
+
+
+def test_importing_the_library_prints_nothing():
+    import subprocess
+    import sys
+
+    code = "import flowdppo.trainer, flowdppo.tasks.text_to_image, flowdppo.rewards.image, flowdppo.compare"
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_VERBOSITY"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and done.stdout == "" and done.stderr == "", done.stderr
