@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cmp = commands.add_parser("compare", help="DigitsBench: every method x seed, with a report")
     cmp.add_argument("--preset", default="single", help="single, multi, epochs, threshold or smoke")
-    cmp.add_argument("--methods", help="comma-separated subset of the methods (default all five)")
+    cmp.add_argument("--methods", help="comma-separated methods, any registered preset (default: all of them)")
     cmp.add_argument("--seeds", type=int, default=5)
     cmp.add_argument("--jobs", type=int, default=None, help="parallel runs (default: the number of cores)")
     cmp.add_argument("--out", help="report folder (default runs/compare-PRESET)")
