@@ -28,14 +28,15 @@ from flowdppo.rollout import sample
 
 RESOLUTION = 32
 PROMPTS = ["a red 'cat'", "two dogs on a beach", 'a "STOP" sign', "a blue house", "a green apple", "a yellow car"]
-# guidance: SD3 runs real CFG with the empty negative prompt; FLUX.1 its guidance embedding (3.5 both sides)
+# guidance: SD3 and FLUX.2-klein run real CFG with the empty negative prompt, Qwen-Image its true CFG with the
+# per-token norm rescale; FLUX.1 its guidance embedding (3.5 both sides)
 PIPELINE_GUIDANCE = {
     "sd3": {"guidance_scale": 3.0},
     "flux": {"guidance_scale": 3.5},
-    "flux2_klein": {"guidance_scale": 1.0},
-    "qwen_image": {"true_cfg_scale": 1.0},
+    "flux2_klein": {"guidance_scale": 4.0},
+    "qwen_image": {"true_cfg_scale": 4.0, "negative_prompt": ["", ""]},
 }
-POLICY_GUIDANCE = {"sd3": 3.0, "flux": 1.0, "flux2_klein": 1.0, "qwen_image": 1.0}
+POLICY_GUIDANCE = {"sd3": 3.0, "flux": 1.0, "flux2_klein": 4.0, "qwen_image": 4.0}
 
 
 @pytest.fixture(autouse=True)
@@ -80,6 +81,28 @@ def test_adapter_reproduces_the_pipeline_denoising_loop(family, model_dirs):
     assert ours.shape == (2, 3, RESOLUTION, RESOLUTION)
     torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=0)
     assert (ours[0] - ours[1]).abs().max() > 1e-3  # the prompt matters
+
+
+def test_qwen_rescale_matters_and_distilled_klein_runs_no_guidance(model_dirs):
+    """Without Qwen-Image's per-token rescale the CFG result is off; a distilled klein ignores w > 1."""
+    from flowdppo.policies.pipelines import PipelinePolicy
+
+    qwen = load_pipeline_policy(str(model_dirs["qwen_image"]), RESOLUTION, torch.float32, "cpu")
+    x = torch.randn((2, *qwen.latent_shape), generator=torch.Generator().manual_seed(0))
+    cond, sigma = batch_of(qwen, PROMPTS[:2]), torch.full((2,), 0.7)
+    with torch.no_grad():
+        v_c, v_u = qwen.velocity(x, sigma, cond), qwen.transformer_output(x, sigma, {
+            k: t.expand(2, *t.shape[1:]) for k, t in qwen.null_embeddings().items()}).float()  # fmt: skip
+        plain = PipelinePolicy.guided(qwen, v_c, v_u, 4.0)
+        rescaled = qwen.velocity(x, sigma, cond, guidance_scale=4.0)
+    torch.testing.assert_close(rescaled.norm(dim=-1), v_c.norm(dim=-1))
+    assert (plain - rescaled).abs().max() > 1e-3
+    klein = load_pipeline_policy(str(model_dirs["flux2_klein"]), RESOLUTION, torch.float32, "cpu")
+    klein.pipeline.register_to_config(is_distilled=True)
+    cond, x = batch_of(klein, PROMPTS[:2]), torch.randn((2, *klein.latent_shape))
+    with torch.no_grad():
+        assert torch.equal(klein.velocity(x, sigma, cond, guidance_scale=4.0), klein.velocity(x, sigma, cond))
+    assert klein.guides(4.0) is False and qwen.guides(0.5) is False and qwen.guides(1.5) is True
 
 
 def velocity_of(policy, prompts: list[str], seed: int = 1) -> torch.Tensor:

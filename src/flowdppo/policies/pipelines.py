@@ -124,18 +124,26 @@ class PipelinePolicy(nn.Module):
         return self.pipeline._unpack_latents(latents, self.resolution, self.resolution, self.pipeline.vae_scale_factor)
 
     def velocity(self, x: Tensor, sigma: float | Tensor, cond: PromptBatch, guidance_scale: float = 1.0) -> Tensor:
-        """Velocity ``v = eps - x0`` at ``x`` (B, *latent_shape); ``w != 1``: ``v_u + w (v_c - v_u)``."""
+        """Velocity ``v = eps - x0`` at ``x`` (B, *latent_shape), with guidance as the pipeline runs it."""
         batch = x.shape[0]
         if len(cond) != batch:
             raise ValueError(f"got {len(cond)} prompts for a batch of {batch} latents")
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
         sigma = sigma.expand(batch) if sigma.ndim == 0 else sigma.reshape(batch)
         v = self.transformer_output(x.to(self.dtype), sigma, cond.embeddings()).float()
-        if guidance_scale != 1.0:
+        if self.guides(guidance_scale):
             null = {k: t.expand(batch, *t.shape[1:]) for k, t in self.null_embeddings().items()}
             v_u = self.transformer_output(x.to(self.dtype), sigma, null).float()
-            v = v_u + guidance_scale * (v - v_u)  # classifier-free guidance
+            v = self.guided(v, v_u, guidance_scale)
         return v.to(x.dtype)
+
+    def guides(self, guidance_scale: float) -> bool:
+        """Whether the pipeline runs classifier-free guidance at this scale (its own rule: ``w > 1``)."""
+        return guidance_scale > 1.0
+
+    def guided(self, v_c: Tensor, v_u: Tensor, guidance_scale: float) -> Tensor:
+        """Classifier-free guidance ``v_u + w (v_c - v_u)``."""
+        return v_u + guidance_scale * (v_c - v_u)
 
     def forward(self, x: Tensor, sigma: float | Tensor, cond: PromptBatch, guidance_scale: float = 1.0) -> Tensor:
         """Same as ``velocity`` (so wrappers such as DDP call the right thing)."""
@@ -171,7 +179,7 @@ class SD3Policy(PipelinePolicy):
         if not config.get("use_dynamic_shifting"):
             return {"num_inference_steps": num_steps}  # the static shift of the scheduler config
         tokens = (self.latent_size // self.transformer.config.patch_size) ** 2
-        return {"num_inference_steps": num_steps, "mu": _calculate_mu(config, tokens)}
+        return {"num_inference_steps": num_steps, "mu": _calculate_mu(config, tokens, default_max_shift=1.16)}
 
     def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
         embeds, _, pooled, _ = self.pipeline.encode_prompt(
@@ -242,6 +250,11 @@ class QwenImagePolicy(PackedLatentPolicy):
 
     pipeline_class = QwenImagePipeline
 
+    def guided(self, v_c: Tensor, v_u: Tensor, guidance_scale: float) -> Tensor:
+        """Qwen-Image's true CFG: ``v_u + w (v_c - v_u)`` rescaled per token to the norm of ``v_c``."""
+        combined = super().guided(v_c, v_u, guidance_scale)
+        return combined * (v_c.norm(dim=-1, keepdim=True) / combined.norm(dim=-1, keepdim=True))
+
     def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
         embeds, mask = self.pipeline.encode_prompt(prompt=prompts, device=self.device)
         if mask is None:  # the pipeline drops an all-ones mask
@@ -271,6 +284,10 @@ class Flux2KleinPolicy(PackedLatentPolicy):
     """FLUX.2-klein (``Flux2Transformer2DModel``): 2x2-patchified latents as tokens, batch-norm latent stats."""
 
     pipeline_class = Flux2KleinPipeline
+
+    def guides(self, guidance_scale: float) -> bool:
+        """The released (step-distilled) klein models run no guidance: the pipeline skips it (``is_distilled``)."""
+        return super().guides(guidance_scale) and not self.pipeline.config.get("is_distilled", False)
 
     def schedule_kwargs(self, num_steps: int) -> dict[str, Any]:
         """Its pipeline's ``mu`` depends on the number of steps too (an empirical fit)."""
@@ -331,12 +348,13 @@ def _linear_sigmas(num_steps: int) -> np.ndarray:
     return np.linspace(1.0, 1 / num_steps, num_steps)
 
 
-def _calculate_mu(config, tokens: int) -> float:
-    """The resolution-dependent shift: ``mu`` linear in the token count between the config's anchors."""
+def _calculate_mu(config, tokens: int, default_max_shift: float = 1.15) -> float:
+    """The resolution-dependent shift: ``mu`` linear in the token count between the config's anchors (a config
+    without ``max_shift`` takes the pipeline's own fallback: 1.15, SD3's 1.16)."""
     return calculate_shift(
         tokens,
         config.get("base_image_seq_len", 256),
         config.get("max_image_seq_len", 4096),
         config.get("base_shift", 0.5),
-        config.get("max_shift", 1.15),
+        config.get("max_shift", default_max_shift),
     )
