@@ -179,3 +179,9 @@ def test_bfloat16_base_keeps_float32_lora_logprobs_and_rho_one(model_dirs):
     _, logp = replay_step(policy.velocity, elements, index_cond(cond, elements["sample"]), cfg)
     assert logp.dtype == torch.float32
     assert (logp - elements["log_probs"]).abs().max() < cfg.consistency_tolerance
+
+
+def test_qwen_prompts_are_cut_at_512_tokens_as_the_pipeline_call_does(model_dirs):
+    qwen = load_pipeline_policy(str(model_dirs["qwen_image"]), RESOLUTION, torch.float32, "cpu")
+    embeds = qwen.encode_prompts(["a long prompt " * 300])
+    assert embeds["prompt_embeds"].shape[1] == embeds["prompt_embeds_mask"].shape[1] == 512

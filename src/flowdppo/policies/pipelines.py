@@ -256,7 +256,8 @@ class QwenImagePolicy(PackedLatentPolicy):
         return combined * (v_c.norm(dim=-1, keepdim=True) / combined.norm(dim=-1, keepdim=True))
 
     def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
-        embeds, mask = self.pipeline.encode_prompt(prompt=prompts, device=self.device)
+        # at most 512 text tokens, as the pipeline's __call__ (its encode_prompt alone allows 1024)
+        embeds, mask = self.pipeline.encode_prompt(prompt=prompts, device=self.device, max_sequence_length=512)
         if mask is None:  # the pipeline drops an all-ones mask
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
         return {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
