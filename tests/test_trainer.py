@@ -166,3 +166,20 @@ def test_likelihood_free_runs_resume_exactly_with_their_slow_weights(tmp_path, m
     resumed = train(load_config(method, overrides=FAST + overrides), copy, resume=True, progress=False)
     rows = [{k: v for k, v in r.items() if k != "time_s"} for r in resumed.rows()]
     assert rows == [{k: v for k, v in r.items() if k != "time_s"} for r in whole.rows()]
+
+
+def test_full_finetuning_reference_copies_only_the_transformer():
+    """The frozen base of full fine-tuning is a copy of the transformer; the frozen rest is shared, not copied."""
+    from flowdppo.policies.lora import reference_policy
+
+    policy = DigitsTask(load_config(overrides=["optim.lora_rank=0"])).policy
+    make_trainable(policy, 0, 1.0)
+    reference = reference_policy(policy)
+    assert reference.prompt_embeds is policy.prompt_embeds and reference.transformer is not policy.transformer
+    assert not any(p.requires_grad for p in reference.parameters()) and policy.transformer.training is False
+    x, sigma, cond = torch.randn(3, 1, 8, 8), torch.rand(3), torch.tensor([1, 2, 3])
+    with torch.no_grad():
+        torch.testing.assert_close(reference(x, sigma, cond), policy(x, sigma, cond), rtol=0, atol=1e-5)
+        for p in policy.transformer.parameters():  # training moves the policy, not the reference
+            p.mul_(1.1)
+        assert (reference(x, sigma, cond) - policy(x, sigma, cond)).abs().max() > 1e-4

@@ -75,11 +75,16 @@ def adapters_disabled(policy: nn.Module) -> Iterator[None]:
 
 
 def reference_policy(policy: nn.Module) -> nn.Module | None:
-    """A frozen copy of the base for full fine-tuning; None with LoRA (the adapters are switched off)."""
+    """A frozen copy of the base for full fine-tuning; None with LoRA (the adapters are switched off).
+
+    Only the transformer is copied: the rest (text encoders, VAE, prompt tables) is frozen and shared."""
     if uses_lora(policy):
         return None
-    reference = copy.deepcopy(policy).requires_grad_(False)
-    return reference.eval()
+    reference = copy.copy(policy)  # a new module object whose registries are copied below, not shared
+    reference._modules, reference._parameters, reference._buffers = (dict(policy._modules), dict(policy._parameters),
+                                                                     dict(policy._buffers))  # fmt: skip
+    reference.transformer = copy.deepcopy(policy.transformer).requires_grad_(False).eval()
+    return reference
 
 
 def save_lora_adapter(policy: nn.Module, directory: Path) -> None:
