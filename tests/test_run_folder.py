@@ -168,3 +168,20 @@ def test_an_empty_run_config_and_a_non_utf8_prompt_file(run, tmp_path, capsys):
     prompts.write_bytes(b"a cat\n\xff a dog\n")
     with pytest.raises(ConfigError, match=r"prompts: .*p\.txt is not UTF-8 text \(byte 6\)"):
         load_prompts(prompts)
+
+
+def test_export_loads_no_model(finished, tmp_path, monkeypatch):
+    """Both sources write the adapter without loading the base model (it may not fit in memory)."""
+    from safetensors.torch import load_file
+
+    from flowdppo.tasks.digits.task import DigitsTask
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("export loaded the model")
+
+    monkeypatch.setattr(DigitsTask, "load_policy", no_model)
+    for source in ([], ["--checkpoint"]):
+        out = tmp_path / f"lora{len(source)}"
+        assert main(["export", str(finished), "--out", str(out), *source]) == 0
+        assert set(load_file(str(out / "pytorch_lora_weights.safetensors"))) == set(
+            load_file(str(finished / "final" / "pytorch_lora_weights.safetensors")))  # fmt: skip

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from flowdppo.errors import ConfigError
 
 ADAPTER_NAME = "default"
+LORA_FILE = "pytorch_lora_weights.safetensors"  # what pipeline.load_lora_weights(folder) reads
 
 
 def make_trainable(
@@ -33,8 +34,7 @@ def make_trainable(
     """
     policy.requires_grad_(False)
     if lora_rank > 0:
-        targets = list(target_modules or policy.lora_target_modules)
-        config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=targets)
+        config = lora_config(lora_rank, lora_alpha, target_modules or policy.lora_target_modules)
         try:
             policy.transformer.add_adapter(config, adapter_name=ADAPTER_NAME)
         except ValueError as err:  # peft: a target module name the model does not have
@@ -42,6 +42,11 @@ def make_trainable(
     else:
         policy.transformer.requires_grad_(True)
     cast_training_params(policy.transformer, torch.float32)
+
+
+def lora_config(lora_rank: int, lora_alpha: float, target_modules) -> LoraConfig:
+    """The adapter's peft config (also the metadata an exported adapter carries)."""
+    return LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=list(target_modules))
 
 
 def uses_lora(policy: nn.Module) -> bool:
@@ -106,7 +111,7 @@ def load_lora_adapter(policy: nn.Module, directory: Path) -> None:
     """Load an adapter written by ``save_lora_adapter`` into ``policy.transformer`` (safetensors)."""
     transformer = policy.transformer
     transformer.load_lora_adapter(
-        str(directory), weight_name="pytorch_lora_weights.safetensors", prefix="transformer", adapter_name=ADAPTER_NAME
+        str(directory), weight_name=LORA_FILE, prefix="transformer", adapter_name=ADAPTER_NAME
     )
 
 

@@ -328,18 +328,25 @@ FAMILIES: dict[str, type[PipelinePolicy]] = {
 }
 
 
-def load_pipeline_policy(
-    model: str, resolution: int, torch_dtype: torch.dtype, device: torch.device | str, **kwargs: Any
-) -> PipelinePolicy:
-    """The adapter for the pipeline class named in ``model``'s ``model_index.json`` (a folder or hub id)."""
+def pipeline_policy_class(model: str) -> type[PipelinePolicy]:
+    """The adapter class for the pipeline named in ``model``'s ``model_index.json`` (read alone, no weights)."""
     try:
         class_name = DiffusionPipeline.load_config(model)["_class_name"]
     except (OSError, ValueError, KeyError) as err:
         raise ConfigError(f"model: {model!r} is not a diffusers pipeline folder or hub id ({err})") from err
     if class_name not in FAMILIES:
         raise ConfigError(f"model: {model} is a {class_name}; supported: {', '.join(FAMILIES)}")
+    return FAMILIES[class_name]
+
+
+def load_pipeline_policy(
+    model: str, resolution: int, torch_dtype: torch.dtype, device: torch.device | str, **kwargs: Any
+) -> PipelinePolicy:
+    """The adapter for the pipeline class named in ``model``'s ``model_index.json`` (a folder or hub id)."""
+    family = pipeline_policy_class(model)
+    class_name = family.pipeline_class.__name__
     try:
-        return FAMILIES[class_name].from_pretrained(model, resolution, torch_dtype, device, **kwargs)
+        return family.from_pretrained(model, resolution, torch_dtype, device, **kwargs)
     except (OSError, ValueError) as err:
         raise ConfigError(f"model: cannot load {model} as a {class_name} ({err})") from err
 

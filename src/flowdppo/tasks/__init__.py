@@ -16,9 +16,14 @@ TASKS = {
 }
 
 
-def load_task(cfg, device):
-    """The task ``cfg.task`` on ``device``, its policy and rewards loaded (imported only when used)."""
+def task_class(cfg):
+    """The class of the task ``cfg.task`` (imported only when used)."""
     if cfg.task not in TASKS:
         raise ConfigError(f"task: must be one of {', '.join(TASKS)}; got {cfg.task!r}")
     module, _, name = TASKS[cfg.task].partition(":")
-    return getattr(importlib.import_module(module), name)(cfg, device)
+    return getattr(importlib.import_module(module), name)
+
+
+def load_task(cfg, device):
+    """The task ``cfg.task`` on ``device``, its policy and rewards loaded."""
+    return task_class(cfg)(cfg, device)

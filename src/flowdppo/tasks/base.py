@@ -21,6 +21,11 @@ class Task(Protocol):
     rewards: list[tuple[str, Reward]]
     """``(name, reward)`` for each of ``cfg.reward.names``."""
 
+    @staticmethod
+    def policy_class(cfg) -> type:
+        """The class of the policy ``cfg.model`` holds, found without loading any weights."""
+        ...
+
     @property
     def latent_shape(self) -> tuple[int, ...]:
         """Shape of one latent (without the batch dimension)."""

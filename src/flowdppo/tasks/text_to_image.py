@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from flowdppo.errors import ConfigError
-from flowdppo.policies.pipelines import PipelinePolicy, load_pipeline_policy
+from flowdppo.policies.pipelines import PipelinePolicy, load_pipeline_policy, pipeline_policy_class
 from flowdppo.prompts import EmbeddingCache, PromptBatch, load_prompts, make_batch, split_prompts
 from flowdppo.rewards import Reward, load_user_reward, score
 from flowdppo.rewards.image import IMAGE_REWARDS, make_image_reward
@@ -19,6 +19,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 class TextToImageTask:
     """Prompts are lines of ``cfg.prompts``; a group is ``G`` images of one prompt; the policy a pipeline."""
+
+    @staticmethod
+    def policy_class(cfg) -> type[PipelinePolicy]:
+        """The adapter class of the pipeline ``cfg.model`` names, from its ``model_index.json`` (no weights)."""
+        return pipeline_policy_class(cfg.model)
 
     def __init__(self, cfg, device: torch.device | str = "cpu") -> None:
         if not cfg.prompts:

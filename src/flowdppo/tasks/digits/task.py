@@ -31,6 +31,11 @@ class DigitsTask:
 
     latent_shape = (1, 8, 8)
 
+    @staticmethod
+    def policy_class(cfg) -> type[DigitsPolicy]:
+        """The class of the policy ``cfg.model`` holds, without loading it."""
+        return DigitsPolicy
+
     def __init__(self, cfg, device: torch.device | str = "cpu") -> None:
         self.cfg, self.device = cfg, torch.device(device)
         self.classifier = load_classifier().to(self.device)
