@@ -146,6 +146,8 @@ class OptimConfig:
     lora_alpha: float = 16.0
     lora_target_modules: list[str] = field(default_factory=list)
     """Module names LoRA wraps (empty: the policy's attention projections)."""
+    gradient_checkpointing: bool = False
+    """Recompute each transformer block's activations in the backward pass: less memory, more compute."""
     fsdp: bool = False
     """Shard the transformer with FSDP2 (``fully_shard``) across processes instead of DDP; full fine-tuning
     only (lora_rank 0). On one process it changes nothing."""

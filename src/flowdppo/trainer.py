@@ -58,6 +58,8 @@ def run_training(cfg: TrainConfig, run: RunFolder, dist: Distributed, resume: bo
     task = load_task(cfg, device)  # the base policy and the rewards, loaded
     policy = task.policy
     make_trainable(policy, cfg.optim.lora_rank, cfg.optim.lora_alpha, cfg.optim.lora_target_modules)
+    if cfg.optim.gradient_checkpointing:
+        policy.enable_gradient_checkpointing()
     algorithm = get_algorithm(cfg)
     algorithm.setup(policy)
     sigmas = task.sigmas()  # the one noise schedule of rollouts, evaluations and grids

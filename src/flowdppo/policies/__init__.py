@@ -18,6 +18,10 @@ class Policy(Protocol):
     lora_target_modules: ClassVar[tuple[str, ...]]  # the modules a LoRA adapter wraps by default
     pipeline_class: ClassVar[type]  # the diffusers pipeline whose save_lora_weights writes the adapter
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the transformer blocks' activations in the backward pass instead of keeping them."""
+        ...
+
     def shard_units(self) -> list[nn.Module]:
         """The blocks FSDP2 shards one by one (the transformer blocks of every kind)."""
         ...

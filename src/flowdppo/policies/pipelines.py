@@ -75,6 +75,10 @@ class PipelinePolicy(nn.Module):
     def device(self) -> torch.device:
         return self.transformer.device
 
+    def enable_gradient_checkpointing(self) -> None:
+        """diffusers' activation checkpointing of the transformer blocks (used only while gradients are on)."""
+        self.transformer.enable_gradient_checkpointing()
+
     def shard_units(self) -> list[nn.Module]:
         """Every transformer block FSDP2 shards on its own: double- and single-stream (FLUX) alike."""
         blocks = [getattr(self.transformer, name, ()) for name in ("transformer_blocks", "single_transformer_blocks")]

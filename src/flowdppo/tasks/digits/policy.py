@@ -126,6 +126,10 @@ class DigitsPolicy(nn.Module):
         """Same as ``velocity`` (so wrappers such as DDP call the right thing)."""
         return self.velocity(x, sigma, cond, guidance_scale)
 
+    def enable_gradient_checkpointing(self) -> None:
+        """diffusers' activation checkpointing of the transformer blocks (used only while gradients are on)."""
+        self.transformer.enable_gradient_checkpointing()
+
     def shard_units(self) -> list[nn.Module]:
         """The transformer blocks, each sharded on its own by FSDP2."""
         return list(self.transformer.transformer_blocks)
