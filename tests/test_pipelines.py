@@ -176,7 +176,7 @@ def test_bfloat16_base_keeps_float32_lora_logprobs_and_rho_one(model_dirs):
     traj = rollout(policy.velocity, cond, noise, sigmas, cfg.sampler, [1, 2], torch.Generator().manual_seed(1))
     assert traj.log_probs.dtype == traj.means.dtype == torch.float32
     elements = PolicyGradient(cfg).elements(traj, torch.zeros(4), policy, torch.Generator(), Distributed()).data
-    _, logp = replay_step(policy.velocity, elements, index_cond(cond, elements["sample"]), cfg)
+    _, logp = replay_step(policy.velocity, elements, index_cond(cond, elements["sample"]), cfg, sigmas[1])
     assert logp.dtype == torch.float32
     assert (logp - elements["log_probs"]).abs().max() < cfg.consistency_tolerance
 

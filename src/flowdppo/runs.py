@@ -97,10 +97,6 @@ class RunFolder:
     def checkpoint_dir(self, epoch: int) -> Path:
         return self.path / "checkpoints" / f"epoch_{epoch:06d}"
 
-    def latest_checkpoint(self) -> Path | None:
-        found = complete_checkpoints(self.path / "checkpoints")
-        return found[-1] if found else None
-
     def load_latest_checkpoint(self, policy: nn.Module, optimizer, rng, algorithm=None) -> dict:
         """Restore the newest checkpoint that reads (a broken newer one is skipped with a warning) and return
         its state (``{"epoch": 0}`` when there is none yet). The run's config must be the one it ran with."""

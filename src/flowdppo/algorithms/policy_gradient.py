@@ -49,29 +49,24 @@ class PolicyGradient(Algorithm):
 
     def elements(self, traj: Trajectory, advantages: Tensor, policy: nn.Module, rng: torch.Generator,
                  dist: Distributed) -> Elements:  # fmt: skip
-        """(T, B, ...) records -> (T*B, ...) elements; element ``e`` is step ``e // B`` of sample ``e % B``."""
+        """The trained steps as elements (``flat_steps``) with the anchor and the advantages."""
         if self.cfg.optim.anchor == "replay":
             traj = replay_anchor(policy, traj, self.cfg)
+        self.sigma_max = traj.sigmas[1]  # caps the Flow-SDE std of a step from sigma = 1
         t, b = traj.log_probs.shape
-        sample = torch.arange(b, device=advantages.device).repeat(t)
-        data = {
-            "latents": traj.latents.flatten(0, 1),
-            "next_latents": traj.next_latents.flatten(0, 1),
+        data = flat_steps(traj)
+        data.update({
             "means": traj.means.flatten(0, 1),
             "stds": traj.stds.flatten(),
             "log_probs": traj.log_probs.flatten(),
-            "sigma": traj.sigma.repeat_interleave(b),
-            "sigma_next": traj.sigma_next.repeat_interleave(b),
             "step_index": traj.step_index.repeat_interleave(b),
-            "advantages": advantages[sample],
-            "sample": sample,
-            "sigma_max": traj.sigmas[1].expand(t * b),
-        }
+            "advantages": advantages[data["sample"]],
+        })  # fmt: skip
         return Elements(data, t, b)
 
     def loss(self, velocity, base_velocity, mb: dict[str, Tensor], cond: Any, first: bool,
              dist: Distributed) -> tuple[Tensor, dict[str, Tensor]]:  # fmt: skip
-        mean_new, logp_new = replay_step(velocity, mb, cond, self.cfg)
+        mean_new, logp_new = replay_step(velocity, mb, cond, self.cfg, self.sigma_max)
         batch = StepBatch(
             logp_new=logp_new, logp_old=mb["log_probs"], advantages=mb["advantages"], mean_new=mean_new,
             mean_old=mb["means"], std=mb["stds"], dt=mb["sigma_next"] - mb["sigma"], step_index=mb["step_index"],
@@ -82,18 +77,31 @@ class PolicyGradient(Algorithm):
         loss = per_element.mean()
         if self.cfg.loss.beta > 0:
             with torch.no_grad():
-                mean_ref, _ = replay_step(base_velocity, mb, cond, self.cfg)
+                mean_ref, _ = replay_step(base_velocity, mb, cond, self.cfg, self.sigma_max)
             ref_kl = reference_kl_penalty(mean_new, mean_ref, mb["stds"], 1.0, self.cfg.loss.kl_reduce).mean()
             loss = loss + self.cfg.loss.beta * ref_kl
             metrics["ref_kl"] = ref_kl.detach()
         return loss, metrics
 
 
-def replay_step(velocity, mb: dict[str, Tensor], cond: Any, cfg) -> tuple[Tensor, Tensor]:
+def flat_steps(traj: Trajectory) -> dict[str, Tensor]:
+    """A trajectory's (T, B, ...) step records as (T*B, ...) elements: element ``e`` is step ``e // B`` of
+    sample ``e % B``."""
+    t, b = traj.log_probs.shape
+    return {
+        "latents": traj.latents.flatten(0, 1),
+        "next_latents": traj.next_latents.flatten(0, 1),
+        "sigma": traj.sigma.repeat_interleave(b),
+        "sigma_next": traj.sigma_next.repeat_interleave(b),
+        "sample": torch.arange(b, device=traj.final.device).repeat(t),
+    }
+
+
+def replay_step(velocity, mb: dict[str, Tensor], cond: Any, cfg, sigma_max: Tensor) -> tuple[Tensor, Tensor]:
     """Recompute the transitions of some elements with the current weights: (mean, log-prob)."""
     x, s = mb["latents"], cfg.sampler
     v = velocity(x, mb["sigma"], cond)
-    step = get_sampler(s.kind).step(x, v, mb["sigma"], mb["sigma_next"], s.eta, mb["sigma_max"][0])
+    step = get_sampler(s.kind).step(x, v, mb["sigma"], mb["sigma_next"], s.eta, sigma_max)
     return step.mean, log_prob(mb["next_latents"], step.mean, step.std, convention=s.logprob_convention)
 
 
@@ -102,15 +110,8 @@ def replay_anchor(policy: nn.Module, traj: Trajectory, cfg) -> Trajectory:
     """Recompute ``mu_old`` and ``logp_old`` with a no-grad replay of every trained element."""
     velocity = in_chunks(partial(policy, guidance_scale=cfg.sampler.guidance_scale), cfg.sampler.rollout_batch_size)
     t, b = traj.log_probs.shape
-    mb = {
-        "latents": traj.latents.flatten(0, 1),
-        "next_latents": traj.next_latents.flatten(0, 1),
-        "sigma": traj.sigma.repeat_interleave(b),
-        "sigma_next": traj.sigma_next.repeat_interleave(b),
-        "sigma_max": traj.sigmas[1].expand(t * b),
-    }
-    cond = index_cond(traj.cond, torch.arange(b, device=traj.final.device).repeat(t))
-    means, log_probs = replay_step(velocity, mb, cond, cfg)
+    mb = flat_steps(traj)
+    means, log_probs = replay_step(velocity, mb, index_cond(traj.cond, mb["sample"]), cfg, traj.sigmas[1])
     traj.means, traj.log_probs = means.view_as(traj.means), log_probs.view(t, b)
     return traj
 
