@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,34 @@ def test_adapter_reproduces_the_pipeline_denoising_loop(family, model_dirs):
     assert ours.shape == (2, 3, RESOLUTION, RESOLUTION)
     torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=0)
     assert (ours[0] - ours[1]).abs().max() > 1e-3  # the prompt matters
+
+
+NEGATIVE = "blurry, low quality"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_negative_prompt_guidance_matches_the_pipeline_call(family, model_dirs):
+    """CFG > 1 with a negative prompt (FLUX.1: its true CFG) == ``pipeline(negative_prompt=...)``."""
+    scale = {"sd3": 3.0, "flux": 2.0, "flux2_klein": 4.0, "qwen_image": 4.0}[family]
+    policy = load_pipeline_policy(str(model_dirs[family]), RESOLUTION, torch.float32, "cpu", negative_prompt=NEGATIVE)
+    prompts, steps = PROMPTS[:2], 3
+    noise = torch.randn((2, *policy.latent_shape), generator=torch.Generator().manual_seed(0))
+    velocity = lambda x, s, c: policy.velocity(x, s, c, guidance_scale=scale)  # noqa: E731
+    ours = policy.decode(sample(velocity, batch_of(policy, prompts), noise, sigmas=policy.sigmas(steps)))
+    if family == "flux2_klein":  # its __call__ takes negative embeddings only
+        negative = {"guidance_scale": scale, "negative_prompt_embeds": policy.pipeline.encode_prompt(NEGATIVE)[0]}
+    else:
+        negative = {"true_cfg_scale" if family in ("flux", "qwen_image") else "guidance_scale": scale,
+                    "negative_prompt": [NEGATIVE] * 2}  # fmt: skip
+    theirs = policy.pipeline(
+        prompt=prompts, height=RESOLUTION, width=RESOLUTION, num_inference_steps=steps, output_type="pt",
+        latents=pipeline_latents(family, noise, policy), **negative,
+    ).images  # fmt: skip
+    torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=0)
+    empty = load_pipeline_policy(str(model_dirs[family]), RESOLUTION, torch.float32, "cpu")
+    plain = lambda x, s, c: empty.velocity(x, s, c, guidance_scale=scale)  # noqa: E731
+    without = empty.decode(sample(plain, batch_of(empty, prompts), noise, sigmas=empty.sigmas(steps)))
+    assert (without - ours).abs().max() > 1e-4  # the negative prompt matters
 
 
 def test_qwen_rescale_matters_and_distilled_klein_runs_no_guidance(model_dirs):
@@ -185,3 +214,63 @@ def test_qwen_prompts_are_cut_at_512_tokens_as_the_pipeline_call_does(model_dirs
     qwen = load_pipeline_policy(str(model_dirs["qwen_image"]), RESOLUTION, torch.float32, "cpu")
     embeds = qwen.encode_prompts(["a long prompt " * 300])
     assert embeds["prompt_embeds"].shape[1] == embeds["prompt_embeds_mask"].shape[1] == 512
+
+
+def test_offloaded_or_freed_text_encoders_keep_rollouts_bitwise(model_dirs, tmp_path):
+    """text_encoders keep / offload / free (and a prompt cache spilled to disk) give identical rollouts; a
+    freed pipeline still saves whole (its text encoders read again from the source)."""
+    from flowdppo.config import load_config
+    from flowdppo.tasks.text_to_image import TextToImageTask
+
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("\n".join(PROMPTS) + "\n")
+    common = ["task=text_to_image", f"model={model_dirs['sd3']}", f"prompts={prompts_file}", "eval_prompts=2",
+              f"resolution={RESOLUTION}", "sampler.num_steps=4", "sampler.window_range=[0,2]",
+              "sampler.guidance_scale=3.0", "reward.names=[jpeg_incompressibility]", f"negative_prompt={NEGATIVE}"]
+    finals = {}
+    for placement, cache_mb in (("keep", 4096), ("offload", 4096), ("free", 4096), ("free", 0)):
+        task = TextToImageTask(load_config(overrides=[*common, f"text_encoders={placement}",
+                                                      f"prompt_cache_mb={cache_mb}"]))  # fmt: skip
+        cond, _ = task.prompts(3, 2, seed=0, epoch=1)
+        noise = torch.randn((len(cond), *task.latent_shape), generator=torch.Generator().manual_seed(0))
+        velocity = partial(task.policy.velocity, guidance_scale=3.0)
+        finals[placement, cache_mb] = sample(velocity, cond, noise, sigmas=task.sigmas())
+        encoders = [task.policy.pipeline.text_encoder, task.policy.pipeline.text_encoder_3]
+        if placement == "free":
+            assert encoders == [None, None]
+            assert task.policy.freed == ["text_encoder", "text_encoder_2", "text_encoder_3"]
+            assert bool(task.cache.spilled) == (cache_mb == 0)
+            with pytest.raises(RuntimeError, match="text_encoders=free"):
+                task.policy.encode_prompts(["a prompt never seen"])
+        else:
+            assert all(e.device.type == "cpu" for e in encoders)
+    reference = finals["keep", 4096]
+    for key, final in finals.items():
+        assert torch.equal(final, reference), key
+    task.policy.save_pretrained(tmp_path / "saved")
+    saved = DiffusionPipeline.from_pretrained(tmp_path / "saved")
+    assert saved.text_encoder is not None and saved.text_encoder_3 is not None
+
+
+def test_attention_backend_and_vae_tiling_reach_the_model(model_dirs, tmp_path, capsys):
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    active = _AttentionBackendRegistry.get_active_backend()[0]
+    try:
+        math = load_pipeline_policy(str(model_dirs["flux"]), RESOLUTION, torch.float32, "cpu",
+                                    attention_backend="_native_math", vae_tiling=True)  # fmt: skip
+        processors = [m.processor for m in math.transformer.modules() if hasattr(m, "processor")]
+        assert processors and {p._attention_backend.value for p in processors} == {"_native_math"}
+        assert math.vae.use_tiling
+    finally:
+        _AttentionBackendRegistry.set_active_backend(active)
+    default = load_pipeline_policy(str(model_dirs["flux"]), RESOLUTION, torch.float32, "cpu")
+    torch.testing.assert_close(velocity_of(math, PROMPTS[:2]), velocity_of(default, PROMPTS[:2]), atol=1e-5, rtol=1e-5)
+    (tmp_path / "prompts.txt").write_text("a cat\na dog\n")
+    capsys.readouterr()
+    code = main(["train", "--out", str(tmp_path / "run"), "task=text_to_image", f"model={model_dirs['flux']}",
+                 f"prompts={tmp_path / 'prompts.txt'}", "eval_prompts=1", f"resolution={RESOLUTION}",
+                 "reward.names=[jpeg_incompressibility]", "attention_backend=fastest"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "error: attention_backend:" in err[0] and "native" in err[0]
+    assert not (tmp_path / "run").exists()

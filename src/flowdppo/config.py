@@ -144,8 +144,16 @@ class OptimConfig:
     lora_rank: int = 8
     """LoRA rank; 0 = full fine-tuning of the transformer."""
     lora_alpha: float = 16.0
+    """LoRA scale alpha: the update is (alpha / rank) B A (exports carry it: metadata, ComfyUI's alpha tensors)."""
     lora_target_modules: list[str] = field(default_factory=list)
-    """Module names LoRA wraps (empty: the policy's attention projections)."""
+    """Module names LoRA wraps, matched as peft does (a module whose name ends with the name; ``*`` is one block
+    index, e.g. "single_transformer_blocks.*.attn.to_out"). Empty: the model family's preset, the image stream's
+    attention projections in every block (SD3, Qwen-Image: to_q, to_k, to_v, to_out.0; FLUX.1: those and the
+    single-stream blocks' proj_out; FLUX.2-klein: the double-stream blocks' to_q / to_k / to_v / to_out.0 and the
+    single-stream blocks' to_qkv_mlp_proj and to_out), plus the text stream with lora_text_stream."""
+    lora_text_stream: bool = True
+    """With the preset: also the joint attention's text-stream projections (add_q_proj, add_k_proj, add_v_proj,
+    to_add_out) of every double-stream block; false: the image stream only. Not read with lora_target_modules."""
     gradient_checkpointing: bool = False
     """Recompute each transformer block's activations in the backward pass: less memory, more compute."""
     fsdp: bool = False
@@ -175,6 +183,18 @@ class TrainConfig:
     """Dtype of the base model's weights: float32, bfloat16 or float16 (trained LoRA weights stay float32)."""
     embedded_guidance: float = 3.5
     """Guidance value fed to a guidance-distilled model's guidance embedding (FLUX.1-dev); others ignore it."""
+    negative_prompt: str = ""
+    """text_to_image: the unconditional branch of classifier-free guidance (sampler.guidance_scale > 1)."""
+    text_encoders: str = "offload"
+    """text_to_image: "keep" the text encoders on the device, "offload" them to the CPU between encodings of
+    new prompts, or "free" them once every prompt of the file is encoded (at the start of the run)."""
+    prompt_cache_mb: float = 4096.0
+    """text_to_image: host memory for cached prompt embeddings; beyond it the least recently used go to disk."""
+    vae_tiling: bool = False
+    """text_to_image: decode large images tile by tile (the VAE's enable_tiling): less memory, seams blended."""
+    attention_backend: str = ""
+    """text_to_image: the transformer's attention backend by diffusers' name (e.g. "flash", "_native_cudnn",
+    "sage"; "" keeps the default, PyTorch's scaled_dot_product_attention)."""
     seed: int = 0
     epochs: int = 40
     """Rollout -> update iterations."""
@@ -224,6 +244,7 @@ ALGORITHM_SECTIONS = ("loss", "nft", "awm")  # config sections read by one algor
 LARGEST = {"sampler.num_steps": 10_000, "group_size": 100_000, "prompts_per_epoch": 100_000, "epochs": 10_000_000,
            "eval_samples_per_class": 100_000, "optim.inner_epochs": 10_000}  # beyond: a typo, not a run
 LARGEST_BATCH = 10_000_000
+TEXT_ENCODER_PLACEMENTS = ("keep", "offload", "free")
 
 def choices() -> dict[str, tuple[str, ...]]:
     """The allowed values of the keys that take a name (read from the registries when asked)."""
@@ -245,6 +266,7 @@ def choices() -> dict[str, tuple[str, ...]]:
         "on_nonfinite": ("stop", "skip"),
         "method": tuple(PRESETS),
         "precision": ("float32", "bfloat16", "float16"),
+        "text_encoders": TEXT_ENCODER_PLACEMENTS,
     }
 
 
@@ -274,7 +296,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             raise ConfigError(f"{key}: must be > 0, got {flat[key]!r}")
     for key in ("optim.weight_decay", "loss.beta", "optim.max_grad_norm", "optim.lora_rank", "eval_prompts",
                 "resolution", "sampler.rollout_batch_size", "nft.old_decay_rate", "nft.old_decay_max",
-                "awm.ema_kl", "awm.ema_decay_rate", "awm.ema_decay_max"):  # fmt: skip
+                "awm.ema_kl", "awm.ema_decay_rate", "awm.ema_decay_max", "prompt_cache_mb"):  # fmt: skip
         if flat[key] < 0:
             raise ConfigError(f"{key}: must be >= 0, got {flat[key]!r}")
     if cfg.optim.fsdp and cfg.optim.lora_rank > 0:

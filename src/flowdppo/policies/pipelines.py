@@ -12,8 +12,13 @@ trainer what ``Policy`` asks for, in the model's own terms:
 - ``decode``: the VAE's de-normalisation and decoder, images in ``[0, 1]``.
 
 The model's output is the flow velocity ``v = eps - x0`` (diffusers' ``x_next = x + (sigma_next -
-sigma) v``). Classifier-free guidance (``guidance_scale != 1``) uses the empty prompt as the
-unconditional branch; FLUX.1-dev's distilled guidance is ``embedded_guidance`` (its guidance embedding).
+sigma) v``). Classifier-free guidance (``guidance_scale > 1``) runs the conditional and the unconditional
+branch (the negative prompt, empty by default) in one batched transformer call; FLUX.1-dev's distilled
+guidance is ``embedded_guidance`` (its guidance embedding).
+
+Text encoders (``text_encoders``): "keep" them on the device for the whole run, "offload" them to the CPU
+between encodings (moved to the device only to encode prompts not yet cached), or "free" them once every
+prompt of the run is encoded (``free_text_encoders``).
 """
 
 from __future__ import annotations
@@ -36,16 +41,29 @@ from torch import Tensor, nn
 from flowdppo.errors import ConfigError
 from flowdppo.prompts import PromptBatch
 
+# LoRA presets (names as peft matches them, a suffix of the module's name; ``*`` is one block index): the image
+# stream's attention projections, in every block of every kind, and the joint attention's text-stream projections
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_PROJECTIONS = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
 
 class PipelinePolicy(nn.Module):
     """The velocity, schedule, text encoding and VAE decoding of one diffusers pipeline family."""
 
     pipeline_class: ClassVar[type[DiffusionPipeline]]
-    lora_target_modules: ClassVar[tuple[str, ...]] = ATTENTION_PROJECTIONS
+    lora_target_modules: ClassVar[tuple[str, ...]] = ATTENTION_PROJECTIONS  # reaches every block
+    lora_text_modules: ClassVar[tuple[str, ...]] = TEXT_PROJECTIONS  # with optim.lora_text_stream
 
-    def __init__(self, pipeline: DiffusionPipeline, resolution: int, embedded_guidance: float = 3.5) -> None:
+    def __init__(
+        self,
+        pipeline: DiffusionPipeline,
+        resolution: int,
+        embedded_guidance: float = 3.5,
+        negative_prompt: str = "",
+        text_encoders: str = "keep",
+        vae_tiling: bool = False,
+        attention_backend: str = "",
+    ) -> None:
         super().__init__()
         multiple = pipeline.vae_scale_factor * 2  # the VAE's downsampling, then 2x2 patches
         if resolution <= 0 or resolution % multiple:
@@ -56,20 +74,38 @@ class PipelinePolicy(nn.Module):
         self.resolution = resolution
         self.latent_size = resolution // pipeline.vae_scale_factor  # h = w of the VAE latent
         self.embedded_guidance = embedded_guidance
+        self.negative_prompt = negative_prompt
+        self.text_encoders = text_encoders
+        self.source = ""  # the folder or hub id the pipeline was loaded from (set by from_pretrained)
+        self.freed: list[str] = []  # text encoders dropped by free_text_encoders
         self._null: dict[str, Tensor] | None = None
+        if vae_tiling:
+            if not hasattr(self.vae, "enable_tiling"):
+                raise ConfigError(f"vae_tiling: the {type(self.vae).__name__} of this model cannot decode in tiles")
+            self.vae.enable_tiling()
+        if attention_backend:
+            try:
+                self.transformer.set_attention_backend(attention_backend)
+            except (ValueError, RuntimeError, ImportError) as err:
+                raise ConfigError(f"attention_backend: {err}") from err
 
     @classmethod
     def from_pretrained(
         cls, model: str, resolution: int, torch_dtype: torch.dtype, device: torch.device | str, **kwargs: Any
     ) -> PipelinePolicy:
-        """Load the pipeline (frozen, eval mode) in ``torch_dtype`` onto ``device``."""
+        """Load the pipeline (frozen, eval mode) in ``torch_dtype`` onto ``device`` (text encoders stay on
+        the CPU unless ``text_encoders="keep"``)."""
         pipeline = cls.pipeline_class.from_pretrained(model, dtype=torch_dtype, use_safetensors=True)
         pipeline.set_progress_bar_config(disable=True)
-        pipeline.to(device)
-        for component in pipeline.components.values():
+        on_device = kwargs.get("text_encoders", "keep") == "keep"
+        for name, component in pipeline.components.items():
             if isinstance(component, nn.Module):
                 component.requires_grad_(False).eval()
-        return cls(pipeline, resolution, **kwargs)
+                if on_device or name not in text_encoder_names(pipeline):
+                    component.to(device)
+        policy = cls(pipeline, resolution, **kwargs)
+        policy.source = model
+        return policy
 
     @property
     def device(self) -> torch.device:
@@ -94,8 +130,13 @@ class PipelinePolicy(nn.Module):
         return (self.latent_size // 2) ** 2
 
     def save_pretrained(self, directory) -> None:
-        """The whole pipeline (fully fine-tuned transformer included), loadable with ``from_pretrained``."""
-        self.pipeline.save_pretrained(directory)
+        """The whole pipeline (fully fine-tuned transformer included), loadable with ``from_pretrained``
+        (freed text encoders are read again from the source, on the CPU)."""
+        pipeline = self.pipeline
+        if self.freed:
+            pipeline = self.pipeline_class.from_pretrained(self.source, transformer=self.transformer, vae=self.vae,
+                                                           dtype=self.dtype, use_safetensors=True)  # fmt: skip
+        pipeline.save_pretrained(directory)
 
     # ---- what each family defines -------------------------------------------------------------
     latent_shape: tuple[int, ...]
@@ -104,8 +145,8 @@ class PipelinePolicy(nn.Module):
         """Arguments of ``scheduler.set_timesteps`` that give the pipeline's own schedule."""
         raise NotImplementedError
 
-    def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
-        """``{name: (n, ...)}`` embeddings of ``prompts`` from the pipeline's text encoders."""
+    def encode_text(self, prompts: list[str]) -> dict[str, Tensor]:
+        """``{name: (n, ...)}`` embeddings of ``prompts`` from the pipeline's text encoders (on the device)."""
         raise NotImplementedError
 
     def transformer_output(self, x: Tensor, sigma: Tensor, embeds: dict[str, Tensor]) -> Tensor:
@@ -117,6 +158,29 @@ class PipelinePolicy(nn.Module):
         raise NotImplementedError
 
     # ---- shared ------------------------------------------------------------------------------
+    def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
+        """``{name: (n, ...)}`` embeddings of ``prompts``; offloaded text encoders visit the device meanwhile."""
+        if self.freed:
+            raise RuntimeError(f"text_encoders=free: cannot encode {prompts[:1]}, the encoders were dropped after "
+                               f"every prompt of the run was encoded")
+        names = text_encoder_names(self.pipeline)
+        if self.text_encoders != "offload":
+            return self.encode_text(prompts)
+        for name in names:
+            getattr(self.pipeline, name).to(self.device)
+        try:
+            return self.encode_text(prompts)
+        finally:
+            for name in names:
+                getattr(self.pipeline, name).to("cpu")
+
+    def free_text_encoders(self) -> None:
+        """Drop the text encoders (their memory is released); the negative prompt is encoded first."""
+        self.null_embeddings()
+        self.freed = text_encoder_names(self.pipeline)
+        for name in self.freed:
+            setattr(self.pipeline, name, None)
+
     def sigmas(self, num_steps: int) -> Tensor:
         """The scheduler's ``num_steps + 1`` noise levels, from 1 down to 0 (float32, CPU)."""
         scheduler = self.pipeline.scheduler
@@ -134,12 +198,13 @@ class PipelinePolicy(nn.Module):
             raise ValueError(f"got {len(cond)} prompts for a batch of {batch} latents")
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
         sigma = sigma.expand(batch) if sigma.ndim == 0 else sigma.reshape(batch)
-        v = self.transformer_output(x.to(self.dtype), sigma, cond.embeddings()).float()
-        if self.guides(guidance_scale):
-            null = {k: t.expand(batch, *t.shape[1:]) for k, t in self.null_embeddings().items()}
-            v_u = self.transformer_output(x.to(self.dtype), sigma, null).float()
-            v = self.guided(v, v_u, guidance_scale)
-        return v.to(x.dtype)
+        x_in, embeds = x.to(self.dtype), cond.embeddings()
+        if not self.guides(guidance_scale):
+            return self.transformer_output(x_in, sigma, embeds).float().to(x.dtype)
+        null = {k: t.expand(batch, *t.shape[1:]) for k, t in self.null_embeddings().items()}
+        both = {k: cat_padded(embeds[k], null[k]) for k in embeds}  # one call: [conditional, unconditional]
+        v_c, v_u = self.transformer_output(torch.cat([x_in, x_in]), torch.cat([sigma, sigma]), both).float().chunk(2)
+        return self.guided(v_c, v_u, guidance_scale).to(x.dtype)
 
     def guides(self, guidance_scale: float) -> bool:
         """Whether the pipeline runs classifier-free guidance at this scale (its own rule: ``w > 1``)."""
@@ -154,9 +219,9 @@ class PipelinePolicy(nn.Module):
         return self.velocity(x, sigma, cond, guidance_scale)
 
     def null_embeddings(self) -> dict[str, Tensor]:
-        """The empty prompt's embeddings (1, ...), the unconditional branch of guidance."""
+        """The negative prompt's embeddings (1, ...), the unconditional branch of guidance."""
         if self._null is None:
-            self._null = self.encode_prompts([""])
+            self._null = self.encode_prompts([self.negative_prompt])
         return self._null
 
     @torch.no_grad()
@@ -171,8 +236,6 @@ class SD3Policy(PipelinePolicy):
     """Stable Diffusion 3 / 3.5 (``SD3Transformer2DModel``): latents ``(B, C, h, w)``, timestep ``1000 sigma``."""
 
     pipeline_class = StableDiffusion3Pipeline
-    # the joint attention's text-stream projections too, as the SD3 LoRA recipes do
-    lora_target_modules = (*ATTENTION_PROJECTIONS, "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
@@ -185,7 +248,7 @@ class SD3Policy(PipelinePolicy):
         tokens = (self.latent_size // self.transformer.config.patch_size) ** 2
         return {"num_inference_steps": num_steps, "mu": _calculate_mu(config, tokens, default_max_shift=1.16)}
 
-    def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
+    def encode_text(self, prompts: list[str]) -> dict[str, Tensor]:
         embeds, _, pooled, _ = self.pipeline.encode_prompt(
             prompt=prompts, prompt_2=None, prompt_3=None, device=self.device, do_classifier_free_guidance=False
         )
@@ -221,8 +284,11 @@ class FluxPolicy(PackedLatentPolicy):
     """FLUX.1 (``FluxTransformer2DModel``): packed 2x2 latent tokens, guidance embedding if the model has one."""
 
     pipeline_class = FluxPipeline
+    # single-stream blocks: to_q / to_k / to_v, and the block's proj_out (attention and MLP output; not the
+    # model's final proj_out, hence the block path)
+    lora_target_modules = (*ATTENTION_PROJECTIONS, "single_transformer_blocks.*.proj_out")
 
-    def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
+    def encode_text(self, prompts: list[str]) -> dict[str, Tensor]:
         embeds, pooled, _ = self.pipeline.encode_prompt(prompt=prompts, prompt_2=None, device=self.device)
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
@@ -259,7 +325,7 @@ class QwenImagePolicy(PackedLatentPolicy):
         combined = super().guided(v_c, v_u, guidance_scale)
         return combined * (v_c.norm(dim=-1, keepdim=True) / combined.norm(dim=-1, keepdim=True))
 
-    def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
+    def encode_text(self, prompts: list[str]) -> dict[str, Tensor]:
         # at most 512 text tokens, as the pipeline's __call__ (its encode_prompt alone allows 1024)
         embeds, mask = self.pipeline.encode_prompt(prompt=prompts, device=self.device, max_sequence_length=512)
         if mask is None:  # the pipeline drops an all-ones mask
@@ -289,6 +355,13 @@ class Flux2KleinPolicy(PackedLatentPolicy):
     """FLUX.2-klein (``Flux2Transformer2DModel``): 2x2-patchified latents as tokens, batch-norm latent stats."""
 
     pipeline_class = Flux2KleinPipeline
+    # single-stream blocks: the fused QKV + MLP input projection and the output projection (a Linear named
+    # to_out there; the double-stream blocks' attn.to_out is a ModuleList, hence the block path)
+    lora_target_modules = (
+        *ATTENTION_PROJECTIONS,
+        "single_transformer_blocks.*.attn.to_qkv_mlp_proj",
+        "single_transformer_blocks.*.attn.to_out",
+    )
 
     def guides(self, guidance_scale: float) -> bool:
         """The released (step-distilled) klein models run no guidance: the pipeline skips it (``is_distilled``)."""
@@ -298,7 +371,7 @@ class Flux2KleinPolicy(PackedLatentPolicy):
         """Its pipeline's ``mu`` depends on the number of steps too (an empirical fit)."""
         return {"sigmas": _linear_sigmas(num_steps), "mu": compute_empirical_mu(self.tokens, num_steps)}
 
-    def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
+    def encode_text(self, prompts: list[str]) -> dict[str, Tensor]:
         embeds, _ = self.pipeline.encode_prompt(prompt=prompts, device=self.device)
         return {"prompt_embeds": embeds}
 
@@ -351,8 +424,24 @@ def load_pipeline_policy(
     class_name = family.pipeline_class.__name__
     try:
         return family.from_pretrained(model, resolution, torch_dtype, device, **kwargs)
+    except ConfigError:
+        raise
     except (OSError, ValueError) as err:
         raise ConfigError(f"model: cannot load {model} as a {class_name} ({err})") from err
+
+
+def text_encoder_names(pipeline: DiffusionPipeline) -> list[str]:
+    """The pipeline's text encoder components still present (``text_encoder``, ``text_encoder_2``, ...)."""
+    return [name for name, c in pipeline.components.items() if name.startswith("text_encoder") and c is not None]
+
+
+def cat_padded(a: Tensor, b: Tensor) -> Tensor:
+    """``a`` and ``b`` stacked along the batch, the shorter text sequence (dim 1) right-padded with zeros
+    (a zero mask entry: padding, for the models that take a text mask)."""
+    if a.ndim > 1 and a.shape[1] != b.shape[1]:
+        length = max(a.shape[1], b.shape[1])
+        a, b = (torch.nn.functional.pad(t, (0, 0) * (t.ndim - 2) + (0, length - t.shape[1])) for t in (a, b))
+    return torch.cat([a, b])
 
 
 def _linear_sigmas(num_steps: int) -> np.ndarray:
