@@ -78,16 +78,30 @@ class CountingEncoder:
         return {"embeds": embeds, "pooled": torch.tensor([[float(len(p))] for p in prompts])}
 
 
-def test_cache_encodes_each_prompt_once_and_pads():
+def test_cache_encodes_each_prompt_once_pads_and_spills_to_disk_over_its_budget(tmp_path):
     encoder = CountingEncoder()
-    cache = EmbeddingCache(encoder, max_prompts=3)
+    entry_mb = lambda p: (len(p) * 2 + 1) * 4 / 2**20  # noqa: E731  float32 embeds (len, 2) and pooled (1,)
+    cache = EmbeddingCache(encoder, max_mb=entry_mb("abcd") + entry_mb("x") + entry_mb("yz"), spill_dir=tmp_path)
     table = cache.table(["ab", "abcd", "ab"])
     assert encoder.seen == ["ab", "abcd"]
     assert table["embeds"].shape == (3, 4, 2) and table["pooled"].squeeze(1).tolist() == [2.0, 4.0, 2.0]
     assert table["embeds"][0, 2:].abs().sum() == 0  # right-padded with zeros
+    assert list(tmp_path.iterdir()) == []  # within budget: nothing on disk
     cache.table(["abcd", "x", "yz"])
     assert encoder.seen == ["ab", "abcd", "x", "yz"]  # only the new ones
-    assert list(cache.entries) == ["abcd", "x", "yz"]  # least recently used ("ab") evicted
+    assert list(cache.entries) == ["abcd", "x", "yz"] and cache.spilled == {"ab"}  # least recently used on disk
+    assert cache.bytes == sum(entry_mb(p) for p in cache.entries) * 2**20
+    (spilled,) = cache.spill_dir.iterdir()
+    assert spilled.suffix == ".safetensors"
+    again = cache.table(["ab", "yz"])
+    assert encoder.seen == ["ab", "abcd", "x", "yz"]  # read back from disk, not encoded again
+    torch.testing.assert_close(again["embeds"][0, :2], table["embeds"][0, :2], rtol=0, atol=0)
+    everything_on_disk = EmbeddingCache(CountingEncoder(), max_mb=0)
+    torch.testing.assert_close(everything_on_disk.table(["ab", "abcd", "ab"]), table, rtol=0, atol=0)
+    assert not everything_on_disk.entries and everything_on_disk.bytes == 0
+    folder = everything_on_disk.spill_dir
+    del everything_on_disk
+    assert not folder.exists()  # the temporary folder goes with the cache
     torch.testing.assert_close(pad_stack([torch.ones(2), torch.ones(3)]), torch.tensor([[1.0, 1, 0], [1, 1, 1]]))
 
 

@@ -7,14 +7,18 @@ OCR reward should read).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import tempfile
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from flowdppo.errors import ConfigError
 
@@ -85,30 +89,67 @@ class PromptBatch:
 
 
 class EmbeddingCache:
-    """Prompt embeddings computed once per prompt (an LRU of ``max_prompts``) and stacked into tables.
+    """Prompt embeddings computed once per prompt and stacked into tables.
 
-    ``encode(list of prompts) -> {name: (n, ...)}`` is the model's text encoding; entries are kept on the
-    CPU. Sequences of different lengths (a model that trims padding) are right-padded with zeros when
-    stacked.
+    ``encode(list of prompts) -> {name: (n, ...)}`` is the model's text encoding. Entries are kept on the
+    CPU, at most ``max_mb`` megabytes of them; beyond that the least recently used are written to
+    ``spill_dir`` (one safetensors file per prompt, a temporary folder removed with the cache unless
+    given) and read back when asked for, so no prompt is encoded twice. Sequences of different lengths
+    (a model that trims padding) are right-padded with zeros when stacked.
     """
 
-    def __init__(self, encode: Callable[[list[str]], dict[str, Tensor]], max_prompts: int = 4096) -> None:
-        self.encode, self.max_prompts = encode, max_prompts
+    def __init__(self, encode: Callable[[list[str]], dict[str, Tensor]], max_mb: float = 4096.0,
+                 spill_dir: str | Path | None = None) -> None:  # fmt: skip
+        self.encode, self.max_bytes = encode, max_mb * 2**20
         self.entries: OrderedDict[str, dict[str, Tensor]] = OrderedDict()
+        self.bytes = 0
+        self._spill_root, self._tmp, self.spill_dir = spill_dir, None, None
+        self.spilled: set[str] = set()
 
     def table(self, prompts: list[str]) -> dict[str, Tensor]:
-        """``{name: (len(prompts), ...)}`` for ``prompts`` (encoding only those not cached)."""
-        missing = list(dict.fromkeys(p for p in prompts if p not in self.entries))
-        if missing:
-            encoded = self.encode(missing)
-            for i, prompt in enumerate(missing):
-                self.entries[prompt] = {name: value[i].cpu() for name, value in encoded.items()}
-        for prompt in prompts:
-            self.entries.move_to_end(prompt)
-        table = {name: pad_stack([self.entries[p][name] for p in prompts]) for name in self.entries[prompts[0]]}
-        while len(self.entries) > self.max_prompts:
-            self.entries.popitem(last=False)
+        """``{name: (len(prompts), ...)}`` for ``prompts`` (encoding only those never seen)."""
+        self.encode_missing(prompts)
+        wanted = {p: self.entries[p] if p in self.entries else self.read_spilled(p) for p in prompts}
+        for prompt in wanted:
+            if prompt in self.entries:
+                self.entries.move_to_end(prompt)
+        first = wanted[prompts[0]]
+        table = {name: pad_stack([wanted[p][name] for p in prompts]) for name in first}
+        self.spill_over_budget()
         return table
+
+    def encode_missing(self, prompts: list[str], progress: bool = False) -> None:
+        """Encode the prompts neither in memory nor on disk, one at a time: a prompt's embedding does not
+        depend on the prompts encoded with it, so runs and resumed runs reproduce bit for bit."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self.entries and p not in self.spilled]
+        for prompt in tqdm(missing, desc="encoding prompts", unit="prompt", disable=not progress):
+            entry = {name: value[0].cpu() for name, value in self.encode([prompt]).items()}
+            self.entries[prompt] = entry
+            self.bytes += entry_bytes(entry)
+            self.spill_over_budget()
+
+    def spill_over_budget(self) -> None:
+        """Move least recently used entries to disk until the in-memory ones fit in ``max_mb``."""
+        while self.bytes > self.max_bytes and self.entries:
+            prompt, entry = self.entries.popitem(last=False)
+            save_file({k: v.contiguous() for k, v in entry.items()}, self.spill_path(prompt))
+            self.spilled.add(prompt)
+            self.bytes -= entry_bytes(entry)
+
+    def spill_path(self, prompt: str) -> Path:
+        if self.spill_dir is None:
+            if self._spill_root is not None:
+                Path(self._spill_root).mkdir(parents=True, exist_ok=True)
+            self._tmp = tempfile.TemporaryDirectory(prefix="flowdppo-prompts-", dir=self._spill_root)
+            self.spill_dir = Path(self._tmp.name)
+        return self.spill_dir / f"{hashlib.sha256(prompt.encode()).hexdigest()}.safetensors"
+
+    def read_spilled(self, prompt: str) -> dict[str, Tensor]:
+        return load_file(self.spill_path(prompt))
+
+
+def entry_bytes(entry: dict[str, Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in entry.values())
 
 
 def pad_stack(tensors: list[Tensor]) -> Tensor:

@@ -31,15 +31,22 @@ class TextToImageTask:
         self.cfg, self.device = cfg, torch.device(device)
         self.train_records, self.eval_records = split_prompts(load_prompts(cfg.prompts), cfg.eval_prompts, cfg.seed)
         self.policy = self.load_policy(cfg.model)
-        self.cache = EmbeddingCache(self.policy.encode_prompts)
+        self.cache = EmbeddingCache(self.policy.encode_prompts, max_mb=cfg.prompt_cache_mb)
+        if cfg.text_encoders == "free":  # every prompt of the run encoded now, then the encoders dropped
+            records = self.train_records + self.eval_records
+            self.cache.encode_missing([r["prompt"] for r in records], progress=True)
+            self.policy.free_text_encoders()
         self.rewards = [(name, self.load_reward(name)) for name in cfg.reward.names]
 
     def load_policy(self, model: str = "") -> PipelinePolicy:
         """The pipeline in folder (or hub id) ``model``, in ``cfg.precision``."""
         if not model:
             raise ConfigError("model: the text_to_image task needs a diffusers pipeline folder or hub id")
-        return load_pipeline_policy(model, self.cfg.resolution, DTYPES[self.cfg.precision], self.device,
-                                    embedded_guidance=self.cfg.embedded_guidance)  # fmt: skip
+        cfg = self.cfg
+        return load_pipeline_policy(model, cfg.resolution, DTYPES[cfg.precision], self.device,
+                                    embedded_guidance=cfg.embedded_guidance, negative_prompt=cfg.negative_prompt,
+                                    text_encoders=cfg.text_encoders, vae_tiling=cfg.vae_tiling,
+                                    attention_backend=cfg.attention_backend)  # fmt: skip
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
