@@ -6,7 +6,9 @@ Measured side by side in one process, bf16 base + float32 LoRA r32 (attention pr
   transformer (``StableDiffusion3Pipeline(..., output_type="latent")``), images/s;   target >= 0.9x
 - update: ``PolicyGradient.update`` per trained element vs a raw forward + backward + AdamW step of
   the same LoRA model on the same inputs;                                             target <= 1.15x
-- peak memory of one LoRA training step (mini-batch ``--minibatch`` elements);
+- peak memory of one LoRA training step (mini-batch ``--minibatch`` elements), without and with
+  gradient checkpointing, and of the rollout;
+- the bf16 consistency check: ``max |log rho|`` of a replay of the rollout before any update (must be ~0);
 - a whole epoch: rollout of ``--group`` images + VAE decode + update over ``--trained-steps`` steps
   of each image, images/s (reward-model time excluded: the reward is random);         target >= 3.5/s
 
@@ -28,7 +30,8 @@ import torch
 from common import RESULTS_DIR, interleaved_times, ratio_summary, write_result
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
-from flowdppo.algorithms.policy_gradient import PolicyGradient
+from flowdppo.algorithms.base import index_cond
+from flowdppo.algorithms.policy_gradient import PolicyGradient, replay_step
 from flowdppo.config import load_config
 from flowdppo.distributed import Distributed
 from flowdppo.policies.lora import make_trainable, trainable_parameters
@@ -129,11 +132,15 @@ def main() -> None:
     rollout_ratio = ratio_summary(times["diffusers"], times["flowdppo"])  # images/s ratio = inverse time ratio
     rollout_ips = {k: args.group / statistics.median(v) for k, v in times.items()}
 
+    rollout_peak_gib = peak_gib_of(ours_rollout, device, no_grad=True)
     traj = ours_rollout()
     advantages = torch.randn(args.group, device=device)
     algorithm = PolicyGradient(cfg)
     elements = algorithm.elements(traj, advantages, policy, torch.Generator(device), Distributed()).data
     mb = {k: v[: args.minibatch] for k, v in elements.items()}
+    with torch.no_grad():  # same weights as the rollout: rho must be 1 up to bf16 noise
+        _, logp = replay_step(policy.velocity, mb, index_cond(cond, mb["sample"]), cfg, sigmas[1])
+    max_log_rho = float((logp - mb["log_probs"]).abs().max())
     rng = torch.Generator(device).manual_seed(0)
     sub = traj_subset(traj, max(1, args.minibatch // len(steps)))  # about one mini-batch of elements
 
@@ -147,11 +154,12 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
+    peak_gib = {"plain": peak_gib_of(raw_step, device)}
+    policy.transformer.enable_gradient_checkpointing()
+    peak_gib["gradient_checkpointing"] = peak_gib_of(raw_step, device)
+    policy.transformer.disable_gradient_checkpointing()
     times_u = interleaved_times({"update": synchronized(policy_update, device),
                                  "raw": synchronized(raw_step, device)}, args.repeats)  # fmt: skip
-    peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
     update_ratio = ratio_summary([t / sub.num_elements for t in times_u["update"]],
                                  [t / args.minibatch for t in times_u["raw"]])  # per element  # fmt: skip
     per_element_ms = {"update": 1e3 * statistics.median(times_u["update"]) / sub.num_elements,
@@ -172,14 +180,17 @@ def main() -> None:
     print(f"update per element: {per_element_ms['update']:.1f} ms vs raw fwd+bwd {per_element_ms['raw']:.1f} ms; "
           f"ratio median {update_ratio['median']:.3f}x (min {update_ratio['min']:.3f}, max {update_ratio['max']:.3f}); "
           "target <= 1.15")  # fmt: skip
-    print(f"peak memory of a LoRA training step ({args.minibatch} elements): {peak_gib:.1f} GiB")
+    print(f"peak memory of a LoRA training step ({args.minibatch} elements): {peak_gib['plain']:.1f} GiB, with "
+          f"gradient checkpointing {peak_gib['gradient_checkpointing']:.1f} GiB; rollout {rollout_peak_gib:.1f} GiB")
+    print(f"replay before any update: max |log rho| = {max_log_rho:.2e} ({policy.dtype} base, float32 LoRA)")
     print(f"epoch: {epoch_ips:.2f} images/s (rollout + decode + update of {len(steps)} steps x {args.group} images, "
           "no reward model); target >= 3.5")  # fmt: skip
     result = {"size": args.size, "resolution": args.resolution, "group": args.group, "steps": args.steps,
               "trained_steps": len(steps), "minibatch": args.minibatch, "repeats": args.repeats,
               "rollout_images_per_s": rollout_ips, "rollout_ratio_flowdppo_over_diffusers": rollout_ratio,
               "update_ms_per_element": per_element_ms, "update_ratio_over_raw": update_ratio,
-              "peak_train_step_gib": peak_gib, "epoch_images_per_s": epoch_ips}  # fmt: skip
+              "peak_train_step_gib": peak_gib, "peak_rollout_gib": rollout_peak_gib, "max_abs_log_rho": max_log_rho,
+              "epoch_images_per_s": epoch_ips}  # fmt: skip
     print(f"wrote {write_result(f'gpu_throughput_{args.size}', result, args.out)}")
 
 
@@ -188,6 +199,18 @@ def traj_subset(traj, samples: int):
     per_step = ("latents", "next_latents", "means", "stds", "log_probs")
     keep = {name: getattr(traj, name)[:, :samples] for name in per_step}
     return replace(traj, cond=traj.cond[:samples], final=traj.final[:samples], **keep)
+
+
+def peak_gib_of(fn, device: str, no_grad: bool = False) -> float:
+    """Peak CUDA memory allocated while ``fn`` runs once, in GiB (nan off CUDA)."""
+    if not device.startswith("cuda"):
+        return float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.set_grad_enabled(not no_grad):
+        fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**30
 
 
 def timed(fn) -> float:
