@@ -185,6 +185,23 @@ def test_full_finetuning_reference_copies_only_the_transformer():
         assert (reference(x, sigma, cond) - policy(x, sigma, cond)).abs().max() > 1e-4
 
 
+@pytest.mark.slow
+def test_compiled_transformer_gives_the_same_training(tmp_path, monkeypatch):
+    """optim.compile: torch.compile of the transformer (inductor on CPU) trains as the eager model does."""
+    compiled = []
+    original = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(self) or original(self))
+    overrides = ["epochs=2", "eval_every=2"]
+    eager = short_run(tmp_path, "eager", overrides).rows()
+    assert not compiled
+    fast = short_run(tmp_path, "compiled", overrides + ["optim.compile=true"]).rows()
+    assert len(compiled) == 1 and compiled[0]._compiled_call_impl is not None  # the transformer, compiled
+    for a, b in zip(eager, fast, strict=True):
+        for key in ("reward_mean", "kl_to_base", "grad_norm", "loss", "eval/reward"):
+            if key in a:
+                assert abs(a[key] - b[key]) <= 1e-4 * max(1.0, abs(a[key])), (key, a[key], b[key])
+
+
 def test_gradient_checkpointing_gives_the_same_training(tmp_path):
     """Recomputed activations give the gradients of stored ones: the same rows, within float rounding."""
     overrides = ["epochs=2", "eval_every=2", "optim.lora_rank=0", "optim.lr=1e-4"]

@@ -7,12 +7,21 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from flowdppo.checkpoint import complete_checkpoints, read_tensors
 from flowdppo.config import config_from_dict, saved_config
 from flowdppo.distributed import Distributed
 from flowdppo.errors import CheckpointError, ConfigError
-from flowdppo.policies.lora import LORA_FILE, load_lora_adapter, lora_config, uses_lora
+from flowdppo.policies.lora import (
+    COMFYUI_FILE,
+    LORA_FILE,
+    PREFIX,
+    adapter_metadata,
+    comfyui_state_dict,
+    load_lora_adapter,
+    uses_lora,
+)
 from flowdppo.tasks import load_task, task_class
 from flowdppo.trainer import make_base_velocity
 
@@ -50,33 +59,47 @@ def evaluate_run(run_dir: Path, per_class: int = 50) -> dict[str, dict[str, floa
     return {name: task.evaluate(v, per_class) for name, v in velocities.items()}
 
 
-def export_lora(run_dir: Path, out: Path, from_checkpoint: bool = False) -> Path:
-    """Write the run's LoRA adapter (``final/``, or the newest checkpoint) in the ``load_lora_weights`` format,
-    without loading the model: ``final/`` already holds it; a checkpoint's peft weights are written with the
-    pipeline's ``save_lora_weights`` and the adapter's rank / alpha / targets as metadata."""
+EXPORT_FORMATS = ("diffusers", "comfyui")
+
+
+def export_lora(run_dir: Path, out: Path, from_checkpoint: bool = False, fmt: str = "diffusers") -> Path:
+    """Write the run's LoRA adapter (``final/``, or the newest checkpoint) without loading the model; returns what
+    was written.
+
+    ``diffusers``: ``out/pytorch_lora_weights.safetensors`` for ``pipeline.load_lora_weights(out)`` (``final/``
+    already holds it; a checkpoint's peft weights go through the pipeline's ``save_lora_weights``), with the
+    adapter's rank, alpha and modules as metadata. ``comfyui``: ``out/comfyui_lora.safetensors``, the same
+    weights under ``transformer.<module>.lora_A/B.weight`` with ``transformer.<module>.alpha`` tensors, the only
+    place ComfyUI reads the scale from."""
+    if fmt not in EXPORT_FORMATS:
+        raise ConfigError(f"--format: must be one of {', '.join(EXPORT_FORMATS)}; got {fmt!r}")
     cfg = run_config(run_dir)
-    if cfg.optim.lora_rank == 0:
+    optim = cfg.optim
+    if optim.lora_rank == 0:
         raise ConfigError(f"{run_dir} fine-tuned the whole transformer (no LoRA): its final/ is the model itself")
-    policy_class = task_class(cfg).policy_class(cfg)
     if from_checkpoint:
         found = complete_checkpoints(run_dir / "checkpoints")
         if not found:
             raise ConfigError(f"{run_dir} has no complete checkpoint")
-        weights = read_tensors(found[-1] / "trainable.safetensors")
+        weights = read_tensors(found[-1] / "trainable.safetensors")  # peft names
     else:
         adapter = run_dir / "final" / LORA_FILE
         if not adapter.is_file():
             raise ConfigError(f"{run_dir} has no final adapter ({adapter}): did the run finish? (or use --checkpoint)")
         try:
-            read_tensors(adapter)  # a damaged file is named here, not copied
+            final = read_tensors(adapter)  # a damaged file is named here, not copied
         except CheckpointError as err:
             raise ConfigError(f"{err}; export from the newest checkpoint with --checkpoint") from err
-        out.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(adapter, out / LORA_FILE)
-        return out
-    config = lora_config(cfg.optim.lora_rank, cfg.optim.lora_alpha,
-                         cfg.optim.lora_target_modules or policy_class.lora_target_modules)  # fmt: skip
+        if fmt == "diffusers":
+            out.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(adapter, out / LORA_FILE)
+            return out / LORA_FILE
+        weights = {k.removeprefix(PREFIX): v for k, v in final.items()}
     out.mkdir(parents=True, exist_ok=True)
-    policy_class.pipeline_class.save_lora_weights(out, transformer_lora_layers=weights,
-                                                  transformer_lora_adapter_metadata=config.to_dict())  # fmt: skip
-    return out
+    if fmt == "comfyui":
+        save_file(comfyui_state_dict(weights, optim.lora_alpha), str(out / COMFYUI_FILE))
+        return out / COMFYUI_FILE
+    pipeline_class = task_class(cfg).policy_class(cfg).pipeline_class
+    pipeline_class.save_lora_weights(out, transformer_lora_layers=weights, transformer_lora_adapter_metadata=
+                                     adapter_metadata(weights, optim.lora_rank, optim.lora_alpha))  # fmt: skip
+    return out / LORA_FILE

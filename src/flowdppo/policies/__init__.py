@@ -15,7 +15,8 @@ class Policy(Protocol):
     """What the rollout, the trainer and the export need from a model; the model facts live here."""
 
     transformer: nn.Module  # the network LoRA adapters are attached to
-    lora_target_modules: ClassVar[tuple[str, ...]]  # the modules a LoRA adapter wraps by default
+    lora_target_modules: ClassVar[tuple[str, ...]]  # the modules a LoRA adapter wraps by default, every block
+    lora_text_modules: ClassVar[tuple[str, ...]]  # the text stream's, added with optim.lora_text_stream
     pipeline_class: ClassVar[type]  # the diffusers pipeline whose save_lora_weights writes the adapter
 
     def enable_gradient_checkpointing(self) -> None:

@@ -47,16 +47,8 @@ DEFAULT_TRANSFORMER_CONFIG: dict[str, Any] = {
 }
 
 # The attention projections a LoRA adapter targets (as in the SD3 LoRA recipes).
-LORA_TARGET_MODULES = (
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "add_q_proj",
-    "add_k_proj",
-    "add_v_proj",
-    "to_add_out",
-)
+LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")  # the image stream
+LORA_TEXT_MODULES = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")  # the text stream (lora_text_stream)
 
 
 class DigitsPolicy(nn.Module):
@@ -66,6 +58,7 @@ class DigitsPolicy(nn.Module):
     """
 
     lora_target_modules: tuple[str, ...] = LORA_TARGET_MODULES  # the modules a LoRA adapter wraps
+    lora_text_modules: tuple[str, ...] = LORA_TEXT_MODULES  # and those of the text stream
     pipeline_class = StableDiffusion3Pipeline  # whose save_lora_weights writes the adapter
 
     def __init__(self, transformer: SD3Transformer2DModel) -> None:
