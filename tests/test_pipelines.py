@@ -160,7 +160,7 @@ def test_train_two_epochs_then_export_loads_in_a_fresh_pipeline(family, model_di
 
     # the trained weights, loaded through peft from the last checkpoint (not the export)
     trained = load_pipeline_policy(model, RESOLUTION, torch.float32, "cpu")
-    make_trainable(trained, 8, 16.0, trained.lora_target_modules)
+    make_trainable(trained, 8, 16.0)  # the preset the run used: every block, both streams
     load_trainable_state_dict(
         trained, load_file(str(complete_checkpoints(run / "checkpoints")[-1] / "trainable.safetensors"))
     )

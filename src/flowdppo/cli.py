@@ -5,7 +5,9 @@
     flowdppo train --resume runs/grpo
     flowdppo eval runs/grpo
     flowdppo export runs/grpo --out lora/        # for pipeline.load_lora_weights("lora/")
+    flowdppo export runs/grpo --out lora/ --format comfyui   # lora/comfyui_lora.safetensors for ComfyUI
     flowdppo compare --preset single --seeds 5 --out runs/bench
+    flowdppo reward-server --reward classifier_prob --port 8000   # then reward.names=[http://127.0.0.1:8000]
 
 Errors the user can fix (configuration, inputs, a non-finite reward or loss) print one line and exit
 with code 2 (``--debug`` shows the traceback).
@@ -50,6 +52,13 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from flowdppo.plan import format_plan, make_plan
+
+    print(format_plan(make_plan(load_config(args.method, args.config, args.overrides))))
+    return 0
+
+
 def _print_summary(path: Path) -> None:
     rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
     base = json.loads((path / "base_eval.json").read_text())
@@ -65,8 +74,20 @@ def _print_summary(path: Path) -> None:
 def _eval(args: argparse.Namespace) -> int:
     from flowdppo.evaluate import evaluate_run
 
-    _positive(per_class=args.per_class)
-    results = evaluate_run(Path(args.run_dir), per_class=args.per_class)
+    if args.report is not None:
+        return _eval_report(args)
+    if args.run_dir is None:
+        raise ConfigError("eval: give a run folder (flowdppo eval RUN ...) or --report FILE.json")
+    if args.prompts is not None:
+        return _eval_protocol(args)
+    given = {"--rewards": args.rewards, "--samples-per-prompt": args.samples_per_prompt, "--seed": args.seed,
+             "--out": args.out}  # fmt: skip
+    for flag, value in given.items():
+        if value is not None:
+            raise ConfigError(f"{flag}: only with --prompts FILE (the text-to-image protocol)")
+    per_class = 50 if args.per_class is None else args.per_class
+    _positive(per_class=per_class)
+    results = evaluate_run(Path(args.run_dir), per_class=per_class)
     width = max(len(k) for k in results["base"])
     print(f"{'measure':<{width}}  {'base':>9}  {'trained':>9}")
     for key in results["base"]:
@@ -74,10 +95,44 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_protocol(args: argparse.Namespace) -> int:
+    """``eval RUN --prompts FILE``: base vs trained on the file, bootstrap CIs, a result JSON (``protocol.py``)."""
+    from flowdppo.protocol import (
+        DEFAULT_SAMPLES_PER_PROMPT,
+        DEFAULT_SEED,
+        evaluate_protocol,
+        format_table,
+        parse_reward_names,
+        write_result,
+    )
+
+    if args.per_class is not None:
+        raise ConfigError("--per-class: the digits evaluation's; with --prompts give --samples-per-prompt")
+    per_prompt = DEFAULT_SAMPLES_PER_PROMPT if args.samples_per_prompt is None else args.samples_per_prompt
+    _positive(samples_per_prompt=per_prompt)
+    run_dir, prompts = Path(args.run_dir), Path(args.prompts)
+    result = evaluate_protocol(run_dir, prompts, parse_reward_names(args.rewards), per_prompt,
+                               DEFAULT_SEED if args.seed is None else args.seed)  # fmt: skip
+    out = write_result(result, Path(args.out) if args.out else run_dir / "eval" / f"{prompts.stem}.json")
+    print(format_table(result))
+    print(f"wrote {out}")
+    return 0
+
+
+def _eval_report(args: argparse.Namespace) -> int:
+    """``eval --report FILE.json``: the table of a saved result, nothing sampled and no model loaded."""
+    from flowdppo.protocol import format_table, load_result
+
+    if args.run_dir is not None or args.prompts is not None:
+        raise ConfigError("--report: re-renders a saved result; give no run folder or --prompts with it")
+    print(format_table(load_result(Path(args.report))))
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from flowdppo.evaluate import export_lora
 
-    print(f"wrote {export_lora(Path(args.run_dir), Path(args.out), args.checkpoint)}")
+    print(f"wrote {export_lora(Path(args.run_dir), Path(args.out), args.checkpoint, args.format)}")
     return 0
 
 
@@ -121,6 +176,13 @@ def _digits_classifier(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reward_server(args: argparse.Namespace) -> int:
+    from flowdppo.rewards.server import serve
+
+    serve(args.reward, args.host, args.port, args.device)
+    return 0
+
+
 def quiet_loading_bars() -> None:
     """No per-component "Loading weights" bars from diffusers / transformers (hub downloads keep theirs)."""
     from diffusers.utils import logging as diffusers_logging
@@ -145,14 +207,30 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. loss.kl_mask_threshold=1e-4")
     train.set_defaults(func=_train)
 
+    plan = commands.add_parser("plan", help="parameter counts and peak GPU memory of a recipe (no weights read)")
+    plan.add_argument("--config", help="YAML file of settings, as for train")
+    plan.add_argument("--method", help=f"preset: {', '.join(PRESETS)} (default flow_dppo)")
+    plan.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optim.minibatch_size=8")
+    plan.set_defaults(func=_plan)
+
     ev = commands.add_parser("eval", help="in-domain and out-of-domain measures of a run vs the base")
-    ev.add_argument("run_dir")
-    ev.add_argument("--per-class", type=int, default=50)
+    ev.add_argument("run_dir", nargs="?", help="the run folder (not with --report)")
+    ev.add_argument("--per-class", type=int, default=None, help="digits and held-out prompts: samples each (50)")
+    ev.add_argument("--prompts", metavar="FILE", help="text_to_image: the pinned protocol on this prompt file "
+                    "(.txt or .jsonl): base vs trained from the same per-prompt noise, bootstrap CIs")  # fmt: skip
+    ev.add_argument("--rewards", metavar="R1,R2", help="with --prompts: rewards to score (default: the run's)")
+    ev.add_argument("--samples-per-prompt", type=int, default=None, help="with --prompts: samples per prompt (4)")
+    ev.add_argument("--seed", type=int, default=None, help="with --prompts: the noise seed (0)")
+    ev.add_argument("--out", metavar="FILE.json", help="with --prompts: the result (default RUN/eval/PROMPTS.json)")
+    ev.add_argument("--report", metavar="FILE.json", help="print the table of a saved result (no model loaded)")
     ev.set_defaults(func=_eval)
 
-    exp = commands.add_parser("export", help="write a run's LoRA adapter for pipeline.load_lora_weights")
+    exp = commands.add_parser("export", help="write a run's LoRA adapter for pipeline.load_lora_weights or ComfyUI")
     exp.add_argument("run_dir")
-    exp.add_argument("--out", required=True, help="folder for pytorch_lora_weights.safetensors")
+    exp.add_argument("--out", required=True, help="folder for the adapter file")
+    exp.add_argument("--format", default="diffusers",
+                     help="diffusers (pytorch_lora_weights.safetensors, default) or comfyui (comfyui_lora.safetensors, "
+                          "with the alpha tensors ComfyUI scales by)")  # fmt: skip
     exp.add_argument("--checkpoint", action="store_true", help="from the newest checkpoint instead of final/")
     exp.set_defaults(func=_export)
 
@@ -185,6 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
     clf.add_argument("--out", required=True)
     clf.add_argument("--seed", type=int, default=0)
     clf.set_defaults(func=_digits_classifier)
+
+    srv = commands.add_parser("reward-server", help="serve a reward over HTTP, for reward.names=[http://HOST:PORT]")
+    srv.add_argument("--reward", required=True, metavar="NAME[@PATH]",
+                     help="a digits or image reward (name or name@model_path) or module:function")  # fmt: skip
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: a free one)")
+    srv.add_argument("--device", help="where the reward runs (default cuda when available, else cpu)")
+    srv.set_defaults(func=_reward_server)
     return parser
 
 

@@ -22,6 +22,7 @@ from flowdppo.losses import LOSSES
 from flowdppo.overrides import build, flatten_keys, merge, parse_overrides, read_yaml, read_yaml_file, to_dict
 from flowdppo.samplers import SAMPLERS, WINDOW_MODES, get_sampler, window_error
 from flowdppo.sde import LOGPROB_CONVENTIONS, REDUCTIONS
+from flowdppo.tracking import check_backends
 
 
 @dataclass
@@ -156,11 +157,25 @@ class OptimConfig:
     to_add_out) of every double-stream block; false: the image stream only. Not read with lora_target_modules."""
     gradient_checkpointing: bool = False
     """Recompute each transformer block's activations in the backward pass: less memory, more compute."""
+    compile: bool = False
+    """torch.compile the transformer's forward (in place, on first use; the first epochs pay the compile time)."""
     fsdp: bool = False
     """Shard the transformer with FSDP2 (``fully_shard``) across processes instead of DDP; full fine-tuning
     only (lora_rank 0). On one process it changes nothing."""
     anchor: str = "rollout"
     """Source of logp_old / mu_old: "rollout" (recorded) or "replay" (no-grad recompute before the update)."""
+
+
+@dataclass
+class LoggingConfig:
+    backends: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers: "tensorboard" (RUN/tensorboard) and / or "wandb" (pip install 'flowdppo[wandb]')."""
+    project: str = "flowdppo"
+    """W&B project."""
+    run_name: str = ""
+    """Tracker run name ("": the run folder's name)."""
+    tags: list[str] = field(default_factory=list)
+    """W&B tags."""
 
 
 @dataclass
@@ -221,6 +236,7 @@ class TrainConfig:
     awm: AWMConfig = field(default_factory=AWMConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 SDE = {"kind": "flow_sde", "eta": 0.7}
@@ -321,6 +337,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         problem = f"optim.fsdp: not supported by {cfg.algorithm} (its slow copy of the weights is not sharded)"
     if problem:
         raise ConfigError(problem)
+    check_backends(cfg.logging.backends)
     if sum(cfg.reward.weights) == 0:
         raise ConfigError(f"reward.weights: must not sum to 0 (the logged reward is their weighted mean), got "
                           f"{cfg.reward.weights}")

@@ -58,23 +58,27 @@ def plot_per_step(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def grid_mosaic(grid: np.ndarray) -> np.ndarray:
+    """A panel ``(rows, cols, H, W)`` grey (ink = 1) or ``(rows, cols, H, W, 3)`` RGB in [0, 1] as one RGB image
+    ``(rows (H + 1) - 1, cols (W + 1) - 1, 3)`` in [0, 1], samples separated by white lines."""
+    rows, cols, h, w = grid.shape[:4]
+    rgb = np.repeat(1 - grid[..., None], 3, axis=-1) if grid.ndim == 4 else grid
+    mosaic = np.ones((rows * (h + 1) - 1, cols * (w + 1) - 1, 3))
+    for i in range(rows):
+        for j in range(cols):
+            mosaic[i * (h + 1) : i * (h + 1) + h, j * (w + 1) : j * (w + 1) + w] = rgb[i, j]
+    return mosaic.clip(0, 1)
+
+
 def save_image_grid(panels: dict[str, np.ndarray], path: Path) -> None:
-    """Side-by-side grids; each panel is (rows, cols, H, W) grey or (rows, cols, H, W, 3) RGB in [0, 1],
-    one row per prompt."""
+    """Side-by-side mosaics (``grid_mosaic``) of the panels, one row per prompt."""
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.4))
     axes = np.atleast_1d(axes)
     for ax, (name, grid) in zip(axes, panels.items(), strict=True):
-        rows, cols, h, w = grid.shape[:4]
-        mosaic = np.ones((rows * (h + 1) - 1, cols * (w + 1) - 1, *grid.shape[4:]))
-        for i in range(rows):
-            for j in range(cols):
-                mosaic[i * (h + 1) : i * (h + 1) + h, j * (w + 1) : j * (w + 1) + w] = grid[i, j]
-        if grid.ndim == 4:
-            ax.imshow(mosaic, cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
-        else:
-            ax.imshow(mosaic.clip(0, 1), interpolation="nearest")
+        h = grid.shape[2]
+        ax.imshow(grid_mosaic(grid), interpolation="nearest")
         ax.set_title(name)
-        ax.set_yticks([i * (h + 1) + h / 2 for i in range(rows)], [str(i) for i in range(rows)])
+        ax.set_yticks([i * (h + 1) + h / 2 for i in range(grid.shape[0])], [str(i) for i in range(grid.shape[0])])
         ax.set_xticks([])
     fig.tight_layout()
     fig.savefig(path, dpi=110)

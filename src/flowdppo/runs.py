@@ -2,7 +2,8 @@
 
 RUN/config.yaml             resolved configuration
 RUN/metrics.jsonl           one JSON row per epoch
-RUN/tensorboard/            event files (scalars of every row)
+RUN/tensorboard/            event files (scalars of every row, the config, the sample grids of each evaluation)
+RUN/wandb/, RUN/wandb_id    with logging.backends=[wandb]: the W&B run's local files and its id (for --resume)
 RUN/plots/curves.png        reward and KL-to-base vs epoch, reward vs KL
 RUN/plots/per_step.png      per trained step: mean D and masked fraction
 RUN/samples.png             base vs trained samples, one row per prompt
@@ -20,7 +21,6 @@ import sys
 from pathlib import Path
 
 from torch import nn
-from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from flowdppo.checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
@@ -28,10 +28,11 @@ from flowdppo.config import TrainConfig, flatten_keys, save_config, saved_config
 from flowdppo.errors import CheckpointError, ConfigError
 from flowdppo.plots import plot_per_step, plot_training_curves, save_image_grid
 from flowdppo.policies.lora import save_lora_adapter, uses_lora
+from flowdppo.tracking import WANDB_ID_FILE, open_trackers
 
 CONFIG_FILE = "config.yaml"
 LOCK_FILE = ".lock"
-RUN_SUBFOLDERS = ("checkpoints", "tensorboard", "plots", "final")
+RUN_SUBFOLDERS = ("checkpoints", "tensorboard", "plots", "final", "wandb")
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -57,7 +58,7 @@ class RunFolder:
                 raise ConfigError(f"--resume: the config conflicts with the run's saved one: {shown}")
         elif config_path.is_file() and not overwrite:
             raise ConfigError(f"--out: {path} already holds a run; choose another folder or pass --overwrite")
-        self.writer: SummaryWriter | None = None
+        self.trackers: list = []
 
     def create(self) -> None:
         """Lock the folder and write the resolved config; a new run over an old one (``--overwrite``) clears the
@@ -68,7 +69,7 @@ class RunFolder:
             self.path.mkdir(parents=True, exist_ok=True)
             self.locked = take_lock(self.path / LOCK_FILE)
             if not self.resume:
-                for name in (*RUN_SUBFOLDERS, METRICS_FILE, "base_eval.json"):
+                for name in (*RUN_SUBFOLDERS, METRICS_FILE, "base_eval.json", WANDB_ID_FILE):
                     _remove_any(self.path / name)
             for leftover in (*self.path.glob(".tmp-*"), *(self.path / "checkpoints").glob(".*-epoch_*")):
                 _remove_any(leftover)
@@ -81,11 +82,12 @@ class RunFolder:
         folder if it made it, else what it wrote (so the same command can simply be run again)."""
         if not self.is_writer or not self.locked:  # it wrote nothing (or the folder is another run's)
             return
+        self.close_trackers()
         if failed and not self.resume and not self.rows():
             if self.made_folder:
                 shutil.rmtree(self.path, ignore_errors=True)
             else:
-                for name in (*RUN_SUBFOLDERS, METRICS_FILE, "base_eval.json", CONFIG_FILE):
+                for name in (*RUN_SUBFOLDERS, METRICS_FILE, "base_eval.json", CONFIG_FILE, WANDB_ID_FILE):
                     _remove_any(self.path / name)
         (self.path / LOCK_FILE).unlink(missing_ok=True)
         self.locked = False
@@ -163,17 +165,25 @@ class RunFolder:
             return
         kept = [r for r in self.rows() if r["epoch"] < start_epoch]
         _write_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
-        self.writer = SummaryWriter(str(self.path / "tensorboard"), purge_step=start_epoch)
+        self.trackers = open_trackers(self.path, self.cfg, start_epoch)
 
     def log(self, row: dict) -> None:
         if not self.is_writer:
             return
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        for key, value in row.items():
-            if isinstance(value, (int, float)) and key != "epoch":
-                self.writer.add_scalar(key, value, row["epoch"])
-        self.writer.flush()
+        for tracker in self.trackers:
+            tracker.log(row)
+
+    def log_images(self, grids: dict, epoch: int) -> None:
+        """Sample grids ``{name: (rows, cols, H, W[, 3])}`` to the trackers."""
+        for tracker in self.trackers if self.is_writer else ():
+            tracker.log_images(grids, epoch)
+
+    def close_trackers(self) -> None:
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
 
     def finish(self, policy: nn.Module | None, grid_panels: dict) -> None:
         """Plots, the sample grid and the final weights (written by process 0; ``policy`` may be None elsewhere)."""
@@ -190,8 +200,6 @@ class RunFolder:
             save_lora_adapter(policy, final)
         else:
             policy.save_pretrained(final)
-        if self.writer is not None:
-            self.writer.close()
 
 
 def take_lock(lock: Path) -> bool:

@@ -9,6 +9,7 @@ loss. Under ``torchrun`` / ``accelerate launch`` it runs data-parallel (see ``di
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,9 @@ from flowdppo.algorithms import get_algorithm
 from flowdppo.algorithms.base import NonFiniteGuard
 from flowdppo.config import RewardConfig, TrainConfig
 from flowdppo.distributed import Distributed, init_distributed
-from flowdppo.errors import ConsistencyError, NonFiniteError
+from flowdppo.errors import ConsistencyError, NonFiniteError, RewardError
 from flowdppo.policies.lora import adapters_disabled, make_trainable, reference_policy, trainable_parameters
-from flowdppo.rewards import score
+from flowdppo.rewards.remote import score_chunks
 from flowdppo.rollout import in_chunks, initial_noise, rollout
 from flowdppo.runs import RunFolder
 from flowdppo.samplers import measure_sampler, trained_steps
@@ -57,9 +58,12 @@ def run_training(cfg: TrainConfig, run: RunFolder, dist: Distributed, resume: bo
     torch.manual_seed(cfg.seed)
     task = load_task(cfg, device)  # the base policy and the rewards, loaded
     policy = task.policy
-    make_trainable(policy, cfg.optim.lora_rank, cfg.optim.lora_alpha, cfg.optim.lora_target_modules)
+    make_trainable(policy, cfg.optim.lora_rank, cfg.optim.lora_alpha, cfg.optim.lora_target_modules,
+                   cfg.optim.lora_text_stream)  # fmt: skip
     if cfg.optim.gradient_checkpointing:
         policy.enable_gradient_checkpointing()
+    if cfg.optim.compile:
+        policy.transformer.compile()  # nn.Module.compile: the module and its state-dict keys stay as they are
     algorithm = get_algorithm(cfg)
     algorithm.setup(policy)
     sigmas = task.sigmas()  # the one noise schedule of rollouts, evaluations and grids
@@ -81,11 +85,13 @@ def run_training(cfg: TrainConfig, run: RunFolder, dist: Distributed, resume: bo
     # Every process evaluates and samples (a sharded policy's forwards are collective); process 0 writes.
     if start_epoch == 0:
         run.save_json("base_eval.json", task.evaluate(base_velocity, cfg.eval_samples_per_class))
+        run.log_images({"base": task.sample_grid(base_velocity)}, 0)
 
     bar = tqdm(range(start_epoch, cfg.epochs), desc=f"{cfg.method}", disable=not (progress and dist.is_main),
                initial=start_epoch, total=cfg.epochs)  # fmt: skip
     for epoch in bar:
         t0 = time.perf_counter()
+        rng_at_start = rng.get_state()  # checkpointed if this epoch's reward fails
         # 1. rollout: P prompts x G samples (this process's rows), stochastic and recorded on the trained steps
         cond, group_ids = task.prompts(cfg.prompts_per_epoch, cfg.group_size, cfg.seed, epoch)
         steps = trained_steps(cfg.sampler, cfg.seed, epoch)
@@ -96,8 +102,15 @@ def run_training(cfg: TrainConfig, run: RunFolder, dist: Distributed, resume: bo
             traj = rollout(velocity, prompts, noise, sigmas, cfg.sampler, steps, rng, base_velocity, kl_steps,
                            global_batch, rows)  # fmt: skip
         # 2. rewards of the whole batch (gathered) and group-relative advantages
-        images = torch.cat([policy.decode(part) for part in traj.final.split(chunk or len(traj.final))])
-        rewards, advantages = rewards_and_advantages(task.rewards, images, prompts, group_ids, cfg.reward, dist)
+        images = (policy.decode(part) for part in traj.final.split(chunk or len(traj.final)))  # decoded as scored
+        try:
+            rewards, advantages = rewards_and_advantages(task.rewards, images, prompts, group_ids, cfg.reward, dist)
+        except RewardError as err:  # e.g. a reward server gone mid-run: keep this epoch's start, stop resumably
+            if epoch > 0 and not dist.enabled and not run.checkpoint_dir(epoch).is_dir():
+                rng.set_state(rng_at_start)  # the state before this epoch's rollout
+                run.save_checkpoint(epoch, policy, optimizer, rng, algorithm, {"nonfinite": guard.state_dict()})
+            hint = f"; continue with: flowdppo train --resume {run.path}" if epoch else ""
+            raise RewardError(f"{err}{hint}") from err
         update_metrics = {}
         if guard.ok(f"epoch {epoch} (rollout)", reward=rewards, advantage=advantages):
             # 3. the algorithm's update: inner epochs over shuffled mini-batches of training elements
@@ -116,6 +129,7 @@ def run_training(cfg: TrainConfig, run: RunFolder, dist: Distributed, resume: bo
         }
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
             row.update(task.evaluate(velocity, cfg.eval_samples_per_class))
+            run.log_images({"trained": task.sample_grid(velocity)}, epoch)
         run.log(row)
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl_to_base']:.2e}")
         if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
@@ -126,11 +140,13 @@ def run_training(cfg: TrainConfig, run: RunFolder, dist: Distributed, resume: bo
 
 
 def rewards_and_advantages(
-    reward_fns: list, images: Tensor, prompts: Any, group_ids: Tensor, reward_cfg: RewardConfig, dist: Distributed
+    reward_fns: list, images: Iterable[Tensor] | Tensor, prompts: Any, group_ids: Tensor, reward_cfg: RewardConfig,
+    dist: Distributed,
 ) -> tuple[Tensor, Tensor]:
-    """Score this process's ``images``; gather the rewards of the whole batch ``(N, num_rewards)``; return
-    them with the group-relative advantages of the whole batch ``(N,)`` (global group and batch statistics)."""
-    local = torch.stack([score(fn, name, images, prompts) for name, fn in reward_fns], dim=1)
+    """Score this process's ``images`` (a tensor or its chunks as they are decoded: a remote reward scores a chunk
+    while the next decodes); gather the rewards of the whole batch ``(N, num_rewards)``; return them with the
+    group-relative advantages of the whole batch ``(N,)`` (global group and batch statistics)."""
+    local = score_chunks(reward_fns, images, prompts)
     rewards = dist.gather(local)
     weights = torch.tensor(reward_cfg.weights, device=rewards.device)
     return rewards, aggregate_rewards(rewards, group_ids, weights, reward_cfg.aggregation, reward_cfg.std_scope)

@@ -16,7 +16,10 @@ Rewards (``IMAGE_REWARDS``; ``make_image_reward("name")`` or ``make_image_reward
   (the unscaled PickScore is 26 times this; ``exp(logit_scale)`` is about 100, so typically about ``[0, 1]``);
 - ``aesthetic``:  ``MLP(e / |e|)``, the LAION aesthetic predictor v2 head on the L2-normalised CLIP ViT-L/14
   image embedding ``e``, about ``[1, 10]``;
-- ``ocr``: 1 - the normalised edit distance of the text a model reads to the target text (``rewards.ocr``).
+- ``ocr``: 1 - the normalised edit distance of the text a model reads to the target text (``rewards.ocr``);
+- ``vlm_yes_prob`` / ``vlm_yes_prob_default_question`` / ``vlm_ocr``: a chat VLM's ``P(Yes)`` (over Yes / No) to the
+  prompt's questions, or its reading scored as ``ocr`` (``rewards.vlm``);
+- ``hpsv2``: HPSv2.1, ``cos(E_image, E_text)`` of an open_clip ViT-H-14 (``rewards.hps``, needs open_clip).
 
 Default models (``path`` of ``name@path``: a local directory or a hub id):
 
@@ -27,7 +30,8 @@ Default models (``path`` of ``name@path``: a local directory or a hub id):
   ``trl-lib/ddpo-aesthetic-predictor``. ``aesthetic@DIR`` reads both from ``DIR``: the CLIP model and processor files
   (``save_pretrained``) and one head file among ``AESTHETIC_HEAD_FILES`` (``aesthetic_head.safetensors`` first; a
   ``.pth`` state dict is read with ``torch.load(weights_only=True)``), keys ``layers.{0,2,4,6,7}.{weight,bias}``;
-- ``ocr``: ``microsoft/trocr-base-printed`` (see ``rewards.ocr`` for the models it takes).
+- ``ocr``: ``microsoft/trocr-base-printed`` (see ``rewards.ocr`` for the models it takes);
+- ``vlm_*``: ``Qwen/Qwen2.5-VL-7B-Instruct``; ``hpsv2``: ``HPS_v2.1_compressed.pt`` of ``xswu/HPSv2``.
 """
 
 from __future__ import annotations
@@ -52,12 +56,20 @@ IMAGE_REWARDS: tuple[str, ...] = (
     "pickscore",
     "aesthetic",
     "ocr",
+    "vlm_yes_prob",
+    "vlm_yes_prob_default_question",
+    "vlm_ocr",
+    "hpsv2",
 )
 DEFAULT_MODELS: dict[str, str] = {
     "clip_score": "openai/clip-vit-large-patch14",
     "pickscore": "yuvalkirstain/PickScore_v1",
     "aesthetic": "openai/clip-vit-large-patch14",
     "ocr": "microsoft/trocr-base-printed",
+    "vlm_yes_prob": "Qwen/Qwen2.5-VL-7B-Instruct",
+    "vlm_yes_prob_default_question": "Qwen/Qwen2.5-VL-7B-Instruct",
+    "vlm_ocr": "Qwen/Qwen2.5-VL-7B-Instruct",
+    "hpsv2": "xswu/HPSv2",
 }
 PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 PICKSCORE_DIVISOR = 26.0
@@ -349,6 +361,12 @@ _MODEL_REWARDS: dict[str, Callable[[str, torch.device, torch.dtype], Reward]] = 
     ),
     "aesthetic": _make_aesthetic,
     "ocr": lambda path, device, dtype: _ocr_reward().load(path, device, dtype),
+    "vlm_yes_prob": lambda path, device, dtype: _vlm_reward("vlm_yes_prob", path, device, dtype),
+    "vlm_yes_prob_default_question": lambda path, device, dtype: _vlm_reward(
+        "vlm_yes_prob_default_question", path, device, dtype
+    ),
+    "vlm_ocr": lambda path, device, dtype: _vlm_reward("vlm_ocr", path, device, dtype),
+    "hpsv2": lambda path, device, dtype: _hps_reward(path, device, dtype),
 }
 
 
@@ -356,6 +374,18 @@ def _ocr_reward():
     from flowdppo.rewards.ocr import OcrReward  # ocr.py builds on the helpers above
 
     return OcrReward
+
+
+def _vlm_reward(name: str, path: str, device: torch.device, dtype: torch.dtype) -> Reward:
+    from flowdppo.rewards.vlm import make_vlm_reward  # vlm.py builds on the helpers above
+
+    return make_vlm_reward(name, path, device, dtype)
+
+
+def _hps_reward(path: str, device: torch.device, dtype: torch.dtype) -> Reward:
+    from flowdppo.rewards.hps import make_hps_reward  # hps.py builds on the helpers above; open_clip is optional
+
+    return make_hps_reward(path, device, dtype)
 
 
 def make_image_reward(spec: str, device: torch.device | str, dtype: torch.dtype = torch.float32) -> Reward:

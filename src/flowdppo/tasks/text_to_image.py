@@ -11,6 +11,7 @@ from flowdppo.policies.pipelines import PipelinePolicy, load_pipeline_policy, pi
 from flowdppo.prompts import EmbeddingCache, PromptBatch, load_prompts, make_batch, split_prompts
 from flowdppo.rewards import Reward, load_user_reward, score
 from flowdppo.rewards.image import IMAGE_REWARDS, make_image_reward
+from flowdppo.rewards.remote import is_remote, load_remote_reward
 from flowdppo.rollout import sample
 
 EVAL_SEED_OFFSET = 10_007  # evaluation noise never coincides with rollout noise
@@ -66,7 +67,10 @@ class TextToImageTask:
         return make_batch(records, group_size, self.cache, self.device), group_ids
 
     def load_reward(self, name: str) -> Reward:
-        """An image reward by name (``name`` or ``name@model_path``); ``module:function`` imports your own."""
+        """An image reward by name (``name`` or ``name@model_path``); ``module:function`` imports your own;
+        ``http://HOST:PORT`` is a reward server's (``flowdppo reward-server``)."""
+        if is_remote(name):
+            return load_remote_reward(name)
         if ":" in name and "@" not in name:
             return load_user_reward(name)
         if name.partition("@")[0] in IMAGE_REWARDS:

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from flowdppo.errors import ConfigError
 from flowdppo.rewards import Reward, load_user_reward
+from flowdppo.rewards.remote import is_remote, load_remote_reward
 from flowdppo.rollout import sample
 from flowdppo.sde import shifted_sigmas
 from flowdppo.tasks.digits.classifier import load_classifier
@@ -72,7 +73,10 @@ class DigitsTask:
         return cond, group_ids
 
     def load_reward(self, name: str) -> Reward:
-        """A built-in reward by name; ``module:function`` imports a reward of your own."""
+        """A built-in reward by name; ``module:function`` imports a reward of your own; ``http://HOST:PORT`` is
+        a reward server's (``flowdppo reward-server``)."""
+        if is_remote(name):
+            return load_remote_reward(name)
         if ":" in name:
             return load_user_reward(name)
         if name not in DIGITS_REWARDS:

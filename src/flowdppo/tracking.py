@@ -1,0 +1,99 @@
+"""Experiment trackers: every metrics row, the resolved config and the sample grids of each evaluation.
+
+``logging.backends`` picks them: "tensorboard" (``RUN/tensorboard/``, the default) and "wandb" (Weights &
+Biases; ``pip install 'flowdppo[wandb]'``, offline with ``WANDB_MODE=offline``). A resumed run continues
+the same tracker run: TensorBoard purges the epochs after the checkpoint, W&B reuses the run id kept in
+``RUN/wandb_id`` (rows it already holds for the replayed epochs keep their first values, which a resumed
+run reproduces).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import secrets
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from flowdppo.errors import ConfigError
+from flowdppo.overrides import to_dict
+
+BACKENDS = ("tensorboard", "wandb")
+WANDB_ID_FILE = "wandb_id"
+
+
+def scalars(row: dict) -> dict[str, float]:
+    """The numbers of a metrics row (lists such as ``trained_steps`` and the epoch itself left out)."""
+    return {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "epoch"}
+
+
+class TensorBoardTracker:
+    """Scalars, the config as text and the grids as images in ``RUN/tensorboard``."""
+
+    def __init__(self, run_path: Path, cfg, start_epoch: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(run_path / "tensorboard"), purge_step=start_epoch)
+        if start_epoch == 0:
+            self.writer.add_text("config", f"```\n{yaml.safe_dump(to_dict(cfg), sort_keys=False)}```", 0)
+
+    def log(self, row: dict) -> None:
+        for key, value in scalars(row).items():
+            self.writer.add_scalar(key, value, row["epoch"])
+        self.writer.flush()
+
+    def log_images(self, grids: dict[str, np.ndarray], epoch: int) -> None:
+        from flowdppo.plots import grid_mosaic
+
+        for name, grid in grids.items():
+            self.writer.add_image(f"samples/{name}", grid_mosaic(grid), epoch, dataformats="HWC")
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbTracker:
+    """One W&B run per run folder: the resolved config, every row at ``step = epoch``, the grids as images."""
+
+    def __init__(self, run_path: Path, cfg, start_epoch: int) -> None:
+        import wandb
+
+        self.wandb = wandb
+        id_file = run_path / WANDB_ID_FILE
+        if start_epoch == 0 or not id_file.is_file():
+            id_file.write_text(secrets.token_hex(4))  # a W&B run id: lowercase letters and digits
+        log = cfg.logging
+        self.run = wandb.init(project=log.project, name=log.run_name or run_path.name, tags=list(log.tags),
+                              config=to_dict(cfg), id=id_file.read_text().strip(), resume="allow",
+                              dir=str(run_path))  # fmt: skip
+
+    def log(self, row: dict) -> None:
+        self.run.log(scalars(row), step=row["epoch"])
+
+    def log_images(self, grids: dict[str, np.ndarray], epoch: int) -> None:
+        from flowdppo.plots import grid_mosaic
+
+        self.run.log({f"samples/{name}": self.wandb.Image(grid_mosaic(grid)) for name, grid in grids.items()},
+                     step=epoch)  # fmt: skip
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+TRACKERS = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker}
+INSTALL = {"wandb": "pip install 'flowdppo[wandb]'"}
+
+
+def check_backends(backends: list[str]) -> None:
+    """Known names whose library is installed; otherwise one line saying what to do."""
+    for name in backends:
+        if name not in TRACKERS:
+            raise ConfigError(f"logging.backends: unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
+        if name in INSTALL and importlib.util.find_spec(name) is None:
+            raise ConfigError(f"logging.backends: {name} is not installed; {INSTALL[name]} (or remove it)")
+
+
+def open_trackers(run_path: Path, cfg, start_epoch: int) -> list:
+    return [TRACKERS[name](run_path, cfg, start_epoch) for name in dict.fromkeys(cfg.logging.backends)]
