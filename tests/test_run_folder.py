@@ -87,6 +87,15 @@ def test_a_hand_edited_config_is_refused_on_resume(run, capsys):
     assert snapshot(run) == before
 
 
+def test_a_run_from_before_newer_keys_existed_resumes_with_their_defaults(run, finished):
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    for section, key in ((config, "logging"), (config, "negative_prompt"), (config["optim"], "compile")):
+        del section[key]  # keys a newer library added
+    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    assert resume(run) == 0
+    assert rows(run) == rows(finished)
+
+
 def test_a_truncated_last_metrics_row_and_leftovers_of_interrupted_writes(run, finished):
     with (run / "metrics.jsonl").open("a") as f:
         f.write('{"epoch": 2, "reward_me')  # killed while writing the row of epoch 2

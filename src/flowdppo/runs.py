@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from flowdppo.checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
-from flowdppo.config import TrainConfig, flatten_keys, save_config, saved_config, to_dict
+from flowdppo.config import TrainConfig, config_from_dict, flatten_keys, save_config, saved_config, to_dict
 from flowdppo.errors import CheckpointError, ConfigError
 from flowdppo.plots import plot_per_step, plot_training_curves, save_image_grid
 from flowdppo.policies.lora import save_lora_adapter, uses_lora
@@ -51,7 +51,9 @@ class RunFolder:
         self.made_folder = not path.exists()  # a failure before the first epoch removes what this run made
         self.locked = False
         if resume:
-            saved, wanted = flatten_keys(saved_config(path, "--resume")), flatten_keys(to_dict(cfg))
+            # keys added to the library since the run started take their defaults (they did not exist then)
+            saved = flatten_keys(to_dict(config_from_dict(saved_config(path, "--resume"))))
+            wanted = flatten_keys(to_dict(cfg))
             changed = sorted(k for k in wanted.keys() | saved.keys() if saved.get(k) != wanted.get(k))
             if changed:
                 shown = ", ".join(f"{k} (run {saved.get(k)!r}, now {wanted.get(k)!r})" for k in changed[:3])
