@@ -274,3 +274,18 @@ def test_attention_backend_and_vae_tiling_reach_the_model(model_dirs, tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "error: attention_backend:" in err[0] and "native" in err[0]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("family", ["flux", "flux2_klein"])
+def test_a_scheduler_with_its_own_flow_sigmas_keeps_them_as_the_pipeline_does(family, model_dirs):
+    from diffusers import UniPCMultistepScheduler
+
+    policy = load_pipeline_policy(str(model_dirs[family]), RESOLUTION, torch.float32, "cpu")
+    policy.pipeline.scheduler = UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=3.0,
+                                                        prediction_type="flow_prediction")  # fmt: skip
+    ours = policy.sigmas(4)
+    noise = torch.randn((1, *policy.latent_shape), generator=torch.Generator().manual_seed(0))
+    policy.pipeline(prompt=PROMPTS[:1], height=RESOLUTION, width=RESOLUTION, num_inference_steps=4,
+                    latents=pipeline_latents(family, noise, policy), output_type="latent")  # fmt: skip
+    torch.testing.assert_close(ours, policy.pipeline.scheduler.sigmas.float(), atol=1e-6, rtol=0)
+    assert (ours[:-1] - torch.linspace(1, 0.25, 4)).abs().max() > 1e-2  # its shifted schedule, not linspace

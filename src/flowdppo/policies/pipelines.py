@@ -276,8 +276,17 @@ class PackedLatentPolicy(PipelinePolicy):
     def latent_shape(self) -> tuple[int, ...]:
         return (self.tokens, self.transformer.config.in_channels)
 
+    flow_sigmas_option: ClassVar[bool] = True  # a scheduler with use_flow_sigmas computes its own (FLUX pipelines)
+
     def schedule_kwargs(self, num_steps: int) -> dict[str, Any]:
-        return {"sigmas": _linear_sigmas(num_steps), "mu": _calculate_mu(self.pipeline.scheduler.config, self.tokens)}
+        return {**self.base_sigmas(num_steps), "mu": _calculate_mu(self.pipeline.scheduler.config, self.tokens)}
+
+    def base_sigmas(self, num_steps: int) -> dict[str, Any]:
+        """The unshifted ``linspace(1, 1/K, K)``, unless the scheduler makes its own (``use_flow_sigmas``, which
+        the FLUX pipelines honour and Qwen-Image's does not)."""
+        if self.flow_sigmas_option and self.pipeline.scheduler.config.get("use_flow_sigmas", False):
+            return {"num_inference_steps": num_steps}
+        return {"sigmas": _linear_sigmas(num_steps)}
 
 
 class FluxPolicy(PackedLatentPolicy):
@@ -319,6 +328,7 @@ class QwenImagePolicy(PackedLatentPolicy):
     """Qwen-Image (``QwenImageTransformer2DModel``): packed 2x2 latent tokens, masked text tokens."""
 
     pipeline_class = QwenImagePipeline
+    flow_sigmas_option = False
 
     def guided(self, v_c: Tensor, v_u: Tensor, guidance_scale: float) -> Tensor:
         """Qwen-Image's true CFG: ``v_u + w (v_c - v_u)`` rescaled per token to the norm of ``v_c``."""
@@ -369,7 +379,7 @@ class Flux2KleinPolicy(PackedLatentPolicy):
 
     def schedule_kwargs(self, num_steps: int) -> dict[str, Any]:
         """Its pipeline's ``mu`` depends on the number of steps too (an empirical fit)."""
-        return {"sigmas": _linear_sigmas(num_steps), "mu": compute_empirical_mu(self.tokens, num_steps)}
+        return {**self.base_sigmas(num_steps), "mu": compute_empirical_mu(self.tokens, num_steps)}
 
     def encode_text(self, prompts: list[str]) -> dict[str, Tensor]:
         embeds, _ = self.pipeline.encode_prompt(prompt=prompts, device=self.device)
