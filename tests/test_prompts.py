@@ -122,5 +122,5 @@ RECIPES = sorted((Path(__file__).parents[1] / "examples").glob("*.yaml"))
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
 def test_example_recipes_load_with_their_prompt_files(recipe):
     cfg = load_config(config_file=recipe)
-    assert cfg.task == "text_to_image" and cfg.method == "flow_dppo" and cfg.optim.lora_rank == 32
+    assert cfg.task in ("text_to_image", "text_to_video") and cfg.method == "flow_dppo" and cfg.optim.lora_rank == 32
     assert len(load_prompts(recipe.parents[1] / cfg.prompts)) > cfg.eval_prompts

@@ -135,6 +135,8 @@ def run_training(cfg: TrainConfig, run: RunFolder, dist: Distributed, resume: bo
         if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
             run.save_checkpoint(epoch + 1, policy, optimizer, rng, algorithm, {"nonfinite": guard.state_dict()})
     grids = {name: task.sample_grid(v) for name, v in (("base", base_velocity), ("trained", velocity))}
+    if hasattr(task, "save_videos"):  # a video task's samples.gif (every process samples, process 0 writes)
+        task.save_videos(run.path if run.is_writer else None, {"base": base_velocity, "trained": velocity})
     run.finish(dist.full_model(policy, lambda: task.load_policy(cfg.model)), grids)
     dist.barrier()
 

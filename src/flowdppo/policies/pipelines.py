@@ -65,14 +65,10 @@ class PipelinePolicy(nn.Module):
         attention_backend: str = "",
     ) -> None:
         super().__init__()
-        multiple = pipeline.vae_scale_factor * 2  # the VAE's downsampling, then 2x2 patches
-        if resolution <= 0 or resolution % multiple:
-            raise ConfigError(f"resolution: must be a positive multiple of {multiple} for this model, got {resolution}")
+        self.set_size(pipeline, resolution)
         self.pipeline = pipeline  # text encoders, tokenizers, scheduler (not trained, not registered)
         self.transformer = pipeline.transformer
         self.vae = pipeline.vae
-        self.resolution = resolution
-        self.latent_size = resolution // pipeline.vae_scale_factor  # h = w of the VAE latent
         self.embedded_guidance = embedded_guidance
         self.negative_prompt = negative_prompt
         self.text_encoders = text_encoders
@@ -88,6 +84,14 @@ class PipelinePolicy(nn.Module):
                 self.transformer.set_attention_backend(attention_backend)
             except (ValueError, RuntimeError, ImportError) as err:
                 raise ConfigError(f"attention_backend: {err}") from err
+
+    def set_size(self, pipeline: DiffusionPipeline, resolution: int) -> None:
+        """Check ``resolution`` against the VAE's downsampling times the 2x2 patches; the latent side ``h = w``."""
+        multiple = pipeline.vae_scale_factor * 2
+        if resolution <= 0 or resolution % multiple:
+            raise ConfigError(f"resolution: must be a positive multiple of {multiple} for this model, got {resolution}")
+        self.resolution = resolution
+        self.latent_size = resolution // pipeline.vae_scale_factor  # h = w of the VAE latent
 
     @classmethod
     def from_pretrained(
@@ -415,22 +419,26 @@ FAMILIES: dict[str, type[PipelinePolicy]] = {
 }
 
 
-def pipeline_policy_class(model: str) -> type[PipelinePolicy]:
-    """The adapter class for the pipeline named in ``model``'s ``model_index.json`` (read alone, no weights)."""
+def pipeline_policy_class(model: str, families: dict[str, type[PipelinePolicy]] | None = None,
+                          task: str = "text_to_image") -> type[PipelinePolicy]:  # fmt: skip
+    """The adapter class for the pipeline named in ``model``'s ``model_index.json`` (read alone, no weights),
+    among ``families`` (default: the image ``FAMILIES``) of ``task``."""
+    families = FAMILIES if families is None else families
     try:
         class_name = DiffusionPipeline.load_config(model)["_class_name"]
     except (OSError, ValueError, KeyError) as err:
         raise ConfigError(f"model: {model!r} is not a diffusers pipeline folder or hub id ({err})") from err
-    if class_name not in FAMILIES:
-        raise ConfigError(f"model: {model} is a {class_name}; supported: {', '.join(FAMILIES)}")
-    return FAMILIES[class_name]
+    if class_name not in families:
+        raise ConfigError(f"model: {model} is a {class_name}; task={task} supports: {', '.join(families)}")
+    return families[class_name]
 
 
 def load_pipeline_policy(
-    model: str, resolution: int, torch_dtype: torch.dtype, device: torch.device | str, **kwargs: Any
-) -> PipelinePolicy:
+    model: str, resolution: int, torch_dtype: torch.dtype, device: torch.device | str,
+    families: dict[str, type[PipelinePolicy]] | None = None, task: str = "text_to_image", **kwargs: Any,
+) -> PipelinePolicy:  # fmt: skip
     """The adapter for the pipeline class named in ``model``'s ``model_index.json`` (a folder or hub id)."""
-    family = pipeline_policy_class(model)
+    family = pipeline_policy_class(model, families, task)
     class_name = family.pipeline_class.__name__
     try:
         return family.from_pretrained(model, resolution, torch_dtype, device, **kwargs)

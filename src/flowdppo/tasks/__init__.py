@@ -13,6 +13,7 @@ from flowdppo.errors import ConfigError
 TASKS = {
     "digits": "flowdppo.tasks.digits.task:DigitsTask",
     "text_to_image": "flowdppo.tasks.text_to_image:TextToImageTask",
+    "text_to_video": "flowdppo.tasks.text_to_video:TextToVideoTask",
 }
 
 

@@ -28,7 +28,7 @@ class TextToImageTask:
 
     def __init__(self, cfg, device: torch.device | str = "cpu") -> None:
         if not cfg.prompts:
-            raise ConfigError("prompts: the text_to_image task needs a prompt file (.txt or .jsonl)")
+            raise ConfigError(f"prompts: the {cfg.task} task needs a prompt file (.txt or .jsonl)")
         self.cfg, self.device = cfg, torch.device(device)
         self.train_records, self.eval_records = split_prompts(load_prompts(cfg.prompts), cfg.eval_prompts, cfg.seed)
         self.policy = self.load_policy(cfg.model)
@@ -41,13 +41,17 @@ class TextToImageTask:
 
     def load_policy(self, model: str = "") -> PipelinePolicy:
         """The pipeline in folder (or hub id) ``model``, in ``cfg.precision``."""
-        if not model:
-            raise ConfigError("model: the text_to_image task needs a diffusers pipeline folder or hub id")
         cfg = self.cfg
+        if not model:
+            raise ConfigError(f"model: the {cfg.task} task needs a diffusers pipeline folder or hub id")
         return load_pipeline_policy(model, cfg.resolution, DTYPES[cfg.precision], self.device,
                                     embedded_guidance=cfg.embedded_guidance, negative_prompt=cfg.negative_prompt,
                                     text_encoders=cfg.text_encoders, vae_tiling=cfg.vae_tiling,
-                                    attention_backend=cfg.attention_backend)  # fmt: skip
+                                    attention_backend=cfg.attention_backend, **self.policy_options())  # fmt: skip
+
+    def policy_options(self) -> dict:
+        """What a subclass adds to ``load_pipeline_policy`` (its pipeline families, its sizes)."""
+        return {}
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
