@@ -1,5 +1,7 @@
 """The digits task: data, shipped base policy and classifier, rewards and forgetting measures."""
 
+import math
+
 import pytest
 import torch
 
@@ -158,3 +160,53 @@ def test_feature_fid_and_group_diversity(split, classifier):
     assert group_diversity(pair, torch.tensor([3, 3])) == pytest.approx(8.0)  # sqrt(64)
     with pytest.raises(ValueError, match="two or more"):
         group_diversity(heldout[:3], [0, 1, 2])
+
+
+def test_upsampled_digits_round_trip(split):
+    """digits_upsample: bicubic upsampling, pixel_unshuffle into u*u channels; decoding pools back to 8x8."""
+    import torch.nn.functional as F
+
+    from flowdppo.tasks.digits.data import decode_latents, to_latent, upsample_digits
+
+    x = split[0][:32]
+    assert torch.equal(decode_latents(x), to_unit_range(x))  # u = 1: the 8x8 task, bit for bit
+    big = upsample_digits(x, 4, max_shift=0)
+    latents = to_latent(big, 4)
+    assert big.shape == (32, 1, 32, 32) and latents.shape == (32, 16, 8, 8) and latents.abs().max() <= 1
+    assert torch.equal(F.pixel_shuffle(latents, 4), big)
+    assert (decode_latents(latents) - to_unit_range(x)).abs().mean() < 0.05  # close to the original digit
+    shifted = upsample_digits(x, 4, generator=torch.Generator().manual_seed(0))
+    assert shifted.shape == big.shape and not torch.equal(shifted, big)
+
+
+def test_upsampled_task_needs_a_base_and_trains_on_a_pretrained_one(tmp_path, capsys):
+    """A missing base is one line naming the command that creates it; `digits pretrain --upsample 4` makes
+    one that `model=` trains on for an epoch, with the mechanism metrics in the row."""
+    from flowdppo.cli import main
+    from flowdppo.config import load_config
+    from flowdppo.errors import ConfigError
+    from flowdppo.trainer import train
+
+    with pytest.raises(ConfigError, match="flowdppo digits pretrain --upsample 4 --out DIR"):
+        load_config(overrides=["digits_upsample=4"])
+    assert main(["train", "--out", str(tmp_path / "x"), "digits_upsample=4"]) == 2
+    assert "flowdppo digits pretrain --upsample 4" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="digits_upsample"):
+        load_config(overrides=["digits_upsample=3"])
+
+    base = tmp_path / "base4"
+    assert main(["digits", "pretrain", "--upsample", "4", "--steps", "2", "--out", str(base)]) == 0
+    policy = DigitsPolicy.from_pretrained(base)
+    assert policy.latent_shape == (16, 8, 8) and policy.decode(torch.zeros(2, 16, 8, 8)).shape == (2, 1, 8, 8)
+    small = ["epochs=1", "prompts_per_epoch=2", "group_size=4", "eval_samples_per_class=2", "checkpoint_every=1000",
+             "optim.minibatch_size=4"]  # 8 samples x 2 steps = 4 mini-batches
+    with pytest.raises(ConfigError, match="latents"):  # the 8x8 base cannot run at upsample 4
+        train(load_config(overrides=[*small, "digits_upsample=4", f"model={BASE_WEIGHTS_DIR}"]), tmp_path / "bad",
+              progress=False)  # fmt: skip
+    run = train(load_config(overrides=[*small, "digits_upsample=4", f"model={base}"]), tmp_path / "run",
+                progress=False)  # fmt: skip
+    (row,) = run.rows()
+    assert 0 <= row["eval/accuracy"] <= 1 and math.isfinite(row["eval/fid"])
+    assert 0 <= row["dim_kl_p50"] <= row["dim_kl_p90"] <= row["dim_kl_p99"]
+    assert math.isfinite(row["first_moved_log_ratio_mean"]) and row["first_moved_log_ratio_std"] >= 0
+    assert 0 <= row["masked_fraction_pos_adv"] <= 1 and 0 <= row["masked_fraction_neg_adv"] <= 1

@@ -261,3 +261,40 @@ def test_bad_inputs_name_the_argument():
         StepBatch(batch.logp_new, batch.logp_old, adv, mean_new, mean_old[:, :, :2], std, batch.dt, batch.step_index)
     with pytest.raises(ValueError, match="std must be > 0"):
         StepBatch(batch.logp_new, batch.logp_old, adv, mean_new, mean_old, std * 0, batch.dt, batch.step_index)
+
+
+def test_mechanism_metrics_match_numpy():
+    """dim * D quantiles and the log-ratio moments against numpy on the same values; the update's summary
+    takes the quantiles over every moved mini-batch and the moments over the first one only."""
+    import numpy as np
+
+    from flowdppo.algorithms.base import ELEMENT_DIM_KL, ELEMENT_LOG_RATIO, mechanism_metrics
+    from flowdppo.distributed import Distributed
+    from flowdppo.losses import log_ratio_moments, scaled_divergence_quantiles
+
+    gen = torch.Generator().manual_seed(0)
+    dim_kl = torch.rand(1001, generator=gen) ** 3 * 5
+    q = scaled_divergence_quantiles(dim_kl)
+    assert set(q) == {"dim_kl_p50", "dim_kl_p90", "dim_kl_p99"}
+    expected = np.quantile(dim_kl.double().numpy(), [0.5, 0.9, 0.99])
+    assert [float(q[k]) for k in ("dim_kl_p50", "dim_kl_p90", "dim_kl_p99")] == pytest.approx(expected, rel=1e-12)
+    log_ratio = torch.randn(64, generator=gen) * 0.1 - 0.02
+    m = log_ratio_moments(log_ratio)
+    values = log_ratio.double().numpy()
+    assert float(m["first_moved_log_ratio_mean"]) == pytest.approx(values.mean(), rel=1e-12)
+    assert float(m["first_moved_log_ratio_std"]) == pytest.approx(values.std(), rel=1e-12)  # ddof 0
+
+    # the full KL of a step is dim * the mean-reduced D
+    mean_new, mean_old, std = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.tensor([0.3, 0.5, 0.7])
+    d = gaussian_kl(mean_new, mean_old, std.view(-1, 1, 1, 1), "mean")
+    full = gaussian_kl(mean_new, mean_old, std.view(-1, 1, 1, 1), "sum")
+    assert torch.allclose(256 * d, full, rtol=1e-5)
+
+    parts = [dim_kl[:500], dim_kl[500:]]
+    moved = {ELEMENT_DIM_KL: parts, ELEMENT_LOG_RATIO: [log_ratio, torch.zeros(64)]}
+    out = mechanism_metrics(moved, Distributed())
+    assert out["dim_kl_p90"] == pytest.approx(expected[1], rel=1e-12)
+    assert out["first_moved_log_ratio_std"] == pytest.approx(values.std(), rel=1e-12)
+    assert mechanism_metrics({ELEMENT_DIM_KL: [], ELEMENT_LOG_RATIO: []}, Distributed()) == {}
+    with pytest.raises(ValueError, match="no elements"):
+        scaled_divergence_quantiles(torch.zeros(0))

@@ -34,6 +34,7 @@ import torch  # noqa: E402  (after the environment is set)
 
 from flowdppo.config import PRESETS, load_config, resume_config, saved_config
 from flowdppo.errors import ConfigError, FlowDPPOError
+from flowdppo.tasks.digits import UPSAMPLE_FACTORS
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -165,7 +166,7 @@ def _positive(**values: int) -> None:
 def _digits_pretrain(args: argparse.Namespace) -> int:
     from flowdppo.tasks.digits.pretrain import pretrain
 
-    pretrain(args.out, steps=args.steps, seed=args.seed)
+    pretrain(args.out, steps=args.steps, seed=args.seed, upsample=args.upsample)
     return 0
 
 
@@ -258,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--out", required=True)
     pre.add_argument("--steps", type=int, default=2000)
     pre.add_argument("--seed", type=int, default=0)
+    pre.add_argument("--upsample", type=int, default=1, choices=UPSAMPLE_FACTORS,
+                     help="the base of digits_upsample=U (default 1: the shipped 8x8 base); train with model=OUT")
     pre.set_defaults(func=_digits_pretrain)
     clf = digits_commands.add_parser("classifier", help="train the reward classifier")
     clf.add_argument("--out", required=True)

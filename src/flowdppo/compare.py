@@ -28,7 +28,9 @@ METHODS = ("flow_grpo", "flow_cps", "grpo_guard", "flow_dppo", "flow_dppo_cps", 
 BASELINES_OF = {"flow_dppo": ("flow_grpo", "flow_cps", "grpo_guard"), "flow_dppo_cps": ("flow_cps",)}
 BENCH_OVERRIDES = ["eval_every=5", "eval_samples_per_class=20", "checkpoint_every=1000", "keep_checkpoints=1"]
 HALF_EPOCHS = "epochs=half"  # resolved to half the run's epochs (half the rollouts)
-KEPT = ("epoch", "reward_mean", "kl_to_base", "masked_fraction", "ratio_mean", "kl_max", "time_s")
+MECHANISM = ("masked_fraction_pos_adv", "masked_fraction_neg_adv", "dim_kl_p50", "dim_kl_p90", "dim_kl_p99",
+             "first_moved_log_ratio_mean", "first_moved_log_ratio_std")  # issue 12's mechanism metrics
+KEPT = ("epoch", "reward_mean", "kl_to_base", "masked_fraction", "ratio_mean", "kl_max", "time_s", *MECHANISM)
 
 
 @dataclass
@@ -191,6 +193,10 @@ def run_measures(record: dict) -> dict[str, float]:
     gain = measures["eval reward"] - base["eval/reward"]
     measures["gain per epoch"] = gain / len(rows)
     measures["gain per min"] = gain / (sum(r.get("time_s", math.nan) for r in rows) / 60)
+    if any("dim_kl_p90" in r for r in rows):  # the mechanism, averaged over epochs (runs recorded before: absent)
+        for key, name in (("masked_fraction_pos_adv", "masked A>0"), ("masked_fraction_neg_adv", "masked A<0"),
+                          ("dim_kl_p90", "p90 dim*D"), ("first_moved_log_ratio_std", "log rho std")):
+            measures[name] = float(np.mean([r.get(key, math.nan) for r in rows]))
     reward_keys = sorted(k for k in rows[0] if k.startswith("reward/"))
     if len(reward_keys) > 1:  # per-reward gain: mean of the last 5 epochs minus the first epoch
         gains = {k: float(np.mean([r[k] for r in rows[-5:]]) - rows[0][k]) for k in reward_keys}
@@ -228,9 +234,9 @@ def arm_table(results: dict) -> tuple[list[str], dict[str, dict[str, list[float]
     """Per arm, per measure: the list of per-seed values (seed order)."""
     arms = results["arms"]
     target_reward, target_kl = matched_targets(arms)
-    table: dict[str, dict[str, list[float]]] = {}
+    per_arm: dict[str, list[dict[str, float]]] = {}
     for label, arm in arms.items():
-        per_seed = []
+        per_seed = per_arm[label] = []
         for _, rec in sorted(arm["seeds"].items(), key=lambda kv: int(kv[0])):
             m = run_measures(rec)
             kl, reward = eval_points(rec)
@@ -240,8 +246,8 @@ def arm_table(results: dict) -> tuple[list[str], dict[str, dict[str, list[float]
                 m[f"{key[5:]} at reward {target_reward:.3f}"] = value_at_reward(reward, eval_points(rec, key)[1],
                                                                                 target_reward)  # fmt: skip
             per_seed.append(m)
-        table[label] = {k: [m[k] for m in per_seed] for k in per_seed[0]}
-    columns = list(next(iter(table.values())))
+    columns = list(dict.fromkeys(k for per_seed in per_arm.values() for m in per_seed for k in m))  # arms may lack some
+    table = {label: {k: [m.get(k, math.nan) for m in per_seed] for k in columns} for label, per_seed in per_arm.items()}
     return columns, table
 
 

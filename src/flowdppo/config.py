@@ -22,6 +22,7 @@ from flowdppo.losses import LOSSES
 from flowdppo.overrides import build, flatten_keys, merge, parse_overrides, read_yaml, read_yaml_file, to_dict
 from flowdppo.samplers import SAMPLERS, WINDOW_MODES, get_sampler, window_error
 from flowdppo.sde import LOGPROB_CONVENTIONS, REDUCTIONS
+from flowdppo.tasks.digits import UPSAMPLE_FACTORS
 from flowdppo.tracking import check_backends
 
 
@@ -129,6 +130,10 @@ class RewardConfig:
     """Multi-reward advantages: "sum" (weighted sum) or "gdpo"."""
     std_scope: str = "batch"
     """Advantage std over the whole "batch" or each "group"."""
+    video_frames: int = 4
+    """text_to_video: frames an image reward scores, evenly spaced from first to last (0: every frame)."""
+    video_aggregation: str = "mean"
+    """text_to_video: an image reward's per-frame scores -> one per video: "mean" or "min"."""
 
 
 @dataclass
@@ -188,12 +193,22 @@ class TrainConfig:
     """What to train on: "digits" (built in) or "text_to_image" (a diffusers pipeline and a prompt file)."""
     model: str = ""
     """The base model: a folder (or, for text_to_image, a hub id); "" = the digits task's shipped model."""
+    digits_upsample: int = 1
+    """digits: 1 (the 8x8 task, latent (1, 8, 8)), 4 or 8: digits upsampled (bicubic, small random shifts) and
+    pixel-unshuffled into a (u*u, 8, 8) latent (dim 1,024 / 4,096), pooled back to 8x8 for reward and evaluation.
+    Above 1 it needs model= (a base made by ``flowdppo digits pretrain --upsample U --out DIR``)."""
     prompts: str = ""
     """text_to_image: prompt file, .txt (one per line) or .jsonl ("prompt" + metadata for the rewards)."""
     eval_prompts: int = 8
     """text_to_image: prompts held out of the file (seeded shuffle) for evaluation and sample grids."""
     resolution: int = 512
     """text_to_image: image height = width in pixels."""
+    height: int = 0
+    """text_to_video: frame height in pixels (0: resolution)."""
+    width: int = 0
+    """text_to_video: frame width in pixels (0: resolution)."""
+    num_frames: int = 81
+    """text_to_video: frames per video (Wan: 4k + 1)."""
     precision: str = "float32"
     """Dtype of the base model's weights: float32, bfloat16 or float16 (trained LoRA weights stay float32)."""
     embedded_guidance: float = 3.5
@@ -278,6 +293,7 @@ def choices() -> dict[str, tuple[str, ...]]:
         "awm.weighting": WEIGHTINGS,
         "reward.aggregation": ("sum", "gdpo"),
         "reward.std_scope": ("batch", "group"),
+        "reward.video_aggregation": ("mean", "min"),
         "optim.anchor": ("rollout", "replay"),
         "on_nonfinite": ("stop", "skip"),
         "method": tuple(PRESETS),
@@ -312,9 +328,18 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             raise ConfigError(f"{key}: must be > 0, got {flat[key]!r}")
     for key in ("optim.weight_decay", "loss.beta", "optim.max_grad_norm", "optim.lora_rank", "eval_prompts",
                 "resolution", "sampler.rollout_batch_size", "nft.old_decay_rate", "nft.old_decay_max",
-                "awm.ema_kl", "awm.ema_decay_rate", "awm.ema_decay_max", "prompt_cache_mb"):  # fmt: skip
+                "awm.ema_kl", "awm.ema_decay_rate", "awm.ema_decay_max", "prompt_cache_mb", "height", "width",
+                "num_frames", "reward.video_frames"):  # fmt: skip
         if flat[key] < 0:
             raise ConfigError(f"{key}: must be >= 0, got {flat[key]!r}")
+    if cfg.digits_upsample not in UPSAMPLE_FACTORS:
+        raise ConfigError(f"digits_upsample: must be one of {', '.join(map(str, UPSAMPLE_FACTORS))}; "
+                          f"got {cfg.digits_upsample!r}")
+    if cfg.digits_upsample != 1 and cfg.task != "digits":
+        raise ConfigError(f"digits_upsample: the digits task's; task {cfg.task} does not read it")
+    if cfg.digits_upsample != 1 and not cfg.model:
+        raise ConfigError(f"digits_upsample={cfg.digits_upsample}: no base model ships for it; create one with "
+                          f"`flowdppo digits pretrain --upsample {cfg.digits_upsample} --out DIR` and pass model=DIR")
     if cfg.optim.fsdp and cfg.optim.lora_rank > 0:
         raise ConfigError(
             f"optim.fsdp: shards the full transformer, for full fine-tuning only; set optim.lora_rank=0 "

@@ -192,6 +192,41 @@ def flow_dppo_loss(
     return loss, _metrics(log_ratio, divergence, advantages, masked, batch.step_index)
 
 
+MECHANISM_QUANTILES = (0.5, 0.9, 0.99)
+
+
+def scaled_divergence_quantiles(
+    scaled_divergence: Tensor, quantiles: tuple[float, ...] = MECHANISM_QUANTILES
+) -> dict[str, Tensor]:
+    """Quantiles of ``dim * D`` over a set of elements -> ``{"dim_kl_p50": q, "dim_kl_p90": ..., ...}``.
+
+    ``scaled_divergence`` (E,) holds ``dim * D`` per element, ``D`` the mean-reduced per-step KL
+    (``StepBatch.divergence("mean")``) and ``dim`` the latent elements per sample, i.e. the full
+    (sum-reduced) KL of the step. With mean-reduced log-probs ``log rho = n - D``, ``n ~ N(0, 2 D / dim)``,
+    so ``dim * D`` sets the ratio's signal-to-noise: the paper's regime needs it well above 0.
+    Quantiles interpolate linearly between order statistics (``numpy.quantile``'s default), in float64.
+    """
+    values = scaled_divergence.detach().double().flatten()
+    if values.numel() == 0:
+        raise ValueError("scaled_divergence_quantiles: no elements")
+    qs = torch.quantile(values, torch.tensor(quantiles, dtype=torch.float64, device=values.device))
+    return {f"dim_kl_p{round(100 * q)}": value for q, value in zip(quantiles, qs, strict=True)}
+
+
+def log_ratio_moments(log_ratio: Tensor, prefix: str = "first_moved_log_ratio") -> dict[str, Tensor]:
+    """Mean and (population, ``ddof = 0``) standard deviation of ``log rho`` over a set of elements.
+
+    -> ``{f"{prefix}_mean": m, f"{prefix}_std": s}``, float64. Fed with the plain ratio
+    ``logp_new - logp_old`` of the first mini-batch replayed after an update's first optimizer step (the
+    first one the policy has moved for), it shows the single-sample ratio's bias (``E[log rho] = -D``) and
+    noise.
+    """
+    values = log_ratio.detach().double().flatten()
+    if values.numel() == 0:
+        raise ValueError("log_ratio_moments: no elements")
+    return {f"{prefix}_mean": values.mean(), f"{prefix}_std": values.std(correction=0)}
+
+
 def reference_kl_penalty(
     mean_new: Tensor, mean_ref: Tensor, std: Tensor, beta: float, kl_reduce: str = "mean"
 ) -> Tensor:
@@ -258,5 +293,7 @@ __all__ = [
     "flow_grpo_loss",
     "get_loss",
     "grpo_guard_loss",
+    "log_ratio_moments",
     "reference_kl_penalty",
+    "scaled_divergence_quantiles",
 ]

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from flowdppo.distributed import Distributed, clip_grad_norm
 from flowdppo.errors import NonFiniteError
+from flowdppo.losses import log_ratio_moments, scaled_divergence_quantiles
 from flowdppo.policies.lora import trainable_parameters
 
 if TYPE_CHECKING:
@@ -71,7 +72,8 @@ class Algorithm:
     def loss(self, velocity, base_velocity, mb: dict[str, Tensor], cond: Any, first: bool,
              dist: Distributed) -> tuple[Tensor, dict[str, Tensor]]:  # fmt: skip
         """Mean loss of a mini-batch and its metrics (detached 0-d tensors); ``first``: the rollout's first
-        mini-batch, before any update."""
+        mini-batch, before any update. Optional per-element values (1-d, one per element of the mini-batch)
+        go under ``ELEMENT_DIM_KL`` / ``ELEMENT_LOG_RATIO``; ``update`` turns them into ``mechanism_metrics``."""
         raise NotImplementedError
 
     # ---- optional: extra weights (a sampling or slow policy), and state to checkpoint
@@ -109,6 +111,8 @@ class Algorithm:
         accum = cfg.optim.grad_accum
         size = dist.share(cfg.optim.minibatch_size, "optim.minibatch_size")
         history: list[dict[str, Tensor]] = []
+        steps_before = self.optimizer_steps
+        moved: dict[str, list[Tensor]] = {ELEMENT_DIM_KL: [], ELEMENT_LOG_RATIO: []}  # after the first step
         params = trainable_parameters(policy)  # the policy stays in eval mode: no dropout between rollout and replay
         for inner in range(cfg.optim.inner_epochs):
             chunks = list(shuffled_elements(rng, elements.steps, elements.batch, dist).split(size))
@@ -119,6 +123,10 @@ class Algorithm:
                 cond = index_cond(traj.cond, mb["sample"])
                 with dist.gradient_sync(policy, last_of_window):
                     loss, metrics = self.loss(velocity, base_velocity, mb, cond, inner == 0 and k == 0, dist)
+                    per_element = {key: metrics.pop(key) for key in moved if key in metrics}
+                    if self.optimizer_steps > steps_before:  # the policy has moved since the rollout
+                        for key, value in per_element.items():
+                            moved[key].append(value.detach())
                     where = f"epoch {epoch}, inner epoch {inner}, mini-batch {k}"
                     if guard.ok(where, loss=loss.detach()):
                         (loss / accum).backward()
@@ -136,7 +144,32 @@ class Algorithm:
                     window_ok = True
                 history.append(metrics)
         self.after_update(policy)
-        return dist.reduce_metrics(average_metrics(history), advantages.device)
+        metrics = dist.reduce_metrics(average_metrics(history), advantages.device)
+        return metrics | mechanism_metrics(moved, dist)
+
+
+ELEMENT_DIM_KL = "elements/dim_kl"  # dim * D of each element of a mini-batch
+ELEMENT_LOG_RATIO = "elements/log_ratio"  # logp_new - logp_old of each element
+
+
+def mechanism_metrics(moved: dict[str, list[Tensor]], dist: Distributed) -> dict[str, float]:
+    """The update's trust-region mechanism, from the per-element values of the mini-batches replayed after
+    its first optimizer step (the ones before it have ``rho = 1``, ``D = 0`` by construction).
+
+    ``dim_kl_p50`` / ``_p90`` / ``_p99``: quantiles of ``dim * D`` over all those elements, every inner
+    epoch (``flowdppo.losses.scaled_divergence_quantiles``); ``first_moved_log_ratio_mean`` / ``_std``:
+    moments of ``log rho`` over the first such mini-batch (``flowdppo.losses.log_ratio_moments``). Values
+    of every process are gathered first, so they describe the global mini-batches. Empty where no
+    optimizer step came before a mini-batch (one window per update) or the algorithm gives no such values.
+    """
+    out: dict[str, float] = {}
+    if moved.get(ELEMENT_DIM_KL):
+        values = scaled_divergence_quantiles(dist.gather(torch.cat(moved[ELEMENT_DIM_KL])))
+        out.update({key: float(value) for key, value in values.items()})
+    if moved.get(ELEMENT_LOG_RATIO):
+        values = log_ratio_moments(dist.gather(moved[ELEMENT_LOG_RATIO][0]))
+        out.update({key: float(value) for key, value in values.items()})
+    return out
 
 
 def shuffled_elements(rng: torch.Generator, steps: int, batch: int, dist: Distributed) -> Tensor:

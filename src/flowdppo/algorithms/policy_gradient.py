@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from flowdppo.algorithms.base import Algorithm, Elements, index_cond
+from flowdppo.algorithms.base import ELEMENT_DIM_KL, ELEMENT_LOG_RATIO, Algorithm, Elements, index_cond
 from flowdppo.distributed import Distributed
 from flowdppo.errors import ConsistencyError
 from flowdppo.losses import StepBatch, get_loss, loss_kwargs, reference_kl_penalty
@@ -74,6 +74,10 @@ class PolicyGradient(Algorithm):
         if first:
             check_consistency(batch, self.cfg.consistency_tolerance, self.epoch, dist)
         per_element, metrics = self.loss_fn(batch)
+        with torch.no_grad():  # the mechanism's per-element values (Algorithm.update summarises them)
+            dim = mean_new[0].numel()
+            metrics[ELEMENT_DIM_KL] = dim * batch.divergence("mean")  # the full KL of the step
+            metrics[ELEMENT_LOG_RATIO] = batch.logp_new - batch.logp_old  # the plain ratio, any loss
         loss = per_element.mean()
         if self.cfg.loss.beta > 0:
             with torch.no_grad():

@@ -17,5 +17,6 @@ from pathlib import Path
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 BASE_WEIGHTS_DIR = WEIGHTS_DIR / "base"
 CLASSIFIER_WEIGHTS_DIR = WEIGHTS_DIR / "classifier"
+UPSAMPLE_FACTORS = (1, 4, 8)  # digits_upsample: latent (u*u, 8, 8), dim 64, 1,024, 4,096
 
-__all__ = ["BASE_WEIGHTS_DIR", "CLASSIFIER_WEIGHTS_DIR", "WEIGHTS_DIR"]
+__all__ = ["BASE_WEIGHTS_DIR", "CLASSIFIER_WEIGHTS_DIR", "UPSAMPLE_FACTORS", "WEIGHTS_DIR"]

@@ -6,8 +6,11 @@ Pixels are integers 0..16; images are returned as float32 ``(N, 1, 8, 8)`` in ``
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import Tensor
@@ -78,3 +81,56 @@ def as_labels(prompts: Tensor | list | tuple, device: torch.device | str | None 
     if labels.numel() and (labels.min() < 0 or labels.max() > NULL_CLASS):
         raise ValueError(f"digit labels must be in 0..{NULL_CLASS}, got {labels.tolist()}")
     return labels if device is None else labels.to(device)
+
+
+# ---------------------------------------------------------------- high-dimensional digits (digits_upsample)
+
+
+def upsample_digits(images: Tensor, factor: int, max_shift: int | None = None,
+                    generator: torch.Generator | None = None) -> Tensor:  # fmt: skip
+    """Digits ``(N, 1, 8, 8)`` in ``[-1, 1]`` -> ``(N, 1, 8u, 8u)``: bicubic upsampling (clamped to ``[-1, 1]``),
+    then each image shifted by a random whole number of pixels in ``[-max_shift, max_shift]`` per axis (background
+    ``-1`` enters at the border). ``max_shift`` defaults to ``u // 2`` (at most half an original pixel); 0: no
+    shift and no random draw. ``factor = 1`` returns ``images`` unchanged.
+    """
+    if factor == 1:
+        return images
+    big = F.interpolate(images, scale_factor=factor, mode="bicubic", align_corners=False).clamp(-1.0, 1.0)
+    shift = factor // 2 if max_shift is None else max_shift
+    if shift == 0:
+        return big
+    n, _, h, w = big.shape
+    offsets = torch.randint(0, 2 * shift + 1, (n, 2), generator=generator)
+    padded = F.pad(big, (shift, shift, shift, shift), value=-1.0)
+    return torch.stack([padded[i, :, dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(offsets.tolist())])
+
+
+def to_latent(images: Tensor, factor: int) -> Tensor:
+    """Images ``(N, 1, 8u, 8u)`` -> latents ``(N, u*u, 8, 8)`` (``pixel_unshuffle``; the identity for ``u = 1``)."""
+    return images if factor == 1 else F.pixel_unshuffle(images, factor)
+
+
+def latent_factor(channels: int) -> int:
+    """The upsampling factor ``u`` of a latent with ``u*u`` channels."""
+    factor = math.isqrt(channels)
+    if factor * factor != channels:
+        raise ValueError(f"a digits latent has u*u channels, got {channels}")
+    return factor
+
+
+def decode_latents(latents: Tensor) -> Tensor:
+    """Latents ``(N, u*u, 8, 8)`` in ``[-1, 1]`` -> 8x8 images ``(N, 1, 8, 8)`` in ``[0, 1]``: ``pixel_shuffle`` to
+    ``(N, 1, 8u, 8u)``, ``to_unit_range`` (clamp) at that size, then the mean of each ``u x u`` block. For ``u = 1``
+    exactly ``to_unit_range``."""
+    factor = latent_factor(latents.shape[1])
+    if factor == 1:
+        return to_unit_range(latents)
+    return F.avg_pool2d(to_unit_range(F.pixel_shuffle(latents, factor)), factor)
+
+
+def pooled_model_range(latents: Tensor) -> Tensor:
+    """Latents ``(N, u*u, 8, 8)`` -> 8x8 images in the model range ``[-1, 1]`` (what the classifier takes):
+    ``decode_latents`` mapped back by ``2 x - 1``; for ``u = 1`` exactly ``latents.clamp(-1, 1)``."""
+    if latents.shape[1] == 1:
+        return latents.clamp(-1.0, 1.0)
+    return decode_latents(latents) * 2.0 - 1.0

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from flowdppo.tasks.digits import BASE_WEIGHTS_DIR
-from flowdppo.tasks.digits.data import NULL_CLASS, NUM_CLASSES, as_labels, to_unit_range
+from flowdppo.tasks.digits.data import NULL_CLASS, NUM_CLASSES, as_labels, decode_latents
 
 TRANSFORMER_SUBFOLDER = "transformer"
 EMBEDDINGS_FILE = "prompt_embeddings.safetensors"
@@ -127,9 +127,15 @@ class DigitsPolicy(nn.Module):
         """The transformer blocks, each sharded on its own by FSDP2."""
         return list(self.transformer.transformer_blocks)
 
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """``(u*u, 8, 8)``: one channel for the 8x8 task, ``u*u`` for digits upsampled ``u`` times."""
+        return (self.transformer.config.in_channels, 8, 8)
+
     def decode(self, latents: Tensor) -> Tensor:
-        """Latents in ``[-1, 1]`` -> images in ``[0, 1]``: ``clamp((x + 1) / 2, 0, 1)``, float32."""
-        return to_unit_range(latents.float())
+        """Latents in ``[-1, 1]`` -> 8x8 images in ``[0, 1]``, float32: ``clamp((x + 1) / 2, 0, 1)``; a latent of
+        ``u*u`` channels is first ``pixel_shuffle``d to ``8u x 8u`` and block-averaged back (``decode_latents``)."""
+        return decode_latents(latents.float())
 
     def save_pretrained(self, save_directory: str | Path) -> None:
         """Write ``transformer/`` (diffusers ``save_pretrained``) and ``prompt_embeddings.safetensors``."""

@@ -30,7 +30,14 @@ from tqdm.auto import tqdm
 from flowdppo.samplers import get_sampler
 from flowdppo.sde import shifted_sigmas
 from flowdppo.tasks.digits.classifier import DigitClassifier
-from flowdppo.tasks.digits.data import NULL_CLASS, NUM_CLASSES, load_digits_split
+from flowdppo.tasks.digits.data import (
+    NULL_CLASS,
+    NUM_CLASSES,
+    load_digits_split,
+    pooled_model_range,
+    to_latent,
+    upsample_digits,
+)
 from flowdppo.tasks.digits.policy import DigitsPolicy
 
 SIGMA_SAMPLING = ("uniform", "logit_normal")
@@ -59,6 +66,7 @@ def pretrain(
     ema_decay: float | None = 0.995,
     progress: bool = True,
     callback: Callable[[int, DigitsPolicy], None] | None = None,
+    upsample: int = 1,
 ) -> DigitsPolicy:
     """Train the digits base policy from scratch by rectified flow; the defaults re-create the shipped weights.
 
@@ -69,6 +77,11 @@ def pretrain(
     warm-up ``d = min(ema_decay, (1 + step) / (10 + step))``; ``None`` returns the raw weights.
     ``callback(step, policy)`` is called after every step with the policy that would be returned.
     With ``out_dir`` the policy is written there with ``save_pretrained``.
+
+    ``upsample`` ``u`` > 1 trains the base of ``digits_upsample=u``: each batch's digits are upsampled ``u``
+    times (bicubic) with random shifts of up to ``u // 2`` pixels (``upsample_digits``) and
+    ``pixel_unshuffle``d into ``(u*u, 8, 8)`` latents; the transformer is the same but for its in / out channels
+    (the patch embedding and the output projection). ``u = 1`` draws nothing more: the shipped recipe.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -79,7 +92,7 @@ def pretrain(
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     train_x, train_y, _, _ = load_digits_split()
-    policy = DigitsPolicy.from_config()
+    policy = DigitsPolicy.from_config(in_channels=upsample**2, out_channels=upsample**2)
     ema = copy.deepcopy(policy).requires_grad_(False) if ema_decay is not None else None
     opt = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / max(warmup_steps, 1)))
@@ -89,6 +102,7 @@ def pretrain(
     for step in bar:
         idx = torch.randint(0, len(train_x), (batch_size,), generator=generator)
         x0, labels = train_x[idx], train_y[idx]
+        x0 = to_latent(upsample_digits(x0, upsample, generator=generator), upsample)  # u = 1: unchanged
         noisy = torch.rand(batch_size, generator=generator) < label_noise
         random_labels = torch.randint(0, NUM_CLASSES, (batch_size,), generator=generator)
         labels = torch.where(noisy, random_labels, labels)
@@ -129,7 +143,7 @@ def sample_digits(
     shift: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Sample latents ``(B, 1, 8, 8)`` for ``labels`` (B,) from ``x ~ N(0, I)`` at ``sigma = 1``.
+    """Sample latents ``(B, *policy.latent_shape)`` for ``labels`` (B,) from ``x ~ N(0, I)`` at ``sigma = 1``.
 
     Every step is a step of the sampler ``kind`` (``flowdppo.samplers``) on ``shifted_sigmas(num_steps, shift)``:
     ``x_next = mean + std * noise`` (``std = 0`` for ``"ode"``, the Euler step ``x + dt v``).
@@ -137,7 +151,7 @@ def sample_digits(
     device = policy.device
     labels = labels.to(device)
     sigmas = shifted_sigmas(num_steps, shift)
-    shape = (labels.shape[0], 1, 8, 8)
+    shape = (labels.shape[0], *policy.latent_shape)
     x = torch.randn(shape, generator=generator).to(device)
     sampler = get_sampler(kind)
     for i in range(num_steps):
@@ -172,6 +186,6 @@ def evaluate_policy(
         for w in guidance_scales:
             generator = torch.Generator().manual_seed(seed)
             latents = sample_digits(policy, labels, num_steps, w, kind, eta, generator=generator)
-            logits = classifier(latents.clamp(-1, 1).to(next(classifier.parameters()).device))
+            logits = classifier(pooled_model_range(latents).to(next(classifier.parameters()).device))
             results[f"acc/{kind}/cfg{w:g}"] = (logits.argmax(-1).cpu() == labels).float().mean().item()
     return results

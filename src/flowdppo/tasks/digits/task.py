@@ -14,7 +14,7 @@ from flowdppo.rewards.remote import is_remote, load_remote_reward
 from flowdppo.rollout import sample
 from flowdppo.sde import shifted_sigmas
 from flowdppo.tasks.digits.classifier import load_classifier
-from flowdppo.tasks.digits.data import NUM_CLASSES, load_digits_split, to_unit_range
+from flowdppo.tasks.digits.data import NUM_CLASSES, decode_latents, load_digits_split, to_unit_range
 from flowdppo.tasks.digits.policy import DigitsPolicy, load_base_policy
 from flowdppo.tasks.digits.rewards import (
     DIGITS_REWARDS,
@@ -28,9 +28,10 @@ EVAL_SEED_OFFSET = 10_007  # evaluation noise never coincides with rollout noise
 
 
 class DigitsTask:
-    """Prompts are digit classes; a group is ``G`` samples of one class; latents are (1, 8, 8)."""
+    """Prompts are digit classes; a group is ``G`` samples of one class; latents are (1, 8, 8), or (u*u, 8, 8)
+    with ``digits_upsample`` u (decoded to 8x8 images for rewards and evaluation by ``decode_latents``)."""
 
-    latent_shape = (1, 8, 8)
+    latent_shape: tuple[int, ...] = (1, 8, 8)
 
     @staticmethod
     def policy_class(cfg) -> type[DigitsPolicy]:
@@ -39,6 +40,8 @@ class DigitsTask:
 
     def __init__(self, cfg, device: torch.device | str = "cpu") -> None:
         self.cfg, self.device = cfg, torch.device(device)
+        self.upsample = getattr(cfg, "digits_upsample", 1)
+        self.latent_shape = (self.upsample**2, 8, 8)
         self.classifier = load_classifier().to(self.device)
         self.heldout_images = to_unit_range(load_digits_split()[2]).to(self.device)
         self.eval_reward = make_digits_reward("classifier_prob", self.classifier)
@@ -46,15 +49,24 @@ class DigitsTask:
         self.rewards = [(name, self.load_reward(name)) for name in cfg.reward.names]
 
     def load_policy(self, model: str = "") -> DigitsPolicy:
-        """The shipped base policy, or one saved by ``DigitsPolicy.save_pretrained`` in folder ``model``."""
+        """The shipped base policy, or one saved by ``DigitsPolicy.save_pretrained`` in folder ``model``; its
+        latent must have the ``digits_upsample`` u's ``u*u`` channels."""
         if not model:
+            if self.upsample != 1:
+                raise ConfigError(f"digits_upsample={self.upsample}: no base model ships for it; create one with "
+                                  f"`flowdppo digits pretrain --upsample {self.upsample} --out DIR` and pass model=DIR")
             return load_base_policy().to(self.device)
         if not Path(model).is_dir():
             raise ConfigError(f"model: no such folder {model!r}")
         try:
-            return DigitsPolicy.from_pretrained(model).to(self.device)
+            policy = DigitsPolicy.from_pretrained(model)
         except (OSError, ValueError) as err:  # diffusers raises OSError/ValueError on a folder it cannot read
             raise ConfigError(f"model: {model} is not a digits policy saved with save_pretrained ({err})") from err
+        if policy.latent_shape != self.latent_shape:
+            raise ConfigError(f"model: {model} has latents {policy.latent_shape}, digits_upsample={self.upsample} "
+                              f"needs {self.latent_shape} (make one with `flowdppo digits pretrain --upsample "
+                              f"{self.upsample} --out DIR`)")
+        return policy.to(self.device)
 
     def sigmas(self) -> Tensor:
         """The linear schedule of ``sampler.num_steps`` steps with the SD3 time shift ``sampler.shift``."""
@@ -99,7 +111,7 @@ class DigitsTask:
         feature space; ``eval/diversity``: mean pairwise distance within a class.
         """
         noise, cond = self.eval_noise(per_class)
-        images = to_unit_range(sample(velocity, cond, noise, self.sigmas()))
+        images = decode_latents(sample(velocity, cond, noise, self.sigmas()))  # 8x8 in [0, 1]
         return {
             "eval/accuracy": prompt_accuracy(images, cond, self.classifier),
             "eval/reward": float(self.eval_reward(images, cond).mean()),
@@ -111,5 +123,5 @@ class DigitsTask:
     def sample_grid(self, velocity, per_class: int = 8) -> np.ndarray:
         """ODE samples from fixed noise as a (10, per_class, 8, 8) array in [0, 1]."""
         noise, cond = self.eval_noise(per_class)
-        images = to_unit_range(sample(velocity, cond, noise, self.sigmas()))
+        images = decode_latents(sample(velocity, cond, noise, self.sigmas()))
         return images.view(NUM_CLASSES, per_class, 8, 8).cpu().numpy()
