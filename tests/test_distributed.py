@@ -252,3 +252,20 @@ def test_fsdp_on_a_diffusers_pipeline_equals_one_process(tmp_path):
     assert_same_tensors(TRANSFORMER, tmp_path / "p1", tmp_path / "p2", WEIGHT_ATOL)
     vae = "final/vae/diffusion_pytorch_model.safetensors"
     assert_same_tensors(vae, model.parent / "p1", model.parent / "p2", 0.0)
+
+
+def test_fsdp_on_wan_two_processes_equal_one(tmp_path):
+    """Wan 2.1 (text_to_video), full fine-tuning sharded per block as the policy names them (``shard_units``:
+    its ``blocks``, checked in test_video.py): 2 processes == 1 process."""
+    from tiny_video_pipelines import save_tiny_wan_pipeline
+
+    model, prompts = save_tiny_wan_pipeline(tmp_path / "wan"), tmp_path / "prompts.txt"
+    prompts.write_text("a red cat walking\ntwo dogs running\na blue house\na green apple rolling\n")
+    args = ["task=text_to_video", f"model={model}", f"prompts={prompts}", "eval_prompts=1", "height=32", "width=32",
+            "num_frames=5", "epochs=1", "prompts_per_epoch=2", "group_size=2", "eval_samples_per_class=1",
+            "optim.minibatch_size=4", "optim.grad_accum=2", "optim.lora_rank=0", "optim.fsdp=true",
+            "optim.lr=1e-4", "reward.names=[temporal_consistency]", "sampler.num_steps=4",
+            "sampler.window_range=[0,2]"]  # fmt: skip
+    for processes in (1, 2):
+        flowdppo_train(processes, "--out", str(tmp_path / f"p{processes}"), *args)
+    assert_same_tensors(TRANSFORMER, tmp_path / "p1", tmp_path / "p2", WEIGHT_ATOL)
