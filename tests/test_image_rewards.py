@@ -17,16 +17,10 @@ from flowdppo.rewards import Reward
 from flowdppo.rewards.image import IMAGE_REWARDS, AestheticHead, make_image_reward
 from flowdppo.rewards.ocr import levenshtein, ocr_score, ocr_target
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 transformers = pytest.importorskip("transformers")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: the models are tiny, and threads only contend on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _byte_chars() -> list[str]:

@@ -38,6 +38,8 @@ from flowdppo.policies.lora import (
 from flowdppo.policies.pipelines import FAMILIES as ADAPTERS
 from flowdppo.prompts import EmbeddingCache, make_batch
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 RESOLUTION = 32
 ATTENTION = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0")
 TEXT = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
@@ -51,13 +53,6 @@ IMAGE_STREAM = {
     "qwen_image": {"transformer_blocks": ATTENTION},
 }  # fmt: skip
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_policy(family: str):

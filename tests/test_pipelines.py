@@ -27,6 +27,8 @@ from flowdppo.policies.pipelines import load_pipeline_policy
 from flowdppo.prompts import EmbeddingCache, make_batch
 from flowdppo.rollout import sample
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 RESOLUTION = 32
 PROMPTS = ["a red 'cat'", "two dogs on a beach", 'a "STOP" sign', "a blue house", "a green apple", "a yellow car"]
 # guidance: SD3 and FLUX.2-klein run real CFG with the empty negative prompt, Qwen-Image its true CFG with the
@@ -39,13 +41,6 @@ PIPELINE_GUIDANCE = {
 }
 POLICY_GUIDANCE = {"sd3": 3.0, "flux": 1.0, "flux2_klein": 4.0, "qwen_image": 4.0}
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add overhead
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

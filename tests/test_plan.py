@@ -25,16 +25,11 @@ from flowdppo.config import load_config
 from flowdppo.plan import DEFAULT_PROMPT, make_plan, make_trainable_as_train_does
 from flowdppo.policies.pipelines import load_pipeline_policy
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 RESOLUTION, ROWS = 32, 4
 FAMILIES = ("sd3", "flux")
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

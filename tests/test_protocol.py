@@ -38,19 +38,14 @@ from flowdppo.protocol import (
 )
 from flowdppo.tasks.text_to_image import TextToImageTask
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 RESOLUTION = 32
 TRAIN_PROMPTS = ["a red 'cat'", "two dogs on a beach", "a blue house", "a green apple"]
 EVAL_PROMPTS = ["a red 'cat'", "a yellow car", "a red 'cat'"]  # a duplicate: its second copy has its own noise
 MORE_PROMPTS = ["a purple cow", "a red 'cat'", "a yellow car", "a tree at night", "a red 'cat'"]  # EVAL's + 2 new
 REWARDS = "jpeg_incompressibility,user_rewards:prompt_length"
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from flowdppo.config import load_config
 from flowdppo.trainer import train
@@ -16,14 +15,6 @@ NEW_KEYS = {"time_s", "dim_kl_p50", "dim_kl_p90", "dim_kl_p99", "first_moved_log
             "first_moved_log_ratio_std"}  # not in the recorded rows
 REFERENCE = json.loads((Path(__file__).parent / "data" / "reference_rows.json").read_text())
 
-
-@pytest.fixture
-def one_thread():
-    """The rows were recorded with one intra-op thread (float sums may group differently with more)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("name", sorted(REFERENCE))

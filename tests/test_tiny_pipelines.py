@@ -8,6 +8,8 @@ import pytest
 import torch
 from tiny_pipelines import FAMILIES, build_tiny_pipeline, save_tiny_pipeline
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PROMPTS = ["a red 'cat'", "two dogs"]
 HEIGHT, WIDTH = 64, 96  # non-square on purpose: catches swapped H / W in latent packing
 
@@ -24,14 +26,6 @@ CALL_KWARGS = {
     "qwen_image": {"true_cfg_scale": 1.0},  # true CFG off (no negative prompt), no guidance embedding
 }
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    # the models are tiny: intra-op threading only adds synchronisation overhead (10x slower on a busy 2-core box)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _encode(pipe, family: str, prompts: list[str]) -> list[torch.Tensor]:

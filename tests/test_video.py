@@ -35,18 +35,13 @@ from flowdppo.rewards.video import FrameReward, TemporalConsistencyReward, frame
 from flowdppo.rollout import sample
 from flowdppo.sde import flow_sde_step, gaussian_kl, log_prob
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 HEIGHT, WIDTH, FRAMES = 32, 48, 5  # latents (16, 2, 4, 6)
 SIZE = {"height": HEIGHT, "width": WIDTH, "num_frames": FRAMES}
 PROMPTS = ["a red cat", "two dogs on a beach", "a blue house", "a green apple", "a yellow car"]
 NEGATIVE = "blurry, static"
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,8 @@ from flowdppo.rewards.image import make_image_reward
 from flowdppo.rewards.ocr import levenshtein, normalize_text
 from flowdppo.rewards.vlm import DEFAULT_QUESTION, OCR_QUESTION, mean_per_image, single_token_id, yes_probability
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 transformers = pytest.importorskip("transformers")
 
 # Qwen2-VL's chat template, reduced to one user turn of images and texts and the generation prompt.
@@ -32,6 +34,7 @@ CHAT_TEMPLATE = (
     "{%- endfor %}{%- endif %}{{- '<|im_end|>\\n' }}{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
+
 PIXELS = 4 * 28 * 28  # every image becomes 2 x 2 merged patches: 4 image tokens
 
 
@@ -42,13 +45,6 @@ def chat(question: str) -> str:
         "<|im_start|>assistant\n"
     )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

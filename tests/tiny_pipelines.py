@@ -48,10 +48,12 @@ def _clip_text_model(tokenizer, hidden_size: int, with_projection: bool):
     return cls(config).eval()
 
 
-def _t5_encoder(tokenizer, d_model: int):
-    from transformers import T5Config, T5EncoderModel
+def _t5_encoder(tokenizer, d_model: int, umt5: bool = False):
+    """A 2-layer T5 v1.1 encoder (SD3 / FLUX.1's T5-XXL), or with ``umt5`` its UMT5 variant (Wan's)."""
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
-    config = T5Config(
+    config_class, model_class = (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
+    config = config_class(
         vocab_size=_vocab_size(tokenizer),
         d_model=d_model,
         d_kv=8,
@@ -68,7 +70,7 @@ def _t5_encoder(tokenizer, d_model: int):
         eos_token_id=tokenizer.eos_token_id,
         decoder_start_token_id=tokenizer.pad_token_id,
     )
-    return T5EncoderModel(config).eval()
+    return model_class(config).eval()
 
 
 def _qwen3_causal_lm(tokenizer, hidden_size: int, num_layers: int):

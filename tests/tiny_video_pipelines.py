@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tiny_pipelines import _t5_encoder
 from tiny_tokenizers import t5_tokenizer
 
 WAN_FLOW_SHIFT = 3.0  # Wan 2.1's 480p scheduler config (5.0 at 720p)
@@ -19,29 +20,6 @@ WAN_FLOW_SHIFT = 3.0  # Wan 2.1's 480p scheduler config (5.0 at 720p)
 def umt5_tokenizer():
     """UMT5 (google/umt5-xxl) is a sentencepiece unigram tokenizer loaded as a T5 tokenizer: the tiny T5 one."""
     return t5_tokenizer()
-
-
-def _umt5_encoder(tokenizer, d_model: int):
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    config = UMT5Config(
-        vocab_size=8 * ((len(tokenizer) + 7) // 8),
-        d_model=d_model,
-        d_kv=8,
-        d_ff=2 * d_model,
-        num_layers=2,
-        num_heads=d_model // 8,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=32,
-        feed_forward_proj="gated-gelu",
-        is_encoder_decoder=False,
-        use_cache=False,
-        tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
-    )
-    return UMT5EncoderModel(config).eval()
 
 
 def _build_wan():
@@ -68,7 +46,7 @@ def _build_wan():
                            temperal_downsample=[False, True, True]).eval()  # fmt: skip
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                         flow_shift=WAN_FLOW_SHIFT, num_train_timesteps=1000)  # fmt: skip
-    return WanPipeline(tokenizer=tokenizer, text_encoder=_umt5_encoder(tokenizer, text_dim), vae=vae,
+    return WanPipeline(tokenizer=tokenizer, text_encoder=_t5_encoder(tokenizer, text_dim, umt5=True), vae=vae,
                        scheduler=scheduler, transformer=transformer)  # fmt: skip
 
 

@@ -50,12 +50,12 @@ from flowdppo.algorithms.likelihood_free import LikelihoodFree
 from flowdppo.errors import ConfigError
 from flowdppo.policies.lora import make_trainable, trainable_parameters
 from flowdppo.policies.pipelines import PipelinePolicy, pipeline_policy_class, text_encoder_names
+from flowdppo.tasks.text_to_image import DTYPES
 
 GIB = 1024**3
 GPU_SIZES_GB = (24, 48, 80)
 RESERVED_GIB = 1.5  # CUDA context, cuBLAS / cuDNN workspaces: not available to tensors
 ADAM_BYTES = 4 + 4 + 8  # per trainable parameter: float32 master weight, gradient, two Adam moments
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse on the surface of the moon, highly detailed"
 ON_GPU = {"keep": "yes", "offload": "encoding", "free": "no"}  # text_encoders placement -> the table's column
 LORA_OPTION_RANK = 8  # the LoRA rank suggested for a full fine-tuning recipe that does not fit

@@ -231,22 +231,17 @@ def parse_reward_names(text: str | None) -> list[str] | None:
 
 
 def check_reward_names(names: list[str]) -> None:
-    """Every name a built-in image reward (``name`` or ``name@model_path``) or an importable ``module:function``
-    (a ``scheme://`` address is left to the task); checked before any model is loaded."""
+    """Every name a built-in image reward (``name`` or ``name@model_path``), a reward server's address (checked
+    when the task connects) or an importable ``module:function``; checked before any model is loaded."""
     from flowdppo.rewards import load_user_reward
-    from flowdppo.rewards.image import IMAGE_REWARDS
+    from flowdppo.tasks.text_to_image import reward_source
 
     for name in names:
-        if "://" in name:  # a reward server's address: the task checks it when it connects
-            continue
-        if ":" in name and "@" not in name:
+        if reward_source(name, key="--rewards") == "user":
             try:
                 load_user_reward(name)
             except RewardError as err:
                 raise ConfigError(f"--rewards: {str(err).removeprefix('reward.names: ')}") from err
-        elif name.partition("@")[0] not in IMAGE_REWARDS:
-            raise ConfigError(f"--rewards: unknown reward {name!r}; choose from {', '.join(IMAGE_REWARDS)} "
-                              "(optionally name@model_path) or give your own as module:function")  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -73,16 +73,12 @@ class TextToImageTask:
     def load_reward(self, name: str) -> Reward:
         """An image reward by name (``name`` or ``name@model_path``); ``module:function`` imports your own;
         ``http://HOST:PORT`` is a reward server's (``flowdppo reward-server``)."""
-        if is_remote(name):
+        source = reward_source(name)
+        if source == "remote":
             return load_remote_reward(name)
-        if ":" in name and "@" not in name:
+        if source == "user":
             return load_user_reward(name)
-        if name.partition("@")[0] in IMAGE_REWARDS:
-            return make_image_reward(name, self.device)
-        raise ConfigError(
-            f"reward.names: unknown reward {name!r}; choose from {', '.join(IMAGE_REWARDS)} "
-            "(optionally name@model_path) or give your own as module:function"
-        )
+        return make_image_reward(name, self.device)
 
     def fixed_batch(self, records: list[dict], per_prompt: int) -> tuple[Tensor, PromptBatch]:
         """``records``, ``per_prompt`` samples each, with noise fixed by the seed (the same for every policy)."""
@@ -116,3 +112,16 @@ class TextToImageTask:
         noise, cond = self.fixed_batch(records, per_prompt)
         images = self.generate(velocity, noise, cond)
         return images.permute(0, 2, 3, 1).reshape(len(records), per_prompt, *images.shape[2:], 3).cpu().numpy()
+
+
+def reward_source(name: str, key: str = "reward.names") -> str:
+    """Where reward ``name`` comes from, read from the name alone: "remote" (``http://HOST:PORT``), "user"
+    (``module:function``) or "image" (a built-in, ``name`` or ``name@model_path``); else one line naming ``key``."""
+    if is_remote(name):
+        return "remote"
+    if ":" in name and "@" not in name:
+        return "user"
+    if name.partition("@")[0] in IMAGE_REWARDS:
+        return "image"
+    raise ConfigError(f"{key}: unknown reward {name!r}; choose from {', '.join(IMAGE_REWARDS)} "
+                      "(optionally name@model_path) or give your own as module:function")

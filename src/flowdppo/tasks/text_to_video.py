@@ -24,9 +24,8 @@ from flowdppo.plots import grid_mosaic
 from flowdppo.policies.pipelines import PipelinePolicy, pipeline_policy_class
 from flowdppo.policies.video import VIDEO_FAMILIES
 from flowdppo.rewards import Reward
-from flowdppo.rewards.remote import is_remote
 from flowdppo.rewards.video import VIDEO_REWARDS, FrameReward, frame_indices, make_video_reward
-from flowdppo.tasks.text_to_image import TextToImageTask
+from flowdppo.tasks.text_to_image import TextToImageTask, reward_source
 
 STRIP_FRAMES = 8  # frames per row of samples.png
 GIF_FPS = 8
@@ -58,7 +57,7 @@ class TextToVideoTask(TextToImageTask):
             reward = super().load_reward(name)
         except ConfigError as err:
             raise ConfigError(f"{err}; or a video reward: {', '.join(VIDEO_REWARDS)}") from err
-        if ":" in name and "@" not in name and not is_remote(name):
+        if reward_source(name) == "user":
             return reward
         return FrameReward(reward, name, self.cfg.reward.video_frames, self.cfg.reward.video_aggregation)
 
