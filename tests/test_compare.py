@@ -7,7 +7,17 @@ import numpy as np
 import pytest
 
 from flowdppo.cli import main
-from flowdppo.compare import arm_table, claims, preset_arms, render_report, run_overrides
+from flowdppo.compare import (
+    CONTROL,
+    arm_table,
+    claims,
+    equivalence_margin,
+    matched_levels,
+    preset_arms,
+    probe_line,
+    render_report,
+    run_overrides,
+)
 from flowdppo.frontier import frontier, kl_at_reward, mean_ci, reward_at_kl, value_at_reward, verdict
 
 KL = np.array([0.0, 1.0, 2.0, 3.0])
@@ -71,11 +81,72 @@ def test_claims_from_synthetic_results():
     assert all("**holds**" in line for line in lines), lines
 
 
+def test_matched_levels_use_the_evaluation_kl_and_give_the_ratio_per_level():
+    """KL_dppo = KL_grpo / 2 at every reward: ratio 0.5 at each level, every seed reaching it; the evaluation-time
+    KL (here 3x the rollout's) is what is compared, not the rollout's."""
+    arms = {}
+    for label, kl_scale in (("flow_dppo", 0.5), ("flow_grpo", 1.0)):
+        seeds = {str(s): synthetic_record(kl_scale, s) for s in range(3)}
+        for record in seeds.values():
+            for row in record["rows"]:
+                row["eval/kl_to_base"] = 3 * row["kl_to_base"]
+        arms[label] = {"method": label, "overrides": [], "group": "", "seeds": seeds}
+    levels = matched_levels({"preset": "single", "arms": arms})
+    assert [row["fraction"] for row in levels] == [0.7, 0.8, 0.9]
+    for row in levels:
+        assert row["pair"] == "flow_dppo vs flow_grpo" and row["reached"] == (3, 3, 3)
+        assert row["ratio"][0] == pytest.approx(0.5) and row["verdict"] == "less KL"
+    # level 0.8 of the way from 0.5 to 0.9 = 0.82: on the segment (0.8 at KL 3/4 s, 0.9 at KL s) of seed 0
+    assert levels[1]["reward"] == pytest.approx(0.82)
+    expected = np.mean([3 * (0.75 + 0.2 * 0.25) * (1 + 0.01 * s) for s in range(3)])
+    assert levels[1]["kl"][1] == pytest.approx(expected)
+    # a run that never leaves the base: no gain over the base to match
+    for record in arms["flow_grpo"]["seeds"].values():
+        for row in record["rows"]:
+            row["eval/reward"] = 0.5
+    assert {row["verdict"] for row in matched_levels({"preset": "single", "arms": arms})} == {"no gain over the base"}
+
+
+def test_equivalence_margin_is_the_larger_end_of_the_ci():
+    from scipy.stats import t
+
+    diffs = [-0.02, 0.03, 0.01, 0.0]
+    half = t.ppf(0.975, 3) * np.std(diffs, ddof=1) / 2
+    margin = max(abs(np.mean(diffs) - half), abs(np.mean(diffs) + half))
+    relative = f"({100 * margin / 0.5:.0f}% of the baseline)"
+    assert equivalence_margin(diffs, [0.5, 0.5, 0.5, 0.5]) == f"\\|d\\| > {margin:.3g} {relative}"
+    assert equivalence_margin(diffs) == f"\\|d\\| > {margin:.3g}"
+
+
+def test_probe_says_whether_the_regime_is_reached(tmp_path, capsys):
+    probe = {"dim": 4096, "epochs": 5, "dim_kl_p90": 0.3, "masked_fraction_pos_adv": 0.01,
+             "masked_fraction_neg_adv": 0.05, "reached": True}  # fmt: skip
+    assert "p90 of dim*D 0.3" in probe_line(probe) and probe_line(probe).endswith("regime is reached.")
+    args = ["compare", "--preset", "calib", "--probe-only", "--out", str(tmp_path / "probe"), "epochs=2",
+            "group_size=4", "eval_samples_per_class=2"]  # fmt: skip
+    assert main(args) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("Flow-GRPO (eps 1e-4), 2 epochs at dim 64: p90 of dim*D ")
+    assert line.endswith("regime is NOT reached.")  # dim 64: the ratio's noise swamps D
+    assert main(["compare", "--preset", "dims"]) == 2
+    assert "unknown preset 'dims'" in capsys.readouterr().err
+
+
 def test_presets_and_half_rollouts():
     assert [a.label for a in preset_arms("single", ("flow_dppo", "flow_grpo"))] == ["flow_dppo", "flow_grpo"]
     epochs = {a.label: a for a in preset_arms("epochs", ("flow_dppo",))}
     assert set(epochs) == {"flow_dppo/I1", "flow_dppo/I2", "flow_dppo/I4", "flow_dppo/half-I2"}
-    assert run_overrides(epochs["flow_dppo/half-I2"], ["epochs=30"], seed=2)[-2:] == ["epochs=15", "seed=2"]
+    assert run_overrides(epochs["flow_dppo/half-I2"], ["epochs=30"], seed=2)[-2:] == ["epochs=15", "seed=1002"]
+    calib = {a.label: a for a in preset_arms("calib")}
+    assert set(calib) == {"flow_dppo", CONTROL, "flow_grpo/eps0.0003", "flow_grpo/eps0.001", "flow_grpo/eps0.003",
+                          "grpo_guard/eps5e-05", "grpo_guard/eps0.0002"}  # fmt: skip
+    for dim, u in (("1024", 4), ("4096", 8)):
+        arms = preset_arms(f"dim{dim}", ("flow_dppo", "flow_grpo"))
+        assert [a.label for a in arms] == ["flow_dppo", "flow_grpo", CONTROL]
+        assert all(f"digits_upsample={u}" in run_overrides(a, []) for a in arms)
+    stress = {a.label: run_overrides(a, [], 0) for a in preset_arms("stress")}
+    assert "loss.clip_range=0.0016" in stress["flow_grpo/eps0.0016"]  # eps * dim equal to SD3.5's 1e-4 * 65,536
+    assert all({"digits_upsample=8", "optim.lr=3e-3"} <= set(o) for o in stress.values())
     assert len(preset_arms("multi", ("flow_dppo", "flow_grpo"))) == 4
     with pytest.raises(ValueError, match="preset must be one of"):
         preset_arms("everything")

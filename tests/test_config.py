@@ -25,8 +25,10 @@ def test_presets_carry_the_public_defaults():
     assert (nft.nft.b, nft.nft.adv_clip_max, nft.nft.train_timesteps, nft.nft.timesteps) == (1.0, 5.0, 9, "schedule")
     awm = load_config("awm")
     assert (awm.algorithm, awm.awm.clip_range, awm.awm.weighting, awm.awm.ema_kl) == ("awm", 1.0, "ghuber", 1.0)
+    control = load_config("unconstrained")
+    assert (control.loss.loss_mode, control.sampler.kind, control.sampler.eta) == ("unconstrained", "flow_sde", 0.7)
     assert set(PRESETS) == {"flow_dppo", "flow_grpo", "flow_cps", "grpo_guard", "flow_dppo_cps", "dance_grpo",
-                            "diffusion_nft", "awm"}  # fmt: skip
+                            "diffusion_nft", "awm", "unconstrained"}  # fmt: skip
 
 
 def test_yaml_then_overrides(tmp_path):

@@ -179,18 +179,17 @@ def test_upsampled_digits_round_trip(split):
     assert shifted.shape == big.shape and not torch.equal(shifted, big)
 
 
-def test_upsampled_task_needs_a_base_and_trains_on_a_pretrained_one(tmp_path, capsys):
-    """A missing base is one line naming the command that creates it; `digits pretrain --upsample 4` makes
-    one that `model=` trains on for an epoch, with the mechanism metrics in the row."""
+def test_upsampled_task_has_shipped_bases_and_trains_on_a_pretrained_one(tmp_path):
+    """digits_upsample 4 and 8 load their shipped bases; `digits pretrain --upsample 4` makes one that `model=`
+    trains on for an epoch, with the mechanism metrics in the row."""
     from flowdppo.cli import main
     from flowdppo.config import load_config
     from flowdppo.errors import ConfigError
+    from flowdppo.tasks.digits.task import DigitsTask
     from flowdppo.trainer import train
 
-    with pytest.raises(ConfigError, match="flowdppo digits pretrain --upsample 4 --out DIR"):
-        load_config(overrides=["digits_upsample=4"])
-    assert main(["train", "--out", str(tmp_path / "x"), "digits_upsample=4"]) == 2
-    assert "flowdppo digits pretrain --upsample 4" in capsys.readouterr().err
+    for u in (4, 8):  # the shipped bases
+        assert DigitsTask(load_config(overrides=[f"digits_upsample={u}"])).policy.latent_shape == (u * u, 8, 8)
     with pytest.raises(ConfigError, match="digits_upsample"):
         load_config(overrides=["digits_upsample=3"])
 

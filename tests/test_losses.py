@@ -14,6 +14,7 @@ from flowdppo.losses import (
     get_loss,
     grpo_guard_loss,
     reference_kl_penalty,
+    unconstrained_loss,
 )
 from flowdppo.sde import gaussian_kl, log_prob
 
@@ -147,6 +148,23 @@ def test_first_minibatch_invariant(loss_mode):
     plain_pg = (-adv * torch.exp(logp_new - batch.logp_old.detach())).mean()
     (expected,) = torch.autograd.grad(plain_pg, mean_new)
     torch.testing.assert_close(grad, expected)
+
+
+def test_unconstrained_control_is_plain_minus_a_rho_and_equals_dppo_with_an_infinite_threshold():
+    """-A * rho on every element (no clamp, nothing dropped, even far from the rollout policy), the same values
+    and gradient as Flow-DPPO whose threshold no element reaches."""
+    mean_new, mean_old, x_next, std, _ = random_batch(drift=0.5)
+    adv = torch.tensor([20.0, -20.0, 1.0, -1.0, 3.0, -3.0, 0.5, -0.5], dtype=torch.float64)
+    batch = make_batch(mean_new, mean_old, x_next, std, adv)
+    loss, metrics = unconstrained_loss(batch)
+    torch.testing.assert_close(loss, -adv * torch.exp(batch.logp_new - batch.logp_old))
+    assert metrics["masked_fraction"].item() == 0.0 and metrics["kl_max"].item() > 1e-3
+    dppo, _ = flow_dppo_loss(batch, kl_mask_threshold=1e30)
+    torch.testing.assert_close(loss, dppo)
+    (g1,) = torch.autograd.grad(loss.mean(), mean_new, retain_graph=True)
+    (g2,) = torch.autograd.grad(dppo.mean(), mean_new)
+    torch.testing.assert_close(g1, g2)
+    assert flow_dppo_loss(batch)[1]["masked_fraction"].item() > 0  # the default threshold does drop some
 
 
 def test_grpo_guard_renormalised_log_ratio_has_zero_mean():

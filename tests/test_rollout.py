@@ -3,7 +3,7 @@
 import torch
 
 from flowdppo.config import SamplerConfig
-from flowdppo.rollout import in_chunks, initial_noise, rollout, sample
+from flowdppo.rollout import in_chunks, initial_noise, rollout, sample, sample_with_path_kl
 from flowdppo.samplers import get_sampler, trained_steps
 from flowdppo.sde import flow_sde_step, gaussian_kl, log_prob, shifted_sigmas
 
@@ -135,6 +135,25 @@ def test_path_kl_of_an_ode_rollout_is_measured_in_the_named_kernel():
         xi = get_sampler("ode").step(xi, s, sigmas[i], sigmas[i + 1], 0.0, sigmas[1]).mean
     torch.testing.assert_close(traj.kl_to_base, expected)
     torch.testing.assert_close(traj.final, xi)
+
+
+def test_evaluation_path_kl_is_the_closed_form_flow_sde_kl_along_the_ode_samples():
+    """A constant velocity gap c: each Flow-SDE step's D = c^2 k^2 (-dt) / (2 g^2), k = 1 + g^2 (1 - s) / (2 s),
+    g = 0.7 sqrt(s / (1 - s')), over all 6 steps; the samples are plain Euler's."""
+    cond, x, sigmas = torch.tensor([1, 2]), torch.randn(2, 1, 3, 3), shifted_sigmas(6, 3.0)
+
+    def base(x, sigma, cond):
+        return toy_velocity(x, sigma, cond) + 0.1
+
+    samples, kl = sample_with_path_kl(toy_velocity, base, cond, x, sigmas)
+    expected = 0.0
+    for i in range(6):
+        s, dt = sigmas[i].double(), (sigmas[i + 1] - sigmas[i]).double()
+        g2 = 0.49 * s / (1 - (sigmas[1].double() if s >= 1 else s))
+        expected += 0.01 * (1 + g2 * (1 - s) / (2 * s)) ** 2 * (-dt) / (2 * g2)
+    torch.testing.assert_close(kl, expected.float().expand(2))
+    torch.testing.assert_close(samples, sample(toy_velocity, cond, x, sigmas), rtol=0, atol=0)
+    assert torch.equal(sample_with_path_kl(toy_velocity, toy_velocity, cond, x, sigmas)[1], torch.zeros(2))
 
 
 def test_chunked_velocity_and_custom_schedule():

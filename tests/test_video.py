@@ -131,6 +131,53 @@ def test_frame_rewards_and_temporal_consistency():
     assert consistency(videos[:, :1], ["a", "b"]).tolist() == [1.0, 1.0]
 
 
+def read_mp4(path: Path):
+    """Every frame of an MP4, decoded with PyAV: ``(F, H, W, 3)`` uint8."""
+    import av
+    import numpy as np
+
+    with av.open(str(path)) as container:
+        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+
+
+def test_sample_videos_are_mp4_else_gif(tmp_path, monkeypatch):
+    """``write_video``: an MP4 that decodes back to the mosaic frames (lossy: close in mean), or, with no encoder,
+    the GIF of the same frames."""
+    from flowdppo.tasks import text_to_video
+
+    videos = torch.rand((2, 2, FRAMES, 3, 1, 1), generator=torch.Generator().manual_seed(0))
+    videos = videos.expand(-1, -1, -1, -1, HEIGHT, WIDTH).contiguous()  # flat colours: little coding loss
+    frames = text_to_video.mosaic_frames(videos)
+    assert frames.shape == (FRAMES, 2 * HEIGHT + 1, 2 * WIDTH + 1, 3) and frames.dtype.name == "uint8"
+    assert text_to_video.write_video(tmp_path / "a", videos) == tmp_path / "a.mp4"
+    decoded = read_mp4(tmp_path / "a.mp4")
+    assert decoded.shape == (FRAMES, 2 * HEIGHT + 2, 2 * WIDTH + 2, 3)
+    error = abs(decoded[:, : 2 * HEIGHT + 1, : 2 * WIDTH + 1].astype(float) - frames.astype(float))
+    assert error.mean() < 8, error.mean()
+    monkeypatch.setattr(text_to_video, "mp4_codec", lambda: None)  # no PyAV / no encoder
+    assert text_to_video.write_video(tmp_path / "b", videos) == tmp_path / "b.gif"
+    with Image.open(tmp_path / "b.gif") as gif:
+        assert gif.n_frames == FRAMES and gif.size == (2 * WIDTH + 1, 2 * HEIGHT + 1)
+    assert not (tmp_path / "b.mp4").exists()
+
+
+def test_user_video_rewards_get_uint8_videos_and_frame_rewards_floats():
+    """A user's callable sees ``round(255 x)`` as uint8 ``(B, F, 3, H, W)``; a built-in frame reward the floats."""
+    from flowdppo.rewards.video import UserVideoReward
+
+    videos = torch.rand((2, 3, 3, 4, 4), generator=torch.Generator().manual_seed(0))
+    seen = []
+    reward = UserVideoReward(lambda v, p, m: seen.append(v) or v.float().mean(dim=(1, 2, 3, 4)), "mine")
+    reward(videos, ["a", "b"], [{}, {}])
+    assert seen[0].dtype == torch.uint8 and seen[0].shape == videos.shape
+    assert torch.equal(seen[0], (videos * 255).round().to(torch.uint8))
+    assert torch.equal(seen[0][0, 0, 0, 0, :2], torch.tensor([round(255 * float(v)) for v in videos[0, 0, 0, 0, :2]],
+                                                             dtype=torch.uint8))  # fmt: skip
+    frames = []
+    FrameReward(lambda f, p, m: frames.append(f) or f.mean(dim=(1, 2, 3)), "f", 2)(videos, ["a", "b"])
+    assert frames[0].dtype == torch.float32 and torch.equal(frames[0], videos[:, [0, 2]].flatten(0, 1))
+
+
 def velocity_of(policy, prompts, seed: int = 1):
     x = torch.randn((len(prompts), *policy.latent_shape), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
@@ -152,8 +199,8 @@ def test_train_two_epochs_then_export_loads_in_a_fresh_wan_pipeline(wan_dir, tmp
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {"reward/temporal_consistency", "eval/jpeg_incompressibility",
             "eval/user_video_rewards:brightness_and_length"} <= rows[-1].keys()  # fmt: skip
-    with Image.open(run / "samples.gif") as gif:  # 2 prompts x (base | trained), every frame
-        assert gif.n_frames == FRAMES and gif.size == (2 * WIDTH + 1, 2 * HEIGHT + 1)
+    assert read_mp4(run / "samples.mp4").shape == (FRAMES, 2 * HEIGHT + 2, 2 * WIDTH + 2, 3)  # 2 prompts x (base |
+    assert not (run / "samples.gif").exists()  # trained), every frame, padded to even sides
 
     trained = load_wan(model)
     make_trainable(trained, 8, 16.0)

@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from flowdppo.compare import eval_points  # noqa: E402
 from flowdppo.frontier import mean_ci  # noqa: E402
 
 
@@ -29,12 +30,10 @@ def plot_frontier(results: dict, path: Path) -> None:
     """Eval reward vs KL to the base over training, seed means, one curve per arm (start: the base)."""
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for label, arm in results["arms"].items():
-        records = _records(arm)
-        kl = np.mean([[0.0] + [r["kl_to_base"] for r in rec["rows"] if "eval/reward" in r] for rec in records], 0)
-        reward = np.mean([[rec["base"]["eval/reward"]] + [r["eval/reward"] for r in rec["rows"] if "eval/reward" in r]
-                          for rec in records], 0)  # fmt: skip
+        kl, reward = np.mean([eval_points(rec) for rec in _records(arm)], 0)
         ax.plot(kl, reward, marker="o", ms=3, label=label)
-    ax.set(xlabel="path KL to base", ylabel="eval reward (p of prompted digit)", title="reward vs KL to base")
+    ax.set(xlabel="path KL to base (compare.eval_points)", ylabel="eval reward (p of prompted digit)",
+           title="reward vs KL to base")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -86,6 +85,10 @@ def render_all(results: dict, out: Path) -> list[str]:
     plot_frontier(results, out / "frontier.png")
     plot_vs_epoch(results, ["reward_mean", "kl_to_base", "masked_fraction"], out / "curves.png")
     plot_vs_epoch(results, ["eval/reward", "eval/fid", "eval/diversity"], out / "ood.png")
+    if any("dim_kl_p90" in r for arm in results["arms"].values() for rec in _records(arm) for r in rec["rows"]):
+        mechanism = ["dim_kl_p90", "masked_fraction_pos_adv", "masked_fraction_neg_adv", "first_moved_log_ratio_std"]
+        plot_vs_epoch(results, mechanism, out / "mechanism.png")
+        names.append("mechanism.png")
     first = next(iter(results["arms"].values()))
     reward_keys = sorted(k for k in _records(first)[0]["rows"][0] if k.startswith("reward/"))
     if len(reward_keys) > 1:

@@ -138,7 +138,15 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from flowdppo.compare import METHODS, gather_reports, render_report, run_compare
+    from flowdppo.compare import (
+        BENCH_PRESETS,
+        METHODS,
+        gather_reports,
+        probe_line,
+        render_report,
+        run_compare,
+        run_probe,
+    )
 
     if args.gather:
         print(f"wrote {gather_reports(Path(args.gather))}")
@@ -147,6 +155,11 @@ def _compare(args: argparse.Namespace) -> int:
         print(f"wrote {render_report(Path(args.report_only))}")
         return 0
     _positive(seeds=args.seeds, jobs=args.jobs if args.jobs is not None else 1)
+    if args.preset not in BENCH_PRESETS:
+        raise ConfigError(f"--preset: unknown preset {args.preset!r}; choose from {', '.join(BENCH_PRESETS)}")
+    if args.probe_only:
+        print(probe_line(run_probe(args.preset, args.overrides, Path(args.out or f"runs/probe-{args.preset}"))))
+        return 0
     methods = tuple(args.methods.split(",")) if args.methods else METHODS
     unknown = [m for m in methods if m not in PRESETS]
     if unknown:
@@ -236,7 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp.set_defaults(func=_export)
 
     cmp = commands.add_parser("compare", help="DigitsBench: every method x seed, with a report")
-    cmp.add_argument("--preset", default="single", help="single, multi, epochs, threshold or smoke")
+    cmp.add_argument("--preset", default="single", help="single, multi, epochs, threshold, calib, dim64, dim1024, "
+                     "dim4096, stress or smoke (see flowdppo.compare.preset_arms)")
+    cmp.add_argument("--probe-only", action="store_true",
+                     help="only the preset's short regime probe: is the paper's regime reached at its latent size?")
     cmp.add_argument("--methods", help="comma-separated methods, any registered preset (default: all of them)")
     cmp.add_argument("--seeds", type=int, default=5)
     cmp.add_argument("--jobs", type=int, default=None, help="parallel runs (default: the number of cores)")

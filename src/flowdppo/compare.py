@@ -25,12 +25,20 @@ from tqdm.auto import tqdm
 from flowdppo.frontier import kl_at_reward, mean_ci, reward_at_kl, value_at_reward, verdict
 
 METHODS = ("flow_grpo", "flow_cps", "grpo_guard", "flow_dppo", "flow_dppo_cps", "dance_grpo", "diffusion_nft", "awm")
-BASELINES_OF = {"flow_dppo": ("flow_grpo", "flow_cps", "grpo_guard"), "flow_dppo_cps": ("flow_cps",)}
+CONTROL = "unconstrained"  # -A rho with no trust test: what the trust tests are measured against
+BASELINES_OF = {"flow_dppo": ("flow_grpo", "flow_cps", "grpo_guard", CONTROL), "flow_dppo_cps": ("flow_cps",)}
 BENCH_OVERRIDES = ["eval_every=5", "eval_samples_per_class=20", "checkpoint_every=1000", "keep_checkpoints=1"]
 HALF_EPOCHS = "epochs=half"  # resolved to half the run's epochs (half the rollouts)
+HALF_SEED_OFFSET = 1000  # the half-rollouts arms run seeds 1000, 1001, ...: independent of the full runs
 MECHANISM = ("masked_fraction_pos_adv", "masked_fraction_neg_adv", "dim_kl_p50", "dim_kl_p90", "dim_kl_p99",
-             "first_moved_log_ratio_mean", "first_moved_log_ratio_std")  # issue 12's mechanism metrics
+             "first_moved_log_ratio_mean", "first_moved_log_ratio_std")  # the trust tests' mechanism, per update
 KEPT = ("epoch", "reward_mean", "kl_to_base", "masked_fraction", "ratio_mean", "kl_max", "time_s", *MECHANISM)
+UPSAMPLE_OF_DIM = {64: 1, 1024: 4, 4096: 8}  # latent dim -> digits_upsample
+SD35_LATENT_DIM = 16 * 64 * 64  # SD3.5 at 512 x 512: 16 channels x 64 x 64
+STRESS = ["optim.lr=3e-3", "optim.inner_epochs=4"]  # 3x the learning rate, 4 passes over each rollout
+LEVELS = (0.7, 0.8, 0.9)  # matched rewards: these fractions of the way from the base to the lower arm's best
+EVAL_KL = "eval/kl_to_base"
+BENCH_PRESETS = ("single", "multi", "epochs", "threshold", "calib", "dim64", "dim1024", "dim4096", "stress", "smoke")
 
 
 @dataclass
@@ -51,8 +59,34 @@ def kl_in_flow_sde(method: str) -> list[str]:
         "sampler.kl_kernel=flow_sde"]  # fmt: skip
 
 
+def at_dim(dim: int) -> list[str]:
+    """The override that runs the digits task with a latent of ``dim`` elements."""
+    return [] if dim == 64 else [f"digits_upsample={UPSAMPLE_OF_DIM[dim]}"]
+
+
+def preset_common(preset: str) -> list[str]:
+    """Overrides every arm of ``preset`` shares (its latent size, its optimiser setting)."""
+    if preset.startswith("dim"):
+        return at_dim(int(preset[3:]))
+    return at_dim(4096) + STRESS if preset == "stress" else []
+
+
 def preset_arms(preset: str, methods: tuple[str, ...] = METHODS) -> list[Arm]:
     """The arms of a named experiment."""
+    if preset == "calib":  # dim 64: the baselines' constants swept, next to Flow-DPPO and the unconstrained control
+        sweep = [("flow_grpo", e) for e in (3e-4, 1e-3, 3e-3)] + [("grpo_guard", e) for e in (5e-5, 2e-4)]
+        return [Arm(m, m, [], "calib") for m in ("flow_dppo", CONTROL)] + [
+            Arm(f"{m}/eps{e:g}", m, [f"loss.clip_range={e:g}"], "calib") for m, e in sweep]  # fmt: skip
+    if preset in ("dim64", "dim1024", "dim4096"):  # the public constants at one latent size, every method
+        return [Arm(m, m, preset_common(preset) + kl_in_flow_sde(m), "dim") for m in (*methods, CONTROL)]
+    if preset == "stress":  # the largest latent, a 3x learning rate, 4 passes; eps scaled to SD3.5's eps * dim
+        eps = 1e-4 * SD35_LATENT_DIM / 4096
+        common = preset_common(preset)
+        arms = [Arm(m, m, common, "I4") for m in ("flow_dppo", CONTROL)]
+        arms += [Arm(f"flow_grpo/eps{e:g}", "flow_grpo", [*common, f"loss.clip_range={e:g}"], "I4")
+                 for e in (1e-4, eps)]  # fmt: skip
+        return arms + [Arm(f"{m}/half-I2", m, [*common, HALF_EPOCHS, "optim.inner_epochs=2"], "half-I2")
+                       for m in ("flow_dppo", "flow_grpo")]  # fmt: skip
     if preset == "single":  # claims 1 and 2
         return [Arm(m, m, kl_in_flow_sde(m)) for m in methods]
     if preset == "multi":  # claim 3: two competing rewards
@@ -69,7 +103,7 @@ def preset_arms(preset: str, methods: tuple[str, ...] = METHODS) -> list[Arm]:
                 for t in (1e-6, 3e-6, 1e-5, 3e-5, 1e-4)]  # fmt: skip
     if preset == "smoke":  # what CI runs
         return [Arm(m, m, kl_in_flow_sde(m)) for m in methods]
-    raise ValueError(f"preset must be one of single, multi, epochs, threshold, smoke; got {preset!r}")
+    raise ValueError(f"preset must be one of {', '.join(BENCH_PRESETS)}; got {preset!r}")
 
 
 def run_overrides(arm: Arm, overrides: list[str], seed: int | None = None) -> list[str]:
@@ -77,8 +111,9 @@ def run_overrides(arm: Arm, overrides: list[str], seed: int | None = None) -> li
     from flowdppo.config import load_config
 
     full = BENCH_OVERRIDES + [o for o in arm.overrides if o != HALF_EPOCHS] + overrides
-    if HALF_EPOCHS in arm.overrides:
+    if HALF_EPOCHS in arm.overrides:  # its own seeds: its rollouts are not the first half of the full run's
         full.append(f"epochs={max(1, load_config(arm.method, overrides=full).epochs // 2)}")
+        seed = None if seed is None else seed + HALF_SEED_OFFSET
     return full + ([f"seed={seed}"] if seed is not None else [])
 
 
@@ -110,9 +145,42 @@ def reusable_runs(other_dirs: list[Path]) -> dict[str, dict]:
         for arm in results["arms"].values():
             spec = Arm("", arm["method"], arm["overrides"])
             for seed, record in arm["seeds"].items():
+                if not any(EVAL_KL in r for r in record["rows"]):
+                    continue  # recorded before the evaluation-time KL: its measures are not comparable
                 key = _config_key(spec.method, run_overrides(spec, results["overrides"], int(seed)))
                 found[key] = {**record, "reused_from": str(other)}
     return found
+
+
+PROBE_EPOCHS = 5
+PROBED = ("calib", "dim64", "dim1024", "dim4096", "stress")  # presets about the paper's regime
+
+
+def run_probe(preset: str, overrides: list[str], out: Path) -> dict:
+    """A short Flow-GRPO run (its public eps 1e-4, the preset's latent size and optimiser, seed 0) that says
+    whether the paper's regime is reached: p90 of ``dim * D`` >= 0.1 and a clipped fraction for ``A < 0`` at
+    least twice that for ``A > 0`` (averaged over its updates)."""
+    from flowdppo.config import load_config
+
+    arm = Arm("probe", "flow_grpo", [*preset_common(preset), f"epochs={PROBE_EPOCHS}"])
+    full = run_overrides(arm, overrides, 0)
+    record = _run_one("flow_grpo", full, str(out / "runs" / "probe"))
+    rows = record["rows"]
+    probe = {key: float(np.mean([r[key] for r in rows])) for key in
+             ("dim_kl_p90", "masked_fraction_pos_adv", "masked_fraction_neg_adv")}  # fmt: skip
+    probe["dim"] = 64 * load_config("flow_grpo", overrides=full).digits_upsample ** 2
+    probe["epochs"] = len(rows)
+    probe["reached"] = bool(probe["dim_kl_p90"] >= 0.1 and probe["masked_fraction_neg_adv"] > 0
+                            and probe["masked_fraction_neg_adv"] >= 2 * probe["masked_fraction_pos_adv"])  # fmt: skip
+    return probe
+
+
+def probe_line(probe: dict) -> str:
+    """One sentence: what the probe measured and whether the regime is reached."""
+    return (f"Flow-GRPO (eps 1e-4), {probe['epochs']} epochs at dim {probe['dim']}: p90 of dim*D "
+            f"{probe['dim_kl_p90']:.3g} (needs >= 0.1); clipped fraction A<0 {probe['masked_fraction_neg_adv']:.3f} "
+            f"vs A>0 {probe['masked_fraction_pos_adv']:.3f} (needs at least twice): the paper's regime is "
+            f"{'reached' if probe['reached'] else 'NOT reached'}.")
 
 
 def run_compare(preset: str, out: Path, seeds: int, methods: tuple[str, ...], overrides: list[str],
@@ -128,6 +196,9 @@ def run_compare(preset: str, out: Path, seeds: int, methods: tuple[str, ...], ov
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     results.update({"preset": preset, "overrides": overrides, "seeds": seeds})
     results.setdefault("arms", {})
+    if preset in PROBED and "probe" not in results:  # before the preset's budget is spent
+        results["probe"] = run_probe(preset, overrides, out)
+        print(probe_line(results["probe"]))
     reusable = reusable_runs(reuse or [])
     todo = []
     for arm in arms:
@@ -167,9 +238,14 @@ def run_compare(preset: str, out: Path, seeds: int, methods: tuple[str, ...], ov
 
 
 def eval_points(record: dict, key: str = "eval/reward") -> tuple[np.ndarray, np.ndarray]:
-    """(KL to base, eval measure ``key``) at the base (KL 0) and at every evaluated epoch."""
+    """(KL to base, eval measure ``key``) at the base (KL 0) and at every evaluated epoch.
+
+    The KL is ``eval/kl_to_base``: measured at evaluation, on the evaluated samples, in the Flow-SDE kernel for
+    every arm. Runs recorded before it existed fall back to the rollout's ``kl_to_base`` (taken before the
+    epoch's update, in the arm's own measuring kernel)."""
     rows = [r for r in record["rows"] if key in r]
-    kl = np.array([0.0] + [r["kl_to_base"] for r in rows])
+    kl_key = EVAL_KL if all(EVAL_KL in r for r in rows) else "kl_to_base"
+    kl = np.array([0.0] + [r[kl_key] for r in rows])
     return kl, np.array([record["base"][key]] + [r[key] for r in rows])
 
 
@@ -183,12 +259,16 @@ def run_measures(record: dict) -> dict[str, float]:
     measures = {
         "eval reward": final(record, "eval/reward"),
         "eval accuracy": final(record, "eval/accuracy"),
-        "KL to base": final(record, "kl_to_base"),
+        "KL to base": eval_points(record)[0][-1],
         "FID change": final(record, "eval/fid") - base["eval/fid"],
         "diversity change": final(record, "eval/diversity") - base["eval/diversity"],
         "masked fraction": float(np.mean([r.get("masked_fraction", math.nan) for r in rows])),
         "wall s": record["wall_s"],
     }
+    # stability: how far the final eval reward sits below the run's best, and whether it fell to the base or below
+    rewards = eval_points(record)[1]
+    measures["drawdown"] = float(rewards.max() - rewards[-1])
+    measures["collapsed"] = float(rewards[-1] <= rewards[0] < rewards.max())
     # eval reward gained from the base per epoch and per minute of training (rollout + update, no evaluation)
     gain = measures["eval reward"] - base["eval/reward"]
     measures["gain per epoch"] = gain / len(rows)
@@ -251,30 +331,97 @@ def arm_table(results: dict) -> tuple[list[str], dict[str, dict[str, list[float]
     return columns, table
 
 
+def claim_pairs(results: dict) -> list[tuple[str, str]]:
+    """(DPPO arm, baseline arm) labels compared in the claims: same group, the baseline's method one of
+    ``BASELINES_OF`` the arm's (the one-pass arms of ``epochs`` are its reference, not a claim)."""
+    arms = results["arms"]
+    return [(label, other) for label, arm in arms.items() for other, base in arms.items()
+            if base["group"] == arm["group"] and base["method"] in BASELINES_OF.get(arm["method"], ())
+            and not (results["preset"] == "epochs" and arm["group"] == "I1")]  # fmt: skip
+
+
+CLAIMS = {
+    "single": [("KL at reward", "lower", "1: less KL to reach the matched reward"),
+               ("reward at KL", "higher", "1: more reward at the matched KL"),
+               ("fid at reward", "lower", "2: forgets less (lower feature FID at the matched reward)"),
+               ("diversity at reward", "higher", "2: forgets less (more diversity at the matched reward)")],
+    "multi": [("worst gain", "higher", "3: the worst-served reward gains more")],
+    "epochs": [("eval reward", "higher", "4: higher final reward with several inner epochs"),
+               ("drawdown", "lower", "4: less drawdown from the peak with several inner epochs")],
+}  # fmt: skip
+CLAIMS.update({p: CLAIMS["single"] for p in ("calib", "dim64", "dim1024", "dim4096")})
+CLAIMS["stress"] = CLAIMS["epochs"]
+
+
+def equivalence_margin(differences: list[float], reference: list[float] | None = None) -> str:
+    """What the 95% CI of the paired differences rules out: any difference larger than ``m = max(|lo|, |hi|)``
+    in size, also given relative to the baseline's mean ``reference``."""
+    mean, half = mean_ci(differences)
+    if math.isnan(mean):
+        return "n/a"
+    margin = max(abs(mean - half), abs(mean + half))
+    ref = abs(mean_ci(reference)[0]) if reference else math.nan
+    relative = f" ({100 * margin / ref:.0f}% of the baseline)" if ref > 0 else ""
+    return f"\\|d\\| > {margin:.3g}{relative}"
+
+
 def claims(results: dict, table: dict[str, dict[str, list[float]]]) -> list[str]:
-    """Each claim's verdict per (DPPO arm, baseline arm) pair, from per-seed paired differences."""
-    arms, preset = results["arms"], results["preset"]
+    """Each claim's verdict per (DPPO arm, baseline arm) pair, from per-seed paired differences, with what the
+    CI rules out (the equivalence margin a "no difference" comes with)."""
     lines = []
-    measures = {
-        "single": [("KL at reward", "lower", "1: less KL to reach the matched reward"),
-                   ("reward at KL", "higher", "1: more reward at the matched KL"),
-                   ("fid at reward", "lower", "2: forgets less (lower feature FID at the matched reward)"),
-                   ("diversity at reward", "higher", "2: forgets less (more diversity at the matched reward)")],
-        "multi": [("worst gain", "higher", "3: the worst-served reward gains more")],
-        "epochs": [("eval reward", "higher", "4: higher final reward with several inner epochs")],
-    }.get(preset, [])  # fmt: skip
-    for prefix, better, claim in measures:
-        for label, arm in arms.items():
-            for base_label, base_arm in arms.items():
-                if base_arm["group"] != arm["group"] or base_arm["method"] not in BASELINES_OF.get(arm["method"], ()):
-                    continue
-                if preset == "epochs" and arm["group"] == "I1":
-                    continue
-                key = next(k for k in table[label] if k.startswith(prefix))
-                diffs = [a - b for a, b in zip(table[label][key], table[base_label][key], strict=False)]
-                mean, half = mean_ci(diffs)
-                lines.append(f"| {claim} | {label} vs {base_label} | {key} | {_fmt(mean, half)} | "
-                             f"**{verdict(diffs, better)}** |")  # fmt: skip
+    for prefix, better, claim in CLAIMS.get(results["preset"], []):
+        for label, base_label in claim_pairs(results):
+            key = next(k for k in table[label] if k.startswith(prefix))
+            diffs = [a - b for a, b in zip(table[label][key], table[base_label][key], strict=False)]
+            margin = equivalence_margin(diffs, table[base_label][key])
+            lines.append(f"| {claim} | {label} vs {base_label} | {key} | {_fmt(*mean_ci(diffs))} | "
+                         f"**{verdict(diffs, better)}** | {margin} |")  # fmt: skip
+    return lines
+
+
+def matched_levels(results: dict, fractions: tuple[float, ...] = LEVELS) -> list[dict]:
+    """Per claim pair and per reward level: the KL each arm spends to reach it, seed by seed.
+
+    The levels lie ``fractions`` of the way from the base's eval reward to the lower of the two arms' best
+    (seed means of each run's best eval reward), so both arms can reach them and the slowest run of the whole
+    report does not set them. The ratio is the geometric mean of ``KL_dppo / KL_baseline`` over the seeds
+    where both reach the level, with the 95% CI of its log; the verdict reads that CI.
+    """
+    out = []
+    for label, base_label in claim_pairs(results):
+        a, b = results["arms"][label]["seeds"], results["arms"][base_label]["seeds"]
+        seeds = sorted(set(a) & set(b), key=int)
+        base = float(np.mean([a[s]["base"]["eval/reward"] for s in seeds]))
+        best = min(float(np.mean([eval_points(arm[s])[1].max() for s in seeds])) for arm in (a, b))
+        for fraction in fractions:
+            level = base + fraction * (best - base)
+            kls = np.array([[kl_at_reward(*eval_points(arm[s]), level) for arm in (a, b)] for s in seeds])
+            both = kls[np.all(kls > 0, axis=1)]  # reached by both (NaN: never reached; 0: reached at the base)
+            mean, half = mean_ci(np.log(both[:, 0] / both[:, 1])) if len(both) else (math.nan, math.nan)
+            if best <= base or len(both) < 2:
+                decision = "too few seeds reach it" if best > base else "no gain over the base"
+            else:
+                decision = {"holds": "less KL", "does not hold": "more KL", "inconclusive": "no difference shown"}[
+                    verdict(np.log(both[:, 0] / both[:, 1]).tolist(), "lower")]
+            out.append({"pair": f"{label} vs {base_label}", "fraction": fraction, "reward": level,
+                        "reached": (int(np.isfinite(kls[:, 0]).sum()), int(np.isfinite(kls[:, 1]).sum()), len(seeds)),
+                        "kl": (float(np.nanmean(kls[:, 0])), float(np.nanmean(kls[:, 1]))),
+                        "ratio": (math.exp(mean), math.exp(mean - half), math.exp(mean + half)),
+                        "verdict": decision})  # fmt: skip
+    return out
+
+
+def level_lines(levels: list[dict]) -> list[str]:
+    """The markdown table of ``matched_levels``."""
+    lines = ["| pair | level | eval reward | seeds reaching it | KL (DPPO) | KL (baseline) | KL ratio, 95% CI | "
+             "reading | the CI rules out |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for row in levels:
+        ratio, lo, hi = row["ratio"]
+        a, b, n = row["reached"]
+        ci = "n/a" if math.isnan(ratio) else f"{ratio:.2f} [{lo:.2f}, {hi:.2f}]"
+        rules_out = "n/a" if math.isnan(ratio) else f"ratio < {lo:.2f} or > {hi:.2f}"
+        lines.append(f"| {row['pair']} | {row['fraction']:.1f} | {row['reward']:.3f} | {a}/{n} and {b}/{n} | "
+                     f"{row['kl'][0]:.3g} | {row['kl'][1]:.3g} | {ci} | {row['verdict']} | {rules_out} |")  # fmt: skip
     return lines
 
 
@@ -294,11 +441,17 @@ def render_report(out: Path) -> Path:
              "| arm | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]  # fmt: skip
     for label, measures in table.items():
         lines.append(f"| {label} | " + " | ".join(_fmt(*mean_ci(measures[c])) for c in columns) + " |")
+    if "probe" in results:
+        lines += ["", "## Regime probe", "", probe_line(results["probe"])]
     claim_lines = claims(results, table)
     if claim_lines:
-        header = ["| claim | pair | measure | difference | verdict |", "|---|---|---|---|---|"]
+        header = ["| claim | pair | measure | difference | verdict | the CI rules out |", "|---|---|---|---|---|---|"]
         lines += ["", "## Claims", "", "Differences are DPPO minus baseline, paired by seed.", ""]
         lines += header + claim_lines
+    if results["preset"] in ("single", "calib", "dim64", "dim1024", "dim4096"):
+        lines += ["", "## Matched reward, per pair", "", f"KL to the base (at evaluation, Flow-SDE kernel) at eval "
+                  f"rewards {', '.join(map(str, LEVELS))} of the way from the base to the lower arm's best.", ""]
+        lines += level_lines(matched_levels(results))
     if results["preset"] == "epochs":
         lines += ["", "## Several passes vs one", "", "Final eval reward of I passes over each rollout divided by "
                   "that of one pass, per seed (below 1: the extra passes degrade the result).", "",
@@ -309,6 +462,18 @@ def render_report(out: Path) -> Path:
                 if one and label in table:
                     ratios = [a / b for a, b in zip(table[label]["eval reward"], one, strict=False)]
                     lines.append(f"| {method} | {label.split('/')[1]} | {_fmt(*mean_ci(ratios))} |")
+        lines += ["", "## Method x passes interaction", "", "Per seed, (Flow-DPPO at I minus Flow-DPPO at I = 1) "
+                  "minus (Flow-GRPO at I minus Flow-GRPO at I = 1): what the extra passes do to one method more than "
+                  "to the other (the half-rollouts arms run their own seeds, so their pairing with I = 1 is by "
+                  "index only).", "", "| I | measure | interaction | verdict (DPPO better) | the CI rules out |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for group in ("I2", "I4", "half-I2"):
+            for key, better in (("eval reward", "higher"), ("drawdown", "lower")):
+                cells = [table.get(f"{m}/{i}", {}).get(key) for m in ("flow_dppo", "flow_grpo") for i in (group, "I1")]
+                if all(cells):
+                    diffs = [(a - b) - (c - d) for a, b, c, d in zip(*cells, strict=False)]
+                    lines.append(f"| {group} | {key} | {_fmt(*mean_ci(diffs))} | **{verdict(diffs, better)}** | "
+                                 f"{equivalence_margin(diffs)} |")  # fmt: skip
     notes = out / "NOTES.md"  # a hand-written reading of the numbers, kept across re-renders
     if notes.is_file():
         lines += ["", "## Reading", "", notes.read_text().strip()]
@@ -328,7 +493,7 @@ def gather_reports(root: Path) -> Path:
         text = report.read_text()
         summary = text.split("\n")[2]
         lines += [f"## [{report.parent.name}]({report.parent.name}/REPORT.md)", "", summary, ""]
-        for section in ("## Claims", "## Reading"):
+        for section in ("## Regime probe", "## Claims", "## Matched reward, per pair", "## Reading"):
             if section in text:
                 body = text.split(section, 1)[1].split("\n## ", 1)[0].strip()
                 lines += [f"### {section[3:]}", "", body, ""]

@@ -38,6 +38,9 @@ class SamplerConfig:
     """SD3 time shift of the digits schedule (1 = linear sigmas); a real model brings its own schedule."""
     guidance_scale: float = 1.0
     """Classifier-free guidance during rollout and replay (1 = off)."""
+    guidance_scale_2: float = 0.0
+    """Two-expert Wan 2.2 (T2V-A14B): guidance of the low-noise expert, transformer_2 (0: guidance_scale), as
+    WanPipeline's guidance_scale_2; guidance runs at all only when guidance_scale > 1 (the pipeline's rule)."""
     group_shared_noise: bool = False
     """Start every sample of a group from the same initial noise (DanceGRPO)."""
     window_mode: str = "window"
@@ -64,7 +67,7 @@ class SamplerConfig:
 @dataclass
 class LossConfig:
     loss_mode: str = "flow_dppo"
-    """One of flow_dppo, flow_grpo, flow_cps, grpo_guard."""
+    """One of flow_dppo, flow_grpo, flow_cps, grpo_guard, unconstrained (-A rho on every element: a control)."""
     kl_mask_threshold: float = 1e-5
     """Flow-DPPO threshold tau on the mean-reduced per-step KL."""
     clip_range: float = 1e-4
@@ -157,6 +160,9 @@ class OptimConfig:
     attention projections in every block (SD3, Qwen-Image: to_q, to_k, to_v, to_out.0; FLUX.1: those and the
     single-stream blocks' proj_out; FLUX.2-klein: the double-stream blocks' to_q / to_k / to_v / to_out.0 and the
     single-stream blocks' to_qkv_mlp_proj and to_out), plus the text stream with lora_text_stream."""
+    trained_experts: list[str] = field(default_factory=list)
+    """Two-expert models (Wan 2.2 T2V-A14B): which experts get a LoRA adapter (or, with lora_rank 0, are fine-tuned):
+    "transformer" (high noise), "transformer_2" (low noise); empty: every expert."""
     lora_text_stream: bool = True
     """With the preset: also the joint attention's text-stream projections (add_q_proj, add_k_proj, add_v_proj,
     to_add_out) of every double-stream block; false: the image stream only. Not read with lora_target_modules."""
@@ -196,7 +202,8 @@ class TrainConfig:
     digits_upsample: int = 1
     """digits: 1 (the 8x8 task, latent (1, 8, 8)), 4 or 8: digits upsampled (bicubic, small random shifts) and
     pixel-unshuffled into a (u*u, 8, 8) latent (dim 1,024 / 4,096), pooled back to 8x8 for reward and evaluation.
-    Above 1 it needs model= (a base made by ``flowdppo digits pretrain --upsample U --out DIR``)."""
+    Each has a shipped base (``flowdppo digits pretrain --upsample U --out DIR`` re-creates it; model=DIR takes
+    yours)."""
     prompts: str = ""
     """text_to_image: prompt file, .txt (one per line) or .jsonl ("prompt" + metadata for the rewards)."""
     eval_prompts: int = 8
@@ -220,6 +227,8 @@ class TrainConfig:
     new prompts, or "free" them once every prompt of the file is encoded (at the start of the run)."""
     prompt_cache_mb: float = 4096.0
     """text_to_image: host memory for cached prompt embeddings; beyond it the least recently used go to disk."""
+    vae_slicing: bool = False
+    """text_to_video: decode a batch one video at a time (the VAE's enable_slicing)."""
     vae_tiling: bool = False
     """text_to_image: decode large images tile by tile (the VAE's enable_tiling): less memory, seams blended."""
     attention_backend: str = ""
@@ -265,6 +274,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "grpo_guard": {"sampler": SDE, "loss": {"loss_mode": "grpo_guard", "clip_range": 2e-6}},
     "flow_dppo_cps": {"sampler": {"kind": "cps", "eta": 0.8}, "loss": {"loss_mode": "flow_dppo"}},
+    "unconstrained": {"sampler": SDE, "loss": {"loss_mode": "unconstrained"}},  # -A rho, no trust test: a control
     "dance_grpo": {"sampler": {"kind": "dance_sde", "eta": 0.3, "group_shared_noise": True},
                    "loss": {"loss_mode": "flow_grpo", "clip_range": 1e-4}},
     "diffusion_nft": {"algorithm": "diffusion_nft", "sampler": LIKELIHOOD_FREE, "loss": {"beta": 1e-4}},
@@ -329,7 +339,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for key in ("optim.weight_decay", "loss.beta", "optim.max_grad_norm", "optim.lora_rank", "eval_prompts",
                 "resolution", "sampler.rollout_batch_size", "nft.old_decay_rate", "nft.old_decay_max",
                 "awm.ema_kl", "awm.ema_decay_rate", "awm.ema_decay_max", "prompt_cache_mb", "height", "width",
-                "num_frames", "reward.video_frames"):  # fmt: skip
+                "num_frames", "reward.video_frames", "sampler.guidance_scale_2"):  # fmt: skip
         if flat[key] < 0:
             raise ConfigError(f"{key}: must be >= 0, got {flat[key]!r}")
     if cfg.digits_upsample not in UPSAMPLE_FACTORS:
@@ -337,9 +347,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                           f"got {cfg.digits_upsample!r}")
     if cfg.digits_upsample != 1 and cfg.task != "digits":
         raise ConfigError(f"digits_upsample: the digits task's; task {cfg.task} does not read it")
-    if cfg.digits_upsample != 1 and not cfg.model:
-        raise ConfigError(f"digits_upsample={cfg.digits_upsample}: no base model ships for it; create one with "
-                          f"`flowdppo digits pretrain --upsample {cfg.digits_upsample} --out DIR` and pass model=DIR")
     if cfg.optim.fsdp and cfg.optim.lora_rank > 0:
         raise ConfigError(
             f"optim.fsdp: shards the full transformer, for full fine-tuning only; set optim.lora_rank=0 "

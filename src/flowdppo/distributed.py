@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from flowdppo.errors import ConfigError
+from flowdppo.policies.lora import experts
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,9 @@ class Distributed:
         if fsdp:
             return self.shard(policy)
         device_ids = [self.local_rank] if next(policy.parameters()).is_cuda else None
-        return nn.parallel.DistributedDataParallel(policy, device_ids=device_ids)
+        # two experts: a mini-batch may reach only one of them (and another process the other)
+        return nn.parallel.DistributedDataParallel(policy, device_ids=device_ids,
+                                                   find_unused_parameters=len(experts(policy)) > 1)  # fmt: skip
 
     def wrap_frozen(self, module: nn.Module | None, fsdp: bool = False) -> nn.Module | None:
         """A frozen module (the reference policy): sharded like the policy with ``fsdp``, else as it is."""
@@ -145,6 +148,9 @@ class Distributed:
             return policy
         if torch.torch_version.TorchVersion(torch.__version__) < (2, 7):
             raise ConfigError(f"optim.fsdp: needs torch >= 2.7 (fully_shard, ignored_params), not {torch.__version__}")
+        if len(experts(policy)) > 1:
+            raise ConfigError("optim.fsdp: not supported for a two-expert model (each process may run a different "
+                              "expert, and sharded forwards must match); train it with LoRA (DDP)")  # fmt: skip
         from torch.distributed.fsdp import fully_shard
         for block in policy.shard_units():
             fully_shard(block)

@@ -9,7 +9,7 @@ Notation (per element): ``logp`` the log-density of the stored next latent, ``rh
 logp_old)``, ``A`` the (detached) advantage, ``mu`` the transition mean, ``s`` the transition std,
 ``D = mean((mu_new - mu_old)^2) / (2 s^2)`` the exact per-step KL (``flowdppo.sde.gaussian_kl``).
 
-All four losses share one form: ``-A * rho`` on the elements a trust test keeps, a constant with zero
+All the losses share one form: ``-A * rho`` on the elements a trust test keeps, a constant with zero
 gradient on the others. The test is the PPO ratio clip for the baselines and the asymmetric
 divergence mask for Flow-DPPO. Built with ``torch.where`` on a ratio that is 1 where the element is
 dropped, so an overflowing ratio cannot turn ``inf * 0`` into NaN.
@@ -192,6 +192,22 @@ def flow_dppo_loss(
     return loss, _metrics(log_ratio, divergence, advantages, masked, batch.step_index)
 
 
+def unconstrained_loss(
+    batch: StepBatch, kl_reduce: str = "mean", add_kl_coefficient: bool = True
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The control with no trust test: ``loss = -A * rho`` on every element, no clip, no advantage clamp.
+
+    Flow-DPPO with ``tau = inf``: where it reaches the same reward-vs-KL frontier as the trust-region methods,
+    the trust test is not what limits them (the regime where it matters is not reached).
+    """
+    advantages = batch.advantages.detach()
+    log_ratio = batch.logp_new - batch.logp_old.detach()
+    divergence = batch.divergence(kl_reduce, add_kl_coefficient)
+    kept = torch.ones_like(log_ratio, dtype=torch.bool)
+    loss = masked_policy_gradient(log_ratio, advantages, kept, torch.zeros_like(log_ratio))
+    return loss, _metrics(log_ratio, divergence, advantages, ~kept, batch.step_index)
+
+
 MECHANISM_QUANTILES = (0.5, 0.9, 0.99)
 
 
@@ -262,6 +278,7 @@ LOSSES: dict[str, Loss] = {
     "flow_cps": Loss(flow_grpo_loss, samplers=("cps",), logprob_conventions=("cps",)),  # same clip, CPS's ratio
     "grpo_guard": Loss(grpo_guard_loss, samplers=("flow_sde",), logprob_conventions=("gaussian",)),  # Flow-SDE's
     "flow_dppo": Loss(flow_dppo_loss),
+    "unconstrained": Loss(unconstrained_loss),
 }
 
 
@@ -296,4 +313,5 @@ __all__ = [
     "log_ratio_moments",
     "reference_kl_penalty",
     "scaled_divergence_quantiles",
+    "unconstrained_loss",
 ]

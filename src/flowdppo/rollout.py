@@ -155,3 +155,29 @@ def sample(velocity: VelocityFn, cond: Any, x: Tensor, sigmas: Tensor) -> Tensor
     for i in range(len(sigmas) - 1):
         x = ode_step(x, velocity(x, sigmas[i].expand(x.shape[0]), cond), sigmas[i], sigmas[i + 1]).mean
     return x
+
+
+@torch.no_grad()
+def sample_with_path_kl(velocity: VelocityFn, base_velocity: VelocityFn, cond: Any, x: Tensor, sigmas: Tensor,
+                        kernel: str = "flow_sde") -> tuple[Tensor, Tensor]:  # fmt: skip
+    """``sample`` (plain Euler from ``x``), and along the same path the KL to the base in one stochastic
+    ``kernel`` at its default ``eta``: ``sum_t D(mu_theta(x_t), mu_base(x_t))`` over the kernel's stochastic
+    steps, ``D`` the mean-reduced per-step KL (``gaussian_kl``). -> (samples (B, ...), path KL (B,)).
+
+    Every policy measured this way shares the kernel and the states are those of the evaluated samples, so
+    KL and reward come from the same policy on the same samples, whatever sampler the policy was trained with.
+    """
+    sigmas = sigmas.to(x.device)
+    sampler = get_sampler(kernel)
+    measured = sampler.stochastic_steps(len(sigmas) - 1)
+    kl = torch.zeros(x.shape[0], device=x.device)
+    for i in range(len(sigmas) - 1):
+        sigma = sigmas[i].expand(x.shape[0])
+        v = velocity(x, sigma, cond)
+        if i in measured:
+            ours = sampler.step(x, v, sigmas[i], sigmas[i + 1], sampler.default_eta, sigmas[1])
+            base = sampler.step(x, base_velocity(x, sigma, cond), sigmas[i], sigmas[i + 1], sampler.default_eta,
+                                sigmas[1])  # fmt: skip
+            kl += gaussian_kl(ours.mean, base.mean, ours.std)
+        x = ode_step(x, v, sigmas[i], sigmas[i + 1]).mean
+    return x, kl

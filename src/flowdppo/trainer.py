@@ -24,7 +24,7 @@ from flowdppo.algorithms.base import NonFiniteGuard
 from flowdppo.config import RewardConfig, TrainConfig
 from flowdppo.distributed import Distributed, init_distributed
 from flowdppo.errors import ConsistencyError, NonFiniteError, RewardError
-from flowdppo.policies.lora import adapters_disabled, make_trainable, reference_policy, trainable_parameters
+from flowdppo.policies.lora import adapters_disabled, experts, make_trainable, reference_policy, trainable_parameters
 from flowdppo.rewards.remote import score_chunks
 from flowdppo.rollout import in_chunks, initial_noise, rollout
 from flowdppo.runs import RunFolder
@@ -59,11 +59,12 @@ def run_training(cfg: TrainConfig, run: RunFolder, dist: Distributed, resume: bo
     task = load_task(cfg, device)  # the base policy and the rewards, loaded
     policy = task.policy
     make_trainable(policy, cfg.optim.lora_rank, cfg.optim.lora_alpha, cfg.optim.lora_target_modules,
-                   cfg.optim.lora_text_stream)  # fmt: skip
+                   cfg.optim.lora_text_stream, cfg.optim.trained_experts)  # fmt: skip
     if cfg.optim.gradient_checkpointing:
         policy.enable_gradient_checkpointing()
     if cfg.optim.compile:
-        policy.transformer.compile()  # nn.Module.compile: the module and its state-dict keys stay as they are
+        for expert in experts(policy).values():
+            expert.compile()  # nn.Module.compile: the module and its state-dict keys stay as they are
     algorithm = get_algorithm(cfg)
     algorithm.setup(policy)
     sigmas = task.sigmas()  # the one noise schedule of rollouts, evaluations and grids
@@ -128,14 +129,14 @@ def run_training(cfg: TrainConfig, run: RunFolder, dist: Distributed, resume: bo
             "time_s": time.perf_counter() - t0,
         }
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            row.update(task.evaluate(velocity, cfg.eval_samples_per_class))
+            row.update(task.evaluate(velocity, cfg.eval_samples_per_class, base_velocity))
             run.log_images({"trained": task.sample_grid(velocity)}, epoch)
         run.log(row)
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl_to_base']:.2e}")
         if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
             run.save_checkpoint(epoch + 1, policy, optimizer, rng, algorithm, {"nonfinite": guard.state_dict()})
     grids = {name: task.sample_grid(v) for name, v in (("base", base_velocity), ("trained", velocity))}
-    if hasattr(task, "save_videos"):  # a video task's samples.gif (every process samples, process 0 writes)
+    if hasattr(task, "save_videos"):  # a video task's samples.mp4 / .gif (every process samples, process 0 writes)
         task.save_videos(run.path if run.is_writer else None, {"base": base_velocity, "trained": velocity})
     run.finish(dist.full_model(policy, lambda: task.load_policy(cfg.model)), grids)
     dist.barrier()

@@ -9,6 +9,11 @@ for one block index: ``single_transformer_blocks.*.attn.to_out`` is the single-s
 not the double-stream blocks' ``attn.to_out`` (a ``ModuleList`` holding ``to_out.0``). A policy's preset is
 ``lora_target_modules`` (the image stream, every block) plus ``lora_text_modules`` (the text stream's
 projections, ``optim.lora_text_stream``).
+
+A model with two experts (Wan 2.2 A14B: ``transformer`` for high noise, ``transformer_2`` for low noise, the
+policy's ``experts``) gets an adapter on each (or on those ``optim.trained_experts`` names); its reference is each
+expert with its adapter off; its trained weights are keyed ``<expert>.<name>``; its export is one
+``load_lora_weights`` file per expert (``lora_file``), the low-noise one loaded with ``load_into_transformer_2=True``.
 """
 
 from __future__ import annotations
@@ -33,33 +38,51 @@ COMFYUI_FILE = "comfyui_lora.safetensors"  # the ComfyUI export: one file for it
 PREFIX = "transformer."  # the transformer's keys in a pipeline LoRA file (diffusers and ComfyUI alike)
 
 
+def experts(policy: nn.Module) -> dict[str, nn.Module]:
+    """The policy's denoising networks by pipeline component name (``policy.experts``; else its ``transformer``)."""
+    return dict(getattr(policy, "experts", None) or {"transformer": policy.transformer})
+
+
+def chosen_experts(policy: nn.Module, names: tuple[str, ...] | list[str] = ()) -> dict[str, nn.Module]:
+    """The experts named in ``names`` (empty: all of them); an unknown name is a ``ConfigError``."""
+    every = experts(policy)
+    unknown = [name for name in names if name not in every]
+    if unknown:
+        raise ConfigError(f"optim.trained_experts: {unknown[0]!r} is not an expert of this model; it has "
+                          f"{', '.join(every)}")  # fmt: skip
+    return {name: module for name, module in every.items() if not names or name in names}
+
+
 def make_trainable(
     policy: nn.Module,
     lora_rank: int,
     lora_alpha: float,
     target_modules: tuple[str, ...] | list[str] = (),
     text_stream: bool = True,
+    trained_experts: tuple[str, ...] | list[str] = (),
 ) -> None:
-    """Freeze the policy, then add a LoRA adapter (rank > 0) or unfreeze the whole transformer (rank 0).
+    """Freeze the policy, then add a LoRA adapter (rank > 0) or unfreeze the whole network (rank 0), on each of
+    ``trained_experts`` (empty: every expert, e.g. both of Wan 2.2 A14B).
 
     ``target_modules`` empty: the policy's preset (``lora_targets``), with or without the text stream.
     Trained weights are kept in float32 (master weights) whatever the dtype of the frozen base.
     """
     policy.requires_grad_(False)
-    if lora_rank > 0:
-        explicit = tuple(target_modules)
-        targets = explicit or lora_targets(policy, text_stream)
-        names = [name for name, _ in policy.transformer.named_modules()]
-        unmatched = [t for t in explicit if not any(re.fullmatch(target_pattern((t,)), n) for n in names)]
-        if unmatched:
-            raise ConfigError(f"optim.lora_target_modules: {unmatched[0]!r} names no module of the transformer")
-        try:
-            policy.transformer.add_adapter(lora_config(lora_rank, lora_alpha, targets), adapter_name=ADAPTER_NAME)
-        except ValueError as err:  # peft: no module matches, or one that is not a layer LoRA can wrap
-            raise ConfigError(f"optim.lora_target_modules: {err}") from err
-    else:
-        policy.transformer.requires_grad_(True)
-    cast_training_params(policy.transformer, torch.float32)
+    for module in chosen_experts(policy, trained_experts).values():
+        if lora_rank > 0:
+            explicit = tuple(target_modules)
+            targets = explicit or lora_targets(policy, text_stream)
+            names = [name for name, _ in module.named_modules()]
+            unmatched = [t for t in explicit if not any(re.fullmatch(target_pattern((t,)), n) for n in names)]
+            if unmatched:
+                raise ConfigError(f"optim.lora_target_modules: {unmatched[0]!r} names no module of the transformer")
+            try:
+                module.add_adapter(lora_config(lora_rank, lora_alpha, targets), adapter_name=ADAPTER_NAME)
+            except ValueError as err:  # peft: no module matches, or one that is not a layer LoRA can wrap
+                raise ConfigError(f"optim.lora_target_modules: {err}") from err
+        else:
+            module.requires_grad_(True)
+        cast_training_params(module, torch.float32)
 
 
 def lora_targets(policy, text_stream: bool = True) -> tuple[str, ...]:
@@ -107,67 +130,122 @@ def comfyui_state_dict(state: dict[str, Tensor], lora_alpha: float) -> dict[str,
 
 
 def uses_lora(policy: nn.Module) -> bool:
-    return bool(getattr(policy.transformer, "peft_config", None))
+    return any(getattr(module, "peft_config", None) for module in experts(policy).values())
+
+
+def trained_experts(policy: nn.Module) -> dict[str, nn.Module]:
+    """The experts being trained: with LoRA those holding an adapter, else those with trainable weights (a policy
+    with one expert: that one, always)."""
+    every = experts(policy)
+    if len(every) == 1:
+        return every
+    if uses_lora(policy):
+        return {name: m for name, m in every.items() if getattr(m, "peft_config", None)}
+    return {name: m for name, m in every.items() if any(p.requires_grad for p in m.parameters())}
+
+
+def expert_prefix(policy: nn.Module, name: str) -> str:
+    """How an expert's keys start in the trained weights: ``""`` with one expert, ``"<name>."`` with several."""
+    return f"{name}." if len(experts(policy)) > 1 else ""
 
 
 def trainable_state_dict(policy: nn.Module) -> dict[str, Tensor]:
-    """The trained weights: the LoRA layers (peft names), or the full transformer's state."""
-    if uses_lora(policy):
-        return {k: v.detach() for k, v in get_peft_model_state_dict(policy.transformer).items()}
-    return {k: v.detach() for k, v in policy.transformer.state_dict().items()}
+    """The trained weights: the LoRA layers (peft names), or the full network's state, of each trained expert
+    (keys ``<expert>.<name>`` for a two-expert model)."""
+    lora, state = uses_lora(policy), {}
+    for name, module in trained_experts(policy).items():
+        weights = get_peft_model_state_dict(module) if lora else module.state_dict()
+        state.update({expert_prefix(policy, name) + k: v.detach() for k, v in weights.items()})
+    return state
+
+
+def expert_state(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """The keys of ``state`` that start with ``prefix``, without it (every key for ``prefix`` "")."""
+    return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
 
 
 def load_trainable_state_dict(policy: nn.Module, state: dict[str, Tensor]) -> None:
-    if uses_lora(policy):
-        result = set_peft_model_state_dict(policy.transformer, state, adapter_name=ADAPTER_NAME)
-        if getattr(result, "unexpected_keys", None):
-            raise ValueError(f"LoRA state has keys the model does not: {result.unexpected_keys[:3]}")
-    else:
-        policy.transformer.load_state_dict(state)
+    """The inverse of ``trainable_state_dict``."""
+    lora, used = uses_lora(policy), set()
+    for name, module in experts(policy).items():
+        prefix = expert_prefix(policy, name)
+        part = expert_state(state, prefix)
+        used.update(prefix + k for k in part)
+        if lora and getattr(module, "peft_config", None):
+            if not part:
+                raise ValueError(f"LoRA state has no weights for the expert {name}")
+            result = set_peft_model_state_dict(module, part, adapter_name=ADAPTER_NAME)
+            if getattr(result, "unexpected_keys", None):
+                raise ValueError(f"LoRA state has keys the model does not: {result.unexpected_keys[:3]}")
+        elif not lora and (part or not prefix):
+            module.load_state_dict(part)
+    if set(state) - used:
+        raise ValueError(f"trained state has keys of no expert of this model: {sorted(set(state) - used)[:3]}")
 
 
 @contextmanager
 def adapters_disabled(policy: nn.Module) -> Iterator[None]:
-    """Run the base model: LoRA adapters off inside the block."""
-    policy.transformer.disable_adapters()
+    """Run the base model: LoRA adapters off inside the block (on every expert)."""
+    adapted = [m for m in experts(policy).values() if getattr(m, "peft_config", None)]
+    for module in adapted:
+        module.disable_adapters()
     try:
         yield
     finally:
-        policy.transformer.enable_adapters()
+        for module in adapted:
+            module.enable_adapters()
 
 
 def reference_policy(policy: nn.Module) -> nn.Module | None:
     """A frozen copy of the base for full fine-tuning; None with LoRA (the adapters are switched off).
 
-    Only the transformer is copied: the rest (text encoders, VAE, prompt tables) is frozen and shared."""
+    Only the trained experts are copied: the rest (text encoders, VAE, prompt tables, an expert not trained) is
+    frozen and shared."""
     if uses_lora(policy):
         return None
     reference = copy.copy(policy)  # a new module object whose registries are copied below, not shared
     reference._modules, reference._parameters, reference._buffers = (dict(policy._modules), dict(policy._parameters),
                                                                      dict(policy._buffers))  # fmt: skip
-    reference.transformer = copy.deepcopy(policy.transformer).requires_grad_(False).eval()
+    for name, module in trained_experts(policy).items():
+        setattr(reference, name, copy.deepcopy(module).requires_grad_(False).eval())
     return reference
 
 
+def lora_file(expert: str, base: str = LORA_FILE) -> str:
+    """The file of an expert's adapter: ``base`` for ``transformer``, ``<stem>_<expert>.safetensors`` otherwise
+    (``pytorch_lora_weights_transformer_2.safetensors``)."""
+    return base if expert == "transformer" else base.replace(".safetensors", f"_{expert}.safetensors")
+
+
+def lora_files(directory: Path) -> dict[str, Path]:
+    """The adapter files in ``directory`` by expert (``transformer``, ``transformer_2``)."""
+    found = {name: Path(directory) / lora_file(name) for name in ("transformer", "transformer_2")}
+    return {name: path for name, path in found.items() if path.is_file()}
+
+
 def save_lora_adapter(policy: nn.Module, directory: Path) -> None:
-    """Write the adapter in the format ``pipeline.load_lora_weights(directory)`` accepts, with the adapter's
-    rank, alpha and modules as metadata (``adapter_metadata``)."""
-    transformer = policy.transformer
-    config = transformer.peft_config[ADAPTER_NAME]
-    state = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
-    policy.pipeline_class.save_lora_weights(
-        directory,
-        transformer_lora_layers=state,
-        transformer_lora_adapter_metadata=adapter_metadata(state, config.r, config.lora_alpha),
-    )
+    """Write each trained expert's adapter (``lora_file``) in the format ``pipeline.load_lora_weights(directory)``
+    accepts (``weight_name=lora_file(expert)``, ``load_into_transformer_2=True`` for ``transformer_2``), with the
+    adapter's rank, alpha and modules as metadata (``adapter_metadata``)."""
+    for name, module in trained_experts(policy).items():
+        config = module.peft_config[ADAPTER_NAME]
+        state = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(module).items()}
+        policy.pipeline_class.save_lora_weights(
+            directory,
+            transformer_lora_layers=state,
+            transformer_lora_adapter_metadata=adapter_metadata(state, config.r, config.lora_alpha),
+            weight_name=lora_file(name),
+        )
 
 
 def load_lora_adapter(policy: nn.Module, directory: Path) -> None:
-    """Load an adapter written by ``save_lora_adapter`` into ``policy.transformer`` (safetensors)."""
-    transformer = policy.transformer
-    transformer.load_lora_adapter(
-        str(directory), weight_name=LORA_FILE, prefix="transformer", adapter_name=ADAPTER_NAME
-    )
+    """Load the adapters written by ``save_lora_adapter`` into the policy's experts (safetensors)."""
+    every = experts(policy)
+    for name, path in lora_files(directory).items():
+        if name not in every:
+            raise ValueError(f"{path.name} is an adapter for {name}, which this model does not have")
+        every[name].load_lora_adapter(str(directory), weight_name=path.name, prefix="transformer",
+                                      adapter_name=ADAPTER_NAME)  # fmt: skip
 
 
 def trainable_parameters(policy: nn.Module) -> list[torch.nn.Parameter]:

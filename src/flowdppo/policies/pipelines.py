@@ -63,6 +63,7 @@ class PipelinePolicy(nn.Module):
         text_encoders: str = "keep",
         vae_tiling: bool = False,
         attention_backend: str = "",
+        vae_slicing: bool = False,
     ) -> None:
         super().__init__()
         self.set_size(pipeline, resolution)
@@ -79,9 +80,16 @@ class PipelinePolicy(nn.Module):
             if not hasattr(self.vae, "enable_tiling"):
                 raise ConfigError(f"vae_tiling: the {type(self.vae).__name__} of this model cannot decode in tiles")
             self.vae.enable_tiling()
+        if vae_slicing:
+            if not hasattr(self.vae, "enable_slicing"):
+                raise ConfigError(f"vae_slicing: the {type(self.vae).__name__} of this model cannot decode one "
+                                  f"sample at a time")  # fmt: skip
+            self.vae.enable_slicing()
         if attention_backend:
             try:
-                self.transformer.set_attention_backend(attention_backend)
+                for name, component in pipeline.components.items():  # every expert (Wan 2.2's transformer_2)
+                    if name.startswith("transformer") and component is not None:
+                        component.set_attention_backend(attention_backend)
             except (ValueError, RuntimeError, ImportError) as err:
                 raise ConfigError(f"attention_backend: {err}") from err
 
@@ -115,9 +123,16 @@ class PipelinePolicy(nn.Module):
     def device(self) -> torch.device:
         return self.transformer.device
 
+    @property
+    def experts(self) -> dict[str, nn.Module]:
+        """The denoising networks by pipeline component name: ``{"transformer": ...}`` (Wan 2.2 A14B: two)."""
+        return {"transformer": self.transformer}
+
     def enable_gradient_checkpointing(self) -> None:
-        """diffusers' activation checkpointing of the transformer blocks (used only while gradients are on)."""
-        self.transformer.enable_gradient_checkpointing()
+        """diffusers' activation checkpointing of the transformer blocks of every expert (used only while
+        gradients are on)."""
+        for expert in self.experts.values():
+            expert.enable_gradient_checkpointing()
 
     def shard_units(self) -> list[nn.Module]:
         """Every transformer block FSDP2 shards on its own: double- and single-stream (FLUX) alike."""
@@ -138,7 +153,7 @@ class PipelinePolicy(nn.Module):
         (freed text encoders are read again from the source, on the CPU)."""
         pipeline = self.pipeline
         if self.freed:
-            pipeline = self.pipeline_class.from_pretrained(self.source, transformer=self.transformer, vae=self.vae,
+            pipeline = self.pipeline_class.from_pretrained(self.source, **self.experts, vae=self.vae,
                                                            dtype=self.dtype, use_safetensors=True)  # fmt: skip
         pipeline.save_pretrained(directory)
 
@@ -208,11 +223,16 @@ class PipelinePolicy(nn.Module):
         null = {k: t.expand(batch, *t.shape[1:]) for k, t in self.null_embeddings().items()}
         both = {k: cat_padded(embeds[k], null[k]) for k in embeds}  # one call: [conditional, unconditional]
         v_c, v_u = self.transformer_output(torch.cat([x_in, x_in]), torch.cat([sigma, sigma]), both).float().chunk(2)
-        return self.guided(v_c, v_u, guidance_scale).to(x.dtype)
+        return self.guided(v_c, v_u, self.guidance_scales(sigma, guidance_scale)).to(x.dtype)
 
     def guides(self, guidance_scale: float) -> bool:
         """Whether the pipeline runs classifier-free guidance at this scale (its own rule: ``w > 1``)."""
         return guidance_scale > 1.0
+
+    def guidance_scales(self, sigma: Tensor, guidance_scale: float) -> float | Tensor:
+        """The guidance scale of each sample at noise levels ``sigma`` (B,): ``guidance_scale`` for all (a
+        two-expert model gives its low-noise expert's samples their own)."""
+        return guidance_scale
 
     def guided(self, v_c: Tensor, v_u: Tensor, guidance_scale: float) -> Tensor:
         """Classifier-free guidance ``v_u + w (v_c - v_u)``."""

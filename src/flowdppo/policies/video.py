@@ -1,20 +1,23 @@
-"""Policies over diffusers text-to-video pipelines: Wan 2.1 (``WanPipeline``, one transformer).
+"""Policies over diffusers text-to-video pipelines: Wan 2.1 / 2.2 (``WanPipeline``).
 
 ``WanPolicy`` gives the trainer what ``Policy`` asks for in Wan's own terms:
 
-- latents ``(B, C, F, h, w)`` with ``F = (num_frames - 1) / 4 + 1``, ``h = height / 8``, ``w = width / 8`` (the
-  VAE's temporal and spatial factors); ``num_frames = 4k + 1``, sizes multiples of ``8 x 2`` (patches ``(1, 2, 2)``);
+- latents ``(B, C, F, h, w)`` with ``F = (num_frames - 1) / 4 + 1``, ``h = height / s``, ``w = width / s`` (the
+  VAE's temporal and spatial factors, ``s`` 8, or 16 for Wan 2.2 TI2V-5B's 48-channel VAE); ``num_frames = 4k + 1``,
+  sizes multiples of ``s x 2`` (patches ``(1, 2, 2)``);
 - ``encode_text``: the pipeline's own UMT5 encoding (prompts cleaned, 512 tokens as its ``__call__``, zero-padded
   past each prompt);
-- ``velocity``: one ``WanTransformer3DModel`` call with ``timestep = 1000 sigma`` (the scheduler's timesteps);
+- ``velocity``: one ``WanTransformer3DModel`` call with ``timestep = 1000 sigma`` (the scheduler's timesteps), per
+  token (``(B, F h w / 4)``, all equal) where the pipeline has ``expand_timesteps`` (TI2V-5B, text-to-video);
   classifier-free guidance as the other adapters (conditional and negative prompt batched in one call);
+- two experts (Wan 2.2 T2V-A14B: ``transformer_2`` and ``boundary_ratio`` ``b``): as ``WanPipeline.__call__``, a
+  sample at ``timestep >= 1000 b`` goes through ``transformer`` (high noise) with ``guidance_scale``, one below
+  through ``transformer_2`` (low noise) with ``guidance_scale_2`` (0: ``guidance_scale``); a batch of mixed noise
+  levels is split by expert and put back in order;
 - ``sigmas(K)``: the scheduler's own ``K + 1`` levels (Wan 2.1 ships ``UniPCMultistepScheduler`` with flow sigmas
   ``shift s / (1 + (s - 1) sigma)``; the sampler here is Euler over those levels);
 - ``decode``: ``z std + mean`` with the VAE's ``latents_mean`` / ``latents_std``, the causal 3-D decoder, videos
   ``(B, F, 3, H, W)`` in ``[0, 1]``.
-
-Not here yet: Wan 2.2 A14B's two experts (``transformer_2`` below ``boundary_ratio``) and TI2V-5B's per-token
-timesteps (``expand_timesteps``): such pipelines are refused.
 """
 
 from __future__ import annotations
@@ -45,19 +48,54 @@ def video_size_error(height: int, width: int, num_frames: int, spatial: int, pat
 
 
 class WanPolicy(PipelinePolicy):
-    """Wan 2.1 text-to-video (``WanTransformer3DModel``): latents ``(B, C, F, h, w)``, timestep ``1000 sigma``."""
+    """Wan 2.1 / 2.2 text-to-video (``WanTransformer3DModel``, one or two experts): latents ``(B, C, F, h, w)``,
+    timestep ``1000 sigma``."""
 
     pipeline_class = WanPipeline
     lora_target_modules = ATTENTION_PROJECTIONS  # self-attention (attn1) and text cross-attention (attn2) alike
     lora_text_modules = ()  # no joint text stream (attn2's keys / values read the text and are in the preset)
 
     def __init__(self, pipeline: DiffusionPipeline, resolution: int, height: int = 0, width: int = 0,
-                 num_frames: int = 81, **kwargs: Any) -> None:  # fmt: skip
+                 num_frames: int = 81, guidance_scale_2: float = 0.0, **kwargs: Any) -> None:  # fmt: skip
         self.size = (height or resolution, width or resolution, num_frames)  # before the base checks it
+        if pipeline.transformer is None:
+            raise ConfigError("model: this Wan pipeline has no `transformer` (the high-noise expert); it is required")
+        boundary = pipeline.config.get("boundary_ratio")
+        if boundary is not None and pipeline.transformer_2 is None:
+            raise ConfigError(f"model: boundary_ratio {boundary} is set but the pipeline has no transformer_2")
+        if boundary is None and guidance_scale_2:
+            raise ConfigError("sampler.guidance_scale_2: only for a two-expert Wan 2.2 model (transformer_2 and "
+                              "boundary_ratio); this model has one transformer")  # fmt: skip
         super().__init__(pipeline, resolution, **kwargs)
-        if pipeline.transformer is None or pipeline.transformer_2 is not None or pipeline.config.expand_timesteps:
-            raise ConfigError("model: only single-transformer Wan 2.1 pipelines are supported so far (not Wan 2.2 "
-                              "A14B's two experts or TI2V-5B's per-token timesteps)")  # fmt: skip
+        # the low-noise expert, registered (trained, sharded, moved) like transformer; None for one expert (a
+        # transformer_2 without boundary_ratio is never run by the pipeline, nor here)
+        self.transformer_2 = pipeline.transformer_2 if boundary is not None else None
+        self.boundary_ratio = boundary
+        self.guidance_scale_2 = guidance_scale_2
+        self.expand_timesteps = bool(pipeline.config.get("expand_timesteps", False))
+        self.num_train_timesteps = pipeline.scheduler.config.get("num_train_timesteps", 1000)
+
+    @property
+    def experts(self) -> dict[str, nn.Module]:
+        """``{"transformer": high noise, "transformer_2": low noise}`` (Wan 2.2 A14B), or the one transformer."""
+        if self.transformer_2 is None:
+            return {"transformer": self.transformer}
+        return {"transformer": self.transformer, "transformer_2": self.transformer_2}
+
+    def low_noise(self, sigma: Tensor) -> Tensor:
+        """Which samples the low-noise expert takes: ``timestep < boundary_ratio T`` (``WanPipeline.__call__``'s
+        rule, ``timestep = T sigma``, ``T = 1000``); all False with one expert."""
+        if self.boundary_ratio is None:
+            return torch.zeros(sigma.shape, dtype=torch.bool, device=sigma.device)
+        return sigma * self.num_train_timesteps < self.boundary_ratio * self.num_train_timesteps
+
+    def guidance_scales(self, sigma: Tensor, guidance_scale: float) -> float | Tensor:
+        """``guidance_scale`` for the high-noise expert's samples, ``guidance_scale_2`` (0: the same) for the
+        low-noise expert's: ``(B, 1, 1, 1, 1)``."""
+        if self.boundary_ratio is None or not self.guidance_scale_2:
+            return guidance_scale
+        scales = torch.where(self.low_noise(sigma), self.guidance_scale_2, guidance_scale).to(torch.float32)
+        return scales.view(-1, *[1] * len(self.latent_shape))
 
     def set_size(self, pipeline: DiffusionPipeline, resolution: int) -> None:
         height, width, num_frames = self.size
@@ -81,8 +119,8 @@ class WanPolicy(PipelinePolicy):
         return self.latent_frames * (self.latent_hw[0] // 2) * (self.latent_hw[1] // 2)
 
     def shard_units(self) -> list[nn.Module]:
-        """Wan's transformer blocks (``blocks``), each sharded on its own by FSDP2."""
-        return list(self.transformer.blocks)
+        """Wan's transformer blocks (``blocks``, of every expert), each sharded on its own by FSDP2."""
+        return [block for expert in self.experts.values() for block in expert.blocks]
 
     def schedule_kwargs(self, num_steps: int) -> dict[str, Any]:
         return {"num_inference_steps": num_steps}  # the scheduler's static (flow) shift, as WanPipeline.__call__
@@ -93,8 +131,27 @@ class WanPolicy(PipelinePolicy):
         return {"prompt_embeds": embeds.to(self.dtype)}
 
     def transformer_output(self, x: Tensor, sigma: Tensor, embeds: dict[str, Tensor]) -> Tensor:
-        return self.transformer(hidden_states=x, timestep=sigma * 1000, encoder_hidden_states=embeds["prompt_embeds"],
-                                return_dict=False)[0]  # fmt: skip
+        """Each sample through its expert (``low_noise``): one call per expert present in the batch."""
+        low = self.low_noise(sigma)
+        if not low.any():
+            return self.expert_output(self.transformer, x, sigma, embeds)
+        if low.all():
+            return self.expert_output(self.transformer_2, x, sigma, embeds)
+        parts, order = [], []
+        for expert, rows in ((self.transformer, ~low), (self.transformer_2, low)):
+            index = rows.nonzero().squeeze(1)
+            parts.append(self.expert_output(expert, x[index], sigma[index], {k: t[index] for k, t in embeds.items()}))
+            order.append(index)
+        return torch.cat(parts)[torch.cat(order).argsort()]  # back in the batch's order
+
+    def expert_output(self, expert: nn.Module, x: Tensor, sigma: Tensor, embeds: dict[str, Tensor]) -> Tensor:
+        """One ``WanTransformer3DModel`` call: ``timestep = 1000 sigma`` ``(B,)``, or ``(B, tokens)`` with
+        ``expand_timesteps`` (TI2V-5B: one timestep per video token, all equal in text-to-video)."""
+        timestep = sigma * self.num_train_timesteps
+        if self.expand_timesteps:
+            timestep = timestep[:, None].expand(-1, self.tokens)
+        return expert(hidden_states=x, timestep=timestep, encoder_hidden_states=embeds["prompt_embeds"],
+                      return_dict=False)[0]  # fmt: skip
 
     def vae_latents(self, latents: Tensor) -> Tensor:
         """``z std + mean`` per latent channel."""

@@ -2,7 +2,8 @@
 
 Videos are ``(B, F, 3, H, W)`` float32 in ``[0, 1]`` (what ``WanPolicy.decode`` returns), prompts ``B`` strings,
 metadata ``B`` dicts (or ``None``); each reward returns ``(B,)`` float32, higher is better. A user's
-``module:function`` receives the videos as they are, ``(videos, prompts, metadata)``.
+``module:function`` is called as ``(videos, prompts, metadata)`` with the videos as 8-bit frames, ``(B, F, 3, H, W)``
+uint8, ``round(255 x)`` (``UserVideoReward``), as a video file would hold them.
 
 - ``FrameReward``: an image reward on ``n`` evenly spaced frames ``f_1 .. f_n`` (first to last), aggregated per
   video: ``mean_i r(x_{f_i})`` (or ``min_i``);
@@ -80,6 +81,22 @@ class TemporalConsistencyReward:
             return torch.ones(features.shape[0], device=videos.device)
         cos = functional.cosine_similarity(features[:, 1:], features[:, :-1], dim=-1, eps=1e-8)
         return cos.mean(1)
+
+
+def to_uint8(videos: Tensor) -> Tensor:
+    """``[0, 1]`` floats -> 8-bit values ``round(255 x)``, uint8 (the same shape)."""
+    return (videos.float().clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+class UserVideoReward:
+    """A user's ``(videos, prompts, metadata) -> (B,)`` callable, given the videos ``(B, F, 3, H, W)`` as uint8."""
+
+    def __init__(self, fn: Any, name: str) -> None:
+        self.fn, self.name = fn, name
+
+    def __call__(self, videos: Tensor, prompts: Sequence[Any], metadata: Any = None) -> Tensor:
+        check_videos(videos)
+        return self.fn(to_uint8(videos), prompts, metadata)
 
 
 def make_video_reward(name: str) -> Reward:

@@ -43,8 +43,10 @@ class Task(Protocol):
         """``num_prompts`` prompts of the epoch, each ``group_size`` times: ``(cond, group_ids)``, (P*G,) each."""
         ...
 
-    def evaluate(self, velocity, per_prompt: int) -> dict[str, float]:
-        """``eval/*`` measures of ODE samples from fixed noise, ``per_prompt`` per evaluation prompt."""
+    def evaluate(self, velocity, per_prompt: int, base_velocity=None) -> dict[str, float]:
+        """``eval/*`` measures of ODE samples from fixed noise, ``per_prompt`` per evaluation prompt; with
+        ``base_velocity`` also ``eval/kl_to_base``, the path KL to the base along the same samples in the
+        Flow-SDE kernel (``rollout.sample_with_path_kl``)."""
         ...
 
     def sample_grid(self, velocity) -> np.ndarray:

@@ -12,7 +12,7 @@ from flowdppo.prompts import EmbeddingCache, PromptBatch, load_prompts, make_bat
 from flowdppo.rewards import Reward, load_user_reward, score
 from flowdppo.rewards.image import IMAGE_REWARDS, make_image_reward
 from flowdppo.rewards.remote import is_remote, load_remote_reward
-from flowdppo.rollout import sample
+from flowdppo.rollout import sample, sample_with_path_kl
 
 EVAL_SEED_OFFSET = 10_007  # evaluation noise never coincides with rollout noise
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -87,24 +87,37 @@ class TextToImageTask:
         noise = torch.randn((len(cond), *self.latent_shape), generator=gen).to(self.device)
         return noise, cond
 
-    @torch.no_grad()
     def generate(self, velocity, noise: Tensor, cond: PromptBatch) -> Tensor:
         """ODE samples decoded to images ``(N, 3, H, W)``, ``sampler.rollout_batch_size`` at a time."""
+        return self.generate_with_path_kl(velocity, None, noise, cond)[0]
+
+    @torch.no_grad()
+    def generate_with_path_kl(self, velocity, base_velocity, noise: Tensor, cond: PromptBatch
+                              ) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+        """``generate``, and with ``base_velocity`` the samples' path KL to the base ``(N,)``
+        (``sample_with_path_kl``; else None)."""
         sigmas = self.sigmas()
         batch_size = self.cfg.sampler.rollout_batch_size or len(cond)
-        images = []
+        images, kls = [], []
         for start in range(0, len(cond), batch_size):
             rows = slice(start, start + batch_size)
-            images.append(self.policy.decode(sample(velocity, cond[rows], noise[rows], sigmas=sigmas)))
-        return torch.cat(images)
+            if base_velocity is None:
+                latents = sample(velocity, cond[rows], noise[rows], sigmas=sigmas)
+            else:
+                latents, kl = sample_with_path_kl(velocity, base_velocity, cond[rows], noise[rows], sigmas)
+                kls.append(kl)
+            images.append(self.policy.decode(latents))
+        return torch.cat(images), torch.cat(kls) if kls else None
 
-    def evaluate(self, velocity, per_prompt: int) -> dict[str, float]:
-        """Mean of each reward over ODE samples of the held-out prompts from fixed noise: ``eval/<reward>``."""
+    def evaluate(self, velocity, per_prompt: int, base_velocity=None) -> dict[str, float]:
+        """Mean of each reward over ODE samples of the held-out prompts from fixed noise: ``eval/<reward>``; with
+        ``base_velocity`` also ``eval/kl_to_base`` along the same samples (Flow-SDE kernel)."""
         if not self.eval_records:
             return {}
         noise, cond = self.fixed_batch(self.eval_records, per_prompt)
-        images = self.generate(velocity, noise, cond)
-        return {f"eval/{name}": float(score(fn, name, images, cond).mean()) for name, fn in self.rewards}
+        images, kl = self.generate_with_path_kl(velocity, base_velocity, noise, cond)
+        measures = {f"eval/{name}": float(score(fn, name, images, cond).mean()) for name, fn in self.rewards}
+        return measures | ({"eval/kl_to_base": float(kl.mean())} if kl is not None else {})
 
     def sample_grid(self, velocity, per_prompt: int = 4) -> np.ndarray:
         """ODE samples of up to 4 held-out (or training) prompts: ``(rows, per_prompt, H, W, 3)`` in [0, 1]."""

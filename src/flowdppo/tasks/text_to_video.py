@@ -4,10 +4,11 @@ run's sample videos.
 A group is ``G`` videos of one prompt. Rewards (``reward.names``): any image reward scored on
 ``reward.video_frames`` evenly spaced frames and aggregated (``reward.video_aggregation``), the video reward
 ``temporal_consistency``, or your own ``module:function`` called as ``(videos, prompts, metadata)`` with videos
-``(B, F, 3, H, W)`` float32 in ``[0, 1]`` (``rewards.video``).
+``(B, F, 3, H, W)`` uint8 (``rewards.video.UserVideoReward``).
 
 Outputs: ``samples.png`` holds frame strips (one row per prompt, up to 8 evenly spaced frames) of the base and the
-trained policy from the same noise; ``samples.gif`` plays them side by side (``save_videos``).
+trained policy from the same noise; ``samples.mp4`` (H.264 through PyAV, ``pip install 'flowdppo[video]'``) plays
+them side by side, or ``samples.gif`` where no encoder is installed (``save_videos``).
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ from flowdppo.plots import grid_mosaic
 from flowdppo.policies.pipelines import PipelinePolicy, pipeline_policy_class
 from flowdppo.policies.video import VIDEO_FAMILIES
 from flowdppo.rewards import Reward
-from flowdppo.rewards.video import VIDEO_REWARDS, FrameReward, frame_indices, make_video_reward
+from flowdppo.rewards.video import VIDEO_REWARDS, FrameReward, UserVideoReward, frame_indices, make_video_reward
 from flowdppo.tasks.text_to_image import TextToImageTask, reward_source
 
 STRIP_FRAMES = 8  # frames per row of samples.png
 GIF_FPS = 8
+VIDEO_FPS = 16  # Wan's frame rate
+MP4_CODECS = ("libx264", "h264", "mpeg4")  # the first PyAV has an encoder for
 
 
 class TextToVideoTask(TextToImageTask):
@@ -46,7 +49,8 @@ class TextToVideoTask(TextToImageTask):
     def policy_options(self) -> dict:
         cfg = self.cfg
         return {"families": VIDEO_FAMILIES, "task": "text_to_video", "height": cfg.height, "width": cfg.width,
-                "num_frames": cfg.num_frames}  # fmt: skip
+                "num_frames": cfg.num_frames, "guidance_scale_2": cfg.sampler.guidance_scale_2,
+                "vae_slicing": cfg.vae_slicing}  # fmt: skip
 
     def load_reward(self, name: str) -> Reward:
         """A video reward by name; an image reward (or a reward server) scored frame by frame; a user's
@@ -58,7 +62,7 @@ class TextToVideoTask(TextToImageTask):
         except ConfigError as err:
             raise ConfigError(f"{err}; or a video reward: {', '.join(VIDEO_REWARDS)}") from err
         if reward_source(name) == "user":
-            return reward
+            return UserVideoReward(reward, name)
         return FrameReward(reward, name, self.cfg.reward.video_frames, self.cfg.reward.video_aggregation)
 
     def sample_videos(self, velocity, records: list[dict]) -> Tensor:
@@ -75,20 +79,59 @@ class TextToVideoTask(TextToImageTask):
         return videos[:, frame_indices(videos.shape[1], STRIP_FRAMES)].permute(0, 1, 3, 4, 2).numpy()
 
     def save_videos(self, folder: Path | None, velocities: dict) -> None:
-        """``folder/samples.gif``: the sample videos of each velocity side by side (a column each, a row per
-        prompt), from the same noise; the videos ``sample_grid`` last made are reused. ``folder`` None: nothing
-        written (a process other than the writer)."""
+        """``folder/samples.mp4`` (``samples.gif`` without an MP4 encoder): the sample videos of each velocity side
+        by side (a column each, a row per prompt), from the same noise; the videos ``sample_grid`` last made are
+        reused. ``folder`` None: nothing written (a process other than the writer)."""
         records = (self.eval_records or self.train_records)[:4]
         videos = [self._videos.get(id(v)) for v in velocities.values()]
         videos = [self.sample_videos(v, records) if x is None else x for v, x in zip(velocities.values(), videos,
                                                                                      strict=True)]  # fmt: skip
         if folder is not None:
-            write_gif(Path(folder) / "samples.gif", torch.stack(videos, dim=1))
+            write_video(Path(folder) / "samples", torch.stack(videos, dim=1))
+
+
+def mp4_codec() -> str | None:
+    """The H.264 (else MPEG-4) encoder of the installed PyAV, or None (no PyAV, or no such encoder)."""
+    try:
+        import av
+    except ImportError:
+        return None
+    return next((codec for codec in MP4_CODECS if codec in av.codecs_available), None)
+
+
+def write_video(stem: Path, videos: Tensor) -> Path:
+    """``stem.mp4`` (``write_mp4``) where an encoder is installed, else ``stem.gif`` (``write_gif``); the path."""
+    codec = mp4_codec()
+    if codec is None:
+        write_gif(stem.with_suffix(".gif"), videos)
+        return stem.with_suffix(".gif")
+    write_mp4(stem.with_suffix(".mp4"), videos, codec)
+    return stem.with_suffix(".mp4")
+
+
+def mosaic_frames(videos: Tensor) -> np.ndarray:
+    """``videos`` ``(rows, cols, F, 3, H, W)`` in [0, 1] -> ``(F, H', W', 3)`` uint8: frame ``f`` is the mosaic
+    (``grid_mosaic``, white lines between videos) of every video's frame ``f``."""
+    grids = videos.permute(2, 0, 1, 4, 5, 3).numpy()  # (F, rows, cols, H, W, 3)
+    return np.stack([(grid_mosaic(grid) * 255).round().astype(np.uint8) for grid in grids])
+
+
+def write_mp4(path: Path, videos: Tensor, codec: str, fps: int = VIDEO_FPS) -> None:
+    """An MP4 (PyAV, ``codec``, yuv420p) of the mosaic frames (``mosaic_frames``), padded white to even sides."""
+    import av
+
+    frames = mosaic_frames(videos)
+    pad = ((0, 0), (0, frames.shape[1] % 2), (0, frames.shape[2] % 2), (0, 0))  # yuv420p: even height and width
+    frames = np.pad(frames, pad, constant_values=255)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.height, stream.width, stream.pix_fmt = frames.shape[1], frames.shape[2], "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())  # flush
 
 
 def write_gif(path: Path, videos: Tensor, fps: int = GIF_FPS) -> None:
-    """An animated GIF (looping) of ``videos`` ``(rows, cols, F, 3, H, W)`` in [0, 1]: frame ``f`` is the mosaic
-    (``grid_mosaic``) of every video's frame ``f``."""
-    grids = videos.permute(2, 0, 1, 4, 5, 3).numpy()  # (F, rows, cols, H, W, 3)
-    frames = [Image.fromarray((grid_mosaic(grid) * 255).round().astype(np.uint8)) for grid in grids]
+    """An animated GIF (looping) of ``videos`` ``(rows, cols, F, 3, H, W)`` in [0, 1] (``mosaic_frames``)."""
+    frames = [Image.fromarray(frame) for frame in mosaic_frames(videos)]
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0)

@@ -25,7 +25,7 @@ from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from flowdppo.tasks.digits import BASE_WEIGHTS_DIR
+from flowdppo.tasks.digits import base_weights_dir
 from flowdppo.tasks.digits.data import NULL_CLASS, NUM_CLASSES, as_labels, decode_latents
 
 TRANSFORMER_SUBFOLDER = "transformer"
@@ -168,6 +168,7 @@ class DigitsPolicy(nn.Module):
         return policy.eval()
 
 
-def load_base_policy(torch_dtype: torch.dtype | None = None) -> DigitsPolicy:
-    """The shipped, pretrained base policy of the digits task (``tasks/digits/weights/base``)."""
-    return DigitsPolicy.from_pretrained(BASE_WEIGHTS_DIR, torch_dtype=torch_dtype)
+def load_base_policy(torch_dtype: torch.dtype | None = None, upsample: int = 1) -> DigitsPolicy:
+    """The shipped, pretrained base policy of the digits task (``tasks/digits/weights/base``), or of
+    ``digits_upsample=upsample`` (``weights/base_u4``, ``weights/base_u8``)."""
+    return DigitsPolicy.from_pretrained(base_weights_dir(upsample), torch_dtype=torch_dtype)

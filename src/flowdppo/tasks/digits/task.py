@@ -11,7 +11,7 @@ from torch import Tensor
 from flowdppo.errors import ConfigError
 from flowdppo.rewards import Reward, load_user_reward
 from flowdppo.rewards.remote import is_remote, load_remote_reward
-from flowdppo.rollout import sample
+from flowdppo.rollout import sample, sample_with_path_kl
 from flowdppo.sde import shifted_sigmas
 from flowdppo.tasks.digits.classifier import load_classifier
 from flowdppo.tasks.digits.data import NUM_CLASSES, decode_latents, load_digits_split, to_unit_range
@@ -49,13 +49,10 @@ class DigitsTask:
         self.rewards = [(name, self.load_reward(name)) for name in cfg.reward.names]
 
     def load_policy(self, model: str = "") -> DigitsPolicy:
-        """The shipped base policy, or one saved by ``DigitsPolicy.save_pretrained`` in folder ``model``; its
-        latent must have the ``digits_upsample`` u's ``u*u`` channels."""
+        """The shipped base policy (of ``digits_upsample`` u), or one saved by ``DigitsPolicy.save_pretrained`` in
+        folder ``model``; its latent must have u's ``u*u`` channels."""
         if not model:
-            if self.upsample != 1:
-                raise ConfigError(f"digits_upsample={self.upsample}: no base model ships for it; create one with "
-                                  f"`flowdppo digits pretrain --upsample {self.upsample} --out DIR` and pass model=DIR")
-            return load_base_policy().to(self.device)
+            return load_base_policy(upsample=self.upsample).to(self.device)
         if not Path(model).is_dir():
             raise ConfigError(f"model: no such folder {model!r}")
         try:
@@ -103,16 +100,24 @@ class DigitsTask:
         return noise, cond
 
     @torch.no_grad()
-    def evaluate(self, velocity, per_class: int) -> dict[str, float]:
+    def evaluate(self, velocity, per_class: int, base_velocity=None) -> dict[str, float]:
         """In-domain and out-of-domain measures of ODE samples from fixed noise, ``per_class`` per digit.
 
         ``eval/accuracy``: classifier accuracy on the prompted class; ``eval/reward``: mean probability
         of the prompted class; ``eval/fid``: Frechet distance to held-out real digits in the classifier's
-        feature space; ``eval/diversity``: mean pairwise distance within a class.
+        feature space; ``eval/diversity``: mean pairwise distance within a class; with ``base_velocity``,
+        ``eval/kl_to_base``: the path KL to the base along the same samples, in the Flow-SDE kernel
+        (``sample_with_path_kl``).
         """
         noise, cond = self.eval_noise(per_class)
-        images = decode_latents(sample(velocity, cond, noise, self.sigmas()))  # 8x8 in [0, 1]
-        return {
+        kl = {}
+        if base_velocity is None:
+            latents = sample(velocity, cond, noise, self.sigmas())
+        else:
+            latents, path_kl = sample_with_path_kl(velocity, base_velocity, cond, noise, self.sigmas())
+            kl = {"eval/kl_to_base": float(path_kl.mean())}
+        images = decode_latents(latents)  # 8x8 in [0, 1]
+        return kl | {
             "eval/accuracy": prompt_accuracy(images, cond, self.classifier),
             "eval/reward": float(self.eval_reward(images, cond).mean()),
             "eval/fid": feature_fid(images, self.heldout_images, self.classifier),
