@@ -9,6 +9,7 @@ import pytest
 from flowdppo.cli import main
 from flowdppo.compare import (
     CONTROL,
+    across_dims,
     arm_table,
     claims,
     equivalence_margin,
@@ -144,6 +145,9 @@ def test_presets_and_half_rollouts():
         arms = preset_arms(f"dim{dim}", ("flow_dppo", "flow_grpo"))
         assert [a.label for a in arms] == ["flow_dppo", "flow_grpo", CONTROL]
         assert all(f"digits_upsample={u}" in run_overrides(a, []) for a in arms)
+    heldout = preset_arms("heldout")
+    assert [a.label for a in heldout] == ["flow_dppo", "flow_grpo", "grpo_guard", CONTROL]
+    assert all("digits_classes=[0,1,2,3,4]" in run_overrides(a, []) for a in heldout)
     stress = {a.label: run_overrides(a, [], 0) for a in preset_arms("stress")}
     assert "loss.clip_range=0.0016" in stress["flow_grpo/eps0.0016"]  # eps * dim equal to SD3.5's 1e-4 * 65,536
     assert all({"digits_upsample=8", "optim.lr=3e-3"} <= set(o) for o in stress.values())
@@ -187,3 +191,21 @@ def test_epochs_report_compares_several_passes_with_one(tmp_path):
     report = render_report(tmp_path).read_text()
     assert "| flow_dppo | I2 | 1.000 ± 0.000 |" in report  # same final reward with two passes as with one
     assert (tmp_path / "inner_epochs.png").stat().st_size > 0
+
+
+def test_across_dims_table_reads_each_dim_report(tmp_path):
+    """One row per dim and pair: KL ratio 0.5 at the 0.8 level, the baseline's dropped fractions by sign."""
+    arms = {}
+    for label, kl_scale, pos, neg in (("flow_dppo", 0.5, 0.1, 0.1), ("flow_grpo", 1.0, 0.02, 0.3)):
+        seeds = {str(s): synthetic_record(kl_scale, s) for s in range(3)}
+        for record in seeds.values():
+            for row in record["rows"]:
+                row.update({"masked_fraction_pos_adv": pos, "masked_fraction_neg_adv": neg, "dim_kl_p90": 2.0})
+        arms[label] = {"method": label, "overrides": [], "group": "dim", "seeds": seeds}
+    (tmp_path / "dim1024").mkdir()
+    (tmp_path / "dim1024" / "results.json").write_text(json.dumps({"preset": "dim1024", "arms": arms, "overrides": []}))
+    header, _, row = across_dims(tmp_path)
+    assert "KL ratio at reward level 0.8" in header
+    assert row.startswith("| 1024 | flow_dppo vs flow_grpo | 0.50 [0.50, 0.50] | 3/3, 3/3 |")
+    assert "| 2 | 0.020 / 0.300 | holds | holds |" in row
+    assert across_dims(tmp_path / "dim1024") == []  # no dim reports under it

@@ -85,6 +85,10 @@ def render_all(results: dict, out: Path) -> list[str]:
     plot_frontier(results, out / "frontier.png")
     plot_vs_epoch(results, ["reward_mean", "kl_to_base", "masked_fraction"], out / "curves.png")
     plot_vs_epoch(results, ["eval/reward", "eval/fid", "eval/diversity"], out / "ood.png")
+    if "eval_heldout/accuracy" in _records(next(iter(results["arms"].values())))[0]["base"]:
+        plot_vs_epoch(results, ["eval_heldout/accuracy", "eval_heldout/fid", "eval_heldout/diversity"],
+                      out / "heldout.png")  # fmt: skip
+        names.append("heldout.png")
     if any("dim_kl_p90" in r for arm in results["arms"].values() for rec in _records(arm) for r in rec["rows"]):
         mechanism = ["dim_kl_p90", "masked_fraction_pos_adv", "masked_fraction_neg_adv", "first_moved_log_ratio_std"]
         plot_vs_epoch(results, mechanism, out / "mechanism.png")

@@ -38,7 +38,10 @@ SD35_LATENT_DIM = 16 * 64 * 64  # SD3.5 at 512 x 512: 16 channels x 64 x 64
 STRESS = ["optim.lr=3e-3", "optim.inner_epochs=4"]  # 3x the learning rate, 4 passes over each rollout
 LEVELS = (0.7, 0.8, 0.9)  # matched rewards: these fractions of the way from the base to the lower arm's best
 EVAL_KL = "eval/kl_to_base"
-BENCH_PRESETS = ("single", "multi", "epochs", "threshold", "calib", "dim64", "dim1024", "dim4096", "stress", "smoke")
+FORGETTING = ("eval/fid", "eval/diversity", "eval_heldout/accuracy", "eval_heldout/fid", "eval_heldout/diversity")
+HELDOUT = ["digits_classes=[0,1,2,3,4]"]  # trained on 0-4; 5-9 held out
+BENCH_PRESETS = ("single", "multi", "epochs", "threshold", "calib", "dim64", "dim1024", "dim4096", "stress", "heldout",
+                 "smoke")  # fmt: skip
 
 
 @dataclass
@@ -79,6 +82,8 @@ def preset_arms(preset: str, methods: tuple[str, ...] = METHODS) -> list[Arm]:
             Arm(f"{m}/eps{e:g}", m, [f"loss.clip_range={e:g}"], "calib") for m, e in sweep]  # fmt: skip
     if preset in ("dim64", "dim1024", "dim4096"):  # the public constants at one latent size, every method
         return [Arm(m, m, preset_common(preset) + kl_in_flow_sde(m), "dim") for m in (*methods, CONTROL)]
+    if preset == "heldout":  # forgetting: trained on digits 0-4, measured on 5-9 at matched in-domain reward
+        return [Arm(m, m, HELDOUT, "heldout") for m in ("flow_dppo", "flow_grpo", "grpo_guard", CONTROL)]
     if preset == "stress":  # the largest latent, a 3x learning rate, 4 passes; eps scaled to SD3.5's eps * dim
         eps = 1e-4 * SD35_LATENT_DIM / 4096
         common = preset_common(preset)
@@ -322,9 +327,11 @@ def arm_table(results: dict) -> tuple[list[str], dict[str, dict[str, list[float]
             kl, reward = eval_points(rec)
             m[f"KL at reward {target_reward:.3f}"] = kl_at_reward(kl, reward, target_reward)
             m[f"reward at KL {target_kl:.3g}"] = reward_at_kl(kl, reward, target_kl)
-            for key in ("eval/fid", "eval/diversity"):  # forgetting at the same in-domain reward
-                m[f"{key[5:]} at reward {target_reward:.3f}"] = value_at_reward(reward, eval_points(rec, key)[1],
-                                                                                target_reward)  # fmt: skip
+            for key in FORGETTING:  # at the same in-domain reward (held-out digits: with digits_classes)
+                if key in rec["base"]:
+                    name = key.replace("eval/", "").replace("eval_heldout/", "held-out ")
+                    m[f"{name} at reward {target_reward:.3f}"] = value_at_reward(reward, eval_points(rec, key)[1],
+                                                                                 target_reward)  # fmt: skip
             per_seed.append(m)
     columns = list(dict.fromkeys(k for per_seed in per_arm.values() for m in per_seed for k in m))  # arms may lack some
     table = {label: {k: [m.get(k, math.nan) for m in per_seed] for k in columns} for label, per_seed in per_arm.items()}
@@ -351,6 +358,9 @@ CLAIMS = {
 }  # fmt: skip
 CLAIMS.update({p: CLAIMS["single"] for p in ("calib", "dim64", "dim1024", "dim4096")})
 CLAIMS["stress"] = CLAIMS["epochs"]
+CLAIMS["heldout"] = [CLAIMS["single"][0]] + [
+    (f"held-out {key} at reward", better, f"2: forgets less (held-out digits' {key} at the matched reward)")
+    for key, better in (("accuracy", "higher"), ("fid", "lower"), ("diversity", "higher"))]  # fmt: skip
 
 
 def equivalence_margin(differences: list[float], reference: list[float] | None = None) -> str:
@@ -365,18 +375,24 @@ def equivalence_margin(differences: list[float], reference: list[float] | None =
     return f"\\|d\\| > {margin:.3g}{relative}"
 
 
-def claims(results: dict, table: dict[str, dict[str, list[float]]]) -> list[str]:
+def claim_rows(results: dict, table: dict[str, dict[str, list[float]]]) -> list[dict]:
     """Each claim's verdict per (DPPO arm, baseline arm) pair, from per-seed paired differences, with what the
     CI rules out (the equivalence margin a "no difference" comes with)."""
-    lines = []
+    rows = []
     for prefix, better, claim in CLAIMS.get(results["preset"], []):
         for label, base_label in claim_pairs(results):
             key = next(k for k in table[label] if k.startswith(prefix))
             diffs = [a - b for a, b in zip(table[label][key], table[base_label][key], strict=False)]
-            margin = equivalence_margin(diffs, table[base_label][key])
-            lines.append(f"| {claim} | {label} vs {base_label} | {key} | {_fmt(*mean_ci(diffs))} | "
-                         f"**{verdict(diffs, better)}** | {margin} |")  # fmt: skip
-    return lines
+            rows.append({"claim": claim, "pair": f"{label} vs {base_label}", "measure": key,
+                         "difference": _fmt(*mean_ci(diffs)), "verdict": verdict(diffs, better),
+                         "margin": equivalence_margin(diffs, table[base_label][key])})  # fmt: skip
+    return rows
+
+
+def claims(results: dict, table: dict[str, dict[str, list[float]]]) -> list[str]:
+    """``claim_rows`` as markdown table rows."""
+    return [f"| {r['claim']} | {r['pair']} | {r['measure']} | {r['difference']} | **{r['verdict']}** | "
+            f"{r['margin']} |" for r in claim_rows(results, table)]  # fmt: skip
 
 
 def matched_levels(results: dict, fractions: tuple[float, ...] = LEVELS) -> list[dict]:
@@ -448,9 +464,13 @@ def render_report(out: Path) -> Path:
         header = ["| claim | pair | measure | difference | verdict | the CI rules out |", "|---|---|---|---|---|---|"]
         lines += ["", "## Claims", "", "Differences are DPPO minus baseline, paired by seed.", ""]
         lines += header + claim_lines
-    if results["preset"] in ("single", "calib", "dim64", "dim1024", "dim4096"):
-        lines += ["", "## Matched reward, per pair", "", f"KL to the base (at evaluation, Flow-SDE kernel) at eval "
-                  f"rewards {', '.join(map(str, LEVELS))} of the way from the base to the lower arm's best.", ""]
+    if results["preset"] in ("single", "calib", "dim64", "dim1024", "dim4096", "heldout"):
+        evaluated = all(EVAL_KL in r for a in results["arms"].values() for rec in a["seeds"].values()
+                        for r in rec["rows"] if "eval/reward" in r)  # fmt: skip
+        source = ("measured at evaluation on the evaluated samples, Flow-SDE kernel" if evaluated else
+                  "the rollout's, before each update: these runs predate the evaluation-time KL")  # fmt: skip
+        lines += ["", "## Matched reward, per pair", "", f"KL to the base ({source}) at eval rewards "
+                  f"{', '.join(map(str, LEVELS))} of the way from the base to the lower arm's best.", ""]
         lines += level_lines(matched_levels(results))
     if results["preset"] == "epochs":
         lines += ["", "## Several passes vs one", "", "Final eval reward of I passes over each rollout divided by "
@@ -485,10 +505,50 @@ def render_report(out: Path) -> Path:
     return path
 
 
+def mechanism_means(arm: dict) -> tuple[float, float, float]:
+    """An arm's p90 of ``dim * D`` and dropped fractions for ``A > 0`` and ``A < 0``, over its updates and seeds."""
+    rows = [r for rec in arm["seeds"].values() for r in rec["rows"]]
+    return tuple(float(np.mean([r.get(k, math.nan) for r in rows]))
+                 for k in ("dim_kl_p90", "masked_fraction_pos_adv", "masked_fraction_neg_adv"))  # fmt: skip
+
+
+def across_dims(root: Path, fraction: float = 0.8) -> list[str]:
+    """One table over the ``dim*`` reports under ``root``: per latent size and claim pair, the KL ratio at the
+    matched reward ``fraction`` of the way from the base (CI, what it rules out, seeds reaching it), the
+    baseline's dropped fractions by advantage sign (the paper's asymmetry: A<0 clipped far more than A>0) and the
+    verdicts of claims 1 and 2."""
+    lines = [f"| dim | pair | KL ratio at reward level {fraction} (95% CI) | seeds reaching | the CI rules out | "
+             "p90 dim*D | baseline dropped A>0 / A<0 | claim 1 (less KL) | claim 2 (FID at reward) |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for dim in sorted(UPSAMPLE_OF_DIM):
+        path = root / f"dim{dim}" / "results.json"
+        if not path.is_file():
+            continue
+        results = json.loads(path.read_text())
+        _, table = arm_table(results)
+        verdicts = {(r["pair"], r["claim"]): r["verdict"] for r in claim_rows(results, table)}
+        for row in matched_levels(results, (fraction,)):
+            label, base_label = row["pair"].split(" vs ")
+            p90, pos, neg = mechanism_means(results["arms"][base_label])
+            ratio, lo, hi = row["ratio"]
+            a, b, n = row["reached"]
+            claim1, claim2 = (verdicts.get((row["pair"], CLAIMS["single"][i][2]), "n/a") for i in (0, 2))
+            ci = "n/a" if math.isnan(ratio) else f"{ratio:.2f} [{lo:.2f}, {hi:.2f}]"
+            rules_out = "n/a" if math.isnan(ratio) else f"< {lo:.2f} or > {hi:.2f}"
+            lines.append(f"| {dim} | {row['pair']} | {ci} | {a}/{n}, {b}/{n} | {rules_out} | "
+                         f"{mechanism_means(results['arms'][label])[0]:.3g} | {pos:.3f} / {neg:.3f} | {claim1} | "
+                         f"{claim2} |")  # fmt: skip
+    return lines if len(lines) > 2 else []
+
+
 def gather_reports(root: Path) -> Path:
-    """``root/REPORT.md``: the claims sections of every preset report under ``root``, with links."""
+    """``root/REPORT.md``: the table across latent sizes, then the claims sections of every preset report under
+    ``root``, with links."""
     intro = "Each preset's full report (tables, plots) is linked; its claims are repeated here."
     lines = ["# DigitsBench", "", intro, ""]
+    dims = across_dims(root)
+    if dims:
+        lines += ["## Across latent sizes", "", *dims, ""]
     for report in sorted(root.glob("*/REPORT.md")):
         text = report.read_text()
         summary = text.split("\n")[2]

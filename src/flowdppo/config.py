@@ -204,6 +204,10 @@ class TrainConfig:
     pixel-unshuffled into a (u*u, 8, 8) latent (dim 1,024 / 4,096), pooled back to 8x8 for reward and evaluation.
     Each has a shipped base (``flowdppo digits pretrain --upsample U --out DIR`` re-creates it; model=DIR takes
     yours)."""
+    digits_classes: list[int] = field(default_factory=list)
+    """digits: the classes prompts are drawn from (empty: all ten). The others are held out: ``eval/*`` then
+    measures the trained classes and ``eval_heldout/*`` the held-out ones (what training does to digits it never
+    saw: forgetting)."""
     prompts: str = ""
     """text_to_image: prompt file, .txt (one per line) or .jsonl ("prompt" + metadata for the rewards)."""
     eval_prompts: int = 8
@@ -345,6 +349,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.digits_upsample not in UPSAMPLE_FACTORS:
         raise ConfigError(f"digits_upsample: must be one of {', '.join(map(str, UPSAMPLE_FACTORS))}; "
                           f"got {cfg.digits_upsample!r}")
+    if cfg.digits_classes and (sorted(set(cfg.digits_classes)) != sorted(cfg.digits_classes)
+                               or not set(cfg.digits_classes) <= set(range(10))):  # fmt: skip
+        raise ConfigError(f"digits_classes: distinct digits 0-9, got {cfg.digits_classes!r}")
+    if cfg.digits_classes and cfg.task != "digits":
+        raise ConfigError(f"digits_classes: the digits task's; task {cfg.task} does not read it")
     if cfg.digits_upsample != 1 and cfg.task != "digits":
         raise ConfigError(f"digits_upsample: the digits task's; task {cfg.task} does not read it")
     if cfg.optim.fsdp and cfg.optim.lora_rank > 0:

@@ -5,7 +5,7 @@ The shipped weights live under ``weights/`` next to this file:
 - ``weights/base/``: the base policy (``transformer/`` in diffusers layout + ``prompt_embeddings.safetensors``),
   re-created by ``flowdppo.tasks.digits.pretrain.pretrain``;
 - ``weights/base_u4/``, ``weights/base_u8/``: the bases of ``digits_upsample=4`` and ``8`` (latent dim 1,024 and
-  4,096), re-created by ``flowdppo digits pretrain --upsample U --out DIR``;
+  4,096), re-created by ``flowdppo digits pretrain --upsample U --steps 6000 --out DIR``;
 - ``weights/classifier/``: the reward classifier (``model.safetensors`` + ``config.json``), re-created by
   ``flowdppo.tasks.digits.classifier.train_classifier``.
 

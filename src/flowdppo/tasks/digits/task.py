@@ -43,7 +43,9 @@ class DigitsTask:
         self.upsample = getattr(cfg, "digits_upsample", 1)
         self.latent_shape = (self.upsample**2, 8, 8)
         self.classifier = load_classifier().to(self.device)
-        self.heldout_images = to_unit_range(load_digits_split()[2]).to(self.device)
+        _, _, heldout_x, heldout_y = load_digits_split()
+        self.heldout_images, self.heldout_labels = to_unit_range(heldout_x).to(self.device), heldout_y.to(self.device)
+        self.train_classes = torch.tensor(sorted(cfg.digits_classes) or range(NUM_CLASSES))
         self.eval_reward = make_digits_reward("classifier_prob", self.classifier)
         self.policy = self.load_policy(cfg.model)
         self.rewards = [(name, self.load_reward(name)) for name in cfg.reward.names]
@@ -70,13 +72,15 @@ class DigitsTask:
         return shifted_sigmas(self.cfg.sampler.num_steps, self.cfg.sampler.shift, device=self.device)
 
     def prompts(self, num_prompts: int, group_size: int, seed: int, epoch: int) -> tuple[Tensor, Tensor]:
-        """``num_prompts`` classes (a seeded shuffle of 0..9, repeated as needed), each ``group_size`` times.
+        """``num_prompts`` classes (a seeded shuffle of 0..9 or of ``digits_classes``, repeated as needed), each
+        ``group_size`` times.
 
         Returns ``cond`` (P*G,) labels and ``group_ids`` (P*G,).
         """
         gen = torch.Generator().manual_seed(seed * 7_919 + epoch)
-        rounds = -(-num_prompts // NUM_CLASSES)
-        classes = torch.cat([torch.randperm(NUM_CLASSES, generator=gen) for _ in range(rounds)])[:num_prompts]
+        pool = self.train_classes  # 0..9, or the digits_classes
+        rounds = -(-num_prompts // len(pool))
+        classes = torch.cat([pool[torch.randperm(len(pool), generator=gen)] for _ in range(rounds)])[:num_prompts]
         cond = classes.repeat_interleave(group_size).to(self.device)
         group_ids = torch.arange(num_prompts).repeat_interleave(group_size).to(self.device)
         return cond, group_ids
@@ -107,21 +111,32 @@ class DigitsTask:
         of the prompted class; ``eval/fid``: Frechet distance to held-out real digits in the classifier's
         feature space; ``eval/diversity``: mean pairwise distance within a class; with ``base_velocity``,
         ``eval/kl_to_base``: the path KL to the base along the same samples, in the Flow-SDE kernel
-        (``sample_with_path_kl``).
+        (``sample_with_path_kl``). With ``digits_classes``, ``eval/*`` covers those classes and ``eval_heldout/*``
+        the others (FID against real digits of the same classes).
         """
         noise, cond = self.eval_noise(per_class)
-        kl = {}
+        kl = None
         if base_velocity is None:
             latents = sample(velocity, cond, noise, self.sigmas())
         else:
-            latents, path_kl = sample_with_path_kl(velocity, base_velocity, cond, noise, self.sigmas())
-            kl = {"eval/kl_to_base": float(path_kl.mean())}
+            latents, kl = sample_with_path_kl(velocity, base_velocity, cond, noise, self.sigmas())
         images = decode_latents(latents)  # 8x8 in [0, 1]
-        return kl | {
-            "eval/accuracy": prompt_accuracy(images, cond, self.classifier),
-            "eval/reward": float(self.eval_reward(images, cond).mean()),
-            "eval/fid": feature_fid(images, self.heldout_images, self.classifier),
-            "eval/diversity": group_diversity(images, cond),
+        trained = torch.isin(cond, self.train_classes.to(cond.device))
+        measures = self.measures(images, cond, kl, trained, "eval")
+        if not trained.all():
+            measures |= self.measures(images, cond, kl, ~trained, "eval_heldout")
+        return measures
+
+    def measures(self, images: Tensor, cond: Tensor, kl: Tensor | None, rows: Tensor, prefix: str) -> dict[str, float]:
+        """``evaluate``'s measures over the samples ``rows`` selects, keyed ``{prefix}/...``."""
+        images, cond = images[rows], cond[rows]
+        real = self.heldout_images[torch.isin(self.heldout_labels, cond.unique())]
+        measures = {} if kl is None else {f"{prefix}/kl_to_base": float(kl[rows].mean())}
+        return measures | {
+            f"{prefix}/accuracy": prompt_accuracy(images, cond, self.classifier),
+            f"{prefix}/reward": float(self.eval_reward(images, cond).mean()),
+            f"{prefix}/fid": feature_fid(images, real, self.classifier),
+            f"{prefix}/diversity": group_diversity(images, cond),
         }
 
     @torch.no_grad()
