@@ -207,5 +207,5 @@ def test_across_dims_table_reads_each_dim_report(tmp_path):
     header, _, row = across_dims(tmp_path)
     assert "KL ratio at reward level 0.8" in header
     assert row.startswith("| 1024 | flow_dppo vs flow_grpo | 0.50 [0.50, 0.50] | 3/3, 3/3 |")
-    assert "| 2 | 0.020 / 0.300 | holds | holds |" in row
+    assert "| 2 | 0.020 / 0.300 | less KL | holds |" in row
     assert across_dims(tmp_path / "dim1024") == []  # no dim reports under it
