@@ -17,6 +17,7 @@ from flowdppo.compare import (
     preset_arms,
     probe_line,
     render_report,
+    run_measures,
     run_overrides,
 )
 from flowdppo.frontier import frontier, kl_at_reward, mean_ci, reward_at_kl, value_at_reward, verdict
@@ -209,3 +210,14 @@ def test_across_dims_table_reads_each_dim_report(tmp_path):
     assert row.startswith("| 1024 | flow_dppo vs flow_grpo | 0.50 [0.50, 0.50] | 3/3, 3/3 |")
     assert "| 2 | 0.020 / 0.300 | less KL | holds |" in row
     assert across_dims(tmp_path / "dim1024") == []  # no dim reports under it
+
+
+def test_drawdown_and_collapse():
+    """Eval reward 0.5 (base) -> 0.6, 0.7, 0.4: drawdown 0.3 from the peak, and it ended below the base."""
+    record = synthetic_record(1.0, 0)
+    for row, reward in zip(record["rows"], (0.6, 0.7, 0.4, 0.4), strict=True):
+        row["eval/reward"] = reward
+    measures = run_measures(record)
+    assert measures["drawdown"] == pytest.approx(0.3) and measures["collapsed"] == 1.0
+    assert run_measures(synthetic_record(1.0, 0))["drawdown"] == 0.0  # still rising at the end
+    assert run_measures(synthetic_record(1.0, 0))["collapsed"] == 0.0

@@ -270,10 +270,11 @@ def run_measures(record: dict) -> dict[str, float]:
         "masked fraction": float(np.mean([r.get("masked_fraction", math.nan) for r in rows])),
         "wall s": record["wall_s"],
     }
-    # stability: how far the final eval reward sits below the run's best, and whether it fell to the base or below
+    # stability: how far the final eval reward sits below the run's best (the base included), and whether it ended
+    # below the base (a collapse: whatever was gained is lost, and more)
     rewards = eval_points(record)[1]
     measures["drawdown"] = float(rewards.max() - rewards[-1])
-    measures["collapsed"] = float(rewards[-1] <= rewards[0] < rewards.max())
+    measures["collapsed"] = float(rewards[-1] < rewards[0])
     # eval reward gained from the base per epoch and per minute of training (rollout + update, no evaluation)
     gain = measures["eval reward"] - base["eval/reward"]
     measures["gain per epoch"] = gain / len(rows)
