@@ -132,7 +132,8 @@ def _run_one(method: str, overrides: list[str], path: str) -> dict:
     torch.set_num_threads(1)
     start = time.perf_counter()
     run = train(load_config(method, overrides=overrides), Path(path), overwrite=True, progress=False)
-    rows = [{k: v for k, v in r.items() if k in KEPT or k.startswith(("eval/", "reward/"))} for r in run.rows()]
+    rows = [{k: v for k, v in r.items() if k in KEPT or k.startswith(("eval/", "eval_heldout/", "reward/"))}
+            for r in run.rows()]
     return {"base": run.load_json("base_eval.json"), "rows": rows, "wall_s": time.perf_counter() - start}
 
 
