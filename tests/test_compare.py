@@ -205,11 +205,19 @@ def test_across_dims_table_reads_each_dim_report(tmp_path):
         arms[label] = {"method": label, "overrides": [], "group": "dim", "seeds": seeds}
     (tmp_path / "dim1024").mkdir()
     (tmp_path / "dim1024" / "results.json").write_text(json.dumps({"preset": "dim1024", "arms": arms, "overrides": []}))
+    assert across_dims(tmp_path) == []  # not rendered yet: a preset still running is left out
+    render_report(tmp_path / "dim1024")
     header, _, row = across_dims(tmp_path)
     assert "KL ratio at reward level 0.8" in header
     assert row.startswith("| 1024 | flow_dppo vs flow_grpo | 0.50 [0.50, 0.50] | 3/3, 3/3 |")
     assert "| 2 | 0.020 / 0.300 | less KL | holds |" in row
     assert across_dims(tmp_path / "dim1024") == []  # no dim reports under it
+    (tmp_path / "dim1024-lr").mkdir()  # the same preset with a user override: rows of its own, after the plain ones
+    (tmp_path / "dim1024-lr" / "results.json").write_text(
+        json.dumps({"preset": "dim1024", "arms": arms, "overrides": ["optim.lr=3e-3"]}))
+    render_report(tmp_path / "dim1024-lr")
+    rows = across_dims(tmp_path)[2:]
+    assert [r.split(" | ")[0] for r in rows] == ["| 1024", "| 1024 optim.lr=3e-3"]
 
 
 def test_drawdown_and_collapse():

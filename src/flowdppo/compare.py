@@ -518,15 +518,16 @@ def across_dims(root: Path, fraction: float = 0.8) -> list[str]:
     """One table over the ``dim*`` reports under ``root``: per latent size and claim pair, the KL ratio at the
     matched reward ``fraction`` of the way from the base (CI, what it rules out, seeds reaching it), the
     baseline's dropped fractions by advantage sign (the paper's asymmetry: A<0 clipped far more than A>0), the
-    reading of that ratio (claim 1) and the verdict of claim 2 (feature FID at the report's matched reward)."""
+    reading of that ratio (claim 1) and the verdict of claim 2 (feature FID at the report's matched reward).
+    Only rendered (finished) reports count; a dim preset run with extra overrides (``--out dim4096-lr3e-3
+    optim.lr=3e-3``) gets rows of its own."""
     lines = [f"| dim | pair | KL ratio at reward level {fraction} (95% CI) | seeds reaching | the CI rules out | "
-             "p90 dim*D | baseline dropped A>0 / A<0 | claim 1 (less KL at that level) | claim 2 (FID at reward) |",
+             "p90 dim*D (first arm) | baseline dropped A>0 / A<0 | claim 1 (less KL at that level) | claim 2 (FID at reward) |",
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for dim in sorted(UPSAMPLE_OF_DIM):
-        path = root / f"dim{dim}" / "results.json"
-        if not path.is_file():
-            continue
-        results = json.loads(path.read_text())
+    reports = [json.loads((path.parent / "results.json").read_text()) for path in root.glob("dim*/REPORT.md")]
+    reports = [r for r in reports if r.get("preset") in {f"dim{d}" for d in UPSAMPLE_OF_DIM}]
+    for results in sorted(reports, key=lambda r: (int(r["preset"][3:]), r.get("overrides", []))):
+        dim = " ".join([results["preset"][3:], *results.get("overrides", [])])  # e.g. "4096 optim.lr=3e-3"
         _, table = arm_table(results)
         verdicts = {(r["pair"], r["claim"]): r["verdict"] for r in claim_rows(results, table)}
         for row in matched_levels(results, (fraction,)):
