@@ -522,7 +522,8 @@ def across_dims(root: Path, fraction: float = 0.8) -> list[str]:
     Only rendered (finished) reports count; a dim preset run with extra overrides (``--out dim4096-lr3e-3
     optim.lr=3e-3``) gets rows of its own."""
     lines = [f"| dim | pair | KL ratio at reward level {fraction} (95% CI) | seeds reaching | the CI rules out | "
-             "p90 dim*D (first arm) | baseline dropped A>0 / A<0 | claim 1 (less KL at that level) | claim 2 (FID at reward) |",
+             "p90 dim*D (first arm) | baseline dropped A>0 / A<0 | claim 1 (less KL at that level) | "
+             "claim 2 (FID at reward) |",
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     reports = [json.loads((path.parent / "results.json").read_text()) for path in root.glob("dim*/REPORT.md")]
     reports = [r for r in reports if r.get("preset") in {f"dim{d}" for d in UPSAMPLE_OF_DIM}]
