@@ -81,6 +81,22 @@ def test_claims_from_synthetic_results():
     lines = claims(results, table)
     assert len(lines) == 4 and all("flow_dppo vs flow_grpo" in line for line in lines)
     assert all("**holds**" in line for line in lines), lines
+    # seed 1 of the baseline never leaves its base: the matched reward is the base, which every seed starts at,
+    # so no seed says anything at that reward
+    for row in arms["flow_grpo"]["seeds"]["1"]["rows"]:
+        row["eval/reward"] = 0.4
+    _, table = arm_table(results)
+    lines = claims(results, table)
+    vacuous = [line for line in lines if "at reward 0.500 (0 of 3 seeds start below it)" in line]
+    assert len(vacuous) == 3 and all("**n/a: fewer than 2 seeds start below" in line for line in vacuous), lines
+    assert "n/a" not in next(line for line in lines if "reward at KL" in line)  # matched KL: still compared
+    # seeds 1 and 2 start at 0.3: they are compared, seed 0 (base 0.5 above the matched 0.4) is left out
+    for s in ("1", "2"):
+        for arm in arms.values():
+            arm["seeds"][s]["base"]["eval/reward"] = 0.3
+    _, table = arm_table(results)
+    line = next(line for line in claims(results, table) if line.startswith("| 1: less KL"))
+    assert "KL at reward 0.400 (2 of 3 seeds start below it)" in line and "n/a" not in line
 
 
 def test_matched_levels_use_the_evaluation_kl_and_give_the_ratio_per_level():
@@ -181,6 +197,15 @@ def test_compare_smoke_writes_the_report_and_rerenders_identically(tmp_path, cap
     assert "[bench](bench/REPORT.md)" in (tmp_path / "REPORT.md").read_text()
     assert main(["compare", "--methods", "ppo"]) == 2
     assert "unknown method 'ppo'" in capsys.readouterr().err
+    assert main(["compare", "--report-only", str(tmp_path)]) == 2  # not a compare folder
+    assert f"no results.json in {tmp_path}" in capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    results["arms"]["flow_grpo"]["seeds"] = {}  # a preset still running: its runs are not all in
+    (out / "results.json").write_text(json.dumps(results))
+    assert main(["compare", "--report-only", str(out)]) == 2
+    assert f"holds 1 of 2 runs; finish it with `flowdppo compare --preset smoke --seeds 1 --out {out} epochs=2" in (
+        capsys.readouterr().err)
+    assert (out / "REPORT.md").read_text() == report  # the finished report is left as it was
 
 
 def test_epochs_report_compares_several_passes_with_one(tmp_path):

@@ -152,7 +152,17 @@ def _compare(args: argparse.Namespace) -> int:
         print(f"wrote {gather_reports(Path(args.gather))}")
         return 0
     if args.report_only:
-        print(f"wrote {render_report(Path(args.report_only))}")
+        out = Path(args.report_only)
+        if not (out / "results.json").is_file():
+            raise ConfigError(f"--report-only: no results.json in {out}; give the --out folder of a compare run")
+        results = json.loads((out / "results.json").read_text())
+        done = sum(len(arm["seeds"]) for arm in results["arms"].values())
+        if done < len(results["arms"]) * results["seeds"]:
+            resume = " ".join(["flowdppo compare --preset", results["preset"], "--seeds", str(results["seeds"]),
+                               "--out", str(out), *results["overrides"]])  # fmt: skip
+            raise ConfigError(f"--report-only: {out} holds {done} of {len(results['arms']) * results['seeds']} runs; "
+                              f"finish it with `{resume}` (and the same --methods)")  # fmt: skip
+        print(f"wrote {render_report(out)}")
         return 0
     _positive(seeds=args.seeds, jobs=args.jobs if args.jobs is not None else 1)
     if args.preset not in BENCH_PRESETS:

@@ -379,15 +379,30 @@ def equivalence_margin(differences: list[float], reference: list[float] | None =
 
 def claim_rows(results: dict, table: dict[str, dict[str, list[float]]]) -> list[dict]:
     """Each claim's verdict per (DPPO arm, baseline arm) pair, from per-seed paired differences, with what the
-    CI rules out (the equivalence margin a "no difference" comes with)."""
+    CI rules out (the equivalence margin a "no difference" comes with). A seed whose base already reaches the
+    matched reward (both arms "reach" it at KL 0) says nothing at that reward: it is left out of those measures,
+    and a comparison left with fewer than 2 seeds reads "n/a"."""
+    target_reward, _ = matched_targets(results["arms"])
     rows = []
     for prefix, better, claim in CLAIMS.get(results["preset"], []):
         for label, base_label in claim_pairs(results):
             key = next(k for k in table[label] if k.startswith(prefix))
-            diffs = [a - b for a, b in zip(table[label][key], table[base_label][key], strict=False)]
-            rows.append({"claim": claim, "pair": f"{label} vs {base_label}", "measure": key,
-                         "difference": _fmt(*mean_ci(diffs)), "verdict": verdict(diffs, better),
-                         "margin": equivalence_margin(diffs, table[base_label][key])})  # fmt: skip
+            pairs = zip(table[label][key], table[base_label][key], strict=False)
+            measure = key
+            if prefix.endswith("at reward"):
+                bases = [rec["base"]["eval/reward"] for _, rec in sorted(results["arms"][label]["seeds"].items(),
+                                                                          key=lambda kv: int(kv[0]))]  # fmt: skip
+                pairs = [pair for pair, base in zip(pairs, bases, strict=False) if base < target_reward]
+                if len(pairs) < len(bases):
+                    measure = f"{key} ({len(pairs)} of {len(bases)} seeds start below it)"
+            diffs = [a - b for a, b in pairs]
+            row = {"claim": claim, "pair": f"{label} vs {base_label}", "measure": measure,
+                   "difference": _fmt(*mean_ci(diffs)), "verdict": verdict(diffs, better),
+                   "margin": equivalence_margin(diffs, table[base_label][key])}  # fmt: skip
+            if len(diffs) < 2:
+                row.update(difference="n/a", verdict="n/a: fewer than 2 seeds start below the matched reward",
+                           margin="n/a")  # fmt: skip
+            rows.append(row)
     return rows
 
 
