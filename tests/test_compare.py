@@ -81,22 +81,23 @@ def test_claims_from_synthetic_results():
     lines = claims(results, table)
     assert len(lines) == 4 and all("flow_dppo vs flow_grpo" in line for line in lines)
     assert all("**holds**" in line for line in lines), lines
-    # seed 1 of the baseline never leaves its base: the matched reward is the base, which every seed starts at,
-    # so no seed says anything at that reward
+    # seed 1 of the baseline falls below its base: the pair's level is 0.8 of the way from 0.5 to the lower arm's
+    # mean best (0.9 + 0.5 + 0.9) / 3, that seed never reaches it, the other two are compared
     for row in arms["flow_grpo"]["seeds"]["1"]["rows"]:
         row["eval/reward"] = 0.4
     _, table = arm_table(results)
     lines = claims(results, table)
-    vacuous = [line for line in lines if "at reward 0.500 (0 of 3 seeds start below it)" in line]
-    assert len(vacuous) == 3 and all("**n/a: fewer than 2 seeds start below" in line for line in vacuous), lines
-    assert "n/a" not in next(line for line in lines if "reward at KL" in line)  # matched KL: still compared
-    # seeds 1 and 2 start at 0.3: they are compared, seed 0 (base 0.5 above the matched 0.4) is left out
-    for s in ("1", "2"):
-        for arm in arms.values():
-            arm["seeds"][s]["base"]["eval/reward"] = 0.3
+    level = 0.5 + 0.8 * ((0.9 + 0.5 + 0.9) / 3 - 0.5)
+    at_level = [line for line in lines if f"at reward {level:.3f} (2 of 3 seeds)" in line]
+    assert len(at_level) == 3 and all("n/a" not in line for line in at_level), lines
+    # no seed of the baseline gains: nothing to match
+    for record in arms["flow_grpo"]["seeds"].values():
+        for row in record["rows"]:
+            row["eval/reward"] = 0.4
     _, table = arm_table(results)
-    line = next(line for line in claims(results, table) if line.startswith("| 1: less KL"))
-    assert "KL at reward 0.400 (2 of 3 seeds start below it)" in line and "n/a" not in line
+    lines = claims(results, table)
+    assert sum("**n/a: no gain over the base**" in line for line in lines) == 3
+    assert "n/a" not in next(line for line in lines if "reward at KL" in line)  # matched KL: still compared
 
 
 def test_matched_levels_use_the_evaluation_kl_and_give_the_ratio_per_level():

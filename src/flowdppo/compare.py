@@ -37,6 +37,7 @@ UPSAMPLE_OF_DIM = {64: 1, 1024: 4, 4096: 8}  # latent dim -> digits_upsample
 SD35_LATENT_DIM = 16 * 64 * 64  # SD3.5 at 512 x 512: 16 channels x 64 x 64
 STRESS = ["optim.lr=3e-3", "optim.inner_epochs=4"]  # 3x the learning rate, 4 passes over each rollout
 LEVELS = (0.7, 0.8, 0.9)  # matched rewards: these fractions of the way from the base to the lower arm's best
+CLAIM_LEVEL = 0.8  # the level the claim rows read measures at a matched reward at
 EVAL_KL = "eval/kl_to_base"
 FORGETTING = ("eval/fid", "eval/diversity", "eval_heldout/accuracy", "eval_heldout/fid", "eval_heldout/diversity")
 HELDOUT = ["digits_classes=[0,1,2,3,4]"]  # trained on 0-4; 5-9 held out
@@ -299,8 +300,10 @@ def claim_methods() -> set[str]:
 
 def matched_targets(arms: dict) -> tuple[float, float]:
     """The best reward every run of the claims' methods reaches, and their smallest final KL (other arms
-    are measured at the same targets, so adding an arm does not move the claims)."""
+    are measured at the same targets, so adding an arm does not change them). Runs that never rise above their
+    base (a collapse from the start) are left out, else the target would be a base reward."""
     records = [rec for arm in arms.values() if arm["method"] in claim_methods() for rec in arm["seeds"].values()]
+    records = [rec for rec in records if eval_points(rec)[1].max() > eval_points(rec)[1][0]] or records
     target_reward = min(eval_points(rec)[1].max() for rec in records)
     target_kl = min(eval_points(rec)[0].max() for rec in records)
     return float(target_reward), float(target_kl)
@@ -331,7 +334,7 @@ def arm_table(results: dict) -> tuple[list[str], dict[str, dict[str, list[float]
             m[f"reward at KL {target_kl:.3g}"] = reward_at_kl(kl, reward, target_kl)
             for key in FORGETTING:  # at the same in-domain reward (held-out digits: with digits_classes)
                 if key in rec["base"]:
-                    name = key.replace("eval/", "").replace("eval_heldout/", "held-out ")
+                    name = forgetting_name(key)
                     m[f"{name} at reward {target_reward:.3f}"] = value_at_reward(reward, eval_points(rec, key)[1],
                                                                                  target_reward)  # fmt: skip
             per_seed.append(m)
@@ -377,31 +380,58 @@ def equivalence_margin(differences: list[float], reference: list[float] | None =
     return f"\\|d\\| > {margin:.3g}{relative}"
 
 
+def forgetting_name(key: str) -> str:
+    """``eval/fid`` -> ``fid``, ``eval_heldout/accuracy`` -> ``held-out accuracy``."""
+    return key.replace("eval/", "").replace("eval_heldout/", "held-out ")
+
+
+def value_at_level(record: dict, name: str, level: float) -> float:
+    """``name`` ("KL" or a forgetting measure's name) of one run where its eval reward first reaches ``level``."""
+    if name == "KL":
+        return kl_at_reward(*eval_points(record), level)
+    key = next(k for k in FORGETTING if forgetting_name(k) == name)
+    return value_at_reward(eval_points(record)[1], eval_points(record, key)[1], level)
+
+
+def pair_span(a: dict, b: dict, seeds: list[str]) -> tuple[float, float]:
+    """(the pair's mean base eval reward, the lower arm's best): seed means of each run's best eval reward."""
+    base = float(np.mean([a[s]["base"]["eval/reward"] for s in seeds]))
+    best = min(float(np.mean([eval_points(arm[s])[1].max() for s in seeds])) for arm in (a, b))
+    return base, best
+
+
 def claim_rows(results: dict, table: dict[str, dict[str, list[float]]]) -> list[dict]:
     """Each claim's verdict per (DPPO arm, baseline arm) pair, from per-seed paired differences, with what the
-    CI rules out (the equivalence margin a "no difference" comes with). A seed whose base already reaches the
-    matched reward (both arms "reach" it at KL 0) says nothing at that reward: it is left out of those measures,
-    and a comparison left with fewer than 2 seeds reads "n/a"."""
-    target_reward, _ = matched_targets(results["arms"])
+    CI rules out (the equivalence margin a "no difference" comes with).
+
+    Measures at a matched reward are read at the pair's own level, ``CLAIM_LEVEL`` of the way from the base to
+    the lower arm's best (as in ``matched_levels``), on the seeds where both arms reach it from below."""
     rows = []
     for prefix, better, claim in CLAIMS.get(results["preset"], []):
         for label, base_label in claim_pairs(results):
-            key = next(k for k in table[label] if k.startswith(prefix))
-            pairs = zip(table[label][key], table[base_label][key], strict=False)
-            measure = key
-            if prefix.endswith("at reward"):
-                bases = [rec["base"]["eval/reward"] for _, rec in sorted(results["arms"][label]["seeds"].items(),
-                                                                          key=lambda kv: int(kv[0]))]  # fmt: skip
-                pairs = [pair for pair, base in zip(pairs, bases, strict=False) if base < target_reward]
-                if len(pairs) < len(bases):
-                    measure = f"{key} ({len(pairs)} of {len(bases)} seeds start below it)"
-            diffs = [a - b for a, b in pairs]
-            row = {"claim": claim, "pair": f"{label} vs {base_label}", "measure": measure,
-                   "difference": _fmt(*mean_ci(diffs)), "verdict": verdict(diffs, better),
-                   "margin": equivalence_margin(diffs, table[base_label][key])}  # fmt: skip
-            if len(diffs) < 2:
-                row.update(difference="n/a", verdict="n/a: fewer than 2 seeds start below the matched reward",
-                           margin="n/a")  # fmt: skip
+            row = {"claim": claim, "pair": f"{label} vs {base_label}"}
+            if prefix.endswith(" at reward"):
+                a, b = results["arms"][label]["seeds"], results["arms"][base_label]["seeds"]
+                seeds = sorted(set(a) & set(b), key=int)
+                base, best = pair_span(a, b, seeds)
+                level = base + CLAIM_LEVEL * (best - base)
+                name = prefix.removesuffix(" at reward")
+                below = [s for s in seeds if a[s]["base"]["eval/reward"] < level]  # a base above it says nothing
+                reference = [value_at_level(b[s], name, level) for s in below]
+                diffs = [value_at_level(a[s], name, level) - ref for s, ref in zip(below, reference, strict=True)]
+                compared = sum(not math.isnan(d) for d in diffs)  # both arms reach the level
+                row["measure"] = f"{prefix} {level:.3f} ({compared} of {len(seeds)} seeds)"
+            else:
+                key = next(k for k in table[label] if k.startswith(prefix))
+                reference = table[base_label][key]
+                diffs = [a - b for a, b in zip(table[label][key], reference, strict=False)]
+                compared, best, base = len(diffs), 1.0, 0.0
+                row["measure"] = key
+            row.update(difference=_fmt(*mean_ci(diffs)), verdict=verdict(diffs, better),
+                       margin=equivalence_margin(diffs, reference))  # fmt: skip
+            if best <= base or compared < 2:
+                reason = "no gain over the base" if best <= base else "fewer than 2 seeds reach it"
+                row.update(difference="n/a", verdict=f"n/a: {reason}", margin="n/a")
             rows.append(row)
     return rows
 
@@ -424,8 +454,7 @@ def matched_levels(results: dict, fractions: tuple[float, ...] = LEVELS) -> list
     for label, base_label in claim_pairs(results):
         a, b = results["arms"][label]["seeds"], results["arms"][base_label]["seeds"]
         seeds = sorted(set(a) & set(b), key=int)
-        base = float(np.mean([a[s]["base"]["eval/reward"] for s in seeds]))
-        best = min(float(np.mean([eval_points(arm[s])[1].max() for s in seeds])) for arm in (a, b))
+        base, best = pair_span(a, b, seeds)
         for fraction in fractions:
             level = base + fraction * (best - base)
             kls = np.array([[kl_at_reward(*eval_points(arm[s]), level) for arm in (a, b)] for s in seeds])
@@ -533,7 +562,7 @@ def across_dims(root: Path, fraction: float = 0.8) -> list[str]:
     """One table over the ``dim*`` reports under ``root``: per latent size and claim pair, the KL ratio at the
     matched reward ``fraction`` of the way from the base (CI, what it rules out, seeds reaching it), the
     baseline's dropped fractions by advantage sign (the paper's asymmetry: A<0 clipped far more than A>0), the
-    reading of that ratio (claim 1) and the verdict of claim 2 (feature FID at the report's matched reward).
+    reading of that ratio (claim 1) and the verdict of claim 2 (feature FID at the pair's level ``CLAIM_LEVEL``).
     Only rendered (finished) reports count; a dim preset run with extra overrides (``--out dim4096-lr3e-3
     optim.lr=3e-3``) gets rows of its own."""
     lines = [f"| dim | pair | KL ratio at reward level {fraction} (95% CI) | seeds reaching | the CI rules out | "
