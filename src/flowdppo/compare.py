@@ -459,7 +459,7 @@ def matched_levels(results: dict, fractions: tuple[float, ...] = LEVELS) -> list
             level = base + fraction * (best - base)
             kls = np.array([[kl_at_reward(*eval_points(arm[s]), level) for arm in (a, b)] for s in seeds])
             both = kls[np.all(kls > 0, axis=1)]  # reached by both (NaN: never reached; 0: reached at the base)
-            mean, half = mean_ci(np.log(both[:, 0] / both[:, 1])) if len(both) else (math.nan, math.nan)
+            mean, half = mean_ci(np.log(both[:, 0] / both[:, 1])) if len(both) >= 2 else (math.nan, math.nan)
             if best <= base or len(both) < 2:
                 decision = "too few seeds reach it" if best > base else "no gain over the base"
             else:
