@@ -200,6 +200,9 @@ def test_compare_smoke_writes_the_report_and_rerenders_identically(tmp_path, cap
     assert "unknown method 'ppo'" in capsys.readouterr().err
     assert main(["compare", "--report-only", str(tmp_path)]) == 2  # not a compare folder
     assert f"no results.json in {tmp_path}" in capsys.readouterr().err
+    (tmp_path / "results.json").write_text("[1, 2]")
+    assert main(["compare", "--report-only", str(tmp_path)]) == 2
+    assert "results.json is not a compare results file" in capsys.readouterr().err
     results = json.loads((out / "results.json").read_text())
     results["arms"]["flow_grpo"]["seeds"] = {}  # a preset still running: its runs are not all in
     (out / "results.json").write_text(json.dumps(results))

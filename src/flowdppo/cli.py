@@ -155,8 +155,11 @@ def _compare(args: argparse.Namespace) -> int:
         out = Path(args.report_only)
         if not (out / "results.json").is_file():
             raise ConfigError(f"--report-only: no results.json in {out}; give the --out folder of a compare run")
-        results = json.loads((out / "results.json").read_text())
-        done = sum(len(arm["seeds"]) for arm in results["arms"].values())
+        try:
+            results = json.loads((out / "results.json").read_text())
+            done = sum(len(arm["seeds"]) for arm in results["arms"].values())
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ConfigError(f"--report-only: {out / 'results.json'} is not a compare results file ({err!r})") from err
         if done < len(results["arms"]) * results["seeds"]:
             resume = " ".join(["flowdppo compare --preset", results["preset"], "--seeds", str(results["seeds"]),
                                "--out", str(out), *results["overrides"]])  # fmt: skip

@@ -409,7 +409,7 @@ def claim_rows(results: dict, table: dict[str, dict[str, list[float]]]) -> list[
     rows = []
     for prefix, better, claim in CLAIMS.get(results["preset"], []):
         for label, base_label in claim_pairs(results):
-            row = {"claim": claim, "pair": f"{label} vs {base_label}"}
+            row, vacuous = {"claim": claim, "pair": f"{label} vs {base_label}"}, ""
             if prefix.endswith(" at reward"):
                 a, b = results["arms"][label]["seeds"], results["arms"][base_label]["seeds"]
                 seeds = sorted(set(a) & set(b), key=int)
@@ -421,17 +421,19 @@ def claim_rows(results: dict, table: dict[str, dict[str, list[float]]]) -> list[
                 diffs = [value_at_level(a[s], name, level) - ref for s, ref in zip(below, reference, strict=True)]
                 compared = sum(not math.isnan(d) for d in diffs)  # both arms reach the level
                 row["measure"] = f"{prefix} {level:.3f} ({compared} of {len(seeds)} seeds)"
+                if best <= base:
+                    vacuous = "no gain over the base"
+                elif compared < 2:
+                    vacuous = "fewer than 2 seeds reach it"
             else:
                 key = next(k for k in table[label] if k.startswith(prefix))
                 reference = table[base_label][key]
                 diffs = [a - b for a, b in zip(table[label][key], reference, strict=False)]
-                compared, best, base = len(diffs), 1.0, 0.0
                 row["measure"] = key
             row.update(difference=_fmt(*mean_ci(diffs)), verdict=verdict(diffs, better),
                        margin=equivalence_margin(diffs, reference))  # fmt: skip
-            if best <= base or compared < 2:
-                reason = "no gain over the base" if best <= base else "fewer than 2 seeds reach it"
-                row.update(difference="n/a", verdict=f"n/a: {reason}", margin="n/a")
+            if vacuous:
+                row.update(difference="n/a", verdict=f"n/a: {vacuous}", margin="n/a")
             rows.append(row)
     return rows
 
