@@ -155,15 +155,16 @@ def _compare(args: argparse.Namespace) -> int:
         out = Path(args.report_only)
         if not (out / "results.json").is_file():
             raise ConfigError(f"--report-only: no results.json in {out}; give the --out folder of a compare run")
-        try:
+        try:  # every key a report needs, read once: a foreign or truncated file fails here, in one line
             results = json.loads((out / "results.json").read_text())
             done = sum(len(arm["seeds"]) for arm in results["arms"].values())
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
-            raise ConfigError(f"--report-only: {out / 'results.json'} is not a compare results file ({err!r})") from err
-        if done < len(results["arms"]) * results["seeds"]:
+            planned = len(results["arms"]) * results["seeds"]
             resume = " ".join(["flowdppo compare --preset", results["preset"], "--seeds", str(results["seeds"]),
                                "--out", str(out), *results["overrides"]])  # fmt: skip
-            raise ConfigError(f"--report-only: {out} holds {done} of {len(results['arms']) * results['seeds']} runs; "
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ConfigError(f"--report-only: {out / 'results.json'} is not a compare results file ({err!r})") from err
+        if done < planned:
+            raise ConfigError(f"--report-only: {out} holds {done} of {planned} runs; "
                               f"finish it with `{resume}` (and the same --methods)")  # fmt: skip
         print(f"wrote {render_report(out)}")
         return 0

@@ -459,14 +459,18 @@ def matched_levels(results: dict, fractions: tuple[float, ...] = LEVELS) -> list
         base, best = pair_span(a, b, seeds)
         for fraction in fractions:
             level = base + fraction * (best - base)
-            kls = np.array([[kl_at_reward(*eval_points(arm[s]), level) for arm in (a, b)] for s in seeds])
+            kls = np.array([[value_at_level(arm[s], "KL", level) for arm in (a, b)] for s in seeds])
             both = kls[np.all(kls > 0, axis=1)]  # reached by both (NaN: never reached; 0: reached at the base)
-            mean, half = mean_ci(np.log(both[:, 0] / both[:, 1])) if len(both) >= 2 else (math.nan, math.nan)
-            if best <= base or len(both) < 2:
-                decision = "too few seeds reach it" if best > base else "no gain over the base"
+            mean, half = math.nan, math.nan
+            if best <= base:
+                decision = "no gain over the base"
+            elif len(both) < 2:
+                decision = "too few seeds reach it"
             else:
+                log_ratios = np.log(both[:, 0] / both[:, 1])
+                mean, half = mean_ci(log_ratios)
                 decision = {"holds": "less KL", "does not hold": "more KL", "inconclusive": "no difference shown"}[
-                    verdict(np.log(both[:, 0] / both[:, 1]).tolist(), "lower")]
+                    verdict(log_ratios.tolist(), "lower")]
             out.append({"pair": f"{label} vs {base_label}", "fraction": fraction, "reward": level,
                         "reached": (int(np.isfinite(kls[:, 0]).sum()), int(np.isfinite(kls[:, 1]).sum()), len(seeds)),
                         "kl": (float(np.nanmean(kls[:, 0])), float(np.nanmean(kls[:, 1]))),
