@@ -147,9 +147,12 @@ def test_metadata_holds_only_what_diffusers_needs_and_loads_in_a_fresh_pipeline(
 
 
 def run_folder(tmp_path, policy, rank: int, alpha: float):
-    """A finished run's folder, as export reads it: config.yaml, final/ and one checkpoint (no training)."""
+    """A finished run's folder, as export reads it: config.yaml, final/ and one checkpoint (no training); the
+    model folder holds only model_index.json (the family, all the export reads of the model)."""
     run = tmp_path / "run"
     (run / "final").mkdir(parents=True)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model_index.json").write_text(json.dumps({"_class_name": policy.pipeline_class.__name__}))
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\na dog\n")
     cfg = load_config(overrides=["task=text_to_image", f"model={tmp_path / 'model'}", f"prompts={prompts}",

@@ -183,7 +183,7 @@ def test_train_both_experts_then_export_loads_into_both(a14b_dir, tmp_path, monk
     assert main(["export", str(run), "--out", str(tmp_path / "comfy"), "--format", "comfyui"]) == 0
     comfy = {p.name: load_file(str(p)) for p in (tmp_path / "comfy").iterdir()}
     assert sorted(comfy) == ["comfyui_lora.safetensors", "comfyui_lora_transformer_2.safetensors"]
-    assert all(k.startswith("transformer.blocks.") for weights in comfy.values() for k in weights)
+    assert all(k.startswith("diffusion_model.blocks.") for weights in comfy.values() for k in weights)  # Wan names
 
     resumed = tmp_path / "resumed"  # 2 epochs == 1 epoch, then resumed for 1 more
     shutil.copytree(run, resumed)

@@ -82,13 +82,17 @@ def _build_wan(layout: str = "wan21"):
                        expand_timesteps=layout == "wan22_ti2v")  # fmt: skip
 
 
+def build_tiny_wan_pipeline(layout: str = "wan21", seed: int = 0):
+    """Build (without saving) the tiny Wan pipeline of ``layout``; deterministic given ``seed``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            return _build_wan(layout)
+
+
 def save_tiny_wan_pipeline(directory: Path, seed: int = 0, layout: str = "wan21") -> Path:
     """Build the tiny Wan pipeline of ``layout`` (deterministic given ``seed``), ``save_pretrained(directory)``,
     return it."""
     directory = Path(directory)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        with torch.no_grad():
-            pipeline = _build_wan(layout)
-    pipeline.save_pretrained(directory)
+    build_tiny_wan_pipeline(layout, seed).save_pretrained(directory)
     return directory

@@ -13,6 +13,7 @@ from flowdppo.checkpoint import complete_checkpoints, read_tensors
 from flowdppo.config import config_from_dict, saved_config
 from flowdppo.distributed import Distributed
 from flowdppo.errors import CheckpointError, ConfigError
+from flowdppo.policies.comfyui import comfyui_names
 from flowdppo.policies.lora import (
     COMFYUI_FILE,
     LORA_FILE,
@@ -72,8 +73,9 @@ def export_lora(run_dir: Path, out: Path, from_checkpoint: bool = False, fmt: st
     ``diffusers``: ``out/pytorch_lora_weights.safetensors`` for ``pipeline.load_lora_weights(out)`` (``final/``
     already holds it; a checkpoint's peft weights go through the pipeline's ``save_lora_weights``), with the
     adapter's rank, alpha and modules as metadata. ``comfyui``: ``out/comfyui_lora.safetensors``, the same
-    weights under ``transformer.<module>.lora_A/B.weight`` with ``transformer.<module>.alpha`` tensors, the only
-    place ComfyUI reads the scale from. A two-expert model (Wan 2.2 A14B) gets one file per trained expert, the
+    weights under the keys ComfyUI's loader maps for the model's family (``policies.comfyui``: diffusers' names
+    under ``transformer.``, Wan's original names under ``diffusion_model.``) with an ``alpha`` tensor each, the
+    only place ComfyUI reads the scale from. A two-expert model (Wan 2.2 A14B) gets one file per trained expert, the
     low-noise one named ``..._transformer_2.safetensors`` (``lora_file``; diffusers: load it with
     ``load_lora_weights(out, weight_name=..., load_into_transformer_2=True)``)."""
     if fmt not in EXPORT_FORMATS:
@@ -106,11 +108,14 @@ def export_lora(run_dir: Path, out: Path, from_checkpoint: bool = False, fmt: st
             for adapter in adapters.values():
                 shutil.copyfile(adapter, out / adapter.name)
             return out / next(iter(adapters.values())).name
+    if fmt == "comfyui":  # keyed by the family (model_index.json, no weights), every file before any is written
+        names = comfyui_names(task_class(cfg).policy_class(cfg))
+        per_expert = {name: comfyui_state_dict(part, optim.lora_alpha, names) for name, part in per_expert.items()}
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name, weights in per_expert.items():
         if fmt == "comfyui":
-            save_file(comfyui_state_dict(weights, optim.lora_alpha), str(out / lora_file(name, COMFYUI_FILE)))
+            save_file(weights, str(out / lora_file(name, COMFYUI_FILE)))
         else:
             pipeline_class = task_class(cfg).policy_class(cfg).pipeline_class
             pipeline_class.save_lora_weights(out, transformer_lora_layers=weights, weight_name=lora_file(name),

@@ -31,11 +31,12 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import Tensor, nn
 
 from flowdppo.errors import ConfigError
+from flowdppo.policies.comfyui import ComfyUINames
 
 ADAPTER_NAME = "default"
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what pipeline.load_lora_weights(folder) reads
 COMFYUI_FILE = "comfyui_lora.safetensors"  # the ComfyUI export: one file for its LoRA loader
-PREFIX = "transformer."  # the transformer's keys in a pipeline LoRA file (diffusers and ComfyUI alike)
+PREFIX = "transformer."  # the transformer's keys in a pipeline LoRA file
 
 
 def experts(policy: nn.Module) -> dict[str, nn.Module]:
@@ -115,17 +116,19 @@ def adapter_metadata(state: dict[str, Tensor], lora_rank: int, lora_alpha: float
     return {"r": lora_rank, "lora_alpha": lora_alpha, "target_modules": lora_modules(state)}
 
 
-def comfyui_state_dict(state: dict[str, Tensor], lora_alpha: float) -> dict[str, Tensor]:
-    """An adapter's weights (peft names) as ComfyUI's LoRA loader reads a diffusers-format transformer LoRA:
-    ``transformer.<module>.lora_A.weight`` / ``.lora_B.weight`` and ``transformer.<module>.alpha``, a scalar.
+def comfyui_state_dict(state: dict[str, Tensor], lora_alpha: float, names: ComfyUINames) -> dict[str, Tensor]:
+    """An adapter's weights (peft names) keyed as ComfyUI's LoRA loader maps them for the family ``names``
+    (``policies.comfyui``): ``<key>.lora_A.weight`` / ``.lora_B.weight`` and ``<key>.alpha``, a scalar, with
+    ``<key>`` ``transformer.<module>`` (SD3, FLUX, Qwen-Image) or the original Wan name under ``diffusion_model.``.
 
     ComfyUI scales each update by ``alpha / rank`` from that tensor alone (no alpha: scale 1, an r 32 /
-    alpha 64 adapter at half strength)."""
+    alpha 64 adapter at half strength). Every module is named before any tensor is copied."""
+    keys = {module: names.key(module) for module in lora_modules(state)}
     out = {}
-    for module in lora_modules(state):
+    for module, key in keys.items():
         for part in ("lora_A.weight", "lora_B.weight"):
-            out[f"{PREFIX}{module}.{part}"] = state[f"{module}.{part}"].detach().float().cpu().contiguous()
-        out[f"{PREFIX}{module}.alpha"] = torch.tensor(float(lora_alpha))
+            out[f"{key}.{part}"] = state[f"{module}.{part}"].detach().float().cpu().contiguous()
+        out[f"{key}.alpha"] = torch.tensor(float(lora_alpha))
     return out
 
 

@@ -39,6 +39,7 @@ from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
 from torch import Tensor, nn
 
 from flowdppo.errors import ConfigError
+from flowdppo.policies.comfyui import DIFFUSERS_NAMES, ComfyUINames
 from flowdppo.prompts import PromptBatch
 
 # LoRA presets (names as peft matches them, a suffix of the module's name; ``*`` is one block index): the image
@@ -53,6 +54,7 @@ class PipelinePolicy(nn.Module):
     pipeline_class: ClassVar[type[DiffusionPipeline]]
     lora_target_modules: ClassVar[tuple[str, ...]] = ATTENTION_PROJECTIONS  # reaches every block
     lora_text_modules: ClassVar[tuple[str, ...]] = TEXT_PROJECTIONS  # with optim.lora_text_stream
+    comfyui_names: ClassVar[ComfyUINames] = DIFFUSERS_NAMES  # the LoRA keys ComfyUI's loader maps
 
     def __init__(
         self,

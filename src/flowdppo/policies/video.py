@@ -29,6 +29,7 @@ from diffusers import DiffusionPipeline, WanPipeline
 from torch import Tensor, nn
 
 from flowdppo.errors import ConfigError
+from flowdppo.policies.comfyui import WAN_NAMES
 from flowdppo.policies.pipelines import ATTENTION_PROJECTIONS, PipelinePolicy
 
 WAN_MAX_TEXT_TOKENS = 512  # WanPipeline.__call__'s max_sequence_length (its encode_prompt alone: 226)
@@ -54,6 +55,7 @@ class WanPolicy(PipelinePolicy):
     pipeline_class = WanPipeline
     lora_target_modules = ATTENTION_PROJECTIONS  # self-attention (attn1) and text cross-attention (attn2) alike
     lora_text_modules = ()  # no joint text stream (attn2's keys / values read the text and are in the preset)
+    comfyui_names = WAN_NAMES  # ComfyUI's Wan model keeps the original Wan names (blocks.N.self_attn.q ...)
 
     def __init__(self, pipeline: DiffusionPipeline, resolution: int, height: int = 0, width: int = 0,
                  num_frames: int = 81, guidance_scale_2: float = 0.0, **kwargs: Any) -> None:  # fmt: skip
