@@ -1,7 +1,9 @@
 """The reward server and the remote reward: exact scores, order, overlap, retries, bad inputs, resume after a
-server that died mid-run."""
+server that died mid-run; a token, bounded requests, malformed requests, a total deadline, Ctrl-C, proxies."""
 
+import asyncio
 import json
+import os
 import re
 import signal
 import socket
@@ -11,6 +13,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -34,7 +37,8 @@ from flowdppo.rewards.remote import (
     score_chunks,
     with_retries,
 )
-from flowdppo.rewards.server import bind, make_app, resolve_reward, url_of
+from flowdppo.rewards.server import bind, exposure_warning, make_app, resolve_reward, server_token, url_of
+from flowdppo.rewards.wire import TOKEN_ENV, RequestError
 from flowdppo.runs import RunFolder
 from flowdppo.trainer import train
 
@@ -42,9 +46,14 @@ TINY = ["prompts_per_epoch=2", "group_size=4", "eval_samples_per_class=2", "eval
 FAST_RETRIES = (0.05, 0.1, 0.2)
 
 
+PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
+
+
 @pytest.fixture(autouse=True)
-def fast_retries(monkeypatch):
+def fast_retries_and_a_clean_environment(monkeypatch):
     monkeypatch.setattr(remote, "RETRY_DELAYS_S", FAST_RETRIES)
+    for name in (TOKEN_ENV, *PROXY_VARIABLES, *(v.lower() for v in PROXY_VARIABLES)):
+        monkeypatch.delenv(name, raising=False)
 
 
 @contextmanager
@@ -95,6 +104,8 @@ def images_and_labels(n=8, seed=0):
 def test_addresses_parse_with_their_options():
     assert parse_remote("http://127.0.0.1:8000") == RemoteSpec("http://127.0.0.1:8000", 32, 120.0)
     assert parse_remote("HTTPS://host/prefix/?batch_size=4&timeout=2.5") == RemoteSpec("https://host/prefix", 4, 2.5)
+    spec = parse_remote("http://127.0.0.1:8000?token=s3cret")
+    assert spec.token == "s3cret" and "s3cret" not in repr(spec)
 
 
 @pytest.mark.parametrize("name, message", [
@@ -105,10 +116,14 @@ def test_addresses_parse_with_their_options():
     ("http://host:80?batch=3", r"unknown option 'batch'"),
     ("http://host:80?batch_size=0", r"batch_size must be a positive int, got '0'"),
     ("http://host:80?timeout=soon", r"timeout must be a positive float"),
+    ("http://host:80?timeout=inf", r"timeout must be a positive float, got 'inf'"),
+    ("http://host:80?token=", r"token: a token is one or more printable ASCII characters"),
+    ("http://host:80?token=a b&batch=1", r"'http://host:80\?token=\*\*\*&batch=1'.*unknown option 'batch'"),
 ])  # fmt: skip
 def test_malformed_addresses_are_config_errors(name, message):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message) as caught:
         parse_remote(name)
+    assert "a b" not in str(caught.value)  # a token is never repeated in a message
 
 
 def test_requests_carry_images_bit_for_bit_and_prompts_and_metadata():
@@ -214,12 +229,12 @@ def load_user_reward_in_tests(name):
 def test_a_request_without_answer_is_retried_with_backoff_then_one_error():
     calls = []
 
-    def refused():
+    async def refused():
         calls.append(time.perf_counter())
         raise httpx.ConnectError("Connection refused")
 
     with pytest.raises(RewardError, match=r"reward server http://h:1: no answer after 4 tries \(ConnectError"):
-        with_retries(refused, "http://h:1")
+        asyncio.run(with_retries(refused, "http://h:1"))
     gaps = [b - a for a, b in zip(calls, calls[1:], strict=False)]
     assert len(calls) == 4 and all(g >= d for g, d in zip(gaps, FAST_RETRIES, strict=True))
 
@@ -244,9 +259,11 @@ def train_fails_in_one_line(tmp_path, capsys, reward_name, message):
     out = tmp_path / "out"
     args = ["train", "--no-progress", "--out", str(out), *TINY, "epochs=1", f"reward.names=[{reward_name}]"]
     assert main(args) == 2
-    err = capsys.readouterr().err.strip()
+    lines = capsys.readouterr().err.strip().splitlines()
+    err = "\n".join(line for line in lines if not line.startswith("flowdppo reward-server: "))  # a server in-process
     assert err.count("\n") == 0 and err.startswith("flowdppo: error: ") and re.search(message, err), err
     assert not out.exists()
+    return err
 
 
 def test_unreachable_server_at_start(tmp_path, capsys):
@@ -308,9 +325,12 @@ def stop(process: subprocess.Popen) -> None:
     process.wait()
 
 
-def rows_of(run_dir: Path, url: str = "") -> list[dict]:
+def rows_of(run_dir: Path, remote_name: str = "") -> list[dict]:
+    """The run's metric rows without their times; ``remote_name`` (``remote:classifier_prob``) renamed as the
+    reward is named in-process, so the rows of a run on a server can equal those of a run in-process."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k.replace(url, "classifier_prob") if url else k: v for k, v in r.items() if k != "time_s"} for r in rows]
+    return [{k.replace(remote_name, "classifier_prob") if remote_name else k: v for k, v in r.items()
+             if k != "time_s"} for r in rows]  # fmt: skip
 
 
 EPOCHS = 3
@@ -329,7 +349,7 @@ def test_a_run_on_a_server_equals_the_run_in_process(in_process_rows, tmp_path):
         name = f"{url}?batch_size=4"
         train(load_config(overrides=TINY + [f"epochs={EPOCHS}", f"reward.names=['{name}']"]), tmp_path / "run",
               progress=False)  # fmt: skip
-    assert rows_of(tmp_path / "run", name) == in_process_rows
+    assert rows_of(tmp_path / "run", "remote:classifier_prob") == in_process_rows
 
 
 def test_a_server_killed_mid_run_stops_resumably_and_resume_is_exact(in_process_rows, tmp_path, capsys,
@@ -359,7 +379,8 @@ def test_a_server_killed_mid_run_stops_resumably_and_resume_is_exact(in_process_
     assert re.search(rf"^flowdppo: error: reward server {url}: no answer after 4 tries .*; continue with: "
                      rf"flowdppo train --resume {run_dir}$", err), err  # fmt: skip
     assert (run_dir / "checkpoints" / "epoch_000001").is_dir()  # the start of the epoch that failed
-    assert rows_of(run_dir, name) == in_process_rows[:1]
+    assert "reward/remote:classifier_prob" in rows_of(run_dir)[0]  # named by the reward served, not the port
+    assert rows_of(run_dir, "remote:classifier_prob") == in_process_rows[:1]
 
     monkeypatch.setattr(RunFolder, "log", real_log)
     server = start_server(port)  # the same address: the run's config names it
@@ -367,4 +388,299 @@ def test_a_server_killed_mid_run_stops_resumably_and_resume_is_exact(in_process_
         assert main(["train", "--no-progress", "--resume", str(run_dir)]) == 0
     finally:
         stop(server)
-    assert rows_of(run_dir, name) == in_process_rows
+    assert rows_of(run_dir, "remote:classifier_prob") == in_process_rows
+
+
+# A token, bounded requests and malformed requests: each answered 4xx in one line, the server still serving
+
+TOKEN = "s3cret-Token_1"
+OCTETS = {"content-type": "application/octet-stream"}
+
+
+def with_header(body: bytes, change) -> bytes:
+    """``body`` (a safetensors request) with its header JSON changed in place by ``change(header)``."""
+    size = int.from_bytes(body[:8], "little")
+    header = json.loads(body[8 : 8 + size])
+    change(header)
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + body[8 + size :]
+
+
+def labelled(n=2):
+    return encode_request(*images_and_labels(n), None)
+
+
+def texts(n=2):
+    return encode_request(images_and_labels(n)[0], ["a"] * n, None)
+
+
+def set_meta(**entries):
+    return lambda h: h["__metadata__"].update(entries)
+
+
+def set_images(**fields):
+    return lambda h: h["images"].update(fields)
+
+
+MALFORMED = [  # (body, status, message): what an attacker or a broken client sends
+    (b"", 400, r"header length is missing"),
+    (b"not safetensors", 400, r"not a protocol-1 request"),
+    ((2**63).to_bytes(8, "little") + b"{}", 400, r"header length is missing or past the body's end"),
+    ((5).to_bytes(8, "little") + b"[1,2]", 400, r"header is not a JSON object"),
+    (with_header(labelled(), lambda h: h.update({"__metadata__": {"protocol": 1}})), 400, r"object of strings"),
+    (with_header(texts(), set_meta(prompts="5")), 422, r"'prompts' must be a JSON list of strings, got int"),
+    (with_header(texts(), set_meta(prompts="null")), 422, r"'prompts' must be a JSON list of strings, got NoneType"),
+    (with_header(texts(), set_meta(prompts="[" * 100_000)), 422, r"header entry 'prompts' is not JSON"),
+    (with_header(texts(), set_meta(prompts='["a"]')), 422, r"2 images but 1 prompts"),
+    (with_header(texts(), lambda h: h["__metadata__"].pop("prompts")), 422, r"no prompts"),
+    (with_header(labelled(), set_meta(metadata="{}")), 422, r"'metadata' must be null or a JSON list of 2 objects"),
+    (with_header(labelled(), set_meta(protocol="2")), 422, r"protocol '2'; this server speaks protocol 1"),
+    (with_header(labelled(), set_images(shape=[], data_offsets=[0, 4])), 422, r"images have shape \(\)"),
+    (with_header(labelled(), set_images(dtype="I64", shape=[2, 1, 4, 4])), 422, r"images have dtype 'I64'"),
+    (with_header(labelled(), set_images(shape=[10**9, 1, 8, 8])), 413, r"10+ images .* --max-images 16"),
+    (with_header(labelled(), set_images(shape=[4, 1, 8, 8])), 400, r"does not match its data bytes"),
+    (with_header(labelled(), set_images(shape="big")), 400, r"tensor 'images' has no valid shape and dtype"),
+    (with_header(labelled(), lambda h: h.update(weights=h.pop("prompts"))), 422, r"unknown tensor 'weights'"),
+    (with_header(labelled(), lambda h: h["prompts"].update(dtype="F64")), 422, r"tensor 'prompts' is F64 \(2,\)"),
+    (with_header(labelled(), lambda h: h.pop("images")), 422, r"no tensor 'images'"),
+]
+
+
+@pytest.mark.parametrize("body, status, message", MALFORMED)
+def test_malformed_requests_are_refused_from_their_header(body, status, message):
+    with pytest.raises(RequestError, match=message) as caught:
+        decode_request(body, max_images=16)
+    assert caught.value.status == status
+
+
+def raw_post(url: str, head: str, body: bytes = b"") -> tuple[int, dict]:
+    """A POST /score written by hand (``head``: header lines), its status and JSON answer; the socket times out
+    after 10 s, so a server that waited for the rest of the body fails the test instead of hanging it."""
+    host, port = urlsplit(url).hostname, urlsplit(url).port
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(f"POST /score HTTP/1.1\r\nhost: {host}\r\n{head}\r\n".encode() + body)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(65536)
+        head_bytes, _, answer = data.partition(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)content-length: (\d+)", head_bytes).group(1))
+        while len(answer) < length:
+            answer += sock.recv(65536)
+    return int(head_bytes.split()[1]), json.loads(answer)
+
+
+def test_bad_requests_get_4xx_and_one_line_each_and_the_server_keeps_serving(capfd, monkeypatch):
+    """With a token, 16 images and 256 KiB at most: requests without the token, with a wrong one, of the wrong
+    kind, too large (declared, chunked, by their images), malformed or cut short; then a good one is scored
+    exactly."""
+    reward = resolve_reward("classifier_prob", "cpu")
+    app = make_app(reward, "classifier_prob", token=TOKEN, max_images=16, max_body_bytes=256 * 1024)
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    with serving(app) as url, httpx.Client(trust_env=False, timeout=10) as http:
+        capfd.readouterr()
+        sent = [
+            (http.get(f"{url}/health"), 401, r"no token \(this server needs Authorization: Bearer TOKEN"),
+            (http.post(f"{url}/score", content=labelled(), headers=OCTETS), 401, r"no token"),
+            (http.post(f"{url}/score", content=labelled(), headers={**OCTETS, "authorization": "Bearer nope"}), 401,
+             r"wrong token"),
+            (http.post(f"{url}/score", content=labelled(), headers={**OCTETS, "authorization": f"Basic {TOKEN}"}),
+             401, r"no token"),
+            (http.post(f"{url}/score", json={"images": [1]}, headers=auth), 415, r"'application/json'; send the "
+             r"safetensors body as application/octet-stream"),
+            (http.post(f"{url}/score", content=iter([b"x" * 65536] * 5), headers={**OCTETS, **auth}), 413,
+             r"body over the server's --max-body-mb 0.25"),  # chunked, no Content-Length
+            (http.post(f"{url}/score", content=encode_request(*images_and_labels(17), None),
+                       headers={**OCTETS, **auth}), 413, r"17 images in one request, over the server's --max-images "
+             r"16"),
+            *[(http.post(f"{url}/score", content=body, headers={**OCTETS, **auth}), status, message)
+              for body, status, message in MALFORMED],
+        ]  # fmt: skip
+        for response, status, message in sent:
+            assert response.status_code == status and re.search(message, response.json()["detail"]), response.text
+        assert sent[0][0].headers["www-authenticate"] == "Bearer"
+        # a declared body of 1 TB, and none sent: refused before a byte is read
+        head = (f"authorization: Bearer {TOKEN}\r\ncontent-type: application/octet-stream\r\n"
+                f"content-length: {10**12}\r\n")  # fmt: skip
+        refused = "request body over the server's --max-body-mb 0.25; send fewer images per request"
+        assert raw_post(url, head) == (413, {"detail": f"{refused} (batch_size in the address)"})
+        partial = f"POST /score HTTP/1.1\r\nhost: x\r\n{head.replace(str(10**12), '1000')}\r\n".encode() + b"x" * 10
+        with socket.create_connection((urlsplit(url).hostname, urlsplit(url).port), timeout=10) as sock:
+            sock.sendall(partial)  # 10 of 1000 bytes, then gone
+        err = ""  # the server logs it once it sees the client gone
+        for _ in range(100):
+            err += capfd.readouterr().err
+            if "disconnected" in err:
+                break
+            time.sleep(0.05)
+        assert "HTTP 400 to POST /score from 127.0.0.1: the client disconnected after 10 bytes of its body" in err
+        lines = err.splitlines()
+        assert len(lines) == len(sent) + 2 and "Traceback" not in err, err  # + the 1 TB one and the one gone
+        assert all(re.match(r"flowdppo reward-server: HTTP 4\d\d to (GET|POST) /\w+ from 127\.0\.0\.1: ", line)
+                   for line in lines), err  # fmt: skip
+        assert TOKEN not in err
+        monkeypatch.setenv(TOKEN_ENV, TOKEN)  # the trainer's side: the same variable
+        images, labels = images_and_labels(8)
+        assert torch.equal(load_remote_reward(url)(images, labels), reward(images, labels))
+
+
+def test_a_token_in_the_address_is_sent_and_a_missing_one_is_one_line(tmp_path, capsys):
+    reward = resolve_reward("classifier_prob", "cpu")
+    with serving(make_app(reward, "classifier_prob", token=TOKEN)) as url:
+        images, labels = images_and_labels(4)
+        assert torch.equal(load_remote_reward(f"{url}?token={TOKEN}")(images, labels), reward(images, labels))
+        train_fails_in_one_line(tmp_path, capsys, url, rf"reward server {url}: HTTP 401 to /health: no token \(.*\); "
+                                rf"give the trainer the server's token in {TOKEN_ENV} \(or token=\.\.\. in the "
+                                r"address\)$")  # fmt: skip
+        train_fails_in_one_line(tmp_path, capsys, f"'{url}?token=wrong'", r"HTTP 401 to /health: wrong token")
+
+
+def test_the_server_warns_beyond_loopback_without_a_token_and_reads_its_token(monkeypatch, capsys):
+    warning = exposure_warning("0.0.0.0", None)
+    assert "listening on 0.0.0.0 without a token" in warning and f"set {TOKEN_ENV} (or --token)" in warning
+    assert exposure_warning("::", None) and not exposure_warning("0.0.0.0", TOKEN)
+    assert exposure_warning("127.0.0.1", None) is None and exposure_warning("::1", None) is None
+    assert server_token(None) is None
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    assert server_token(None) == TOKEN and server_token("other") == "other"
+    for args, message in ((["--token", ""], "--token: a token is one or more printable ASCII characters"),
+                          (["--max-images", "0"], "--max-images: must be at least 1, got 0"),
+                          (["--max-body-mb", "-1"], "--max-body-mb: must be a positive number of MB")):  # fmt: skip
+        assert main(["reward-server", "--reward", "ink", "--port", "0", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and message in err, err
+
+
+def test_requests_fit_the_servers_limits_or_say_which_option_to_change(tmp_path, capsys):
+    sizes = []
+
+    def recording(images, prompts):
+        sizes.append(len(prompts))
+        return prompts.float()
+
+    app = fake_app(recording)
+    app.router.routes = [r for r in app.router.routes if getattr(r, "path", "") != "/health"]
+
+    @app.get("/health")
+    def health():
+        return {"reward": "fake", "protocol": PROTOCOL, "max_images": 3, "max_body_bytes": 2000}
+
+    with serving(app) as url:
+        scores = load_remote_reward(url)(torch.rand(8, 1, 8, 8), torch.arange(8))  # batch_size 32, capped at 3
+        assert torch.equal(scores, torch.arange(8).float()) and sizes == [3, 3, 2]
+        too_big = rf"^reward server {url}: a request of 3 images is 0.00\d+ MB, over the server's --max-body-mb 0.00191"
+        with pytest.raises(RewardError, match=rf"{too_big}; lower batch_size in the address to 1$"):
+            load_remote_reward(url)(torch.rand(3, 2, 12, 12), torch.arange(3))  # 1152 bytes an image
+        with pytest.raises(RewardError, match=r"restart the server with more --max-body-mb$"):
+            load_remote_reward(url)(torch.rand(1, 3, 32, 32), torch.arange(1))
+
+
+# The client: a total deadline, Ctrl-C, proxies, names
+
+
+def trickling_app(route: str, seconds: float = 20.0):
+    """A server whose ``route`` answers one byte every 0.2 s for ``seconds`` (the other route answers normally)."""
+    from fastapi.responses import StreamingResponse
+
+    app = fake_app(lambda images, prompts: prompts.float())
+
+    async def trickle(request):
+        async def one_byte_at_a_time():
+            for _ in range(int(seconds / 0.2)):
+                yield b" "
+                await asyncio.sleep(0.2)
+
+        return StreamingResponse(one_byte_at_a_time(), media_type="application/json")
+
+    app.router.routes = [r for r in app.router.routes if getattr(r, "path", "") != route]
+    app.add_route(route, trickle, methods=["GET" if route == "/health" else "POST"])
+    return app
+
+
+def test_a_trickling_answer_fails_at_the_deadline_not_per_read():
+    with serving(trickling_app("/score")) as url:
+        reward = load_remote_reward(f"{url}?timeout=1")
+        start = time.perf_counter()
+        with pytest.raises(RewardError, match=rf"^reward server {url}: no complete answer to /score within 1 s; .* "
+                                              r"timeout=SECONDS in the address"):  # fmt: skip
+            reward(*images_and_labels(4))
+        assert time.perf_counter() - start < 3  # tries are not repeated: the server is still busy with it
+
+
+@pytest.mark.parametrize("route", ["/health", "/score"])
+def test_a_trickling_server_is_one_line_naming_the_timeout(tmp_path, capsys, route):
+    with serving(trickling_app(route)) as url:
+        train_fails_in_one_line(tmp_path, capsys, f"'{url}?timeout=1'",
+                                rf"reward server {url}: no complete answer to {route} within 1 s; if the server is "
+                                rf"only slow, give it longer with timeout=SECONDS in the address")  # fmt: skip
+
+
+def test_ctrl_c_while_a_request_hangs_exits_130_at_once(tmp_path):
+    """A trainer subprocess whose /score request gets no answer for 60 s is sent SIGINT: one line at once and exit
+    code 130 long before the answer (the requests in flight do not hold the process; what remains is the
+    interpreter's own shutdown, a few seconds on a loaded machine)."""
+    from fastapi import FastAPI
+
+    arrived, release = threading.Event(), threading.Event()
+    app = FastAPI()
+
+    @app.get("/health")
+    def health():
+        return {"reward": "hang", "protocol": PROTOCOL}
+
+    @app.post("/score")
+    async def hang():
+        arrived.set()
+        for _ in range(1200):  # 60 s at most
+            if release.is_set():
+                break
+            await asyncio.sleep(0.05)
+        return {}
+
+    with serving(app) as url:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        process = subprocess.Popen([sys.executable, "-m", "flowdppo", "train", "--no-progress", "--out",
+                                    str(tmp_path / "run"), *TINY, "epochs=1", f"reward.names=[{url}]"],
+                                   stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+        try:
+            assert arrived.wait(120), "the trainer sent no request"
+            process.send_signal(signal.SIGINT)
+            start = time.perf_counter()
+            line = process.stderr.readline()  # the process prints it, or exits (EOF)
+            said = time.perf_counter() - start
+            code = process.wait(30)
+            waited = time.perf_counter() - start
+        finally:
+            release.set()
+            stop(process)
+        rest = process.stderr.read()
+    assert line.startswith("flowdppo: interrupted (SIGINT)") and said < 2, (line, said, rest)
+    assert code == 130 and waited < 20 and not rest.strip(), (code, waited, rest)
+
+
+def test_loopback_bypasses_proxies_and_a_failure_through_a_proxy_names_it(tmp_path, capsys, monkeypatch):
+    """Every proxy variable points at a closed port of 127.0.0.1: a loopback server is still reached directly; a
+    server by name (never contacted: only the proxy is) fails in one line naming the proxy, without its password."""
+    shown = f"http://127.0.0.1:{free_port()}"
+    for name in PROXY_VARIABLES[:3]:
+        monkeypatch.setenv(name, shown.replace("://", "://user:pw@"))
+    reward = resolve_reward("classifier_prob", "cpu")
+    with serving(make_app(reward, "classifier_prob")) as url:
+        images, labels = images_and_labels(4)
+        assert torch.equal(load_remote_reward(url)(images, labels), reward(images, labels))
+    assert remote.proxy_of("http://reward-box.invalid:8000") == shown
+    err = train_fails_in_one_line(tmp_path, capsys, "http://reward-box.invalid:8000",
+                                  rf"no answer after 4 tries \(ConnectError.*\) through the proxy {shown} \(from "
+                                  r"HTTP_PROXY / HTTPS_PROXY / ALL_PROXY; add the host to NO_PROXY")  # fmt: skip
+    assert "pw" not in err
+    monkeypatch.setenv("NO_PROXY", "reward-box.invalid")
+    assert remote.proxy_of("http://reward-box.invalid:8000") is None
+
+
+def test_remote_rewards_are_named_by_the_reward_served_whatever_the_port():
+    reward = resolve_reward("classifier_prob", "cpu")
+    with serving(make_app(reward, "classifier_prob")) as first, serving(make_app(reward, "classifier_prob")) as second:
+        assert first != second
+        assert [name for name, _ in remote.named_rewards([first], load_remote_reward)] == ["remote:classifier_prob"]
+        with pytest.raises(ConfigError, match=rf"reward.names: '{first}' and '{second}' are both the reward "
+                                              r"'remote:classifier_prob'; give each reward once"):  # fmt: skip
+            remote.named_rewards([first, second], load_remote_reward)

@@ -34,6 +34,7 @@ import torch  # noqa: E402  (after the environment is set)
 
 from flowdppo.config import PRESETS, load_config, resume_config, saved_config
 from flowdppo.errors import ConfigError, FlowDPPOError
+from flowdppo.rewards.server import DEFAULT_MAX_BODY_MB, DEFAULT_MAX_IMAGES
 from flowdppo.tasks.digits import UPSAMPLE_FACTORS
 
 
@@ -207,7 +208,7 @@ def _digits_classifier(args: argparse.Namespace) -> int:
 def _reward_server(args: argparse.Namespace) -> int:
     from flowdppo.rewards.server import serve
 
-    serve(args.reward, args.host, args.port, args.device)
+    serve(args.reward, args.host, args.port, args.device, args.token, args.max_images, args.max_body_mb)
     return 0
 
 
@@ -301,9 +302,15 @@ def build_parser() -> argparse.ArgumentParser:
     srv = commands.add_parser("reward-server", help="serve a reward over HTTP, for reward.names=[http://HOST:PORT]")
     srv.add_argument("--reward", required=True, metavar="NAME[@PATH]",
                      help="a digits or image reward (name or name@model_path) or module:function")  # fmt: skip
-    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     srv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: a free one)")
     srv.add_argument("--device", help="where the reward runs (default cuda when available, else cpu)")
+    srv.add_argument("--token", help="require Authorization: Bearer TOKEN (default: $FLOWDPPO_REWARD_TOKEN, which "
+                     "keeps it out of the process list; the trainer reads the same variable)")  # fmt: skip
+    srv.add_argument("--max-images", type=int, default=DEFAULT_MAX_IMAGES,
+                     help=f"images per request at most (default {DEFAULT_MAX_IMAGES})")  # fmt: skip
+    srv.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_MB,
+                     help=f"request body size at most, in MB (default {DEFAULT_MAX_BODY_MB:g})")  # fmt: skip
     srv.set_defaults(func=_reward_server)
     return parser
 

@@ -290,6 +290,7 @@ def evaluate_protocol(run_dir: Path, prompts_file: Path, reward_names: list[str]
     reference = None if uses_lora(trained) else task.policy  # LoRA: the base is the adapters-off network
     velocities = {"base": make_base_velocity(trained, reference, w), "trained": partial(trained, guidance_scale=w)}
     scores = sample_scores(task, records, velocities, samples_per_prompt, seed, progress)
+    names = [name for name, _ in task.rewards]  # as logged: a reward server's is remote:NAME, not its address
     texts = [r["prompt"] for r in records]
     protocol = {
         "sampler": "ode",

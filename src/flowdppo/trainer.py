@@ -121,7 +121,7 @@ def run_training(cfg: TrainConfig, run: RunFolder, dist: Distributed, resume: bo
         row = {
             "epoch": epoch,
             "reward_mean": float((rewards @ rewards.new_tensor(cfg.reward.weights)).mean() / sum(cfg.reward.weights)),
-            **{f"reward/{name}": float(rewards[:, k].mean()) for k, name in enumerate(cfg.reward.names)},
+            **{f"reward/{name}": float(rewards[:, k].mean()) for k, (name, _) in enumerate(task.rewards)},
             "kl_to_base": float(dist.gather(traj.kl_to_base).mean()),
             "trained_steps": steps,
             **update_metrics,

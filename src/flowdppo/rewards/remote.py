@@ -1,99 +1,68 @@
 """A reward computed by a reward server (``flowdppo reward-server``) over HTTP, and scoring that overlaps it.
 
-``reward.names=[http://HOST:PORT]`` scores with the reward the server serves, like any other reward. Options go
-in the query (quote the name in an override: ``reward.names=['http://HOST:PORT?batch_size=16&timeout=300']``):
-``batch_size`` images per request (default 32) and ``timeout`` seconds to wait for one answer (default 120).
+``reward.names=[http://HOST:PORT]`` scores with the reward the server serves, like any other reward, logged as
+``reward/remote:NAME`` (the name the server declares, the same whatever its address). Options go in the query
+(quote the name in an override: ``reward.names=['http://HOST:PORT?batch_size=16&timeout=300']``):
+``batch_size`` images per request (default 32, at most the server's ``--max-images``), ``timeout`` seconds for
+one whole answer (default 120) and ``token``, the server's token (better: the ``FLOWDPPO_REWARD_TOKEN``
+environment variable, which keeps it out of the run's config). Loopback addresses never go through a proxy;
+others follow ``HTTP_PROXY`` / ``HTTPS_PROXY`` / ``NO_PROXY``, and a failure through a proxy names it.
 
-Protocol 1 (``PROTOCOL``):
+Protocol 1 (``wire.PROTOCOL``):
 
-- ``GET /health`` -> ``{"reward": NAME, "protocol": 1}``;
+- ``GET /health`` -> ``{"reward": NAME, "protocol": 1, "max_images": N, "max_body_bytes": M}``;
 - ``POST /score`` with a safetensors body: tensor ``images`` ``(B, C, H, W)`` in the trainer's dtype (float32
   images arrive bit for bit), tensor ``prompts`` ``(B,)`` int64 when the prompts are labels, else the header
   entry ``prompts`` (a JSON list of strings); header entry ``metadata`` (a JSON list of ``B`` dicts, or null).
-  The answer is a safetensors body with ``scores`` ``(B,)`` float32, or HTTP 422 ``{"detail": one line}``.
+  The answer is a safetensors body with ``scores`` ``(B,)`` float32, or a 4xx ``{"detail": one line}``;
+- with a token, every request carries ``Authorization: Bearer TOKEN`` (else HTTP 401).
 
 The client checks the server at start (``GET /health``), sends ``batch_size`` images per request with up to
 ``IN_FLIGHT`` requests at once (results kept in order), retries a request that got no answer or a 5xx after
 each of ``RETRY_DELAYS_S`` and checks every answer: one finite score per image, else ``RewardError``.
+Requests run on an event loop in a daemon thread, so an interrupted trainer exits at once.
 """
 
 from __future__ import annotations
 
-import json
-import re
-import time
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+import asyncio
+import os
+import threading
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import torch
-from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
 from torch import Tensor
 
 from flowdppo.errors import ConfigError, RewardError
 from flowdppo.prompts import PromptBatch
-from flowdppo.rewards import score
+from flowdppo.rewards import Reward, score
+from flowdppo.rewards.address import (
+    DEFAULT_BATCH_SIZE,
+    RemoteSpec,
+    is_loopback,
+    is_remote,
+    parse_remote,
+    proxy_of,
+    redacted,
+)
+from flowdppo.rewards.wire import (
+    PROTOCOL,
+    TOKEN_ENV,
+    check_token,
+    decode_request,
+    decode_scores,
+    encode_request,
+    encode_scores,
+)
 
-PROTOCOL = 1
-DEFAULT_BATCH_SIZE = 32
-DEFAULT_TIMEOUT_S = 120.0
 CONNECT_TIMEOUT_S = 5.0
 RETRY_DELAYS_S = (0.5, 1.0, 2.0)  # waits between tries: 4 tries in all, backing off exponentially
 IN_FLIGHT = 2  # requests of one reward at once: the server scores chunk k while chunk k + 1 travels
 SERVE_EXTRA = "pip install 'flowdppo[serve]'"
-_HOST = re.compile(r"^[A-Za-z0-9._\-:%]+$")
-
-
-# The address
-
-
-@dataclass(frozen=True)
-class RemoteSpec:
-    """Where the server is (``url`` without the query) and how to call it."""
-
-    url: str
-    batch_size: int = DEFAULT_BATCH_SIZE
-    timeout: float = DEFAULT_TIMEOUT_S
-
-
-def is_remote(name: str) -> bool:
-    """Whether a reward name is a server's address (``http://`` or ``https://``)."""
-    return name.strip().lower().startswith(("http://", "https://"))
-
-
-def parse_remote(name: str) -> RemoteSpec:
-    """``http[s]://HOST:PORT[/path][?batch_size=N&timeout=S]`` -> ``RemoteSpec``; anything else is a ConfigError."""
-    bad = f"reward.names: {name!r} is not a reward server address (http://HOST:PORT"
-    parts = urlsplit(name.strip())
-    try:
-        parts.port  # noqa: B018  (raises on a port that is not a number in 0..65535)
-    except ValueError as err:
-        raise ConfigError(f"{bad}; {err})") from None
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname or not _HOST.match(parts.hostname):
-        raise ConfigError(f"{bad})")
-    options = dict(parse_qsl(parts.query, keep_blank_values=True))
-    unknown = sorted(set(options) - {"batch_size", "timeout"})
-    if unknown:
-        raise ConfigError(f"{bad}): unknown option {unknown[0]!r}; options are batch_size and timeout")
-    batch_size = _positive(options.get("batch_size"), int, DEFAULT_BATCH_SIZE, "batch_size", name)
-    timeout = _positive(options.get("timeout"), float, DEFAULT_TIMEOUT_S, "timeout", name)
-    url = urlunsplit((parts.scheme.lower(), parts.netloc, parts.path.rstrip("/"), "", ""))
-    return RemoteSpec(url, int(batch_size), float(timeout))
-
-
-def _positive(raw: str | None, kind: type, default: float, key: str, name: str) -> float:
-    if raw is None:
-        return default
-    try:
-        value = kind(raw)
-    except ValueError:
-        value = 0
-    if not value > 0:
-        raise ConfigError(f"reward.names: {name!r}: {key} must be a positive {kind.__name__}, got {raw!r}")
-    return value
 
 
 # The protocol
@@ -103,51 +72,6 @@ def reward_arguments(prompts: Any) -> tuple[Any, Any]:
     """``(prompts, metadata)`` as a reward is called with them (``rewards.score``): texts and metadata dicts of
     a ``PromptBatch``, other prompts (labels) as they are with ``None``."""
     return (prompts.text, prompts.metadata) if isinstance(prompts, PromptBatch) else (prompts, None)
-
-
-def encode_request(images: Tensor, prompts: Tensor | Sequence[Any], metadata: Sequence[dict] | None) -> bytes:
-    """The body of ``POST /score``: images (their own dtype, exact), prompts and metadata."""
-    tensors = {"images": images.detach().cpu().contiguous()}
-    header = {"protocol": str(PROTOCOL), "metadata": json.dumps(None if metadata is None else list(metadata),
-                                                                default=str)}  # fmt: skip
-    if isinstance(prompts, Tensor):
-        tensors["prompts"] = prompts.detach().cpu().to(torch.int64).contiguous()
-    else:
-        header["prompts"] = json.dumps([p if isinstance(p, (str, int)) else str(p) for p in prompts])
-    return save_tensors(tensors, metadata=header)
-
-
-def decode_request(body: bytes) -> tuple[Tensor, Tensor | list, list | None]:
-    """``(images, prompts, metadata)`` of a ``POST /score`` body; ValueError when it is not one."""
-    try:
-        tensors = load_tensors(body)
-        header = _header(body)
-        prompts = tensors["prompts"] if "prompts" in tensors else json.loads(header["prompts"])
-        images, metadata = tensors["images"], json.loads(header.get("metadata", "null"))
-    except Exception as err:
-        raise ValueError(f"not a protocol-{PROTOCOL} request ({type(err).__name__}: {err})") from err
-    if len(prompts) != images.shape[0] or (metadata is not None and len(metadata) != images.shape[0]):
-        raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
-    return images, prompts, metadata
-
-
-def _header(body: bytes) -> dict[str, str]:
-    size = int.from_bytes(body[:8], "little")
-    return json.loads(body[8 : 8 + size]).get("__metadata__", {})
-
-
-def encode_scores(scores: Tensor) -> bytes:
-    """The body of a ``POST /score`` answer: ``scores`` ``(B,)`` float32."""
-    return save_tensors({"scores": scores.detach().cpu().to(torch.float32).contiguous()})
-
-
-def decode_scores(body: bytes, url: str) -> Tensor:
-    """The scores of a ``POST /score`` answer; RewardError when it is not one."""
-    try:
-        return load_tensors(body)["scores"]
-    except Exception as err:
-        raise RewardError(f"reward server {url}: its answer is not a protocol-{PROTOCOL} score tensor "
-                          f"({type(err).__name__})") from err  # fmt: skip
 
 
 def check_scores(scores: Tensor, batch: int, url: str) -> Tensor:
@@ -169,6 +93,10 @@ class _ServerBusy(Exception):
     """An HTTP 5xx: the server (or a proxy before it) may answer a later try."""
 
 
+class NoAnswer(RewardError):
+    """Every try went unanswered: no connection, or a 5xx each time."""
+
+
 def import_httpx():
     """``httpx``, or one line saying how to install it."""
     try:
@@ -178,20 +106,23 @@ def import_httpx():
     return httpx
 
 
-def with_retries(call: Callable[[], Any], url: str, delays: Sequence[float] | None = None) -> Any:
-    """``call()``, tried again after each of ``delays`` (``RETRY_DELAYS_S``) while the server gives no answer
-    (a connection error, a timeout) or a 5xx; then a RewardError naming the last failure."""
+async def with_retries(call: Callable[[], Awaitable[Any]], url: str, delays: Sequence[float] | None = None,
+                       proxy: str | None = None) -> Any:  # fmt: skip
+    """``await call()``, tried again after each of ``delays`` (``RETRY_DELAYS_S``) while the server gives no
+    answer (a connection error) or a 5xx; then a ``NoAnswer`` naming the last failure and the ``proxy``."""
     httpx = import_httpx()
     delays = RETRY_DELAYS_S if delays is None else delays
     for wait in (*delays, None):
         try:
-            return call()
+            return await call()
         except (httpx.TransportError, _ServerBusy) as err:
             if wait is None:
                 detail = " ".join(str(err).split()) or "no detail"
-                raise RewardError(f"reward server {url}: no answer after {len(delays) + 1} tries "
-                                  f"({type(err).__name__}: {detail})") from err  # fmt: skip
-            time.sleep(wait)
+                via = (f" through the proxy {proxy} (from HTTP_PROXY / HTTPS_PROXY / ALL_PROXY; add the host to "
+                       "NO_PROXY to connect directly)") if proxy else ""  # fmt: skip
+                raise NoAnswer(f"reward server {url}: no answer after {len(delays) + 1} tries "
+                               f"({type(err).__name__}: {detail}){via}") from err  # fmt: skip
+            await asyncio.sleep(wait)
     raise AssertionError("unreachable")
 
 
@@ -206,33 +137,25 @@ def _checked(response, url: str):
     detail = " ".join(str(detail).split())[:300]
     if response.status_code >= 500:
         raise _ServerBusy(f"HTTP {response.status_code} {detail}")
-    raise RewardError(f"reward server {url}: HTTP {response.status_code} to {response.url.path}: {detail}")
+    fix = (f"; give the trainer the server's token in {TOKEN_ENV} (or token=... in the address)"
+           if response.status_code == 401 else "")  # fmt: skip
+    raise RewardError(f"reward server {url}: HTTP {response.status_code} to {response.url.path}: {detail}{fix}")
 
 
-def fetch_health(client, url: str) -> dict:
-    """``GET /health`` once: ``{"reward": NAME, "protocol": N}``, checked to be a server this client speaks to."""
-    response = _checked(client.get(f"{url}/health"), url)
+def parse_health(response, url: str) -> dict:
+    """A ``GET /health`` answer ``{"reward": NAME, "protocol": N, "max_images": .., "max_body_bytes": ..}``,
+    checked to be a server this client speaks to (the limits are None when the server declares none)."""
     try:
         health = response.json()
         name, protocol = str(health["reward"]), int(health["protocol"])
+        limits = {key: None if health.get(key) is None else int(health[key])
+                  for key in ("max_images", "max_body_bytes")}  # fmt: skip
     except Exception as err:
         raise RewardError(f"reward server {url}: /health is not a flowdppo reward server's answer") from err
     if protocol != PROTOCOL:
         raise RewardError(f"reward server {url} speaks protocol {protocol}; this flowdppo speaks {PROTOCOL} "
                           "(run the same flowdppo version on both sides)")  # fmt: skip
-    return {"reward": name, "protocol": protocol}
-
-
-def post_scores(client, spec: RemoteSpec, images: Tensor, prompts: Any, metadata: Any) -> Tensor:
-    """One ``POST /score`` (with retries): the checked ``(B,)`` scores of ``images`` (on the CPU)."""
-    body = encode_request(images, prompts, metadata)
-
-    def once() -> Tensor:
-        response = client.post(f"{spec.url}/score", content=body,
-                               headers={"content-type": "application/octet-stream"})  # fmt: skip
-        return decode_scores(_checked(response, spec.url).content, spec.url)
-
-    return check_scores(with_retries(once, spec.url), images.shape[0], spec.url)
+    return {"reward": name, "protocol": protocol, **limits}
 
 
 @dataclass
@@ -247,19 +170,80 @@ class PendingScores:
 
 
 class RemoteReward:
-    """The reward a server serves, called like any reward; ``submit`` returns without waiting."""
+    """The reward a server serves, called like any reward; ``submit`` returns without waiting.
 
-    def __init__(self, spec: RemoteSpec, client, served: str, in_flight: int = IN_FLIGHT) -> None:
-        self.spec, self.client, self.served = spec, client, served
-        self.name = spec.url
-        self.pool = ThreadPoolExecutor(max(1, in_flight), thread_name_prefix="flowdppo-remote-reward")
+    Requests run on an asyncio loop in a daemon thread, so waiting for them is interruptible (Ctrl-C) and an
+    interrupted process does not wait for them. ``timeout`` bounds each try from connecting to the last byte
+    of the answer; a try that runs past it is not retried (the server is still busy with it).
+    """
+
+    def __init__(self, spec: RemoteSpec, in_flight: int = IN_FLIGHT) -> None:
+        httpx = import_httpx()
+        token = spec.token or os.environ.get(TOKEN_ENV) or None
+        headers = {"authorization": f"Bearer {check_token(token, TOKEN_ENV)}"} if token else {}
+        self.spec, self.proxy = spec, proxy_of(spec.url)
+        self.served, self.name, self.batch_size, self.max_body = "", spec.url, spec.batch_size, None
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT_S), headers=headers,
+                                        trust_env=not is_loopback(urlsplit(spec.url).hostname))  # fmt: skip
+        self.slots = asyncio.Semaphore(max(1, in_flight))
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, name="flowdppo-remote-reward", daemon=True).start()
+
+    def connect(self) -> None:
+        """``GET /health`` (with retries): the served reward's name and the server's limits."""
+        try:
+            health = self.wait(self.request("/health", lambda: self.client.get(f"{self.spec.url}/health")))
+        except NoAnswer as err:
+            raise NoAnswer(f"{err}; start it with: flowdppo reward-server --reward NAME "
+                           f"--port {urlsplit(self.spec.url).port or 80}") from err  # fmt: skip
+        health = parse_health(health, self.spec.url)
+        self.served, self.name, self.max_body = health["reward"], f"remote:{health['reward']}", health["max_body_bytes"]
+        self.batch_size = min(self.spec.batch_size, health["max_images"] or self.spec.batch_size)
+
+    def wait(self, coroutine: Awaitable[Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    async def request(self, path: str, send: Callable[[], Awaitable[Any]]):
+        """The checked answer of ``send()`` (with retries), each try bounded by ``timeout`` in all."""
+        url, timeout = self.spec.url, self.spec.timeout
+
+        async def once():
+            try:
+                response = await asyncio.wait_for(send(), timeout)
+            except asyncio.TimeoutError:
+                raise RewardError(f"reward server {url}: no complete answer to {path} within {timeout:g} s; if the "
+                                  f"server is only slow, give it longer with timeout=SECONDS in the address "
+                                  f"(reward.names=['{url}?timeout=600'])") from None  # fmt: skip
+            return _checked(response, url)
+
+        return await with_retries(once, url, proxy=self.proxy)
+
+    async def post(self, body: bytes, batch: int) -> Tensor:
+        """One ``POST /score``: the checked ``(batch,)`` scores."""
+        url = self.spec.url
+        async with self.slots:
+            response = await self.request("/score", lambda: self.client.post(
+                f"{url}/score", content=body, headers={"content-type": "application/octet-stream"}))  # fmt: skip
+        return check_scores(decode_scores(response.content, url), batch, url)
+
+    def encode(self, images: Tensor, prompts: Any, metadata: Any) -> bytes:
+        """A request body, checked against the server's ``--max-body-mb``."""
+        body, batch = encode_request(images, prompts, metadata), images.shape[0]
+        if self.max_body is not None and len(body) > self.max_body:
+            fits = int(batch * self.max_body / len(body))
+            fix = f"lower batch_size in the address to {fits}" if fits else "restart the server with more --max-body-mb"
+            raise RewardError(f"reward server {self.spec.url}: a request of {batch} images is {len(body) / 2**20:.3g} "
+                              f"MB, over the server's --max-body-mb {self.max_body / 2**20:.3g}; {fix}")  # fmt: skip
+        return body
 
     def submit(self, images: Tensor, prompts: Tensor | Sequence[Any], metadata: Any = None) -> PendingScores:
         """Send ``images`` in chunks of ``batch_size``, up to ``in_flight`` requests at once; returns at once."""
-        device, images, size = images.device, images.detach().cpu(), self.spec.batch_size
-        chunks = [(images[i : i + size], prompts[i : i + size], None if metadata is None else metadata[i : i + size])
-                  for i in range(0, images.shape[0], size)]  # fmt: skip
-        parts = [self.pool.submit(post_scores, self.client, self.spec, *chunk) for chunk in chunks]
+        device, images, size = images.device, images.detach().cpu(), self.batch_size
+        parts = []
+        for i in range(0, images.shape[0], size):
+            body = self.encode(images[i : i + size], prompts[i : i + size],
+                               None if metadata is None else metadata[i : i + size])  # fmt: skip
+            parts.append(asyncio.run_coroutine_threadsafe(self.post(body, min(size, images.shape[0] - i)), self.loop))
         return PendingScores(parts, device)
 
     def __call__(self, images: Tensor, prompts: Tensor | Sequence[Any], metadata: Any = None) -> Tensor:
@@ -267,22 +251,36 @@ class RemoteReward:
         return self.submit(images, prompts, metadata).result().to(images.device)
 
     def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
-        self.client.close()
+        """Close the connections and stop the loop (requests in flight are dropped)."""
+        if self.loop.is_running():
+            asyncio.run_coroutine_threadsafe(self.client.aclose(), self.loop).result(CONNECT_TIMEOUT_S)
+            self.loop.call_soon_threadsafe(self.loop.stop)
 
 
 def load_remote_reward(name: str, in_flight: int = IN_FLIGHT) -> RemoteReward:
     """The reward served at ``name`` (``http://HOST:PORT[?options]``), its server checked once (with retries)."""
-    spec = parse_remote(name)
-    httpx = import_httpx()
-    client = httpx.Client(timeout=httpx.Timeout(spec.timeout, connect=CONNECT_TIMEOUT_S))
+    reward = RemoteReward(parse_remote(name), in_flight)
     try:
-        health = with_retries(lambda: fetch_health(client, spec.url), spec.url)
-    except RewardError as err:
-        client.close()
-        raise RewardError(f"{err}; start it with: flowdppo reward-server --reward NAME "
-                          f"--port {urlsplit(spec.url).port or 80}") from err  # fmt: skip
-    return RemoteReward(spec, client, health["reward"], in_flight)
+        reward.connect()
+    except Exception:
+        reward.close()
+        raise
+    return reward
+
+
+def named_rewards(names: Sequence[str], load: Callable[[str], Reward]) -> list[tuple[str, Reward]]:
+    """``(name in logs, reward)`` of each of ``names``, loaded by ``load``. A remote reward's name is
+    ``remote:NAME`` after the reward its server declares, not its address (which changes with the port)."""
+    rewards, seen = [], {}
+    for name in names:
+        reward = load(name)
+        logged = reward.name if isinstance(reward, RemoteReward) else name
+        if logged in seen:
+            raise ConfigError(f"reward.names: {redacted(seen[logged])!r} and {redacted(name)!r} are both the reward "
+                              f"{logged!r}; give each reward once")  # fmt: skip
+        seen[logged] = name
+        rewards.append((logged, reward))
+    return rewards
 
 
 # Scoring a batch, remote rewards overlapped
@@ -321,6 +319,8 @@ __all__ = [
     "IN_FLIGHT",
     "PROTOCOL",
     "RETRY_DELAYS_S",
+    "TOKEN_ENV",
+    "NoAnswer",
     "PendingScores",
     "RemoteReward",
     "RemoteSpec",
@@ -329,11 +329,14 @@ __all__ = [
     "decode_scores",
     "encode_request",
     "encode_scores",
-    "fetch_health",
+    "is_loopback",
     "is_remote",
     "load_remote_reward",
+    "named_rewards",
+    "parse_health",
     "parse_remote",
-    "post_scores",
+    "proxy_of",
+    "redacted",
     "score_chunks",
     "reward_arguments",
     "with_retries",

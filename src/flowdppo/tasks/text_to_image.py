@@ -11,7 +11,7 @@ from flowdppo.policies.pipelines import PipelinePolicy, load_pipeline_policy, pi
 from flowdppo.prompts import EmbeddingCache, PromptBatch, load_prompts, make_batch, split_prompts
 from flowdppo.rewards import Reward, load_user_reward, score
 from flowdppo.rewards.image import IMAGE_REWARDS, make_image_reward
-from flowdppo.rewards.remote import is_remote, load_remote_reward
+from flowdppo.rewards.remote import is_remote, load_remote_reward, named_rewards
 from flowdppo.rollout import sample, sample_with_path_kl
 
 EVAL_SEED_OFFSET = 10_007  # evaluation noise never coincides with rollout noise
@@ -37,7 +37,7 @@ class TextToImageTask:
             records = self.train_records + self.eval_records
             self.cache.encode_missing([r["prompt"] for r in records], progress=True)
             self.policy.free_text_encoders()
-        self.rewards = [(name, self.load_reward(name)) for name in cfg.reward.names]
+        self.rewards = named_rewards(cfg.reward.names, self.load_reward)  # (name in logs, reward)
 
     def load_policy(self, model: str = "") -> PipelinePolicy:
         """The pipeline in folder (or hub id) ``model``, in ``cfg.precision``."""

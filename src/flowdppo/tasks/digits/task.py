@@ -10,7 +10,7 @@ from torch import Tensor
 
 from flowdppo.errors import ConfigError
 from flowdppo.rewards import Reward, load_user_reward
-from flowdppo.rewards.remote import is_remote, load_remote_reward
+from flowdppo.rewards.remote import is_remote, load_remote_reward, named_rewards
 from flowdppo.rollout import sample, sample_with_path_kl
 from flowdppo.sde import shifted_sigmas
 from flowdppo.tasks.digits.classifier import load_classifier
@@ -48,7 +48,7 @@ class DigitsTask:
         self.train_classes = torch.tensor(sorted(cfg.digits_classes) or range(NUM_CLASSES))
         self.eval_reward = make_digits_reward("classifier_prob", self.classifier)
         self.policy = self.load_policy(cfg.model)
-        self.rewards = [(name, self.load_reward(name)) for name in cfg.reward.names]
+        self.rewards = named_rewards(cfg.reward.names, self.load_reward)  # (name in logs, reward)
 
     def load_policy(self, model: str = "") -> DigitsPolicy:
         """The shipped base policy (of ``digits_upsample`` u), or one saved by ``DigitsPolicy.save_pretrained`` in
