@@ -138,7 +138,7 @@ BAD_INPUTS = {
     ),
     "out holds another run": (
         lambda t: ["--out", str(write_run_config(t / "run"))],
-        r"already holds a run; choose another folder or pass --overwrite",
+        r"already holds a run; continue it with --resume .*, choose another folder, or pass --overwrite",
     ),
 }
 

@@ -165,7 +165,7 @@ def test_train_two_epochs_then_export_loads_in_a_fresh_pipeline(family, model_di
         torch.testing.assert_close(velocity_of(trained, PROMPTS[:2]), v_base, atol=0, rtol=0)
     assert (v_trained - v_base).abs().max() > 1e-6  # the LoRA changed the policy
 
-    for source in ([], ["--checkpoint"]):  # final/ and the newest checkpoint hold the same weights
+    for source in ([], ["--checkpoint", "--overwrite"]):  # final/ and the newest checkpoint hold the same weights
         assert main(["export", str(run), "--out", str(tmp_path / "lora"), *source]) == 0
         fresh = DiffusionPipeline.from_pretrained(model)
         fresh.load_lora_weights(str(tmp_path / "lora"))

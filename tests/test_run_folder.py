@@ -158,8 +158,8 @@ def test_a_full_disk_is_one_line_and_the_run_resumes(tmp_path, capsys, monkeypat
     out = tmp_path / "run"
     assert main(["train", "--no-progress", "--out", str(out), *RUN]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"flowdppo: error: No space left on device: {out / 'metrics.jsonl'}; free some space and resume " \
-                  "with --resume"  # fmt: skip
+    assert err == f"flowdppo: error: No space left on device: {out / 'metrics.jsonl'}; free some space and continue " \
+                  f"with: flowdppo train --resume {out}"  # fmt: skip
     assert [r["epoch"] for r in rows(out)] == [0, 1] and not (out / ".lock").exists()
     monkeypatch.setattr(runs.RunFolder, "log", real_log)
     assert resume(out) == 0 and [r["epoch"] for r in rows(out)] == [0, 1, 2]
@@ -179,8 +179,8 @@ def test_an_empty_run_config_and_a_non_utf8_prompt_file(run, tmp_path, capsys):
         load_prompts(prompts)
 
 
-def test_export_loads_no_model(finished, tmp_path, monkeypatch):
-    """Both sources write the adapter without loading the base model (it may not fit in memory)."""
+def test_export_with_no_check_loads_no_model(finished, tmp_path, monkeypatch):
+    """With --no-check both sources write the adapter without loading the base model (it may not fit in memory)."""
     from safetensors.torch import load_file
 
     from flowdppo.tasks.digits.task import DigitsTask
@@ -191,6 +191,39 @@ def test_export_loads_no_model(finished, tmp_path, monkeypatch):
     monkeypatch.setattr(DigitsTask, "load_policy", no_model)
     for source in ([], ["--checkpoint"]):
         out = tmp_path / f"lora{len(source)}"
-        assert main(["export", str(finished), "--out", str(out), *source]) == 0
+        assert main(["export", str(finished), "--out", str(out), "--no-check", *source]) == 0
         assert set(load_file(str(out / "pytorch_lora_weights.safetensors"))) == set(
             load_file(str(finished / "final" / "pytorch_lora_weights.safetensors")))  # fmt: skip
+
+
+def test_a_finished_run_extended_is_the_run_asked_for_more_epochs(finished, tmp_path, capsys):
+    """2 epochs, then ``--resume RUN epochs=3``: the rows and final weights of a 3-epoch run, bit for bit (the
+    2-epoch run's end-of-run evaluation at epoch 1 is not one a 3-epoch run makes: it is dropped from that row).
+    Fewer epochs than the run's is one line, and changes nothing."""
+    from safetensors.torch import load_file
+
+    def files(run: Path) -> dict[str, bytes]:  # the adapter's header order varies between writes: compared apart
+        return {k: v for k, v in snapshot(run).items() if not k.startswith(("tensorboard/", "final/"))}
+
+    def adapter(run: Path) -> dict:
+        return load_file(str(run / "final" / "pytorch_lora_weights.safetensors"))
+
+    run = tmp_path / "run"
+    assert main(["train", "--no-progress", "--out", str(run), *RUN, "epochs=2"]) == 0
+    assert "eval/accuracy" in rows(run)[1]  # the last epoch of the 2-epoch run evaluates
+    before, weights = files(run), adapter(run)
+    assert resume(run) == 0  # a finished run resumed as it is: nothing to train, nothing of it changes
+    assert files(run) == before and all(adapter(run)[k].equal(w) for k, w in weights.items())
+    assert main(["train", "--no-progress", "--resume", str(run), "epochs=3"]) == 0
+    assert rows(run) == rows(finished)
+    assert yaml.safe_load((run / "config.yaml").read_text())["epochs"] == 3
+    ours, theirs = adapter(run), adapter(finished)
+    assert ours.keys() == theirs.keys() and all(ours[k].equal(theirs[k]) for k in ours)
+    capsys.readouterr()
+
+    before = snapshot(run)
+    assert main(["train", "--no-progress", "--resume", str(run), "epochs=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "flowdppo: error: --resume: epochs=2 is fewer than the run's 3; a run can only be extended: give " \
+                  "epochs >= 3 (or leave it out)"  # fmt: skip
+    assert snapshot(run) == before

@@ -4,8 +4,9 @@ A checkpoint is a folder ``checkpoints/epoch_000010/`` holding ``trainable.safet
 weights), ``optimizer.safetensors`` + ``optimizer.json``, ``rng.safetensors`` + ``rng.json`` (the
 trainer's generator, torch CPU / CUDA, numpy and python random states), ``algorithm.safetensors`` (the
 algorithm's own state, e.g. a slow copy of the weights, if it has any) and ``state.json`` (epoch). It is
-written to a temporary folder and renamed into place (``os.replace``), and an old one is renamed away
-before it is deleted, so a crash at any point leaves only complete checkpoints under ``epoch_*``.
+written to a temporary folder and renamed into place (``flowdppo.files.staged``), and an old one is renamed
+away before it is deleted, so a crash or a full disk at any point leaves only complete checkpoints under
+``epoch_*`` (a failed write removes its temporary folder).
 
 A policy sharded with FSDP saves the same files: its full (gathered) state, so a run can resume on
 any number of processes.
@@ -26,6 +27,7 @@ from torch import nn
 
 from flowdppo.distributed import gather_full_state, is_sharded, load_full_state
 from flowdppo.errors import CheckpointError
+from flowdppo.files import staged
 from flowdppo.policies.lora import load_trainable_state_dict, trainable_state_dict
 
 STATE_FILE = "state.json"
@@ -91,23 +93,21 @@ def save_checkpoint(
     trained, optimizer_state = trained_state(policy, optimizer)
     if not write:
         return
-    tmp = directory.with_name(f".tmp-{directory.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    weights = {k: v.detach().cpu().contiguous() for k, v in trained.items()}
-    save_file(weights, str(tmp / "trainable.safetensors"))
-    opt_tensors, opt_rest = optimizer_to_flat(optimizer_state)
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "optimizer.json").write_text(json.dumps(opt_rest))
-    rng_tensors, rng_rest = rng_to_flat(rng)
-    save_file(rng_tensors, str(tmp / "rng.safetensors"))
-    (tmp / "rng.json").write_text(json.dumps(rng_rest))
-    algorithm_state = algorithm.state_dict() if algorithm is not None else {}
-    if algorithm_state:  # e.g. the slow copy of the weights of DiffusionNFT / AWM
-        save_file({k: v.contiguous() for k, v in algorithm_state.items()}, str(tmp / ALGORITHM_FILE))
-    (tmp / STATE_FILE).write_text(json.dumps({"epoch": epoch, **(extra_state or {})}))
-    _remove(directory)
-    os.replace(tmp, directory)
+    with staged(directory.parent) as staging:  # checkpoints/.tmp-staging/epoch_N, then renamed to epoch_N
+        tmp = staging / directory.name
+        tmp.mkdir()
+        weights = {k: v.detach().cpu().contiguous() for k, v in trained.items()}
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        opt_tensors, opt_rest = optimizer_to_flat(optimizer_state)
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "optimizer.json").write_text(json.dumps(opt_rest))
+        rng_tensors, rng_rest = rng_to_flat(rng)
+        save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        (tmp / "rng.json").write_text(json.dumps(rng_rest))
+        algorithm_state = algorithm.state_dict() if algorithm is not None else {}
+        if algorithm_state:  # e.g. the slow copy of the weights of DiffusionNFT / AWM
+            save_file({k: v.contiguous() for k, v in algorithm_state.items()}, str(tmp / ALGORITHM_FILE))
+        (tmp / STATE_FILE).write_text(json.dumps({"epoch": epoch, **(extra_state or {})}))
     for old in complete_checkpoints(directory.parent)[:-keep]:
         _remove(old)
 

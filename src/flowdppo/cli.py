@@ -134,7 +134,9 @@ def _eval_report(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from flowdppo.evaluate import export_lora
 
-    print(f"wrote {export_lora(Path(args.run_dir), Path(args.out), args.checkpoint, args.format)}")
+    written = export_lora(Path(args.run_dir), Path(args.out), args.checkpoint, args.format, args.overwrite,
+                          check=not args.no_check)  # fmt: skip
+    print(f"wrote {written}")
     return 0
 
 
@@ -261,6 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="diffusers (pytorch_lora_weights.safetensors, default) or comfyui (comfyui_lora.safetensors, "
                           "with the alpha tensors ComfyUI scales by)")  # fmt: skip
     exp.add_argument("--checkpoint", action="store_true", help="from the newest checkpoint instead of final/")
+    exp.add_argument("--overwrite", action="store_true", help="replace an adapter file already in --out")
+    exp.add_argument("--no-check", action="store_true",
+                     help="skip the check that the adapter, loaded into a fresh base model, changes its velocity "
+                          "(it loads the base model; a ComfyUI export is checked for a nonzero update)")  # fmt: skip
     exp.set_defaults(func=_export)
 
     cmp = commands.add_parser("compare", help="DigitsBench: every method x seed, with a report")
@@ -338,15 +344,15 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         how = "SIGTERM" if isinstance(err, Interrupted) else "SIGINT"
-        run = getattr(args, "run_dir", None)
-        resumable = run is not None and (Path(run) / "config.yaml").is_file()
-        hint = f"; continue with: flowdppo train --resume {run}" if resumable else ""
-        _say(f"flowdppo: interrupted ({how}){hint}", quiet)
+        hint = _resume_hint(args)
+        _say(f"flowdppo: interrupted ({how}){'; ' + hint if hint else ''}", quiet)
         return 130
     except USER_ERRORS as err:
         if debug:
             raise
-        _say(f"flowdppo: error: {_one_line(err)}", quiet)
+        full = isinstance(err, OSError) and err.errno == errno.ENOSPC
+        hint = f"; free some space and {_resume_hint(args) or 'run the same command again'}" if full else ""
+        _say(f"flowdppo: error: {_one_line(err)}{hint}", quiet)
         return 2
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -363,9 +369,14 @@ def _one_line(err: BaseException) -> str:
                 "sampler.rollout_batch_size")
     if isinstance(err, OSError) and not isinstance(err, FlowDPPOError):
         where = f": {err.filename}" if err.filename else ""
-        return f"{err.strerror or err}{where}" + ("; free some space and resume with --resume"
-                                                 if err.errno == errno.ENOSPC else "")  # fmt: skip
+        return f"{err.strerror or err}{where}"
     return " ".join(str(err).split()) or type(err).__name__
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    """``continue with: flowdppo train --resume RUN`` for a train command whose run folder holds a run."""
+    run = getattr(args, "run_dir", None) if args.func is _train else None
+    return f"continue with: flowdppo train --resume {run}" if run and (Path(run) / "config.yaml").is_file() else ""
 
 
 def _say(message: str, quiet: bool) -> None:

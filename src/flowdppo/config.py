@@ -18,6 +18,7 @@ from flowdppo.algorithms import ALGORITHMS
 from flowdppo.algorithms.awm import WEIGHTINGS
 from flowdppo.algorithms.likelihood_free import TIMESTEP_MODES
 from flowdppo.errors import ConfigError
+from flowdppo.files import write_text_atomic
 from flowdppo.losses import LOSSES
 from flowdppo.overrides import build, flatten_keys, merge, parse_overrides, read_yaml, read_yaml_file, to_dict
 from flowdppo.samplers import SAMPLERS, WINDOW_MODES, get_sampler, window_error
@@ -439,7 +440,7 @@ def config_from_dict(tree: dict) -> TrainConfig:
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 __all__ = ["ConfigError", "PRESETS", "TrainConfig", "config_from_dict", "load_config", "resume_config", "save_config",

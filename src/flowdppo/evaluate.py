@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from functools import partial
 from pathlib import Path
@@ -13,6 +14,7 @@ from flowdppo.checkpoint import complete_checkpoints, read_tensors
 from flowdppo.config import config_from_dict, saved_config
 from flowdppo.distributed import Distributed
 from flowdppo.errors import CheckpointError, ConfigError
+from flowdppo.files import staged
 from flowdppo.policies.comfyui import comfyui_names
 from flowdppo.policies.lora import (
     COMFYUI_FILE,
@@ -26,6 +28,7 @@ from flowdppo.policies.lora import (
     lora_files,
     uses_lora,
 )
+from flowdppo.runs import check_folder_path
 from flowdppo.tasks import load_task, task_class
 from flowdppo.trainer import make_base_velocity
 
@@ -66,7 +69,8 @@ def evaluate_run(run_dir: Path, per_class: int = 50) -> dict[str, dict[str, floa
 EXPORT_FORMATS = ("diffusers", "comfyui")
 
 
-def export_lora(run_dir: Path, out: Path, from_checkpoint: bool = False, fmt: str = "diffusers") -> Path:
+def export_lora(run_dir: Path, out: Path, from_checkpoint: bool = False, fmt: str = "diffusers",
+                overwrite: bool = False, check: bool = True) -> Path:  # fmt: skip
     """Write the run's LoRA adapter (``final/``, or the newest checkpoint) without loading the model; returns what
     was written (the first file, with two experts).
 
@@ -77,13 +81,24 @@ def export_lora(run_dir: Path, out: Path, from_checkpoint: bool = False, fmt: st
     under ``transformer.``, Wan's original names under ``diffusion_model.``) with an ``alpha`` tensor each, the
     only place ComfyUI reads the scale from. A two-expert model (Wan 2.2 A14B) gets one file per trained expert, the
     low-noise one named ``..._transformer_2.safetensors`` (``lora_file``; diffusers: load it with
-    ``load_lora_weights(out, weight_name=..., load_into_transformer_2=True)``)."""
+    ``load_lora_weights(out, weight_name=..., load_into_transformer_2=True)``).
+
+    An adapter file already in ``out`` is replaced only with ``overwrite``; ``out`` may not be the run's own
+    ``final/``. The files are written atomically next to the folder's other files (``flowdppo.files.staged``).
+    With ``check`` a diffusers export is loaded into a fresh base model and must change its velocity
+    (``check_adapter_moves_velocity``: the model is loaded), a ComfyUI one must hold a nonzero update; else
+    nothing is written."""
     if fmt not in EXPORT_FORMATS:
         raise ConfigError(f"--format: must be one of {', '.join(EXPORT_FORMATS)}; got {fmt!r}")
     cfg = run_config(run_dir)
     optim = cfg.optim
     if optim.lora_rank == 0:
         raise ConfigError(f"{run_dir} fine-tuned the whole transformer (no LoRA): its final/ is the model itself")
+    base = COMFYUI_FILE if fmt == "comfyui" else LORA_FILE
+    check_folder_path(out, "--out")
+    if out.resolve() == (run_dir / "final").resolve():
+        raise ConfigError(f"--out: {out} is the run's own final/ folder, which already holds its adapter; export to "
+                          f"another folder")
     if from_checkpoint:
         found = complete_checkpoints(run_dir / "checkpoints")
         if not found:
@@ -91,6 +106,7 @@ def export_lora(run_dir: Path, out: Path, from_checkpoint: bool = False, fmt: st
         weights = read_tensors(found[-1] / "trainable.safetensors")  # peft names (<expert>.<name>: two experts)
         per_expert = {name: expert_state(weights, f"{name}.") for name in ("transformer", "transformer_2")}
         per_expert = {name: part for name, part in per_expert.items() if part} or {"transformer": weights}
+        adapters = {}
     else:
         adapters = lora_files(run_dir / "final")
         if not adapters:
@@ -103,23 +119,63 @@ def export_lora(run_dir: Path, out: Path, from_checkpoint: bool = False, fmt: st
             except CheckpointError as err:
                 raise ConfigError(f"{err}; export from the newest checkpoint with --checkpoint") from err
             per_expert[name] = {k.removeprefix(PREFIX): v for k, v in final.items()}
-        if fmt == "diffusers":
-            out.mkdir(parents=True, exist_ok=True)
-            for adapter in adapters.values():
-                shutil.copyfile(adapter, out / adapter.name)
-            return out / next(iter(adapters.values())).name
-    if fmt == "comfyui":  # keyed by the family (model_index.json, no weights), every file before any is written
-        names = comfyui_names(task_class(cfg).policy_class(cfg))
-        per_expert = {name: comfyui_state_dict(part, optim.lora_alpha, names) for name, part in per_expert.items()}
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, weights in per_expert.items():
-        if fmt == "comfyui":
-            save_file(weights, str(out / lora_file(name, COMFYUI_FILE)))
-        else:
-            pipeline_class = task_class(cfg).policy_class(cfg).pipeline_class
-            pipeline_class.save_lora_weights(out, transformer_lora_layers=weights, weight_name=lora_file(name),
-                                             transformer_lora_adapter_metadata=adapter_metadata(
-                                                 weights, optim.lora_rank, optim.lora_alpha))  # fmt: skip
-        written.append(out / lora_file(name, COMFYUI_FILE if fmt == "comfyui" else LORA_FILE))
-    return written[0]
+    existing = [out / lora_file(name, base) for name in per_expert if (out / lora_file(name, base)).exists()]
+    if existing and not overwrite:
+        raise ConfigError(f"--out: {existing[0]} already exists; choose another folder, or pass --overwrite to "
+                          f"replace it")
+    # ComfyUI's keys follow the family (model_index.json, no weights): every module is named before a file is written
+    names = comfyui_names(task_class(cfg).policy_class(cfg)) if fmt == "comfyui" else None
+    with staged(out) as tmp:  # nothing in out changes unless every file is written (and checked)
+        for name, weights in per_expert.items():
+            if fmt == "comfyui":
+                comfyui = comfyui_state_dict(weights, optim.lora_alpha, names)
+                save_file(comfyui, str(tmp / lora_file(name, COMFYUI_FILE)))
+            elif name in adapters:  # final/ already holds the diffusers file
+                shutil.copyfile(adapters[name], tmp / adapters[name].name)
+            else:
+                pipeline_class = task_class(cfg).policy_class(cfg).pipeline_class
+                pipeline_class.save_lora_weights(tmp, transformer_lora_layers=weights, weight_name=lora_file(name),
+                                                 transformer_lora_adapter_metadata=adapter_metadata(
+                                                     weights, optim.lora_rank, optim.lora_alpha))  # fmt: skip
+        if check and fmt == "comfyui":
+            check_nonzero_update(per_expert, out)
+        elif check:
+            check_adapter_moves_velocity(run_dir, tmp, out)
+    return out / lora_file(next(iter(per_expert)), base)
+
+
+NO_CHECK = "--no-check skips this check"
+
+
+def check_nonzero_update(per_expert: dict[str, dict[str, torch.Tensor]], out: Path) -> None:
+    """Some module's LoRA update ``B A`` is nonzero (else the adapter changes nothing)."""
+    if not any(bool(w.ne(0).any()) for weights in per_expert.values() for k, w in weights.items() if "lora_B" in k):
+        raise ConfigError(f"export: the adapter for {out} is all zeros (every lora_B is 0) and would change nothing; "
+                          f"export a trained run or a later checkpoint ({NO_CHECK})")
+
+
+@torch.no_grad()
+def check_adapter_moves_velocity(run_dir: Path, adapter_dir: Path, out: Path) -> None:
+    """Load the adapter files of ``adapter_dir`` into a fresh base model of the run with diffusers' loader (as
+    ``pipeline.load_lora_weights`` does) and compare its velocity with the base's on a fixed probe input (the first
+    training prompt, seeded noise) at the schedule's first, middle and last nonzero noise levels (each expert of a
+    two-expert model takes one of them): equal at all three is a ``ConfigError``."""
+    cfg = run_config(run_dir)
+    cfg = dataclasses.replace(cfg, reward=dataclasses.replace(cfg.reward, names=[]))  # the model alone
+    device = Distributed().device(cfg.device)
+    task = load_task(cfg, device)
+    cond, _ = task.prompts(1, 1, cfg.seed, 0)
+    x = torch.randn((1, *task.latent_shape), generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+    sigmas = task.sigmas().to(device)
+    levels = [sigmas[i].expand(1) for i in (0, len(sigmas) // 2, -2)]
+    velocity = partial(task.policy, guidance_scale=cfg.sampler.guidance_scale)
+    base = [velocity(x, sigma, cond) for sigma in levels]
+    try:
+        load_lora_adapter(task.policy, adapter_dir)
+    except Exception as err:  # peft / diffusers refuse a file that does not fit the model
+        raise ConfigError(f"export: the adapter for {out} does not load into the run's base model "
+                          f"({type(err).__name__}: {' '.join(str(err).split())}); {NO_CHECK}") from err
+    if all(torch.equal(velocity(x, sigma, cond), v) for sigma, v in zip(levels, base, strict=True)):
+        raise ConfigError(f"export: the adapter for {out}, loaded into a fresh base model, does not change its "
+                          f"velocity (an untrained or zero adapter, or one whose modules the model does not have); "
+                          f"nothing was written ({NO_CHECK})")

@@ -11,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from flowdppo.files import write_atomic  # noqa: E402
+
 
 def plot_training_curves(rows: list[dict], path: Path, title: str = "") -> None:
     """Reward and KL-to-base vs epoch, and reward vs KL-to-base (the KL-proximal frontier)."""
@@ -29,8 +31,7 @@ def plot_training_curves(rows: list[dict], path: Path, title: str = "") -> None:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def per_step_means(rows: list[dict], prefix: str) -> dict[int, float]:
@@ -54,8 +55,7 @@ def plot_per_step(rows: list[dict], path: Path) -> None:
     axes[1].bar(list(masked), list(masked.values()), color="tab:gray")
     axes[1].set(xlabel="step index", ylabel="fraction", title="masked / clipped fraction", ylim=(0, 1))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def grid_mosaic(grid: np.ndarray) -> np.ndarray:
@@ -81,5 +81,12 @@ def save_image_grid(panels: dict[str, np.ndarray], path: Path) -> None:
         ax.set_yticks([i * (h + 1) + h / 2 for i in range(grid.shape[0])], [str(i) for i in range(grid.shape[0])])
         ax.set_xticks([])
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> None:
+    """``fig`` as a PNG at ``path``, written atomically (``flowdppo.files``); the figure is closed."""
+    try:
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)

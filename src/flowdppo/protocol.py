@@ -39,6 +39,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from flowdppo.errors import ConfigError, RewardError
+from flowdppo.files import write_text_atomic
 
 RESULT_FORMAT = "flowdppo-eval-protocol/1"
 DEFAULT_SEED = 0
@@ -364,7 +365,7 @@ def write_result(result: dict, path: Path) -> Path:
     text = json.dumps(result, indent=1)
     # a list of numbers on one line (a prompt's K scores, not one line per score)
     text = re.sub(r"\[[^\[\]{}\"]*\]", lambda m: json.dumps(json.loads(m.group(0))), text)
-    path.write_text(text + "\n")
+    write_text_atomic(path, text + "\n")
     return path
 
 

@@ -10,10 +10,17 @@ RUN/samples.png             base vs trained samples, one row per prompt
 RUN/checkpoints/epoch_N/    resumable checkpoints (safetensors + JSON)
 RUN/final/                  the LoRA adapter (diffusers format) or the full policy
 RUN/.lock                   held while a run writes the folder (the id of its process)
+
+Every file is written atomically with the umask's mode (``flowdppo.files``). ``--out`` must be a new or empty
+folder; ``--overwrite`` replaces a run's outputs (``flowdppo.outputs``: only the names a run writes, anything
+else in the folder stays). ``--resume RUN epochs=N`` extends a run (N never below its epochs) exactly as if it had
+been asked for N epochs from the start: no schedule depends on the total, and the evaluation its last epoch
+made only for being the last is dropped from that row (``as_asked``; TensorBoard keeps it).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -26,14 +33,16 @@ from tqdm.auto import tqdm
 from flowdppo.checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
 from flowdppo.config import TrainConfig, config_from_dict, flatten_keys, save_config, saved_config, to_dict
 from flowdppo.errors import CheckpointError, ConfigError
+from flowdppo.files import disk_errors, remove, staged, write_text_atomic
+from flowdppo.outputs import leftovers, misplaced_files, output_entries, remove_outputs
 from flowdppo.plots import plot_per_step, plot_training_curves, save_image_grid
 from flowdppo.policies.lora import save_lora_adapter, uses_lora
-from flowdppo.tracking import WANDB_ID_FILE, open_trackers
+from flowdppo.tracking import open_trackers
 
 CONFIG_FILE = "config.yaml"
 LOCK_FILE = ".lock"
-RUN_SUBFOLDERS = ("checkpoints", "tensorboard", "plots", "final", "wandb")
 METRICS_FILE = "metrics.jsonl"
+EVAL_PREFIXES = ("eval/", "eval_heldout/")  # the keys a task's evaluate() adds to a row
 
 
 class RunFolder:
@@ -43,56 +52,67 @@ class RunFolder:
                  writer: bool = True) -> None:  # fmt: skip
         """Check that ``path`` may hold this run (``create`` then writes it)."""
         self.path, self.cfg, self.resume, self.is_writer = path, cfg, resume, writer
-        config_path = path / CONFIG_FILE
         flag = "--resume" if resume else "--out"
-        for folder in (path, *path.parents):
-            if folder.exists() and not folder.is_dir():
-                raise ConfigError(f"{flag}: {folder} is a file, not a folder; choose another run folder")
+        check_folder_path(path, flag)
         self.made_folder = not path.exists()  # a failure before the first epoch removes what this run made
         self.locked = False
+        check_not_in_use(path / LOCK_FILE)
         if resume:
             # keys added to the library since the run started take their defaults (they did not exist then)
             saved = flatten_keys(to_dict(config_from_dict(saved_config(path, "--resume"))))
+            if cfg.epochs < saved["epochs"]:
+                raise ConfigError(f"--resume: epochs={cfg.epochs} is fewer than the run's {saved['epochs']}; a run "
+                                  f"can only be extended: give epochs >= {saved['epochs']} (or leave it out)")
             wanted = flatten_keys(to_dict(cfg))
-            changed = sorted(k for k in wanted.keys() | saved.keys() if saved.get(k) != wanted.get(k))
+            changed = sorted(k for k in wanted.keys() | saved.keys() if saved.get(k) != wanted.get(k) and k != "epochs")
             if changed:
                 shown = ", ".join(f"{k} (run {saved.get(k)!r}, now {wanted.get(k)!r})" for k in changed[:3])
                 raise ConfigError(f"--resume: the config conflicts with the run's saved one: {shown}")
-        elif config_path.is_file() and not overwrite:
-            raise ConfigError(f"--out: {path} already holds a run; choose another folder or pass --overwrite")
+        else:
+            check_new_run_folder(path, overwrite)
+        misplaced = misplaced_files(path)
+        if misplaced:
+            raise ConfigError(f"{flag}: {misplaced[0]} is a file where the run keeps its {misplaced[0].name}/ "
+                              f"folder; move or rename it, then run the command again")
         self.trackers: list = []
 
     def create(self) -> None:
-        """Lock the folder and write the resolved config; a new run over an old one (``--overwrite``) clears the
-        old files, a resumed one the leftovers of interrupted writes and deletions."""
+        """Lock the folder and write the resolved config; a new run over an old one (``--overwrite``) deletes the
+        old run's outputs, a resumed one the leftovers of interrupted writes and deletions."""
         if not self.is_writer:
             return
+        flag = "--resume" if self.resume else "--out"
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             self.locked = take_lock(self.path / LOCK_FILE)
-            if not self.resume:
-                for name in (*RUN_SUBFOLDERS, METRICS_FILE, "base_eval.json", WANDB_ID_FILE):
-                    _remove_any(self.path / name)
-            for leftover in (*self.path.glob(".tmp-*"), *(self.path / "checkpoints").glob(".*-epoch_*")):
-                _remove_any(leftover)
-            save_config(self.cfg, self.path / CONFIG_FILE)
+            if self.resume:
+                for leftover in leftovers(self.path):
+                    remove(leftover)
+            else:
+                remove_outputs(self.path)
+                save_config(self.cfg, self.path / CONFIG_FILE)  # a resumed run's, once its checkpoint is read
         except PermissionError as err:
-            raise ConfigError(f"--out: cannot write in {self.path} ({err.strerror}); choose a writable folder") from err
+            raise ConfigError(f"{flag}: cannot write in {self.path} ({err.strerror}); choose a writable "
+                              f"folder") from err
+        except (FileExistsError, NotADirectoryError) as err:
+            raise ConfigError(f"{flag}: cannot make the run folder {self.path} ({err.strerror}: {err.filename}); "
+                              f"choose another folder") from err
 
     def close(self, failed: bool) -> None:
         """Release the lock. A run that failed before finishing its first epoch leaves nothing behind: the
         folder if it made it, else what it wrote (so the same command can simply be run again)."""
         if not self.is_writer or not self.locked:  # it wrote nothing (or the folder is another run's)
             return
-        self.close_trackers()
-        if failed and not self.resume and not self.rows():
-            if self.made_folder:
-                shutil.rmtree(self.path, ignore_errors=True)
-            else:
-                for name in (*RUN_SUBFOLDERS, METRICS_FILE, "base_eval.json", CONFIG_FILE, WANDB_ID_FILE):
-                    _remove_any(self.path / name)
-        (self.path / LOCK_FILE).unlink(missing_ok=True)
-        self.locked = False
+        try:
+            self.close_trackers()
+        finally:
+            if failed and not self.resume and not self.rows():
+                if self.made_folder:
+                    shutil.rmtree(self.path, ignore_errors=True)
+                else:
+                    remove_outputs(self.path)
+            (self.path / LOCK_FILE).unlink(missing_ok=True)
+            self.locked = False
 
     @property
     def metrics_path(self) -> Path:
@@ -124,7 +144,8 @@ class RunFolder:
         if ran_with is None:  # a checkpoint from before configs were recorded in it
             return
         saved, now = flatten_keys(ran_with), flatten_keys(to_dict(self.cfg))
-        changed = sorted(k for k in saved.keys() & now.keys() if saved[k] != now[k])
+        extended = {"epochs"} if now["epochs"] >= saved.get("epochs", 0) else set()  # a run extended to more epochs
+        changed = sorted(k for k in saved.keys() & now.keys() - extended if saved[k] != now[k])
         if changed:
             shown = ", ".join(f"{k} (checkpoint {saved[k]!r}, now {now[k]!r})" for k in changed[:3])
             raise ConfigError(f"--resume: {self.path / CONFIG_FILE} differs from the config {directory.name} ran "
@@ -132,7 +153,7 @@ class RunFolder:
 
     def save_json(self, name: str, data: dict) -> None:
         if self.is_writer:
-            _write_atomic(self.path / name, json.dumps(data, indent=2) + "\n")
+            write_text_atomic(self.path / name, json.dumps(data, indent=2) + "\n")
 
     def save_checkpoint(self, epoch: int, policy: nn.Module, optimizer, rng, algorithm=None,
                         extra_state: dict | None = None) -> None:  # fmt: skip
@@ -162,17 +183,21 @@ class RunFolder:
         return rows
 
     def start(self, start_epoch: int) -> None:
-        """Keep the metric rows of epochs before ``start_epoch`` (a resumed run rewrites the rest)."""
+        """Keep the metric rows of epochs before ``start_epoch`` (a resumed run rewrites the rest), as a run asked
+        for ``cfg.epochs`` wrote them (``as_asked``); a resumed run's config is written now (an extension grows
+        ``epochs``), once its checkpoint was read."""
         if not self.is_writer:
             return
-        kept = [r for r in self.rows() if r["epoch"] < start_epoch]
-        _write_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        if self.resume:
+            save_config(self.cfg, self.path / CONFIG_FILE)
+        kept = as_asked([r for r in self.rows() if r["epoch"] < start_epoch], self.cfg)
+        write_text_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
         self.trackers = open_trackers(self.path, self.cfg, start_epoch)
 
     def log(self, row: dict) -> None:
         if not self.is_writer:
             return
-        with self.metrics_path.open("a") as f:
+        with disk_errors(self.metrics_path), self.metrics_path.open("a") as f:  # a row cut short: see rows()
             f.write(json.dumps(row) + "\n")
         for tracker in self.trackers:
             tracker.log(row)
@@ -196,12 +221,61 @@ class RunFolder:
         plot_training_curves(rows, self.path / "plots" / "curves.png", title=self.cfg.method)
         plot_per_step(rows, self.path / "plots" / "per_step.png")
         save_image_grid(grid_panels, self.path / "samples.png")
-        final = self.path / "final"
-        final.mkdir(exist_ok=True)
-        if uses_lora(policy):
-            save_lora_adapter(policy, final)
-        else:
-            policy.save_pretrained(final)
+        with staged(self.path / "final") as final:  # each file replaces its old self; other files in final/ stay
+            if uses_lora(policy):
+                save_lora_adapter(policy, final)
+            else:
+                policy.save_pretrained(final)
+
+
+def evaluates(epoch: int, cfg: TrainConfig) -> bool:
+    """Whether ``epoch`` ends with an evaluation: every ``eval_every`` epochs, and the last."""
+    return (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
+
+
+def as_asked(rows: list[dict], cfg: TrainConfig) -> list[dict]:
+    """The rows as a run asked for ``cfg.epochs`` from the start writes them: the evaluation a shorter run made at
+    its last epoch (not one of ``evaluates``) is dropped from that row."""
+    return [row if evaluates(row["epoch"], cfg) else {k: v for k, v in row.items() if not k.startswith(EVAL_PREFIXES)}
+            for row in rows]  # fmt: skip
+
+
+def check_folder_path(path: Path, flag: str) -> None:
+    """``path`` and its parents are folders or do not exist yet: no file, broken link or link loop on the way."""
+    for folder in reversed((path, *path.parents)):
+        try:
+            folder.stat()
+        except FileNotFoundError:
+            if folder.is_symlink():
+                raise ConfigError(f"{flag}: {folder} is a link to {os.readlink(folder)}, which does not exist; "
+                                  f"create that folder or choose another one") from None
+            return
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise ConfigError(f"{flag}: {folder} is a symlink loop; point the link at a folder or choose "
+                                  f"another one") from None
+            raise
+        if not folder.is_dir():
+            raise ConfigError(f"{flag}: {folder} is a file, not a folder; choose another run folder")
+
+
+def check_new_run_folder(path: Path, overwrite: bool) -> None:
+    """``--out`` is new or empty; with ``--overwrite`` it may hold a run (its outputs are replaced) or other files
+    (kept; none may have the name of an output, which is only known to be the run's in a run's folder)."""
+    if not path.is_dir() or not any(path.iterdir()):
+        return
+    if (path / CONFIG_FILE).is_file():
+        if not overwrite:
+            raise ConfigError(f"--out: {path} already holds a run; continue it with --resume {path}, choose another "
+                              f"folder, or pass --overwrite to replace its outputs (other files stay)")
+        return
+    if not overwrite:
+        raise ConfigError(f"--out: {path} is not empty and holds no flowdppo run (no {CONFIG_FILE}); choose a new or "
+                          f"empty folder, or pass --overwrite to write the run next to its files (none is deleted)")
+    taken = output_entries(path)
+    if taken:
+        raise ConfigError(f"--overwrite: {taken[0]} is not a flowdppo run's (no {CONFIG_FILE} in {path}) but has the "
+                          f"name of a file the run writes; move it away or choose another --out")
 
 
 def take_lock(lock: Path) -> bool:
@@ -210,16 +284,21 @@ def take_lock(lock: Path) -> bool:
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            holder = _lock_holder(lock)
-            if holder is not None and _alive(holder):
-                raise ConfigError(f"--out: {lock.parent} is in use by another run (process {holder}); wait for it "
-                                  f"or choose another folder (remove {lock} if that process is gone)") from None
+            check_not_in_use(lock)
             lock.unlink(missing_ok=True)  # stale: left by a run that was killed
             continue
         with os.fdopen(fd, "w") as f:
             f.write(f"{os.getpid()}\n")
         return True
     raise ConfigError(f"--out: cannot lock {lock.parent}; another run keeps taking it")
+
+
+def check_not_in_use(lock: Path) -> None:
+    """A ``lock`` held by a live process: the folder is another run's now."""
+    holder = _lock_holder(lock) if lock.is_file() else None
+    if holder is not None and _alive(holder):
+        raise ConfigError(f"--out: {lock.parent} is in use by another run (process {holder}); wait for it "
+                          f"or choose another folder (remove {lock} if that process is gone)")
 
 
 def _lock_holder(lock: Path) -> int | None:
@@ -237,17 +316,3 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
-
-
-def _remove_any(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-

@@ -17,6 +17,7 @@ import numpy as np
 import yaml
 
 from flowdppo.errors import ConfigError
+from flowdppo.files import write_text_atomic
 from flowdppo.overrides import to_dict
 
 BACKENDS = ("tensorboard", "wandb")
@@ -63,7 +64,7 @@ class WandbTracker:
         self.wandb = wandb
         id_file = run_path / WANDB_ID_FILE
         if start_epoch == 0 or not id_file.is_file():
-            id_file.write_text(secrets.token_hex(4))  # a W&B run id: lowercase letters and digits
+            write_text_atomic(id_file, secrets.token_hex(4))  # a W&B run id: lowercase letters and digits
         log = cfg.logging
         self.run = wandb.init(project=log.project, name=log.run_name or run_path.name, tags=list(log.tags),
                               config=to_dict(cfg), id=id_file.read_text().strip(), resume="allow",

@@ -27,7 +27,7 @@ from flowdppo.errors import ConsistencyError, NonFiniteError, RewardError
 from flowdppo.policies.lora import adapters_disabled, experts, make_trainable, reference_policy, trainable_parameters
 from flowdppo.rewards.remote import score_chunks
 from flowdppo.rollout import in_chunks, initial_noise, rollout
-from flowdppo.runs import RunFolder
+from flowdppo.runs import RunFolder, evaluates
 from flowdppo.samplers import measure_sampler, trained_steps
 from flowdppo.tasks import load_task
 
@@ -128,7 +128,7 @@ def run_training(cfg: TrainConfig, run: RunFolder, dist: Distributed, resume: bo
             "nonfinite_skipped": guard.skipped,
             "time_s": time.perf_counter() - t0,
         }
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+        if evaluates(epoch, cfg):
             row.update(task.evaluate(velocity, cfg.eval_samples_per_class, base_velocity))
             run.log_images({"trained": task.sample_grid(velocity)}, epoch)
         run.log(row)

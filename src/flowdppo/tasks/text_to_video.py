@@ -21,6 +21,7 @@ from PIL import Image
 from torch import Tensor
 
 from flowdppo.errors import ConfigError
+from flowdppo.files import write_atomic
 from flowdppo.plots import grid_mosaic
 from flowdppo.policies.pipelines import PipelinePolicy, pipeline_policy_class
 from flowdppo.policies.video import VIDEO_FAMILIES
@@ -102,11 +103,9 @@ def mp4_codec() -> str | None:
 def write_video(stem: Path, videos: Tensor) -> Path:
     """``stem.mp4`` (``write_mp4``) where an encoder is installed, else ``stem.gif`` (``write_gif``); the path."""
     codec = mp4_codec()
-    if codec is None:
-        write_gif(stem.with_suffix(".gif"), videos)
-        return stem.with_suffix(".gif")
-    write_mp4(stem.with_suffix(".mp4"), videos, codec)
-    return stem.with_suffix(".mp4")
+    path = stem.with_suffix(".gif" if codec is None else ".mp4")
+    write_atomic(path, lambda tmp: write_gif(tmp, videos) if codec is None else write_mp4(tmp, videos, codec))
+    return path
 
 
 def mosaic_frames(videos: Tensor) -> np.ndarray:
