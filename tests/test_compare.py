@@ -1,24 +1,41 @@
-"""DigitsBench: frontier and matched comparisons on known curves; the compare command end to end."""
+"""DigitsBench: frontier, matched and per-seed comparisons on known curves; the compare command end to end."""
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy.stats import t, wilcoxon
 
 from flowdppo.cli import main
 from flowdppo.compare import (
-    CONTROL,
+    PLANS,
+    _config_key,
     across_dims,
-    arm_table,
     claims,
-    equivalence_margin,
+    decision_lines,
+    gather_reports,
     matched_levels,
     preset_arms,
     probe_line,
+    render_plan,
     render_report,
-    run_measures,
+    reusable_runs,
     run_overrides,
+    run_probe,
+)
+from flowdppo.estimators import (
+    CONTROL,
+    Curve,
+    arm_table,
+    at_matched_reward,
+    equivalence_margin,
+    final_kl,
+    iso_epoch,
+    matched_reward,
+    reward_at_matched_kl,
+    run_measures,
 )
 from flowdppo.frontier import frontier, kl_at_reward, mean_ci, reward_at_kl, value_at_reward, verdict
 
@@ -68,62 +85,140 @@ def synthetic_record(kl_scale, seed):
     return {"base": base, "rows": rows, "wall_s": 1.0}
 
 
+def synthetic_results(kl_scales=(("flow_dppo", 0.5), ("flow_grpo", 1.0)), seeds=5, group="", preset="single"):
+    arms = {}
+    for label, kl_scale in kl_scales:
+        records = {str(s): synthetic_record(kl_scale, s) for s in range(seeds)}
+        arms[label] = {"method": label.split("/")[0], "overrides": [], "group": group, "seeds": records}
+    return {"preset": preset, "arms": arms, "overrides": [], "seeds": seeds}
+
+
 def test_claims_from_synthetic_results():
     """DPPO reaches every reward with half the KL of GRPO: claim 1 holds, and it forgets less (claim 2)."""
-    arms = {}
-    for label, kl_scale in (("flow_dppo", 0.5), ("flow_grpo", 1.0)):
-        seeds = {str(s): synthetic_record(kl_scale, s) for s in range(3)}
-        arms[label] = {"method": label, "overrides": [], "group": "", "seeds": seeds}
-    results = {"preset": "single", "arms": arms, "overrides": [], "seeds": 3}
+    results = synthetic_results(seeds=6)
+    arms = results["arms"]
     _, table = arm_table(results)
     kl_key = next(k for k in table["flow_dppo"] if k.startswith("KL at reward"))
     np.testing.assert_allclose(np.array(table["flow_dppo"][kl_key]) * 2, table["flow_grpo"][kl_key])
     lines = claims(results, table)
     assert len(lines) == 4 and all("flow_dppo vs flow_grpo" in line for line in lines)
-    assert all("**holds**" in line for line in lines), lines
-    # seed 1 of the baseline falls below its base: the pair's level is 0.8 of the way from 0.5 to the lower arm's
-    # mean best (0.9 + 0.5 + 0.9) / 3, that seed never reaches it, the other two are compared
+    assert all("**holds**" in line and "| 6 of 6 |" in line for line in lines), lines
+    assert "| KL ratio at each seed's level 0.7 | 6 of 6 | 0.50 [0.50, 0.50] | **holds** |" in lines[0]
+    # seed 1 of the baseline falls below its base: it has no level above its base and is left out; the other five
+    # are each compared at their own level
     for row in arms["flow_grpo"]["seeds"]["1"]["rows"]:
         row["eval/reward"] = 0.4
     _, table = arm_table(results)
-    lines = claims(results, table)
-    level = 0.5 + 0.8 * ((0.9 + 0.5 + 0.9) / 3 - 0.5)
-    at_level = [line for line in lines if f"at reward {level:.3f} (2 of 3 seeds)" in line]
+    at_level = [line for line in claims(results, table) if "at each seed's level 0.7 | 5 of 6 |" in line]
     assert len(at_level) == 3 and all("n/a" not in line for line in at_level), lines
-    # no seed of the baseline gains: nothing to match
-    for record in arms["flow_grpo"]["seeds"].values():
-        for row in record["rows"]:
-            row["eval/reward"] = 0.4
+    # a second seed gone: 4 pairs, fewer than a CI needs
+    for row in arms["flow_grpo"]["seeds"]["2"]["rows"]:
+        row["eval/reward"] = 0.4
     _, table = arm_table(results)
     lines = claims(results, table)
-    assert sum("**n/a: no gain over the base**" in line for line in lines) == 3
-    assert "n/a" not in next(line for line in lines if "reward at KL" in line)  # matched KL: still compared
+    assert sum("**n/a: 4 pairs (needs 5); 2 seeds: no gain over the base**" in line for line in lines) == 3
+    assert "n/a" not in next(line for line in lines if "reward at each seed's matched KL" in line)  # still compared
 
 
 def test_matched_levels_use_the_evaluation_kl_and_give_the_ratio_per_level():
-    """KL_dppo = KL_grpo / 2 at every reward: ratio 0.5 at each level, every seed reaching it; the evaluation-time
+    """KL_dppo = KL_grpo / 2 at every reward: ratio 0.5 at each level, every seed compared; the evaluation-time
     KL (here 3x the rollout's) is what is compared, not the rollout's."""
-    arms = {}
-    for label, kl_scale in (("flow_dppo", 0.5), ("flow_grpo", 1.0)):
-        seeds = {str(s): synthetic_record(kl_scale, s) for s in range(3)}
-        for record in seeds.values():
+    results = synthetic_results()
+    for arm in results["arms"].values():
+        for record in arm["seeds"].values():
             for row in record["rows"]:
                 row["eval/kl_to_base"] = 3 * row["kl_to_base"]
-        arms[label] = {"method": label, "overrides": [], "group": "", "seeds": seeds}
-    levels = matched_levels({"preset": "single", "arms": arms})
+    levels = matched_levels(results)
     assert [row["fraction"] for row in levels] == [0.7, 0.8, 0.9]
     for row in levels:
-        assert row["pair"] == "flow_dppo vs flow_grpo" and row["reached"] == (3, 3, 3)
-        assert row["ratio"][0] == pytest.approx(0.5) and row["verdict"] == "less KL"
-    # level 0.8 of the way from 0.5 to 0.9 = 0.82: on the segment (0.8 at KL 3/4 s, 0.9 at KL s) of seed 0
+        s = row["summary"]
+        assert row["pair"] == "flow_dppo vs flow_grpo" and (s.pairs, s.seeds, s.below) == (5, 5, 5)
+        assert s.ratio[0] == pytest.approx(0.5) and s.p == pytest.approx(wilcoxon(s.values).pvalue)
+    # each seed's level 0.8 of the way from 0.5 to 0.9 = 0.82: on the segment (0.8 at KL 3/4 s, 0.9 at KL s)
     assert levels[1]["reward"] == pytest.approx(0.82)
-    expected = np.mean([3 * (0.75 + 0.2 * 0.25) * (1 + 0.01 * s) for s in range(3)])
-    assert levels[1]["kl"][1] == pytest.approx(expected)
-    # a run that never leaves the base: no gain over the base to match
-    for record in arms["flow_grpo"]["seeds"].values():
+    expected = np.mean([3 * (0.75 + 0.2 * 0.25) * (1 + 0.01 * s) for s in range(5)])
+    assert levels[1]["summary"].means[1] == pytest.approx(expected)
+    # a run that never leaves the base: no level above the base to match
+    for record in results["arms"]["flow_grpo"]["seeds"].values():
         for row in record["rows"]:
             row["eval/reward"] = 0.5
-    assert {row["verdict"] for row in matched_levels({"preset": "single", "arms": arms})} == {"no gain over the base"}
+    assert {row["summary"].why for row in matched_levels(results)} == {"0 pairs (needs 5); 5 seeds: no gain over "
+                                                                       "the base"}  # fmt: skip
+
+
+def rising(base, gains, kls, epochs=(4, 9)):
+    """A curve from ``base``: eval reward base + gains[i] at KL kls[i], evaluations at ``epochs``."""
+    return Curve(np.array([-1, *epochs]), np.array([0.0, *kls]), np.array([base, *(base + g for g in gains)]))
+
+
+BASES = [0.50, 0.52, 0.48, 0.51, 0.49, 0.50, 0.50, 0.50]
+SCALES = [1.0, 1.5, 2.0, 0.5, 1.0]  # the baseline's KL scale in the five regular seeds
+
+
+def per_seed_pairs():
+    """Five regular seeds: DPPO gains 0.2 / 0.4 at KL 1 / 2, the baseline 0.1 / 0.3 at KL 2c / 4c; seed 5 gains only
+    0.1 in both arms (a slow seed: a level pooled over seeds is out of its reach); seed 6's baseline never rises
+    above its base; seed 7's gain, 0.01, lies within evaluation noise."""
+    pairs = [(rising(b, (0.2, 0.4), (1, 2)), rising(b, (0.1, 0.3), (2 * c, 4 * c)))
+             for b, c in zip(BASES[:5], SCALES, strict=True)]  # fmt: skip
+    pairs.append((rising(0.5, (0.05, 0.1), (1, 2)), rising(0.5, (0.05, 0.1), (2, 4))))
+    pairs.append((rising(0.5, (0.2, 0.4), (1, 2)), rising(0.5, (0.0, -0.05), (1, 2))))
+    pairs.append((rising(0.5, (0.01, 0.01), (1, 2)), rising(0.5, (0.01, 0.01), (1, 2))))
+    return pairs
+
+
+def test_matched_reward_ratio_is_read_at_each_seed_level():
+    """By hand: a regular seed's level is its base + 0.7 * 0.3 (the lower arm's best gain): DPPO's frontier reaches
+    it at KL 1 + 0.01 / 0.2 = 1.05, the baseline's at 2c + 0.11 / 0.2 * 2c = 3.1c; the slow seed's level is
+    base + 0.07: KL 1.4 against 2.8. The seed that never gains and the one within noise (0.01 < 2 SE, SE = SD of
+    the bases = 0.012) are left out, and counted."""
+    pairs = per_seed_pairs()
+    logs = [math.log(1.05 / (3.1 * c)) for c in SCALES] + [math.log(0.5)]
+    s = matched_reward(pairs)
+    np.testing.assert_allclose(s.values, logs)
+    half = t.ppf(0.975, 5) * np.std(logs, ddof=1) / math.sqrt(6)
+    assert s.ratio == pytest.approx((math.exp(np.mean(logs)), math.exp(np.mean(logs) - half),
+                                     math.exp(np.mean(logs) + half)))  # fmt: skip
+    assert (s.pairs, s.seeds, s.below, s.why) == (6, 8, 6, "")
+    assert s.left_out == {"no gain over the base": 1, "gain below 2 eval SEs": 1}
+    assert s.p == pytest.approx(wilcoxon(logs).pvalue)
+    np.testing.assert_allclose(s.means, (np.mean([1.05] * 5 + [1.4]), np.mean([3.1 * c for c in SCALES] + [2.8])))
+    # the never-gaining seed's level is its base, both arms are there at KL 0: nothing to divide
+    level, kl_a, kl_b, why = at_matched_reward(*pairs[6])
+    assert (level, kl_a, kl_b, why) == (0.5, 0.0, 0.0, "no gain over the base")
+    # a level beyond what a seed reaches (here asked for above the lower arm's best) is never reached: left out
+    assert at_matched_reward(*pairs[0], fraction=1.5)[3] == "level not reached"
+    assert math.isnan(at_matched_reward(*pairs[0], fraction=1.5)[2])
+    # four regular seeds alone: fewer pairs than a CI needs
+    short = matched_reward(pairs[:4])
+    assert short.why == "4 pairs (needs 5)" and math.isnan(short.ratio[0])
+    # forgetting measures: differences at the same per-seed levels
+    with_fid = [(Curve(a.epoch, a.kl, a.reward, {"fid": a.kl * 10}), Curve(b.epoch, b.kl, b.reward, {"fid": b.kl}))
+                for a, b in pairs[:5]]  # fmt: skip
+    diffs = matched_reward(with_fid, "fid", ratio=False)
+    np.testing.assert_allclose(diffs.values, [10.5 - 3.1 * c for c in SCALES])
+
+
+def test_iso_epoch_and_final_kl_ratios_by_hand():
+    """Seed by seed: the log KL ratio averaged over the evaluations both runs have (epochs 4 and 14 here; KL 0 at
+    an epoch leaves it out), with the reward difference over them; the final KL ratio with the final rewards."""
+    scales = (1.0, 2.0, 0.5, 1.0, 4.0)
+    a = Curve(np.array([-1, 4, 9, 14]), np.array([0.0, 1.0, 2.0, 4.0]), np.array([0.5, 0.6, 0.7, 0.8]))
+    b = Curve(np.array([-1, 4, 14]), np.array([0.0, 2.0, 3.0]), np.array([0.5, 0.55, 0.75]))
+    pairs = [(a, Curve(b.epoch, b.kl * c, b.reward)) for c in scales]
+    s = iso_epoch(pairs)
+    np.testing.assert_allclose(s.values, [(math.log(1 / (2 * c)) + math.log(4 / (3 * c))) / 2 for c in scales])
+    assert s.reward[0] == pytest.approx(0.05) and s.reward[1] == pytest.approx(0.0)  # (0.05 + 0.05) / 2 every seed
+    f = final_kl(pairs)
+    np.testing.assert_allclose(f.values, [math.log(4 / (3 * c)) for c in scales])
+    assert f.reward[0] == pytest.approx(0.05) and f.below == 2  # c = 2 and 4
+    spent_nothing = Curve(b.epoch, np.array([0.0, 0.0, 3.0]), b.reward)  # its first evaluation has no KL
+    assert iso_epoch([(a, spent_nothing)] * 5).values[0] == pytest.approx(math.log(4 / 3))
+    # each seed's KL budget is the smaller largest KL: 3 at c = 1, where both reach 0.75; 4 at c = 4, where the
+    # baseline's frontier is at 0.5 + 0.05 * 4 / 8
+    at_kl = reward_at_matched_kl(pairs)
+    assert at_kl.values[0] == pytest.approx(0.0, abs=1e-12) and at_kl.values[4] == pytest.approx(0.8 - 0.525)
+    assert at_kl.pairs == 5 and not at_kl.why
 
 
 def test_equivalence_margin_is_the_larger_end_of_the_ci():
@@ -137,16 +232,23 @@ def test_equivalence_margin_is_the_larger_end_of_the_ci():
     assert equivalence_margin(diffs) == f"\\|d\\| > {margin:.3g}"
 
 
-def test_probe_says_whether_the_regime_is_reached(tmp_path, capsys):
-    probe = {"dim": 4096, "epochs": 5, "dim_kl_p90": 0.3, "masked_fraction_pos_adv": 0.01,
-             "masked_fraction_neg_adv": 0.05, "reached": True}  # fmt: skip
-    assert "p90 of dim*D 0.3" in probe_line(probe) and probe_line(probe).endswith("regime is reached.")
-    args = ["compare", "--preset", "calib", "--probe-only", "--out", str(tmp_path / "probe"), "epochs=2",
-            "group_size=4", "eval_samples_per_class=2"]  # fmt: skip
-    assert main(args) == 0
-    line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert line.startswith("Flow-GRPO (eps 1e-4), 2 epochs at dim 64: p90 of dim*D ")
-    assert line.endswith("regime is NOT reached.")  # dim 64: the ratio's noise swamps D
+def test_probe_runs_each_baseline_setting_and_words_its_criterion(tmp_path, capsys):
+    probe = {"label": "flow_grpo", "dim": 4096, "epochs": 5, "seeds": 2, "dim_kl_p90": 0.3, "bias_noise": 0.4,
+             "masked_fraction_pos_adv": 0.01, "masked_fraction_neg_adv": 0.05, "met": True}  # fmt: skip
+    line = probe_line({"settings": [probe]})
+    assert "p90 of dim*D 0.3" in line and "bias/noise 0.4: the probe's weak criterion is met." in line
+    assert probe_line({"settings": [probe | {"bias_noise": 1.5}]}).endswith("the paper's regime is reached.")
+    assert probe_line({"settings": [probe | {"met": False}]}).endswith("the probe's criterion is NOT met.")
+    old = {"dim": 4096, "epochs": 5, "dim_kl_p90": 0.2, "masked_fraction_pos_adv": 0.05,
+           "masked_fraction_neg_adv": 0.14, "reached": True}  # a committed report's probe: one run, no bias/noise
+    assert probe_line(old) == ("flow_grpo (eps 1e-4), 5 epochs x 1 seed at dim 4096: p90 of dim*D 0.2 (needs >= "
+                               "0.1); clipped fraction A<0 0.140 vs A>0 0.050 (needs at least twice); the ratio's "
+                               "bias/noise not recorded: the probe's weak criterion is met.")  # fmt: skip
+    tiny = ["epochs=2", "group_size=4", "eval_samples_per_class=2"]
+    measured = run_probe("dim64", tiny, tmp_path / "probe", ("flow_dppo", "flow_grpo"))["settings"]
+    assert [(m["label"], m["dim"], m["seeds"], m["epochs"]) for m in measured] == [("flow_grpo", 64, 2, 2)]
+    assert measured[0]["bias_noise"] > 0 and not measured[0]["met"]  # dim 64: the ratio's noise swamps D
+    assert {d.name for d in (tmp_path / "probe" / "runs" / "probe" / "flow_grpo").iterdir()} == {"seed0", "seed1"}
     assert main(["compare", "--preset", "dims"]) == 2
     assert "unknown preset 'dims'" in capsys.readouterr().err
 
@@ -170,18 +272,63 @@ def test_presets_and_half_rollouts():
     assert "loss.clip_range=0.0016" in stress["flow_grpo/eps0.0016"]  # eps * dim equal to SD3.5's 1e-4 * 65,536
     assert all({"digits_upsample=8", "optim.lr=3e-3"} <= set(o) for o in stress.values())
     assert len(preset_arms("multi", ("flow_dppo", "flow_grpo"))) == 4
+    confirm = {a.label: (a.group, run_overrides(a, [], 5000)) for a in preset_arms("confirm")}
+    assert set(confirm) == {"flow_dppo/tau1e-05", "flow_grpo/eps0.0001"} and len({g for g, _ in confirm.values()}) == 1
+    assert {"digits_upsample=8", "optim.lr=3e-3", "optim.inner_epochs=1", "epochs=40", "loss.kl_mask_threshold=1e-05",
+            "seed=5000"} <= set(confirm["flow_dppo/tau1e-05"][1])  # fmt: skip
+    matched = {a.label: a.group for a in preset_arms("matched")}
+    assert matched == {"flow_dppo/tau1e-05": "grpo", "flow_grpo/eps5e-05": "grpo", "flow_dppo/tau1e-09": "guard",
+                       "grpo_guard/eps2e-06": "guard"}  # fmt: skip
     with pytest.raises(ValueError, match="preset must be one of"):
         preset_arms("everything")
+
+
+def test_preregistered_seeds_are_fresh_and_the_rule_is_written_before_the_runs(tmp_path):
+    committed = set()
+    for path in Path(__file__).parents[1].glob("benchmarks/digitsbench/*/results.json"):
+        for arm in json.loads(path.read_text())["arms"].values():
+            committed |= {int(s) + 1000 * ("epochs=half" in arm["overrides"]) for s in arm["seeds"]}
+    assert committed, "the committed reports are read"
+    for name, plan in PLANS.items():
+        assert not committed & set(range(plan.seed_offset, plan.seed_offset + plan.seeds)), name
+    text = render_plan("confirm", tmp_path / "confirm").read_text()
+    assert "40 seeds 5000-5039" in text and "`flowdppo compare --preset confirm --seeds 40 --seed-offset 5000`" in text
+    assert "upper end of the CI of the per-seed matched-reward KL ratio" in text and "[0.8, 1.25]" in text
+    # the rule applied: five seeds of the plan's first, DPPO at half the KL: claim 1 holds, 2x not refuted
+    results = synthetic_results((("flow_dppo/tau1e-05", 0.5), ("flow_grpo/eps0.0001", 1.0)), group="c",
+                                preset="confirm")  # fmt: skip
+    outcome = decision_lines("confirm", results)
+    assert "**This report deviates from the plan: it ran 5 seeds 0-4; the rule is not read.**" in outcome[-3]
+    assert outcome[-1] == ("- flow_dppo/tau1e-05 vs flow_grpo/eps0.0001: ratio 0.50 [0.50, 0.50] over 5 pairs: claim "
+                           "1 holds; the >= 2x saving is not refuted; the CI inside [0.8, 1.25] (no difference): "
+                           "no.")  # fmt: skip
+    matched = synthetic_results((("flow_dppo/tau1e-05", 0.5), ("flow_grpo/eps5e-05", 1.0)), group="grpo",
+                                preset="matched")  # fmt: skip
+    (line,) = [x for x in decision_lines("matched", matched) if x.startswith("- flow_dppo/tau1e-05")]
+    assert "reward difference 0.000 ± 0.000: matched; same-epoch KL ratio 0.50 [0.50, 0.50] (5 pairs)" in line
+    assert line.endswith(": claim 1 holds.")
+    assert decision_lines("matched", matched)[-1] == "- flow_dppo/tau1e-09 vs grpo_guard/eps2e-06: not run."
 
 
 def test_compare_smoke_writes_the_report_and_rerenders_identically(tmp_path, capsys):
     out = tmp_path / "bench"
     args = ["compare", "--preset", "smoke", "--methods", "flow_grpo,flow_dppo", "--seeds", "1", "--out", str(out)]
-    assert main(args + ["epochs=2", "group_size=4", "eval_every=1"]) == 0
+    tiny = ["epochs=2", "group_size=4", "eval_every=1"]
+    assert main(args + ["--seed-offset", "7", *tiny]) == 0
     for name in ("results.json", "REPORT.md", "frontier.png", "curves.png", "ood.png"):
         assert (out / name).stat().st_size > 0, name
     report = (out / "REPORT.md").read_text()
-    assert "| flow_grpo |" in report and "| flow_dppo |" in report
+    assert "| flow_grpo |" in report and "| flow_dppo |" in report and "x 1 seeds (from seed 7)" in report
+    results = json.loads((out / "results.json").read_text())
+    assert results["seed_offset"] == 7 and set(results["arms"]["flow_dppo"]["seeds"]) == {"7"}
+    assert main(args + ["--seed-offset", "3", *tiny]) == 2  # its runs started at seed 7: not mixed with others
+    assert f"--seed-offset: {out} holds runs from seed 7; pass --seed-offset 7" in capsys.readouterr().err
+    assert main(args + ["--seed-offset", "-1", *tiny]) == 2
+    assert "--seed-offset: must be >= 0, got -1" in capsys.readouterr().err
+    keys = set(reusable_runs([out]))  # --reuse offers the runs under the seeds they ran
+    dppo = next(a for a in preset_arms("smoke", ("flow_dppo",)))
+    assert _config_key("flow_dppo", run_overrides(dppo, tiny, 7)) in keys
+    assert _config_key("flow_dppo", run_overrides(dppo, tiny, 0)) not in keys
     (out / "REPORT.md").unlink()
     assert main(["compare", "--report-only", str(out)]) == 0  # no training: results.json only
     assert (out / "REPORT.md").read_text() == report
@@ -189,9 +336,9 @@ def test_compare_smoke_writes_the_report_and_rerenders_identically(tmp_path, cap
     # a second report with the same runs trains nothing: it takes them from the first
     again = tmp_path / "again"
     cmd = ["compare", "--preset", "smoke", "--methods", "flow_dppo", "--seeds", "1", "--out", str(again)]
-    assert main(cmd + ["--reuse", str(out), "epochs=2", "group_size=4", "eval_every=1"]) == 0
-    reused = json.loads((again / "results.json").read_text())["arms"]["flow_dppo"]["seeds"]["0"]
-    first = json.loads((out / "results.json").read_text())["arms"]["flow_dppo"]["seeds"]["0"]
+    assert main(cmd + ["--seed-offset", "7", "--reuse", str(out), *tiny]) == 0
+    reused = json.loads((again / "results.json").read_text())["arms"]["flow_dppo"]["seeds"]["7"]
+    first = json.loads((out / "results.json").read_text())["arms"]["flow_dppo"]["seeds"]["7"]
     assert reused["reused_from"] == str(out) and reused["rows"] == first["rows"]
     assert not (again / "runs").exists()
     assert main(["compare", "--gather", str(tmp_path)]) == 0
@@ -219,34 +366,37 @@ def test_epochs_report_compares_several_passes_with_one(tmp_path):
         arms[label] = {"method": "flow_dppo", "overrides": [], "group": label[-2:], "seeds": seeds}
     (tmp_path / "results.json").write_text(json.dumps({"preset": "epochs", "arms": arms, "overrides": []}))
     report = render_report(tmp_path).read_text()
-    assert "| flow_dppo | I2 | 1.000 ± 0.000 |" in report  # same final reward with two passes as with one
+    assert "| flow_dppo | I2 | 1.000 ± 0.000 | 2 |" in report  # same final reward with two passes as with one
     assert (tmp_path / "inner_epochs.png").stat().st_size > 0
 
 
 def test_across_dims_table_reads_each_dim_report(tmp_path):
-    """One row per dim and pair: KL ratio 0.5 at the 0.8 level, the baseline's dropped fractions by sign."""
-    arms = {}
-    for label, kl_scale, pos, neg in (("flow_dppo", 0.5, 0.1, 0.1), ("flow_grpo", 1.0, 0.02, 0.3)):
-        seeds = {str(s): synthetic_record(kl_scale, s) for s in range(3)}
-        for record in seeds.values():
+    """One row per dim and pair: the per-seed KL ratio 0.5 at each seed's level 0.7 and at equal epochs, the
+    baseline's dropped fractions by sign."""
+    results = synthetic_results(group="dim", preset="dim1024")
+    for label, pos, neg in (("flow_dppo", 0.1, 0.1), ("flow_grpo", 0.02, 0.3)):
+        for record in results["arms"][label]["seeds"].values():
             for row in record["rows"]:
                 row.update({"masked_fraction_pos_adv": pos, "masked_fraction_neg_adv": neg, "dim_kl_p90": 2.0})
-        arms[label] = {"method": label, "overrides": [], "group": "dim", "seeds": seeds}
     (tmp_path / "dim1024").mkdir()
-    (tmp_path / "dim1024" / "results.json").write_text(json.dumps({"preset": "dim1024", "arms": arms, "overrides": []}))
+    (tmp_path / "dim1024" / "results.json").write_text(json.dumps(results))
     assert across_dims(tmp_path) == []  # not rendered yet: a preset still running is left out
     render_report(tmp_path / "dim1024")
     header, _, row = across_dims(tmp_path)
-    assert "KL ratio at reward level 0.8" in header
-    assert row.startswith("| 1024 | flow_dppo vs flow_grpo | 0.50 [0.50, 0.50] | 3/3, 3/3 |")
-    assert "| 2 | 0.020 / 0.300 | less KL | holds |" in row
+    assert "KL ratio at each seed's level 0.7" in header
+    assert row.startswith("| 1024 | flow_dppo vs flow_grpo | 0.50 [0.50, 0.50] | 5 of 5 | ratio < 0.50 or > 0.50 | "
+                          "0.50 [0.50, 0.50], 5 | 0.000 ± 0.000 | 2 |")  # fmt: skip
+    assert row.endswith("| 0.020 / 0.300 | less KL | holds |")
     assert across_dims(tmp_path / "dim1024") == []  # no dim reports under it
     (tmp_path / "dim1024-lr").mkdir()  # the same preset with a user override: rows of its own, after the plain ones
-    (tmp_path / "dim1024-lr" / "results.json").write_text(
-        json.dumps({"preset": "dim1024", "arms": arms, "overrides": ["optim.lr=3e-3"]}))
+    (tmp_path / "dim1024-lr" / "results.json").write_text(json.dumps(results | {"overrides": ["optim.lr=3e-3"]}))
     render_report(tmp_path / "dim1024-lr")
     rows = across_dims(tmp_path)[2:]
     assert [r.split(" | ")[0] for r in rows] == ["| 1024", "| 1024 optim.lr=3e-3"]
+    render_plan("matched", tmp_path / "matched")  # pre-registered, not run: its rule is gathered, no plots
+    gathered = gather_reports(tmp_path).read_text()
+    assert "## [matched](matched/REPORT.md)" in gathered and "### Decision rule (pre-registered)" in gathered
+    assert "matched/frontier.png" not in gathered and "dim1024/frontier.png" in gathered
 
 
 def test_drawdown_and_collapse():

@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from flowdppo.compare import eval_points  # noqa: E402
+from flowdppo.estimators import eval_points  # noqa: E402
 from flowdppo.frontier import mean_ci  # noqa: E402
 
 
@@ -32,7 +32,7 @@ def plot_frontier(results: dict, path: Path) -> None:
     for label, arm in results["arms"].items():
         kl, reward = np.mean([eval_points(rec) for rec in _records(arm)], 0)
         ax.plot(kl, reward, marker="o", ms=3, label=label)
-    ax.set(xlabel="path KL to base (compare.eval_points)", ylabel="eval reward (p of prompted digit)",
+    ax.set(xlabel="path KL to base (estimators.eval_points)", ylabel="eval reward (p of prompted digit)",
            title="reward vs KL to base")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

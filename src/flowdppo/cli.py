@@ -182,7 +182,8 @@ def _compare(args: argparse.Namespace) -> int:
     if unknown:
         raise ConfigError(f"--methods: unknown method {unknown[0]!r}; choose from {', '.join(PRESETS)}")
     out = Path(args.out or f"runs/compare-{args.preset}")
-    run_compare(args.preset, out, args.seeds, methods, args.overrides, args.jobs, [Path(d) for d in args.reuse])
+    run_compare(args.preset, out, args.seeds, methods, args.overrides, args.jobs, [Path(d) for d in args.reuse],
+                args.seed_offset)
     print(f"report: {out / 'REPORT.md'}")
     return 0
 
@@ -271,11 +272,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     cmp = commands.add_parser("compare", help="DigitsBench: every method x seed, with a report")
     cmp.add_argument("--preset", default="single", help="single, multi, epochs, threshold, calib, dim64, dim1024, "
-                     "dim4096, stress or smoke (see flowdppo.compare.preset_arms)")
+                     "dim4096, stress, heldout, confirm, matched or smoke (see flowdppo.compare.preset_arms)")
     cmp.add_argument("--probe-only", action="store_true",
-                     help="only the preset's short regime probe: is the paper's regime reached at its latent size?")
+                     help="only the preset's short regime probe: each baseline setting's p90 of dim*D, clipping "
+                          "asymmetry and ratio bias/noise at its latent size")
     cmp.add_argument("--methods", help="comma-separated methods, any registered preset (default: all of them)")
     cmp.add_argument("--seeds", type=int, default=5)
+    cmp.add_argument("--seed-offset", type=int, default=None,
+                     help="first seed (seeds N, N+1, ...; default: the one results.json recorded, else the preset's "
+                          "pre-registered one, else 0), so a confirmation never reuses seeds that informed a choice")
     cmp.add_argument("--jobs", type=int, default=None, help="parallel runs (default: the number of cores)")
     cmp.add_argument("--out", help="report folder (default runs/compare-PRESET)")
     cmp.add_argument("--report-only", metavar="DIR", help="re-render REPORT.md from DIR/results.json")

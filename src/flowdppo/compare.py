@@ -3,9 +3,10 @@
     flowdppo compare --preset single --seeds 5 --out benchmarks/digitsbench/single
     flowdppo compare --report-only benchmarks/digitsbench/single    # re-render, no training
 
-A preset is a list of arms (a label, a method and config overrides); every arm runs once per seed, in
-parallel processes of one thread each. ``results.json`` keeps every run's per-epoch metrics, so the
-report can be rendered again without training.
+A preset is a list of arms (a label, a method and config overrides); every arm runs once per seed (seeds
+``seed_offset``, ``seed_offset + 1``, ...), in parallel processes of one thread each. ``results.json`` keeps every
+run's per-epoch metrics, so the report can be rendered again without training. Pairs of arms are compared seed by
+seed (``flowdppo.estimators``); the pre-registered presets (``PLANS``) carry their seeds and decision rule.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from flowdppo.frontier import kl_at_reward, mean_ci, reward_at_kl, value_at_reward, verdict
+from flowdppo import estimators as est
+from flowdppo.errors import ConfigError
+from flowdppo.frontier import mean_ci
 
 METHODS = ("flow_grpo", "flow_cps", "grpo_guard", "flow_dppo", "flow_dppo_cps", "dance_grpo", "diffusion_nft", "awm")
-CONTROL = "unconstrained"  # -A rho with no trust test: what the trust tests are measured against
-BASELINES_OF = {"flow_dppo": ("flow_grpo", "flow_cps", "grpo_guard", CONTROL), "flow_dppo_cps": ("flow_cps",)}
 BENCH_OVERRIDES = ["eval_every=5", "eval_samples_per_class=20", "checkpoint_every=1000", "keep_checkpoints=1"]
 HALF_EPOCHS = "epochs=half"  # resolved to half the run's epochs (half the rollouts)
 HALF_SEED_OFFSET = 1000  # the half-rollouts arms run seeds 1000, 1001, ...: independent of the full runs
@@ -36,13 +37,12 @@ KEPT = ("epoch", "reward_mean", "kl_to_base", "masked_fraction", "ratio_mean", "
 UPSAMPLE_OF_DIM = {64: 1, 1024: 4, 4096: 8}  # latent dim -> digits_upsample
 SD35_LATENT_DIM = 16 * 64 * 64  # SD3.5 at 512 x 512: 16 channels x 64 x 64
 STRESS = ["optim.lr=3e-3", "optim.inner_epochs=4"]  # 3x the learning rate, 4 passes over each rollout
-LEVELS = (0.7, 0.8, 0.9)  # matched rewards: these fractions of the way from the base to the lower arm's best
-CLAIM_LEVEL = 0.8  # the level the claim rows read measures at a matched reward at
-EVAL_KL = "eval/kl_to_base"
-FORGETTING = ("eval/fid", "eval/diversity", "eval_heldout/accuracy", "eval_heldout/fid", "eval_heldout/diversity")
+LEVELS = (0.7, 0.8, 0.9)  # matched rewards: these fractions of the way from each seed's base to its lower arm's best
+CLAIM_LEVEL = est.CLAIM_FRACTION  # the level the claim rows read measures at a matched reward at
+REGIME = ["optim.lr=3e-3", "optim.inner_epochs=1", "epochs=40"]  # with dim 4,096: where the probe's criterion is met
 HELDOUT = ["digits_classes=[0,1,2,3,4]"]  # trained on 0-4; 5-9 held out
 BENCH_PRESETS = ("single", "multi", "epochs", "threshold", "calib", "dim64", "dim1024", "dim4096", "stress", "heldout",
-                 "smoke")  # fmt: skip
+                 "confirm", "matched", "smoke")  # fmt: skip
 
 
 @dataclass
@@ -51,6 +51,33 @@ class Arm:
     method: str
     overrides: list[str] = field(default_factory=list)
     group: str = ""  # arms compared with each other in a claim share a group
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A pre-registered preset: its seeds (beyond any a committed report used: 0-9, 1000-1009 and the probes'
+    0-1) and its decision rule, rendered into REPORT.md from this definition before it runs."""
+
+    seeds: int
+    seed_offset: int
+    pairs: tuple[tuple[str, float, str, float], ...]  # (group, Flow-DPPO's tau, the baseline's method, its eps)
+    rule: tuple[str, ...]
+
+
+NO_DIFFERENCE = (0.8, 1.25)  # a "no difference" needs the KL ratio's CI inside these
+MATCHED_REWARD = 0.02  # a pair is matched in reward when its reward difference's CI lies within +- this
+PLANS = {
+    "confirm": Plan(40, 5000, (("c", 1e-5, "flow_grpo", 1e-4),), (
+        f"claim 1 holds on this task if the upper end of the CI of the per-seed matched-reward KL ratio (each seed's "
+        f"level {CLAIM_LEVEL}) is below 1;", "the paper's >= 2x saving is refuted if its lower end is above 0.5;",
+        f"\"no difference\" needs the CI inside [{NO_DIFFERENCE[0]}, {NO_DIFFERENCE[1]}].")),
+    "matched": Plan(20, 6000, (("grpo", 1e-5, "flow_grpo", 5e-5), ("guard", 1e-9, "grpo_guard", 2e-6)), (
+        f"a pair counts as matched only if the 95% CI of its reward difference (Flow-DPPO minus the baseline, "
+        f"per seed the mean over the evaluation epochs) lies within +-{MATCHED_REWARD};",
+        "for a matched pair claim 1 holds if the upper end of the CI of its same-epoch KL ratio is below 1, and does "
+        "not hold if the lower end is above 1 (the per-seed matched-reward ratio is shown beside it);",
+        "an unmatched pair's ratios are reported, not read as claim 1: they compare step sizes.")),
+}  # fmt: skip
 
 
 def kl_in_flow_sde(method: str) -> list[str]:
@@ -72,6 +99,8 @@ def preset_common(preset: str) -> list[str]:
     """Overrides every arm of ``preset`` shares (its latent size, its optimiser setting)."""
     if preset.startswith("dim"):
         return at_dim(int(preset[3:]))
+    if preset in PLANS:
+        return at_dim(4096) + REGIME
     return at_dim(4096) + STRESS if preset == "stress" else []
 
 
@@ -79,20 +108,25 @@ def preset_arms(preset: str, methods: tuple[str, ...] = METHODS) -> list[Arm]:
     """The arms of a named experiment."""
     if preset == "calib":  # dim 64: the baselines' constants swept, next to Flow-DPPO and the unconstrained control
         sweep = [("flow_grpo", e) for e in (3e-4, 1e-3, 3e-3)] + [("grpo_guard", e) for e in (5e-5, 2e-4)]
-        return [Arm(m, m, [], "calib") for m in ("flow_dppo", CONTROL)] + [
+        return [Arm(m, m, [], "calib") for m in ("flow_dppo", est.CONTROL)] + [
             Arm(f"{m}/eps{e:g}", m, [f"loss.clip_range={e:g}"], "calib") for m, e in sweep]  # fmt: skip
     if preset in ("dim64", "dim1024", "dim4096"):  # the public constants at one latent size, every method
-        return [Arm(m, m, preset_common(preset) + kl_in_flow_sde(m), "dim") for m in (*methods, CONTROL)]
+        return [Arm(m, m, preset_common(preset) + kl_in_flow_sde(m), "dim") for m in (*methods, est.CONTROL)]
     if preset == "heldout":  # forgetting: trained on digits 0-4, measured on 5-9 at matched in-domain reward
-        return [Arm(m, m, HELDOUT, "heldout") for m in ("flow_dppo", "flow_grpo", "grpo_guard", CONTROL)]
+        return [Arm(m, m, HELDOUT, "heldout") for m in ("flow_dppo", "flow_grpo", "grpo_guard", est.CONTROL)]
     if preset == "stress":  # the largest latent, a 3x learning rate, 4 passes; eps scaled to SD3.5's eps * dim
         eps = 1e-4 * SD35_LATENT_DIM / 4096
         common = preset_common(preset)
-        arms = [Arm(m, m, common, "I4") for m in ("flow_dppo", CONTROL)]
+        arms = [Arm(m, m, common, "I4") for m in ("flow_dppo", est.CONTROL)]
         arms += [Arm(f"flow_grpo/eps{e:g}", "flow_grpo", [*common, f"loss.clip_range={e:g}"], "I4")
                  for e in (1e-4, eps)]  # fmt: skip
         return arms + [Arm(f"{m}/half-I2", m, [*common, HALF_EPOCHS, "optim.inner_epochs=2"], "half-I2")
                        for m in ("flow_dppo", "flow_grpo")]  # fmt: skip
+    if preset in PLANS:  # the pre-registered pairs, in the probe's regime, on fresh seeds
+        common = preset_common(preset)
+        return [arm for group, tau, base, eps in PLANS[preset].pairs for arm in (
+            Arm(f"flow_dppo/tau{tau:g}", "flow_dppo", [*common, f"loss.kl_mask_threshold={tau:g}"], group),
+            Arm(f"{base}/eps{eps:g}", base, [*common, f"loss.clip_range={eps:g}"], group))]  # fmt: skip
     if preset == "single":  # claims 1 and 2
         return [Arm(m, m, kl_in_flow_sde(m)) for m in methods]
     if preset == "multi":  # claim 3: two competing rewards
@@ -152,7 +186,7 @@ def reusable_runs(other_dirs: list[Path]) -> dict[str, dict]:
         for arm in results["arms"].values():
             spec = Arm("", arm["method"], arm["overrides"])
             for seed, record in arm["seeds"].items():
-                if not any(EVAL_KL in r for r in record["rows"]):
+                if not any(est.EVAL_KL in r for r in record["rows"]):
                     continue  # recorded before the evaluation-time KL: its measures are not comparable
                 key = _config_key(spec.method, run_overrides(spec, results["overrides"], int(seed)))
                 found[key] = {**record, "reused_from": str(other)}
@@ -160,40 +194,79 @@ def reusable_runs(other_dirs: list[Path]) -> dict[str, dict]:
 
 
 PROBE_EPOCHS = 5
-PROBED = ("calib", "dim64", "dim1024", "dim4096", "stress")  # presets about the paper's regime
+PROBE_SEEDS = (0, 1)
+PROBED = ("calib", "dim64", "dim1024", "dim4096", "stress", "confirm", "matched")  # presets about the paper's regime
 
 
-def run_probe(preset: str, overrides: list[str], out: Path) -> dict:
-    """A short Flow-GRPO run (its public eps 1e-4, the preset's latent size and optimiser, seed 0) that says
-    whether the paper's regime is reached: p90 of ``dim * D`` >= 0.1 and a clipped fraction for ``A < 0`` at
-    least twice that for ``A > 0`` (averaged over its updates)."""
+def preset_pairs(preset: str, methods: tuple[str, ...] = METHODS) -> list[tuple[Arm, Arm]]:
+    """The (DPPO arm, baseline arm) pairs the preset's claims compare (``estimators.claim_pairs``)."""
+    arms = {arm.label: arm for arm in preset_arms(preset, methods)}
+    specs = {"preset": preset, "arms": {a.label: {"method": a.method, "group": a.group} for a in arms.values()}}
+    return [(arms[a], arms[b]) for a, b in est.claim_pairs(specs)]
+
+
+def probe_settings(preset: str, methods: tuple[str, ...] = METHODS) -> list[Arm]:
+    """Each clipping setting the preset's claim pairs compare Flow-DPPO with, once, for ``PROBE_EPOCHS`` epochs."""
+    settings = {}
+    for _, arm in preset_pairs(preset, methods):
+        kept = [o for o in arm.overrides if o != HALF_EPOCHS]
+        if arm.method != est.CONTROL:
+            settings.setdefault((arm.method, *kept), Arm(arm.label, arm.method, [*kept, f"epochs={PROBE_EPOCHS}"]))
+    return list(settings.values())
+
+
+def run_probe(preset: str, overrides: list[str], out: Path, methods: tuple[str, ...] = METHODS) -> dict:
+    """Short runs of each baseline setting of the preset (``PROBE_SEEDS``), measured against the paper's regime:
+    p90 of ``dim * D`` >= 0.1 and a clipped fraction for ``A < 0`` at least twice that for ``A > 0`` (averaged
+    over the updates): the probe's weak criterion; and the ratio's bias/noise ``|mean| / sd`` of ``log rho``
+    (per update, averaged), which the criterion does not bound: below 1 the ratio is still mostly noise."""
     from flowdppo.config import load_config
 
-    arm = Arm("probe", "flow_grpo", [*preset_common(preset), f"epochs={PROBE_EPOCHS}"])
-    full = run_overrides(arm, overrides, 0)
-    record = _run_one("flow_grpo", full, str(out / "runs" / "probe"))
-    rows = record["rows"]
-    probe = {key: float(np.mean([r[key] for r in rows])) for key in
-             ("dim_kl_p90", "masked_fraction_pos_adv", "masked_fraction_neg_adv")}  # fmt: skip
-    probe["dim"] = 64 * load_config("flow_grpo", overrides=full).digits_upsample ** 2
-    probe["epochs"] = len(rows)
-    probe["reached"] = bool(probe["dim_kl_p90"] >= 0.1 and probe["masked_fraction_neg_adv"] > 0
-                            and probe["masked_fraction_neg_adv"] >= 2 * probe["masked_fraction_pos_adv"])  # fmt: skip
-    return probe
+    settings = []
+    for arm in probe_settings(preset, methods):
+        runs = []
+        for seed in PROBE_SEEDS:
+            path = out / "runs" / "probe" / arm.label.replace("/", "_") / f"seed{seed}"
+            runs.append(_run_one(arm.method, run_overrides(arm, overrides, seed), str(path))["rows"])
+        dim = 64 * load_config(arm.method, overrides=run_overrides(arm, overrides)).digits_upsample ** 2
+        settings.append({"label": arm.label, "dim": dim, **est.regime_measures(runs)})
+    return {"settings": settings}
 
 
 def probe_line(probe: dict) -> str:
-    """One sentence: what the probe measured and whether the regime is reached."""
-    return (f"Flow-GRPO (eps 1e-4), {probe['epochs']} epochs at dim {probe['dim']}: p90 of dim*D "
-            f"{probe['dim_kl_p90']:.3g} (needs >= 0.1); clipped fraction A<0 {probe['masked_fraction_neg_adv']:.3f} "
-            f"vs A>0 {probe['masked_fraction_pos_adv']:.3f} (needs at least twice): the paper's regime is "
-            f"{'reached' if probe['reached'] else 'NOT reached'}.")
+    """One line per setting: what the probe measured and whether its criterion is met (a probe recorded before the
+    per-setting probe: one Flow-GRPO eps 1e-4 run, no bias/noise)."""
+    old = {"label": "flow_grpo (eps 1e-4)", "seeds": 1, "met": probe.get("reached"), "bias_noise": math.nan}
+    lines = []
+    for p in probe.get("settings") or [{**probe, **old}]:
+        bias_noise = p["bias_noise"]
+        noise = "not recorded" if math.isnan(bias_noise) else f"{bias_noise:.2g}"
+        reading = ("the probe's criterion is NOT met" if not p["met"] else "the paper's regime is reached"
+                   if bias_noise >= 1 else "the probe's weak criterion is met")  # fmt: skip
+        seeds = f"{p['seeds']} seed{'s' * (p['seeds'] != 1)}"
+        lines.append(f"{p['label']}, {p['epochs']} epochs x {seeds} at dim {p['dim']}: p90 of dim*D "
+                     f"{p['dim_kl_p90']:.3g} (needs >= 0.1); clipped fraction A<0 {p['masked_fraction_neg_adv']:.3f} "
+                     f"vs A>0 {p['masked_fraction_pos_adv']:.3f} (needs at least twice); the ratio's bias/noise "
+                     f"{noise}: {reading}.")  # fmt: skip
+    return "\n".join(lines)
+
+
+def seed_offset_of(preset: str, results: dict, seed_offset: int | None, out: Path) -> int:
+    """The first seed: ``--seed-offset``, else the one ``results`` recorded, else the preset's plan's, else 0."""
+    recorded = results.get("seed_offset", 0 if results.get("arms") else None)
+    if seed_offset is not None and seed_offset < 0:
+        raise ConfigError(f"--seed-offset: must be >= 0, got {seed_offset}")
+    if None not in (seed_offset, recorded) and seed_offset != recorded:
+        raise ConfigError(f"--seed-offset: {out} holds runs from seed {recorded}; pass --seed-offset {recorded} to "
+                          "finish it, or give another --out")  # fmt: skip
+    planned = PLANS[preset].seed_offset if preset in PLANS else 0
+    return next(o for o in (seed_offset, recorded, planned) if o is not None)
 
 
 def run_compare(preset: str, out: Path, seeds: int, methods: tuple[str, ...], overrides: list[str],
-                jobs: int | None = None, reuse: list[Path] | None = None) -> dict:  # fmt: skip
-    """Train every arm x seed (skipping runs already in ``results.json`` or, with the same resolved
-    config, in the ``reuse`` reports), save results, render the report."""
+                jobs: int | None = None, reuse: list[Path] | None = None, seed_offset: int | None = None) -> dict:
+    """Train every arm x seed (seeds ``seed_offset`` on; skipping runs already in ``results.json`` or, with the
+    same resolved config, in the ``reuse`` reports), save results, render the report."""
     from flowdppo.config import load_config
 
     arms = preset_arms(preset, methods)
@@ -201,17 +274,20 @@ def run_compare(preset: str, out: Path, seeds: int, methods: tuple[str, ...], ov
         load_config(arm.method, overrides=run_overrides(arm, overrides))
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    results.update({"preset": preset, "overrides": overrides, "seeds": seeds})
+    offset = seed_offset_of(preset, results, seed_offset, out)
+    results.update({"preset": preset, "overrides": overrides, "seeds": seeds, "seed_offset": offset})
     results.setdefault("arms", {})
+    if preset in PLANS and not (out / "REPORT.md").is_file():  # the decision rule is on disk before any run
+        render_plan(preset, out)
     if preset in PROBED and "probe" not in results:  # before the preset's budget is spent
-        results["probe"] = run_probe(preset, overrides, out)
+        results["probe"] = run_probe(preset, overrides, out, methods)
         print(probe_line(results["probe"]))
     reusable = reusable_runs(reuse or [])
     todo = []
     for arm in arms:
         entry = results["arms"].setdefault(arm.label, {"method": arm.method, "overrides": arm.overrides,
                                                         "group": arm.group, "seeds": {}})  # fmt: skip
-        for seed in range(seeds):
+        for seed in range(offset, offset + seeds):
             key = _config_key(arm.method, run_overrides(arm, overrides, seed)) if reusable else None
             if str(seed) in entry["seeds"]:
                 continue
@@ -241,115 +317,7 @@ def run_compare(preset: str, out: Path, seeds: int, methods: tuple[str, ...], ov
     return results
 
 
-# ---------------------------------------------------------------- measures of one run
-
-
-def eval_points(record: dict, key: str = "eval/reward") -> tuple[np.ndarray, np.ndarray]:
-    """(KL to base, eval measure ``key``) at the base (KL 0) and at every evaluated epoch.
-
-    The KL is ``eval/kl_to_base``: measured at evaluation, on the evaluated samples, in the Flow-SDE kernel for
-    every arm. Runs recorded before it existed fall back to the rollout's ``kl_to_base`` (taken before the
-    epoch's update, in the arm's own measuring kernel)."""
-    rows = [r for r in record["rows"] if key in r]
-    kl_key = EVAL_KL if all(EVAL_KL in r for r in rows) else "kl_to_base"
-    kl = np.array([0.0] + [r[kl_key] for r in rows])
-    return kl, np.array([record["base"][key]] + [r[key] for r in rows])
-
-
-def final(record: dict, key: str) -> float:
-    return [r[key] for r in record["rows"] if key in r][-1]
-
-
-def run_measures(record: dict) -> dict[str, float]:
-    """Final in-domain and out-of-domain measures of one run, and their change from the base."""
-    base, rows = record["base"], record["rows"]
-    measures = {
-        "eval reward": final(record, "eval/reward"),
-        "eval accuracy": final(record, "eval/accuracy"),
-        "KL to base": eval_points(record)[0][-1],
-        "FID change": final(record, "eval/fid") - base["eval/fid"],
-        "diversity change": final(record, "eval/diversity") - base["eval/diversity"],
-        "masked fraction": float(np.mean([r.get("masked_fraction", math.nan) for r in rows])),
-        "wall s": record["wall_s"],
-    }
-    # stability: how far the final eval reward sits below the run's best (the base included), and whether it ended
-    # below the base (a collapse: whatever was gained is lost, and more)
-    rewards = eval_points(record)[1]
-    measures["drawdown"] = float(rewards.max() - rewards[-1])
-    measures["collapsed"] = float(rewards[-1] < rewards[0])
-    # eval reward gained from the base per epoch and per minute of training (rollout + update, no evaluation)
-    gain = measures["eval reward"] - base["eval/reward"]
-    measures["gain per epoch"] = gain / len(rows)
-    measures["gain per min"] = gain / (sum(r.get("time_s", math.nan) for r in rows) / 60)
-    if any("dim_kl_p90" in r for r in rows):  # the mechanism, averaged over epochs (runs recorded before: absent)
-        for key, name in (("masked_fraction_pos_adv", "masked A>0"), ("masked_fraction_neg_adv", "masked A<0"),
-                          ("dim_kl_p90", "p90 dim*D"), ("first_moved_log_ratio_std", "log rho std")):
-            measures[name] = float(np.mean([r.get(key, math.nan) for r in rows]))
-    reward_keys = sorted(k for k in rows[0] if k.startswith("reward/"))
-    if len(reward_keys) > 1:  # per-reward gain: mean of the last 5 epochs minus the first epoch
-        gains = {k: float(np.mean([r[k] for r in rows[-5:]]) - rows[0][k]) for k in reward_keys}
-        measures.update({f"gain {k[7:]}": v for k, v in gains.items()})
-        measures["worst gain"] = min(gains.values())
-    return measures
-
-
-def claim_methods() -> set[str]:
-    """The methods the paper's claims are about: Flow-DPPO and the ratio-clipping baselines."""
-    return set(BASELINES_OF) | {m for baselines in BASELINES_OF.values() for m in baselines}
-
-
-def matched_targets(arms: dict) -> tuple[float, float]:
-    """The best reward every run of the claims' methods reaches, and their smallest final KL (other arms
-    are measured at the same targets, so adding an arm does not change them). Runs that never rise above their
-    base (a collapse from the start) are left out, else the target would be a base reward."""
-    records = [rec for arm in arms.values() if arm["method"] in claim_methods() for rec in arm["seeds"].values()]
-    records = [rec for rec in records if eval_points(rec)[1].max() > eval_points(rec)[1][0]] or records
-    target_reward = min(eval_points(rec)[1].max() for rec in records)
-    target_kl = min(eval_points(rec)[0].max() for rec in records)
-    return float(target_reward), float(target_kl)
-
-
 # ---------------------------------------------------------------- the report
-
-
-def _fmt(mean: float, half: float) -> str:
-    if math.isnan(mean):
-        return "n/a"
-    digits = 3 if abs(mean) >= 1e-2 or mean == 0 else 2
-    style = "f" if abs(mean) >= 1e-2 or mean == 0 else "e"
-    return f"{mean:.{digits}{style}} ± {half:.{digits}{style}}"
-
-
-def arm_table(results: dict) -> tuple[list[str], dict[str, dict[str, list[float]]]]:
-    """Per arm, per measure: the list of per-seed values (seed order)."""
-    arms = results["arms"]
-    target_reward, target_kl = matched_targets(arms)
-    per_arm: dict[str, list[dict[str, float]]] = {}
-    for label, arm in arms.items():
-        per_seed = per_arm[label] = []
-        for _, rec in sorted(arm["seeds"].items(), key=lambda kv: int(kv[0])):
-            m = run_measures(rec)
-            kl, reward = eval_points(rec)
-            m[f"KL at reward {target_reward:.3f}"] = kl_at_reward(kl, reward, target_reward)
-            m[f"reward at KL {target_kl:.3g}"] = reward_at_kl(kl, reward, target_kl)
-            for key in FORGETTING:  # at the same in-domain reward (held-out digits: with digits_classes)
-                if key in rec["base"]:
-                    name = forgetting_name(key)
-                    m[f"{name} at reward {target_reward:.3f}"] = value_at_reward(reward, eval_points(rec, key)[1],
-                                                                                 target_reward)  # fmt: skip
-            per_seed.append(m)
-    columns = list(dict.fromkeys(k for per_seed in per_arm.values() for m in per_seed for k in m))  # arms may lack some
-    table = {label: {k: [m.get(k, math.nan) for m in per_seed] for k in columns} for label, per_seed in per_arm.items()}
-    return columns, table
-
-
-def claim_pairs(results: dict) -> list[tuple[str, str]]:
-    """(DPPO arm, baseline arm) labels compared in the claims: same group, the baseline's method one of
-    ``BASELINES_OF`` the arm's (the one-pass arms of ``epochs`` are its reference, not a claim)."""
-    arms = results["arms"]
-    return [(label, other) for label, arm in arms.items() for other, base in arms.items()
-            if base["group"] == arm["group"] and base["method"] in BASELINES_OF.get(arm["method"], ())
-            and not (results["preset"] == "epochs" and arm["group"] == "I1")]  # fmt: skip
 
 
 CLAIMS = {
@@ -361,135 +329,167 @@ CLAIMS = {
     "epochs": [("eval reward", "higher", "4: higher final reward with several inner epochs"),
                ("drawdown", "lower", "4: less drawdown from the peak with several inner epochs")],
 }  # fmt: skip
-CLAIMS.update({p: CLAIMS["single"] for p in ("calib", "dim64", "dim1024", "dim4096")})
+CLAIMS.update({p: CLAIMS["single"] for p in ("calib", "dim64", "dim1024", "dim4096", *PLANS)})
 CLAIMS["stress"] = CLAIMS["epochs"]
 CLAIMS["heldout"] = [CLAIMS["single"][0]] + [
     (f"held-out {key} at reward", better, f"2: forgets less (held-out digits' {key} at the matched reward)")
     for key, better in (("accuracy", "higher"), ("fid", "lower"), ("diversity", "higher"))]  # fmt: skip
 
 
-def equivalence_margin(differences: list[float], reference: list[float] | None = None) -> str:
-    """What the 95% CI of the paired differences rules out: any difference larger than ``m = max(|lo|, |hi|)``
-    in size, also given relative to the baseline's mean ``reference``."""
-    mean, half = mean_ci(differences)
-    if math.isnan(mean):
-        return "n/a"
-    margin = max(abs(mean - half), abs(mean + half))
-    ref = abs(mean_ci(reference)[0]) if reference else math.nan
-    relative = f" ({100 * margin / ref:.0f}% of the baseline)" if ref > 0 else ""
-    return f"\\|d\\| > {margin:.3g}{relative}"
-
-
-def forgetting_name(key: str) -> str:
-    """``eval/fid`` -> ``fid``, ``eval_heldout/accuracy`` -> ``held-out accuracy``."""
-    return key.replace("eval/", "").replace("eval_heldout/", "held-out ")
-
-
-def value_at_level(record: dict, name: str, level: float) -> float:
-    """``name`` ("KL" or a forgetting measure's name) of one run where its eval reward first reaches ``level``."""
-    if name == "KL":
-        return kl_at_reward(*eval_points(record), level)
-    key = next(k for k in FORGETTING if forgetting_name(k) == name)
-    return value_at_reward(eval_points(record)[1], eval_points(record, key)[1], level)
-
-
-def pair_span(a: dict, b: dict, seeds: list[str]) -> tuple[float, float]:
-    """(the pair's mean base eval reward, the lower arm's best): seed means of each run's best eval reward."""
-    base = float(np.mean([a[s]["base"]["eval/reward"] for s in seeds]))
-    best = min(float(np.mean([eval_points(arm[s])[1].max() for s in seeds])) for arm in (a, b))
-    return base, best
-
-
 def claim_rows(results: dict, table: dict[str, dict[str, list[float]]]) -> list[dict]:
-    """Each claim's verdict per (DPPO arm, baseline arm) pair, from per-seed paired differences, with what the
-    CI rules out (the equivalence margin a "no difference" comes with).
+    """Each claim's verdict per (DPPO arm, baseline arm) pair from per-seed paired values, with the pairs behind
+    its CI and what the CI rules out (the equivalence margin a "no difference" comes with).
 
-    Measures at a matched reward are read at the pair's own level, ``CLAIM_LEVEL`` of the way from the base to
-    the lower arm's best (as in ``matched_levels``), on the seeds where both arms reach it from below."""
+    Measures at a matched reward are read at each seed's own level, ``CLAIM_LEVEL`` of the way from its base to
+    its lower arm's best (``estimators.matched_reward``; KL as a ratio); reward at a matched KL at each seed's own
+    budget (``estimators.reward_at_matched_kl``); other measures from the arm table, paired by seed order."""
     rows = []
     for prefix, better, claim in CLAIMS.get(results["preset"], []):
-        for label, base_label in claim_pairs(results):
-            row, vacuous = {"claim": claim, "pair": f"{label} vs {base_label}"}, ""
-            if prefix.endswith(" at reward"):
-                a, b = results["arms"][label]["seeds"], results["arms"][base_label]["seeds"]
-                seeds = sorted(set(a) & set(b), key=int)
-                base, best = pair_span(a, b, seeds)
-                level = base + CLAIM_LEVEL * (best - base)
+        for label, base_label in est.claim_pairs(results):
+            row = {"claim": claim, "pair": f"{label} vs {base_label}"}
+            if prefix.endswith(" at reward") or prefix == "reward at KL":
+                pairs = est.pair_curves(results, label, base_label)
                 name = prefix.removesuffix(" at reward")
-                below = [s for s in seeds if a[s]["base"]["eval/reward"] < level]  # a base above it says nothing
-                reference = [value_at_level(b[s], name, level) for s in below]
-                diffs = [value_at_level(a[s], name, level) - ref for s, ref in zip(below, reference, strict=True)]
-                compared = sum(not math.isnan(d) for d in diffs)  # both arms reach the level
-                row["measure"] = f"{prefix} {level:.3f} ({compared} of {len(seeds)} seeds)"
-                if best <= base:
-                    vacuous = "no gain over the base"
-                elif compared < 2:
-                    vacuous = "fewer than 2 seeds reach it"
+                if prefix == "reward at KL":
+                    summary, row["measure"] = est.reward_at_matched_kl(pairs), "reward at each seed's matched KL"
+                else:
+                    summary = est.matched_reward(pairs, name, CLAIM_LEVEL, ratio=name == "KL")
+                    row["measure"] = f"{'KL ratio' if name == 'KL' else name} at each seed's level {CLAIM_LEVEL}"
+                row |= est.cells(summary, better, name == "KL", [summary.means[1]])
             else:
                 key = next(k for k in table[label] if k.startswith(prefix))
-                reference = table[base_label][key]
-                diffs = [a - b for a, b in zip(table[label][key], reference, strict=False)]
-                row["measure"] = key
-            row.update(difference=_fmt(*mean_ci(diffs)), verdict=verdict(diffs, better),
-                       margin=equivalence_margin(diffs, reference))  # fmt: skip
-            if vacuous:
-                row.update(difference="n/a", verdict=f"n/a: {vacuous}", margin="n/a")
+                diffs = [a - b for a, b in zip(table[label][key], table[base_label][key], strict=False)]
+                summary = est.paired(diffs)
+                row |= {"measure": key} | est.cells(summary, better, reference=table[base_label][key])
             rows.append(row)
     return rows
 
 
 def claims(results: dict, table: dict[str, dict[str, list[float]]]) -> list[str]:
     """``claim_rows`` as markdown table rows."""
-    return [f"| {r['claim']} | {r['pair']} | {r['measure']} | {r['difference']} | **{r['verdict']}** | "
+    return [f"| {r['claim']} | {r['pair']} | {r['measure']} | {r['pairs']} | {r['difference']} | **{r['verdict']}** | "
             f"{r['margin']} |" for r in claim_rows(results, table)]  # fmt: skip
 
 
 def matched_levels(results: dict, fractions: tuple[float, ...] = LEVELS) -> list[dict]:
-    """Per claim pair and per reward level: the KL each arm spends to reach it, seed by seed.
-
-    The levels lie ``fractions`` of the way from the base's eval reward to the lower of the two arms' best
-    (seed means of each run's best eval reward), so both arms can reach them and the slowest run of the whole
-    report does not set them. The ratio is the geometric mean of ``KL_dppo / KL_baseline`` over the seeds
-    where both reach the level, with the 95% CI of its log; the verdict reads that CI.
-    """
+    """Per claim pair and per fraction: each seed's KL ratio at its own level (``estimators.matched_reward``),
+    the level ``fraction`` of the way from the seed's base to its lower arm's best, summarised over seeds."""
     out = []
-    for label, base_label in claim_pairs(results):
-        a, b = results["arms"][label]["seeds"], results["arms"][base_label]["seeds"]
-        seeds = sorted(set(a) & set(b), key=int)
-        base, best = pair_span(a, b, seeds)
+    for label, base_label in est.claim_pairs(results):
+        pairs = est.pair_curves(results, label, base_label)
         for fraction in fractions:
-            level = base + fraction * (best - base)
-            kls = np.array([[value_at_level(arm[s], "KL", level) for arm in (a, b)] for s in seeds])
-            both = kls[np.all(kls > 0, axis=1)]  # reached by both (NaN: never reached; 0: reached at the base)
-            mean, half = math.nan, math.nan
-            if best <= base:
-                decision = "no gain over the base"
-            elif len(both) < 2:
-                decision = "too few seeds reach it"
-            else:
-                log_ratios = np.log(both[:, 0] / both[:, 1])
-                mean, half = mean_ci(log_ratios)
-                decision = {"holds": "less KL", "does not hold": "more KL", "inconclusive": "no difference shown"}[
-                    verdict(log_ratios.tolist(), "lower")]
-            out.append({"pair": f"{label} vs {base_label}", "fraction": fraction, "reward": level,
-                        "reached": (int(np.isfinite(kls[:, 0]).sum()), int(np.isfinite(kls[:, 1]).sum()), len(seeds)),
-                        "kl": (float(np.nanmean(kls[:, 0])), float(np.nanmean(kls[:, 1]))),
-                        "ratio": (math.exp(mean), math.exp(mean - half), math.exp(mean + half)),
-                        "verdict": decision})  # fmt: skip
+            levels = [est.seed_level(a, b, fraction)[0] for a, b in pairs]
+            out.append({"pair": f"{label} vs {base_label}", "fraction": fraction, "reward": float(np.mean(levels)),
+                        "summary": est.matched_reward(pairs, fraction=fraction)})
     return out
 
 
 def level_lines(levels: list[dict]) -> list[str]:
     """The markdown table of ``matched_levels``."""
-    lines = ["| pair | level | eval reward | seeds reaching it | KL (DPPO) | KL (baseline) | KL ratio, 95% CI | "
-             "reading | the CI rules out |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| pair | level | eval reward (seed mean) | pairs | KL (DPPO) | KL (baseline) | KL ratio, 95% CI | "
+             "below 1 | Wilcoxon p | reading | the CI rules out |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in levels:
-        ratio, lo, hi = row["ratio"]
-        a, b, n = row["reached"]
-        ci = "n/a" if math.isnan(ratio) else f"{ratio:.2f} [{lo:.2f}, {hi:.2f}]"
-        rules_out = "n/a" if math.isnan(ratio) else f"ratio < {lo:.2f} or > {hi:.2f}"
-        lines.append(f"| {row['pair']} | {row['fraction']:.1f} | {row['reward']:.3f} | {a}/{n} and {b}/{n} | "
-                     f"{row['kl'][0]:.3g} | {row['kl'][1]:.3g} | {ci} | {row['verdict']} | {rules_out} |")  # fmt: skip
+        s = row["summary"]
+        lines.append(f"| {row['pair']} | {row['fraction']:.1f} | {row['reward']:.3f} | {s.pairs} of {s.seeds} | "
+                     f"{est.num(s.means[0])} | {est.num(s.means[1])} | {est.ratio_cells(s)[0]} | {s.below} | "
+                     f"{est.num(s.p, '.2g')} | "
+                     f"{est.ratio_reading(s)} | {est.ratio_cells(s)[1]} |")  # fmt: skip
+    return lines
+
+
+def estimates(results: dict, label: str, base_label: str) -> dict[str, est.Summary]:
+    """The per-seed KL ratios of one pair: at each seed's matched reward, at equal epochs, at the end."""
+    pairs = est.pair_curves(results, label, base_label)
+    return {f"matched reward (level {CLAIM_LEVEL})": est.matched_reward(pairs), "same epochs": est.iso_epoch(pairs),
+            "final KL": est.final_kl(pairs)}  # fmt: skip
+
+
+def estimate_lines(results: dict) -> list[str]:
+    """The per-seed estimators' table, every claim pair."""
+    lines = ["| pair | estimator | KL ratio, 95% CI | pairs | below 1 | Wilcoxon p | reward difference | reading | "
+             "the CI rules out |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for label, base_label in est.claim_pairs(results):
+        for name, s in estimates(results, label, base_label).items():
+            reward = "matched" if math.isnan(s.reward[0]) else est.fmt(*s.reward)
+            ci, rules_out = est.ratio_cells(s)
+            lines.append(f"| {label} vs {base_label} | {name} | {ci} | {s.pairs} of {s.seeds} | {s.below} | "
+                         f"{est.num(s.p, '.2g')} | {reward} | {est.ratio_reading(s)} | {rules_out} |")
+    return lines
+
+
+def decision_lines(preset: str, results: dict | None = None) -> list[str]:
+    """The preset's pre-registered decision rule, from its definition; with ``results``, the rule applied."""
+    plan, pairs = PLANS[preset], [(a.label, b.label) for a, b in preset_pairs(preset)]
+    lines = ["## Decision rule (pre-registered)", "", "Fixed by the preset's definition (`flowdppo.compare.PLANS`) "
+             f"before any of its runs: {' and '.join(f'{a} vs {b}' for a, b in pairs)}, every arm with "
+             f"`{' '.join(preset_common(preset))}`, {plan.seeds} seeds {plan.seed_offset}-"
+             f"{plan.seed_offset + plan.seeds - 1}, used by no earlier report (`flowdppo compare --preset {preset} "
+             f"--seeds {plan.seeds} --seed-offset {plan.seed_offset}`). The rule:", ""] + [f"- {r}" for r in plan.rule]
+    if results is None:
+        return lines
+    seeds = sorted({int(s) for arm in results["arms"].values() for s in arm["seeds"]})
+    ran = f"ran {len(seeds)} seeds {seeds[0]}-{seeds[-1]}" if seeds else "ran no seeds"
+    deviation = "" if seeds == list(range(plan.seed_offset, plan.seed_offset + plan.seeds)) else (
+        f" **This report deviates from the plan: it {ran}; the rule is not read.**")  # fmt: skip
+    lines += ["", f"Outcome ({ran}).{deviation}", ""]
+    for label, base_label in pairs:
+        if not {label, base_label} <= set(results["arms"]):
+            lines.append(f"- {label} vs {base_label}: not run.")
+            continue
+        matched, same, _ = estimates(results, label, base_label).values()
+        if preset == "confirm":
+            _, lo, hi = matched.ratio
+            outcome = (f"n/a ({matched.why})" if matched.why else f"ratio {est.ratio_cells(matched)[0]} over "
+                       f"{matched.pairs} pairs: claim 1 {'holds' if hi < 1 else 'does not hold'}; the >= 2x saving is "
+                       f"{'refuted' if lo > 0.5 else 'not refuted'}; the CI inside {list(NO_DIFFERENCE)} (no "
+                       f"difference): {'yes' if NO_DIFFERENCE[0] <= lo and hi <= NO_DIFFERENCE[1] else 'no'}")
+        else:
+            (dr, half), (_, lo, hi) = same.reward, same.ratio
+            is_matched = abs(dr) + half <= MATCHED_REWARD
+            outcome = (f"n/a ({same.why})" if same.why else f"reward difference {est.fmt(dr, half)}: "
+                       f"{'matched' if is_matched else 'NOT matched'}; same-epoch KL ratio {est.ratio_cells(same)[0]}"
+                       f" ({same.pairs} pairs), matched-reward ratio {est.ratio_cells(matched)[0]}: " + (
+                           ("claim 1 holds" if hi < 1 else "claim 1 does not hold" if lo > 1 else "inconclusive")
+                           if is_matched else "not read as claim 1"))  # fmt: skip
+        lines.append(f"- {label} vs {base_label}: {outcome}.")
+    return lines
+
+
+def render_plan(preset: str, out: Path) -> Path:
+    """REPORT.md of a pre-registered preset before it runs: its arms and decision rule."""
+    plan = PLANS[preset]
+    arms = preset_arms(preset)
+    lines = [f"# DigitsBench: {preset}", "", f"Pre-registered, not run yet: {len(arms)} arms x {plan.seeds} seeds "
+             f"on the digits task ({', '.join(a.label for a in arms)}).", "", *decision_lines(preset)]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "REPORT.md").write_text("\n".join(lines) + "\n")
+    return out / "REPORT.md"
+
+
+def epochs_lines(table: dict[str, dict[str, list[float]]]) -> list[str]:
+    """The ``epochs`` preset's tables: several passes vs one, and the method x passes interaction, per seed."""
+    lines = ["", "## Several passes vs one", "", "Final eval reward of I passes over each rollout divided by "
+             "that of one pass, per seed (below 1: the extra passes degrade the result).", "",
+             "| method | I | final reward / final reward at I = 1 | seeds |", "|---|---|---|---|"]  # fmt: skip
+    for method in sorted({label.split("/")[0] for label in table}):
+        one = table.get(f"{method}/I1", {}).get("eval reward")
+        for label in (f"{method}/I2", f"{method}/I4", f"{method}/half-I2"):
+            if one and label in table:
+                ratios = [a / b for a, b in zip(table[label]["eval reward"], one, strict=False)]
+                lines.append(f"| {method} | {label.split('/')[1]} | {est.fmt(*mean_ci(ratios))} | {len(ratios)} |")
+    lines += ["", "## Method x passes interaction", "", "Per seed, (Flow-DPPO at I minus Flow-DPPO at I = 1) "
+              "minus (Flow-GRPO at I minus Flow-GRPO at I = 1): what the extra passes do to one method more than "
+              "to the other (the half-rollouts arms run their own seeds, so their pairing with I = 1 is by "
+              "index only).", "", "| I | measure | pairs | interaction | verdict (DPPO better) | the CI rules out |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
+    for group in ("I2", "I4", "half-I2"):
+        for key, better in (("eval reward", "higher"), ("drawdown", "lower")):
+            columns = [table.get(f"{m}/{i}", {}).get(key) for m in ("flow_dppo", "flow_grpo") for i in (group, "I1")]
+            if all(columns):
+                diffs = [(a - b) - (c - d) for a, b, c, d in zip(*columns, strict=False)]
+                row = est.cells(est.paired(diffs), better)
+                lines.append(f"| {group} | {key} | {row['pairs']} | {row['difference']} | **{row['verdict']}** | "
+                             f"{row['margin']} |")  # fmt: skip
     return lines
 
 
@@ -498,54 +498,49 @@ def render_report(out: Path) -> Path:
     from flowdppo import benchplots
 
     results = json.loads((out / "results.json").read_text())
-    columns, table = arm_table(results)
+    columns, table = est.arm_table(results)
     n = max(len(a["seeds"]) for a in results["arms"].values())
+    first = results.get("seed_offset", 0)
     lines = [f"# DigitsBench: {results['preset']}", "",
-             f"{len(results['arms'])} arms x {n} seeds on the digits task, "
+             f"{len(results['arms'])} arms x {n} seeds (from seed {first}) on the digits task, "
              f"{results.get('jobs', 1)} runs at a time of one CPU thread each; "
              f"total wall time {results.get('wall_s', 0) / 60:.1f} min. Extra overrides: "
              f"{' '.join(results['overrides']) or 'none'}. Values are mean ± 95% CI (Student t) over seeds; "
-             "eval measures come from 20 ODE samples per digit on fixed noise.", "",
+             "eval measures come from 20 ODE samples per digit on fixed noise. The arm table's \"at reward\" and "
+             "\"at KL\" columns use one target for every run (the lowest best reward, the smallest largest KL of "
+             "the claims' methods); the paired sections read each seed at its own level.", "",
              "| arm | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]  # fmt: skip
     for label, measures in table.items():
-        lines.append(f"| {label} | " + " | ".join(_fmt(*mean_ci(measures[c])) for c in columns) + " |")
+        lines.append(f"| {label} | " + " | ".join(est.fmt(*mean_ci(measures[c])) for c in columns) + " |")
+    if results["preset"] in PLANS:
+        lines += ["", *decision_lines(results["preset"], results)]
     if "probe" in results:
-        lines += ["", "## Regime probe", "", probe_line(results["probe"])]
+        lines += ["", "## Regime probe", "", *(f"- {line}" for line in probe_line(results["probe"]).split("\n"))]
     claim_lines = claims(results, table)
     if claim_lines:
-        header = ["| claim | pair | measure | difference | verdict | the CI rules out |", "|---|---|---|---|---|---|"]
-        lines += ["", "## Claims", "", "Differences are DPPO minus baseline, paired by seed.", ""]
+        header = ["| claim | pair | measure | pairs | difference | verdict | the CI rules out |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += ["", "## Claims", "", "Differences are DPPO minus baseline, paired by seed (KL: the ratio DPPO / "
+                  f"baseline). A row on fewer than {est.MIN_PAIRS} pairs reads n/a.", ""]  # fmt: skip
         lines += header + claim_lines
-    if results["preset"] in ("single", "calib", "dim64", "dim1024", "dim4096", "heldout"):
-        evaluated = all(EVAL_KL in r for a in results["arms"].values() for rec in a["seeds"].values()
+    if est.claim_pairs(results):
+        evaluated = all(est.EVAL_KL in r for a in results["arms"].values() for rec in a["seeds"].values()
                         for r in rec["rows"] if "eval/reward" in r)  # fmt: skip
         source = ("measured at evaluation on the evaluated samples, Flow-SDE kernel" if evaluated else
                   "the rollout's, before each update: these runs predate the evaluation-time KL")  # fmt: skip
-        lines += ["", "## Matched reward, per pair", "", f"KL to the base ({source}) at eval rewards "
-                  f"{', '.join(map(str, LEVELS))} of the way from the base to the lower arm's best.", ""]
+        lines += ["", "## Per-seed estimators", "", f"KL to the base ({source}), DPPO arm / baseline, seed by seed: "
+                  f"at the seed's own matched reward (its base plus {CLAIM_LEVEL} of its lower arm's best gain), "
+                  "averaged over the evaluation epochs (log ratio; with the reward difference over the same epochs), "
+                  "and at the end (with the final reward difference). Geometric mean over seeds, 95% CI from a "
+                  "paired t on the logs, Wilcoxon signed-rank p. A seed whose lower arm gains less than "
+                  f"{est.NOISE_SES:g} eval standard errors (SD over seeds of the base's eval reward) has no level "
+                  f"above noise and is left out of the matched-reward rows; a row on fewer than {est.MIN_PAIRS} pairs "
+                  "reads n/a.", "", *estimate_lines(results)]  # fmt: skip
+        lines += ["", "## Matched reward, per pair", "", f"The same per-seed KL ratio at levels "
+                  f"{', '.join(map(str, LEVELS))} of the way from each seed's base to its lower arm's best.", ""]
         lines += level_lines(matched_levels(results))
     if results["preset"] == "epochs":
-        lines += ["", "## Several passes vs one", "", "Final eval reward of I passes over each rollout divided by "
-                  "that of one pass, per seed (below 1: the extra passes degrade the result).", "",
-                  "| method | I | final reward / final reward at I = 1 |", "|---|---|---|"]  # fmt: skip
-        for method in sorted({arm["method"] for arm in results["arms"].values()}):
-            one = table.get(f"{method}/I1", {}).get("eval reward")
-            for label in (f"{method}/I2", f"{method}/I4", f"{method}/half-I2"):
-                if one and label in table:
-                    ratios = [a / b for a, b in zip(table[label]["eval reward"], one, strict=False)]
-                    lines.append(f"| {method} | {label.split('/')[1]} | {_fmt(*mean_ci(ratios))} |")
-        lines += ["", "## Method x passes interaction", "", "Per seed, (Flow-DPPO at I minus Flow-DPPO at I = 1) "
-                  "minus (Flow-GRPO at I minus Flow-GRPO at I = 1): what the extra passes do to one method more than "
-                  "to the other (the half-rollouts arms run their own seeds, so their pairing with I = 1 is by "
-                  "index only).", "", "| I | measure | interaction | verdict (DPPO better) | the CI rules out |",
-                  "|---|---|---|---|---|"]  # fmt: skip
-        for group in ("I2", "I4", "half-I2"):
-            for key, better in (("eval reward", "higher"), ("drawdown", "lower")):
-                cells = [table.get(f"{m}/{i}", {}).get(key) for m in ("flow_dppo", "flow_grpo") for i in (group, "I1")]
-                if all(cells):
-                    diffs = [(a - b) - (c - d) for a, b, c, d in zip(*cells, strict=False)]
-                    lines.append(f"| {group} | {key} | {_fmt(*mean_ci(diffs))} | **{verdict(diffs, better)}** | "
-                                 f"{equivalence_margin(diffs)} |")  # fmt: skip
+        lines += epochs_lines(table)
     notes = out / "NOTES.md"  # a hand-written reading of the numbers, kept across re-renders
     if notes.is_file():
         lines += ["", "## Reading", "", notes.read_text().strip()]
@@ -557,61 +552,55 @@ def render_report(out: Path) -> Path:
     return path
 
 
-def mechanism_means(arm: dict) -> tuple[float, float, float]:
-    """An arm's p90 of ``dim * D`` and dropped fractions for ``A > 0`` and ``A < 0``, over its updates and seeds."""
-    rows = [r for rec in arm["seeds"].values() for r in rec["rows"]]
-    return tuple(float(np.mean([r.get(k, math.nan) for r in rows]))
-                 for k in ("dim_kl_p90", "masked_fraction_pos_adv", "masked_fraction_neg_adv"))  # fmt: skip
-
-
-def across_dims(root: Path, fraction: float = 0.8) -> list[str]:
-    """One table over the ``dim*`` reports under ``root``: per latent size and claim pair, the KL ratio at the
-    matched reward ``fraction`` of the way from the base (CI, what it rules out, seeds reaching it), the
-    baseline's dropped fractions by advantage sign (the paper's asymmetry: A<0 clipped far more than A>0), the
-    reading of that ratio (claim 1) and the verdict of claim 2 (feature FID at the pair's level ``CLAIM_LEVEL``).
-    Only rendered (finished) reports count; a dim preset run with extra overrides (``--out dim4096-lr3e-3
-    optim.lr=3e-3``) gets rows of its own."""
-    lines = [f"| dim | pair | KL ratio at reward level {fraction} (95% CI) | seeds reaching | the CI rules out | "
-             "p90 dim*D (first arm) | baseline dropped A>0 / A<0 | claim 1 (less KL at that level) | "
-             "claim 2 (FID at reward) |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+def across_dims(root: Path) -> list[str]:
+    """One table over the ``dim*`` reports under ``root``: per latent size and claim pair, the per-seed KL ratio at
+    each seed's level ``CLAIM_LEVEL`` (CI, pairs behind it, what it rules out) and at equal epochs (with the
+    reward difference), the first arm's p90 of ``dim * D``, the baseline's dropped fractions by advantage sign
+    (the paper's asymmetry: A<0 clipped far more than A>0), the reading of the matched ratio (claim 1) and the
+    verdict of claim 2 (feature FID at each seed's level). Only rendered (finished) reports count; a dim preset
+    run with extra overrides (``--out dim4096-lr3e-3 optim.lr=3e-3``) gets rows of its own."""
+    lines = [f"| dim | pair | KL ratio at each seed's level {CLAIM_LEVEL} (95% CI) | pairs | the CI rules out | "
+             "KL ratio at equal epochs (95% CI, pairs) | reward difference at equal epochs | p90 dim*D (first arm) | "
+             "baseline dropped A>0 / A<0 | claim 1 (less KL at that level) | claim 2 (FID at reward) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     reports = [json.loads((path.parent / "results.json").read_text()) for path in root.glob("dim*/REPORT.md")]
     reports = [r for r in reports if r.get("preset") in {f"dim{d}" for d in UPSAMPLE_OF_DIM}]
     for results in sorted(reports, key=lambda r: (int(r["preset"][3:]), r.get("overrides", []))):
         dim = " ".join([results["preset"][3:], *results.get("overrides", [])])  # e.g. "4096 optim.lr=3e-3"
-        _, table = arm_table(results)
+        _, table = est.arm_table(results)
         verdicts = {(r["pair"], r["claim"]): r["verdict"] for r in claim_rows(results, table)}
-        for row in matched_levels(results, (fraction,)):
-            label, base_label = row["pair"].split(" vs ")
-            _, pos, neg = mechanism_means(results["arms"][base_label])
-            ratio, lo, hi = row["ratio"]
-            a, b, n = row["reached"]
-            claim2 = verdicts.get((row["pair"], CLAIMS["single"][2][2]), "n/a")
-            ci = "n/a" if math.isnan(ratio) else f"{ratio:.2f} [{lo:.2f}, {hi:.2f}]"
-            rules_out = "n/a" if math.isnan(ratio) else f"< {lo:.2f} or > {hi:.2f}"
-            p90 = mechanism_means(results["arms"][label])[0]
-            lines.append(f"| {dim} | {row['pair']} | {ci} | {a}/{n}, {b}/{n} | {rules_out} | {p90:.3g} | "
-                         f"{pos:.3f} / {neg:.3f} | {row['verdict']} | {claim2} |")  # fmt: skip
+        for label, base_label in est.claim_pairs(results):
+            matched, same, _ = estimates(results, label, base_label).values()
+            _, pos, neg = est.mechanism_means(results["arms"][base_label])
+            p90 = est.mechanism_means(results["arms"][label])[0]
+            claim2 = verdicts.get((f"{label} vs {base_label}", CLAIMS["single"][2][2]), "n/a")
+            ci, rules_out = est.ratio_cells(matched)
+            lines.append(f"| {dim} | {label} vs {base_label} | {ci} | {matched.pairs} of {matched.seeds} | "
+                         f"{rules_out} | {est.ratio_cells(same)[0]}, {same.pairs} | {est.fmt(*same.reward)} | "
+                         f"{p90:.3g} | {pos:.3f} / {neg:.3f} | {est.ratio_reading(matched)} | {claim2} |")  # fmt: skip
     return lines if len(lines) > 2 else []
 
 
 def gather_reports(root: Path) -> Path:
     """``root/REPORT.md``: the table across latent sizes, then the claims sections of every preset report under
-    ``root``, with links."""
+    ``root`` (a pre-registered preset not run yet: its decision rule), with links."""
     intro = "Each preset's full report (tables, plots) is linked; its claims are repeated here."
     lines = ["# DigitsBench", "", intro, ""]
     dims = across_dims(root)
     if dims:
         lines += ["## Across latent sizes", "", *dims, ""]
+    sections = ("## Decision rule (pre-registered)", "## Regime probe", "## Claims", "## Per-seed estimators",
+                "## Reading")  # fmt: skip
     for report in sorted(root.glob("*/REPORT.md")):
         text = report.read_text()
         summary = text.split("\n")[2]
         lines += [f"## [{report.parent.name}]({report.parent.name}/REPORT.md)", "", summary, ""]
-        for section in ("## Regime probe", "## Claims", "## Matched reward, per pair", "## Reading"):
+        for section in sections:
             if section in text:
                 body = text.split(section, 1)[1].split("\n## ", 1)[0].strip()
                 lines += [f"### {section[3:]}", "", body, ""]
-        lines += [f"![frontier]({report.parent.name}/frontier.png)", ""]
+        if (report.parent / "frontier.png").is_file():
+            lines += [f"![frontier]({report.parent.name}/frontier.png)", ""]
     path = root / "REPORT.md"
     path.write_text("\n".join(lines))
     return path
