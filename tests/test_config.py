@@ -85,6 +85,13 @@ def test_bad_values_name_the_key(overrides, message):
         ("diffusion_nft", ["optim.fsdp=true", "optim.lora_rank=0"], "optim.fsdp: not supported by diffusion_nft"),
         ("dance_grpo", ["sampler.eta=2.5"], "sampler.eta: must be in (0.0, 2.0] for sampler.kind dance_sde"),
         ("flow_dppo", ["sampler.logprob_convention=cps"], "sampler.logprob_convention cps needs sampler.kind cps"),
+        ("diffusion_nft", ["nft.old_decay_max=2"], "nft.old_decay_max: must be in [0, 1]"),
+        ("awm", ["awm.ema_decay_max=1.5"], "awm.ema_decay_max: must be in [0, 1]"),
+        ("awm", ["awm.ema_decay_rate=-0.1"], "awm.ema_decay_rate: must be >= 0"),
+        ("flow_dppo", ["optim.lora_alpha=0"], "optim.lora_alpha: must not be 0 with LoRA"),
+        ("flow_dppo", ["stall_epochs=-1"], "stall_epochs: must be >= 0"),
+        ("flow_dppo", ["sampler.kind=flow_sd"], "got 'flow_sd' (did you mean flow_sde?)"),
+        ("flow_grp", [], "method: must be one of"),
     ],
 )
 def test_bad_sampler_algorithm_combinations_name_the_key(method, overrides, message):
@@ -109,6 +116,14 @@ def test_incompatible_sampler_and_method():
         load_config("ppo")
     with pytest.raises(ConfigError, match="no such file"):
         load_config(config_file="missing.yaml")
+
+
+def test_decays_at_their_bounds_and_lora_alpha_0_for_full_fine_tuning_load():
+    assert load_config("diffusion_nft", overrides=["nft.old_decay_max=1"]).nft.old_decay_max == 1.0
+    assert load_config("awm", overrides=["awm.ema_decay_max=0"]).awm.ema_decay_max == 0.0
+    assert load_config(overrides=["optim.lora_rank=0", "optim.lora_alpha=0"]).optim.lora_alpha == 0.0  # not read
+    with pytest.raises(ConfigError, match=r"got 'flow_grp' \(did you mean flow_grpo\?\)"):
+        load_config("flow_grp")
 
 
 def test_fsdp_is_for_full_fine_tuning():

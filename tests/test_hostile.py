@@ -38,6 +38,11 @@ def nested(depth: int) -> str:
     return "a: " + "[" * depth + "]" * depth
 
 
+# "billion laughs": under 1 KB, 9 levels of 10 aliases each: 10^9 strings once expanded
+BILLION_LAUGHS = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]\n" for i in range(8)
+) + "epochs: *i\n"
+
 CONFIG_FILES = {
     "malformed": ("epochs: [1, 2\nloss: {", r"--config .*bad\.yaml: not valid YAML at line \d+"),
     "python tag": ("epochs: !!python/object/apply:os.system ['echo hi']\n", r"not valid YAML .*python/object"),
@@ -45,6 +50,9 @@ CONFIG_FILES = {
     "not a mapping": ("- epochs\n", r"must hold a mapping of keys, got list"),
     "deeply nested": (nested(20000), r"(nested too deeply|not valid YAML)"),
     "not UTF-8": (b"epochs: 3\n\xff\xfe\n", r"--config: .*bad\.yaml is not UTF-8 text"),
+    "alias bomb": (BILLION_LAUGHS, r"--config .*bad\.yaml: YAML aliases are not accepted \(\*a at line 2, column 8\)"),
+    "one alias": ("loss: &l {beta: 0.1}\nsampler: *l\n", r"YAML aliases are not accepted \(\*l at line 2"),
+    "a huge integer": ("epochs: " + "9" * 5000 + "\n", r"--config .*bad\.yaml: a value that cannot be read"),
 }
 
 
@@ -72,6 +80,21 @@ BAD_VALUES = {
     "unknown device": (["device=tpu9"], r"device: 'tpu9' is not a device name"),
     "absent GPU": (["device=cuda:7"], r"device: cuda:7 is not available on this machine"),
     "zero eval samples": (["eval_samples_per_class=0"], r"eval_samples_per_class: must be > 0"),
+    "alias in an override": (["reward.weights=[&w 1, *w]"], r"override 'reward\.weights=\[&w 1, \*w\]': YAML aliases "
+                                                            r"are not accepted"),
+    "nft decay above 1": (["method=diffusion_nft", "nft.old_decay_max=2"], r"nft\.old_decay_max: must be in \[0, 1\]"),
+    "awm decay above 1": (["method=awm", "awm.ema_decay_max=1.5"], r"awm\.ema_decay_max: must be in \[0, 1\]"),
+    "lora alpha 0": (["optim.lora_alpha=0"], r"optim\.lora_alpha: must not be 0 with LoRA .* could never move"),
+    "absurd lora rank": (["optim.lora_rank=1000000000"], r"optim\.lora_rank: at most 64 for these layers .*got "
+                                                         r"1,000,000,000"),
+    "a block as a target": (["optim.lora_target_modules=[attn]"], r"optim\.lora_target_modules: transformer_blocks\.0"
+                                                                  r"\.attn \(Attention\) is not a layer LoRA wraps .*"
+                                                                  r"e\.g\. transformer_blocks\.0\.attn\.to_q"),
+    "misspelt reward": (["reward.names=[clasifier_prob]"], r"unknown reward 'clasifier_prob' \(did you mean "
+                                                           r"classifier_prob\?\)"),
+    "misspelt sampler": (["sampler.kind=flow_sd"], r"sampler\.kind: .* got 'flow_sd' \(did you mean flow_sde\?\)"),
+    "misspelt method": (["method=flow_grp"], r"method: .* got 'flow_grp' \(did you mean flow_grpo\?\)"),
+    "misspelt key": (["sampler.knd=ode"], r"unknown config key 'sampler\.knd' \(did you mean sampler\.kind\?\)"),
 }
 
 
@@ -81,6 +104,36 @@ def test_bad_values_are_one_line_and_write_nothing(tmp_path, capsys, case):
     assert main(["train", "--no-progress", "--out", str(tmp_path / "out"), *TINY, "epochs=1", *overrides]) == 2
     one_line_error(capsys, pattern)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("override", [
+    "sampler.kind=" + "x" * 100_000,  # a long string
+    "epochs=[" + ", ".join(["1"] * 100_000) + "]",  # a long list
+    "sampler=" + "y" * 100_000,  # a long string where a section was expected
+    "x" * 100_000 + "=1",  # a long unknown key
+    "x" * 100_000,  # no "="
+])  # fmt: skip
+def test_no_error_line_is_arbitrarily_long(tmp_path, capsys, override):
+    assert main(["train", "--out", str(tmp_path / "out"), override]) == 2
+    err = one_line_error(capsys, r"(sampler\.kind|epochs|sampler|unknown config key|override)")
+    assert len(err) < 700, len(err)  # the value cut where it is echoed: the line keeps the list of allowed keys
+    assert len(cli._one_line(ConfigError("z" * 10**6))) == cli.MAX_MESSAGE  # whatever a message holds
+
+
+def test_the_cpu_allocator_failing_is_the_out_of_memory_line(tmp_path, capsys, monkeypatch):
+    import flowdppo.trainer as trainer_module
+
+    def fail(*args, **kwargs):  # what torch raises when malloc fails (a RuntimeError, not a MemoryError)
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                           "memory: you tried to allocate 128000000000 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(trainer_module, "rollout", fail)
+    assert main(["train", "--no-progress", "--out", str(tmp_path / "out"), *TINY, "epochs=1"]) == 2
+    one_line_error(capsys, r"^flowdppo: error: out of memory; reduce group_size, .*sampler\.rollout_batch_size$")
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(trainer_module, "rollout", lambda *a, **k: 1 / 0)  # any other error stays a defect
+    with pytest.raises(ZeroDivisionError):
+        main(["train", "--no-progress", "--out", str(tmp_path / "out"), *TINY, "epochs=1"])
 
 
 def test_out_that_is_a_file_or_under_a_file(tmp_path, capsys):
@@ -101,6 +154,11 @@ def test_command_line_values_are_checked(tmp_path, capsys):
     one_line_error(capsys, r"--seeds: must be at least 1, got 0")
     assert main(["eval", str(tmp_path), "--per-class", "-1"]) == 2
     one_line_error(capsys, r"--per-class: must be at least 1")
+    assert main(["compare", "--preset", "singel", "--out", str(tmp_path / "c")]) == 2
+    one_line_error(capsys, r"--preset: unknown preset 'singel' \(did you mean single\?\)")
+    assert main(["compare", "--methods", "flow_dppo,flow_grpoo", "--out", str(tmp_path / "c")]) == 2
+    one_line_error(capsys, r"--methods: unknown method 'flow_grpoo' \(did you mean flow_grpo\?\)")
+    assert not (tmp_path / "c").exists()
 
 
 def test_debug_anywhere_shows_the_traceback():
@@ -240,3 +298,69 @@ def test_importing_the_library_prints_nothing():
     env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_VERBOSITY"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0 and done.stdout == "" and done.stderr == "", done.stderr
+
+
+def rows_of(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_constant_reward_warns_then_stops_with_the_epochs_kept(tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["train", "--no-progress", "--out", str(out), *TINY, "epochs=6", "checkpoint_every=1",
+            "reward.names=[user_rewards:constant]"]  # fmt: skip
+    assert main([*args, "stall_epochs=2"]) == 2
+    captured = capsys.readouterr()
+    assert "flowdppo: warning: nothing to learn at epoch 0: every group's rewards are equal" in captured.out
+    assert "(stall_epochs)" in captured.out
+    err = captured.err.strip()
+    assert err.count("\n") == 0 and re.fullmatch(r"flowdppo: error: nothing to learn for 2 epochs in a row \(up to "
+                                                 r"epoch 1\): every group's rewards are equal \(mean 0\.5\): no "
+                                                 r"advantage signal; .*reward\.names.*\(stall_epochs=0 trains on "
+                                                 r"regardless\)", err), err  # fmt: skip
+    assert [r["epoch"] for r in rows_of(out)] == [0, 1]  # what ran is kept, checkpointed, resumable
+    assert (out / "checkpoints" / "epoch_000002").is_dir()
+
+
+def test_stall_epochs_0_trains_on_and_the_summary_states_its_sample_count(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["train", "--no-progress", "--out", str(out), *TINY, "epochs=2", "stall_epochs=0",
+                 "reward.names=[user_rewards:constant]"]) == 0  # fmt: skip
+    assert [r["epoch"] for r in rows_of(out)] == [0, 1]
+    summary = capsys.readouterr().out
+    assert f"evaluation       2 samples per class (`flowdppo eval {out}` uses 50, less noisy)" in summary
+    assert re.search(r"eval/fid +base [\d.]+ -> trained [\d.]+", summary)
+
+
+def test_an_update_that_does_not_move_the_policy_stops_the_run(tmp_path, capsys, monkeypatch):
+    from flowdppo.algorithms.policy_gradient import PolicyGradient
+
+    real_loss = PolicyGradient.loss
+
+    def zero_loss(self, *args, **kwargs):  # a loss identically 0: every gradient is 0, the policy never moves
+        loss, metrics = real_loss(self, *args, **kwargs)
+        return loss * 0, metrics
+
+    monkeypatch.setattr(PolicyGradient, "loss", zero_loss)
+    out = tmp_path / "out"
+    assert main(["train", "--no-progress", "--out", str(out), *TINY, "epochs=5", "stall_epochs=3"]) == 2
+    captured = capsys.readouterr()
+    assert "flowdppo: warning: nothing to learn at epoch 0: the gradient norm is 0" in captured.out
+    err = captured.err.strip()
+    assert err.count("\n") == 0 and err.startswith("flowdppo: error: nothing to learn for 3 epochs in a row (up to "
+                                                   "epoch 2): the gradient norm is 0: the update did not move the "
+                                                   "policy; check optim.lora_alpha"), err  # fmt: skip
+    assert all(r["grad_norm"] == 0 for r in rows_of(out)) and len(rows_of(out)) == 3
+
+
+def test_settings_that_leave_nothing_to_train_are_refused():
+    from torch import nn
+
+    from flowdppo.policies.lora import make_trainable
+
+    class Frozen(nn.Module):  # a policy whose transformer holds no parameter
+        def __init__(self):
+            super().__init__()
+            self.transformer = nn.Identity()
+
+    with pytest.raises(ConfigError, match=r"^optim: these settings leave no parameter to train .*could never move$"):
+        make_trainable(Frozen(), 0, 16.0)

@@ -213,3 +213,50 @@ def test_an_explicit_target_that_names_no_module_is_refused():
     make_trainable(policy, 4, 8.0, ["single_transformer_blocks.*.attn.to_out"])
     assert wrapped(policy) == {f"single_transformer_blocks.{i}.attn.to_out" for i in range(2)}
     assert all(re.fullmatch(r"single_transformer_blocks\.\d\.attn\.to_out", n) for n in wrapped(policy))
+
+
+def eval_run(tmp_path, model, family: str, rank: int, alpha: float, name: str):
+    """A run folder ``eval`` reads (config.yaml, final/) of a LoRA of ``rank``, ``alpha`` on ``model``."""
+    from tiny_pipelines import save_tiny_pipeline
+
+    from flowdppo.policies.pipelines import load_pipeline_policy
+
+    if not model.is_dir():
+        save_tiny_pipeline(family, model)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\n")
+    run = tmp_path / name
+    cfg = load_config(overrides=["task=text_to_image", f"model={model}", f"prompts={prompts}", "eval_prompts=1",
+                                 f"resolution={RESOLUTION}", "reward.names=[jpeg_incompressibility]",
+                                 f"optim.lora_rank={rank}", f"optim.lora_alpha={alpha}"])  # fmt: skip
+    policy = load_pipeline_policy(str(model), RESOLUTION, torch.float32, "cpu")
+    make_trainable(policy, rank, alpha)
+    randomize_lora(policy)
+    (run / "final").mkdir(parents=True)
+    save_config(cfg, run / "config.yaml")
+    save_lora_adapter(policy, run / "final")
+    return run
+
+
+def test_eval_refuses_an_adapter_of_another_rank_alpha_or_model_in_one_line(tmp_path, capfd):
+    sd3, flux = tmp_path / "sd3", tmp_path / "flux"
+    run = eval_run(tmp_path, sd3, "sd3", 4, 8.0, "run")
+    assert main(["eval", str(run), "--per-class", "1"]) == 0  # its own adapter: measured
+    assert "eval/jpeg_incompressibility" in capfd.readouterr().out
+    others = {
+        "rank": (eval_run(tmp_path, sd3, "sd3", 2, 8.0, "rank2"), "an adapter of rank 2, but the run trained rank 4 "
+                                                                  "(optim.lora_rank)"),
+        "alpha": (eval_run(tmp_path, sd3, "sd3", 4, 4.0, "alpha4"), "an adapter of lora_alpha 4, but the run trained 8 "
+                                                                    "(optim.lora_alpha)"),
+        "model": (eval_run(tmp_path, flux, "flux", 4, 8.0, "flux"), "an adapter for another model or other target "
+                                                                    "modules: "),
+    }  # fmt: skip
+    capfd.readouterr()
+    final = run / "final" / LORA_FILE
+    for case, (other, message) in others.items():
+        final.write_bytes((other / "final" / LORA_FILE).read_bytes())
+        assert main(["eval", str(run), "--per-class", "1"]) == 2, case
+        captured = capfd.readouterr()
+        err = captured.err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"flowdppo: error: {final}: {message}"), (case, captured.err)
+        assert "it is not this run's adapter" in err[0] and captured.out == "", case  # no peft warnings either

@@ -284,3 +284,42 @@ def test_a_scheduler_with_its_own_flow_sigmas_keeps_them_as_the_pipeline_does(fa
                     latents=pipeline_latents(family, noise, policy), output_type="latent")  # fmt: skip
     torch.testing.assert_close(ours, policy.pipeline.scheduler.sigmas.float(), atol=1e-6, rtol=0)
     assert (ours[:-1] - torch.linspace(1, 0.25, 4)).abs().max() > 1e-2  # its shifted schedule, not linspace
+
+
+def test_batches_beyond_the_free_memory_name_the_option_and_a_size_that_fits(model_dirs, monkeypatch):
+    import flowdppo.policies.limits as limits
+
+    policy = load_pipeline_policy(str(model_dirs["sd3"]), RESOLUTION, torch.float32, "cpu")
+    forward, train, pixels = limits.sample_bytes(policy)
+    per_sample, per_element = max(2 * forward, pixels), 2 * train  # guided: 2 rows per sample
+    budget = 100_000
+    assert per_sample <= budget < 64 * per_element  # the tiny model's sizes make both branches reachable
+    monkeypatch.setattr(limits, "free_memory", lambda device: (budget, "RAM available"))
+    check = partial(limits.memory_error, policy, 3.0, 64)
+    message = check(0, 8)
+    assert message.startswith("sampler.rollout_batch_size: a rollout call of 64 samples needs at least ") and \
+        message.endswith(f"more than the 97.66 KiB of RAM available; set sampler.rollout_batch_size="
+                         f"{budget // per_sample} or less")  # fmt: skip
+    message = check(budget // per_sample, 64)
+    assert message.startswith("optim.minibatch_size: a mini-batch of 64 elements needs at least ") and \
+        message.endswith(f"set optim.minibatch_size={budget // per_element} or less")  # fmt: skip
+    assert check(budget // per_sample, budget // per_element) == ""  # the suggested sizes pass
+    assert check(1, 1000, processes=4).endswith(f"set optim.minibatch_size={budget // per_element * 4} or less")
+    monkeypatch.setattr(limits, "free_memory", lambda device: (pixels // 2, "GPU memory free on cuda:0"))
+    assert check(1, 1).startswith("resolution: one sample (4 tokens) needs at least ")
+
+
+def test_train_refuses_a_size_past_the_positions_or_the_memory_before_writing(model_dirs, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    for family, size, message in (
+        ("qwen_image", 131072, "resolution: at most 114,688 for this model (its position embedding covers 7,168 "
+                               "patches per axis: 4096 rotary positions, 512 of them for the text), got 131,072"),
+        ("flux", 1048576, "resolution: one sample (4,294,967,296 tokens) needs at least "),
+    ):
+        code = main(["train", "--out", str(tmp_path / "run"), "task=text_to_image", f"model={model_dirs[family]}",
+                     f"prompts={prompts}", "eval_prompts=1", f"resolution={size}",
+                     "reward.names=[jpeg_incompressibility]"])  # fmt: skip
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and message in err[0], err
+        assert not (tmp_path / "run").exists()

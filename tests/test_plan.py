@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,17 @@ def test_plan_of_a_missing_model_folder_is_one_line(tmp_path, capsys):
     code = main(["plan", "task=text_to_image", f"model={tmp_path / 'no_such_model'}"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "no_such_model" in err
+
+
+@pytest.mark.parametrize(("family", "override", "message"), [
+    ("sd3", "resolution=2048", r"resolution: at most 512 for this model \(its position embedding covers 32 patches "
+                               r"per axis: pos_embed_max_size 32\), got 2,048"),
+    ("flux", "resolution=1048576", r"resolution: one sample \(4,294,967,296 tokens\) needs at least [\d.]+ TiB, more "
+                                   r"than the 78.50 GiB of the largest GPU planned \(80 GB\); make it smaller"),
+    ("flux", "optim.lora_rank=1000000000", r"optim\.lora_rank: at most 32 for these layers \(.* is 32 -> 32: a higher "
+                                           r"rank adds nothing\), got 1,000,000,000"),
+])  # fmt: skip
+def test_absurd_sizes_are_one_line_before_anything_is_allocated(model_dirs, capsys, family, override, message):
+    code = main(["plan", "task=text_to_image", f"model={model_dirs[family]}", override])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and re.search(message, err), err

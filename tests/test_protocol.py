@@ -261,6 +261,7 @@ def protocol_model(run: Path) -> str:
     ("arguments", "message"),
     [
         (["--prompts", "{tmp}/missing.txt"], "--prompts: no such file"),
+        (["--prompts", "{tmp}"], "is a folder; give a prompt file: .txt (one prompt per line) or .jsonl"),
         (["--prompts", "{tmp}/eval.txt", "--rewards", "jpeg_incompressibility,sharpness"],
          "--rewards: unknown reward 'sharpness'"),
         (["--prompts", "{tmp}/eval.txt", "--rewards", "no_such_module:reward"], "--rewards: cannot import"),

@@ -109,3 +109,43 @@ def test_a_tracker_that_is_not_there_is_one_line(tmp_path, capsys, monkeypatch, 
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and expected in err[0] and err[0].startswith("flowdppo: error: logging.backends")
     assert not (tmp_path / "run").exists()
+
+
+def test_wandb_online_without_a_login_is_one_line_and_leaves_nothing(tmp_path):
+    """In a process of its own: W&B keeps its settings (mode, credentials) for the whole process."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env |= {"HOME": str(tmp_path / "home"), "WANDB_SILENT": "true"}  # no ~/.netrc, no saved W&B settings
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "flowdppo", "train", "--no-progress", "--out", str(out), *RUN[:4],
+                           "epochs=1", "logging.backends=[wandb]"], capture_output=True, text=True, env=env,
+                          timeout=300)  # fmt: skip
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(err) == 1, done.stderr
+    assert err[0].startswith("flowdppo: error: logging.backends: wandb could not start a run (") and \
+        err[0].endswith("); run `wandb login`, or set WANDB_MODE=offline to log locally and sync later, or remove "
+                        "wandb"), err  # fmt: skip
+    assert not out.exists()
+
+
+def test_a_wandb_install_that_fails_to_import_is_one_line(tmp_path, capsys, monkeypatch):
+    import sys
+
+    broken = tmp_path / "site" / "wandb"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text('raise TypeError("Descriptors cannot be created directly.\\nIf this call '
+                                        'came from a _pb2.py file, your generated code is out of date")\n')
+    for name in [m for m in sys.modules if m == "wandb" or m.startswith("wandb.")]:
+        monkeypatch.delitem(sys.modules, name)  # restored at teardown
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    code = main(["train", "--out", str(tmp_path / "run"), "logging.backends=[tensorboard, wandb]"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0] == ("flowdppo: error: logging.backends: wandb is installed but fails to import (TypeError: "
+                      "Descriptors cannot be created directly. If this call came from a _pb2.py file, your generated "
+                      "code is out of date); reinstall it (pip install 'flowdppo[wandb]' --force-reinstall) or remove "
+                      "it")  # fmt: skip
+    assert not (tmp_path / "run").exists()

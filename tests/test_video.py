@@ -227,6 +227,16 @@ def test_train_two_epochs_then_export_loads_in_a_fresh_wan_pipeline(wan_dir, tmp
         (["width=40"], "width: must be a positive multiple of 16"),
         (["height=24"], "height: must be a positive multiple of 16"),
         (["reward.names=[sharpness]"], "unknown reward 'sharpness'"),
+        (["reward.names=[temporal_consistensy]"], "unknown reward 'temporal_consistensy' (did you mean "
+                                                  "temporal_consistency?)"),
+        # past the tiny model's rotary table (rope_max_seq_len 32): frames, rows, columns
+        (["num_frames=129"], "num_frames: at most 125 for this model (its position embedding covers 32 patches per "
+                             "axis: rope_max_seq_len 32), got 129"),
+        (["height=4096"], "height: at most 512 for this model"),
+        (["width=1048576"], "width: at most 512 for this model"),
+        (["optim.lora_rank=1000000000"], "optim.lora_rank: at most 24 for these layers"),
+        (["sampler.rollout_batch_size=1000000000", "height=512", "width=512", "num_frames=125", "group_size=100000"],
+         "sampler.rollout_batch_size: a rollout call of 1,000,000 samples needs at least"),
     ],
 )
 def test_bad_video_inputs_are_one_line(overrides, message, wan_dir, tmp_path, capsys):

@@ -33,7 +33,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402  (after the environment is set)
 
 from flowdppo.config import PRESETS, load_config, resume_config, saved_config
-from flowdppo.errors import ConfigError, FlowDPPOError
+from flowdppo.errors import ConfigError, FlowDPPOError, cut, did_you_mean, shown
 from flowdppo.rewards.server import DEFAULT_MAX_BODY_MB, DEFAULT_MAX_IMAGES
 from flowdppo.tasks.digits import UPSAMPLE_FACTORS
 
@@ -50,7 +50,7 @@ def _train(args: argparse.Namespace) -> int:
     args.run_dir = out  # named in the message if the run is interrupted
     run = train(cfg, out, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.no_progress)
     if run.is_writer:
-        _print_summary(run.path)
+        _print_summary(run.path, cfg.eval_samples_per_class)
     return 0
 
 
@@ -61,12 +61,18 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_summary(path: Path) -> None:
+def _print_summary(path: Path, per_class: int) -> None:
+    """The run's first and last rollout reward and its evaluation, base vs trained, on ``per_class`` samples per class
+    (or held-out prompt): fewer than ``flowdppo eval`` takes, so its measures (FID most) are noisier."""
     rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
     base = json.loads((path / "base_eval.json").read_text())
     last = rows[-1]
     print(f"\nrun folder: {path}")
     print(f"  rollout reward   first epoch {rows[0]['reward_mean']:.3f} -> last epoch {last['reward_mean']:.3f}")
+    unit = "class" if "eval/accuracy" in base else "held-out prompt"
+    if base:
+        print(f"  evaluation       {per_class} samples per {unit} (`flowdppo eval {path}` uses {EVAL_PER_CLASS}, "
+              "less noisy)")
     for key in ("eval/accuracy", "eval/fid") if "eval/accuracy" in base else base:
         print(f"  {key:<16} base {base[key]:.3f} -> trained {last[key]:.3f}")
     print(f"  path KL to base  {last['kl_to_base']:.3e}")
@@ -87,7 +93,7 @@ def _eval(args: argparse.Namespace) -> int:
     for flag, value in given.items():
         if value is not None:
             raise ConfigError(f"{flag}: only with --prompts FILE (the text-to-image protocol)")
-    per_class = 50 if args.per_class is None else args.per_class
+    per_class = EVAL_PER_CLASS if args.per_class is None else args.per_class
     _positive(per_class=per_class)
     results = evaluate_run(Path(args.run_dir), per_class=per_class)
     width = max(len(k) for k in results["base"])
@@ -95,6 +101,9 @@ def _eval(args: argparse.Namespace) -> int:
     for key in results["base"]:
         print(f"{key:<{width}}  {results['base'][key]:>9.4f}  {results['trained'][key]:>9.4f}")
     return 0
+
+
+EVAL_PER_CLASS = 50  # flowdppo eval's samples per class / held-out prompt
 
 
 def _eval_protocol(args: argparse.Namespace) -> int:
@@ -173,14 +182,16 @@ def _compare(args: argparse.Namespace) -> int:
         return 0
     _positive(seeds=args.seeds, jobs=args.jobs if args.jobs is not None else 1)
     if args.preset not in BENCH_PRESETS:
-        raise ConfigError(f"--preset: unknown preset {args.preset!r}; choose from {', '.join(BENCH_PRESETS)}")
+        raise ConfigError(f"--preset: unknown preset {shown(args.preset)}{did_you_mean(args.preset, BENCH_PRESETS)}; "
+                          f"choose from {', '.join(BENCH_PRESETS)}")
     if args.probe_only:
         print(probe_line(run_probe(args.preset, args.overrides, Path(args.out or f"runs/probe-{args.preset}"))))
         return 0
     methods = tuple(args.methods.split(",")) if args.methods else METHODS
     unknown = [m for m in methods if m not in PRESETS]
     if unknown:
-        raise ConfigError(f"--methods: unknown method {unknown[0]!r}; choose from {', '.join(PRESETS)}")
+        raise ConfigError(f"--methods: unknown method {shown(unknown[0])}{did_you_mean(unknown[0], PRESETS)}; "
+                          f"choose from {', '.join(PRESETS)}")
     out = Path(args.out or f"runs/compare-{args.preset}")
     run_compare(args.preset, out, args.seeds, methods, args.overrides, args.jobs, [Path(d) for d in args.reuse],
                 args.seed_offset)
@@ -352,8 +363,8 @@ def main(argv: list[str] | None = None) -> int:
         hint = _resume_hint(args)
         _say(f"flowdppo: interrupted ({how}){'; ' + hint if hint else ''}", quiet)
         return 130
-    except USER_ERRORS as err:
-        if debug:
+    except Exception as err:
+        if debug or not _user_error(err):
             raise
         full = isinstance(err, OSError) and err.errno == errno.ENOSPC
         hint = f"; free some space and {_resume_hint(args) or 'run the same command again'}" if full else ""
@@ -366,10 +377,25 @@ def main(argv: list[str] | None = None) -> int:
 USER_ERRORS = (FlowDPPOError, ValueError, OSError, MemoryError, torch.cuda.OutOfMemoryError)
 """What a user's input or machine can cause: configuration, files and folders (missing, unreadable, a full or
 read-only disk), out of memory. Anything else is a defect and keeps its traceback."""
+MAX_MESSAGE = 1000  # characters of an error line; the rest is cut (a message that echoes a value cuts it sooner)
+
+
+def _cpu_out_of_memory(err: BaseException) -> bool:
+    """PyTorch's CPU allocator failing: a ``RuntimeError``, not a ``MemoryError``."""
+    return isinstance(err, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(err)
+
+
+def _user_error(err: BaseException) -> bool:
+    return isinstance(err, USER_ERRORS) or _cpu_out_of_memory(err)
 
 
 def _one_line(err: BaseException) -> str:
-    if isinstance(err, (MemoryError, torch.cuda.OutOfMemoryError)):
+    """The error as one line of at most ``MAX_MESSAGE`` characters."""
+    return cut(_message(err), MAX_MESSAGE)
+
+
+def _message(err: BaseException) -> str:
+    if isinstance(err, (MemoryError, torch.cuda.OutOfMemoryError)) or _cpu_out_of_memory(err):
         return ("out of memory; reduce group_size, prompts_per_epoch, optim.minibatch_size or "
                 "sampler.rollout_batch_size")
     if isinstance(err, OSError) and not isinstance(err, FlowDPPOError):

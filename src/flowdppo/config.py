@@ -17,7 +17,7 @@ import yaml
 from flowdppo.algorithms import ALGORITHMS
 from flowdppo.algorithms.awm import WEIGHTINGS
 from flowdppo.algorithms.likelihood_free import TIMESTEP_MODES
-from flowdppo.errors import ConfigError
+from flowdppo.errors import ConfigError, did_you_mean, shown
 from flowdppo.files import write_text_atomic
 from flowdppo.losses import LOSSES
 from flowdppo.overrides import build, flatten_keys, merge, parse_overrides, read_yaml, read_yaml_file, to_dict
@@ -259,6 +259,9 @@ class TrainConfig:
     """A NaN/inf reward, advantage, loss or gradient norm: "stop" with a message, or "skip" the step."""
     max_nonfinite_in_a_row: int = 3
     """With on_nonfinite=skip, stop after this many skipped steps in a row."""
+    stall_epochs: int = 5
+    """Stop after this many epochs in a row with nothing to learn: every group's rewards equal (no advantage), or a
+    zero gradient norm (the policy did not move); a warning at the first (0: never stop)."""
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     nft: NFTConfig = field(default_factory=NFTConfig)
@@ -322,7 +325,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     flat = flatten_keys(to_dict(cfg))
     for key, allowed in choices().items():
         if flat[key] not in allowed:
-            raise ConfigError(f"{key}: must be one of {', '.join(allowed)}; got {flat[key]!r}")
+            raise ConfigError(f"{key}: must be one of {', '.join(allowed)}; got {shown(flat[key])}"
+                              f"{did_you_mean(flat[key], allowed)}")
     if not 0 <= cfg.seed < 2**63:
         raise ConfigError(f"seed: must be in [0, 2^63), got {cfg.seed}")
     for key, most in LARGEST.items():
@@ -340,13 +344,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                 "awm.train_timesteps", "awm.huber_p"]  # fmt: skip
     for key in positive:
         if not flat[key] > 0:
-            raise ConfigError(f"{key}: must be > 0, got {flat[key]!r}")
+            raise ConfigError(f"{key}: must be > 0, got {shown(flat[key])}")
     for key in ("optim.weight_decay", "loss.beta", "optim.max_grad_norm", "optim.lora_rank", "eval_prompts",
                 "resolution", "sampler.rollout_batch_size", "nft.old_decay_rate", "nft.old_decay_max",
                 "awm.ema_kl", "awm.ema_decay_rate", "awm.ema_decay_max", "prompt_cache_mb", "height", "width",
-                "num_frames", "reward.video_frames", "sampler.guidance_scale_2"):  # fmt: skip
+                "num_frames", "reward.video_frames", "sampler.guidance_scale_2", "stall_epochs"):  # fmt: skip
         if flat[key] < 0:
-            raise ConfigError(f"{key}: must be >= 0, got {flat[key]!r}")
+            raise ConfigError(f"{key}: must be >= 0, got {shown(flat[key])}")
     if cfg.digits_upsample not in UPSAMPLE_FACTORS:
         raise ConfigError(f"digits_upsample: must be one of {', '.join(map(str, UPSAMPLE_FACTORS))}; "
                           f"got {cfg.digits_upsample!r}")
@@ -357,6 +361,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"digits_classes: the digits task's; task {cfg.task} does not read it")
     if cfg.digits_upsample != 1 and cfg.task != "digits":
         raise ConfigError(f"digits_upsample: the digits task's; task {cfg.task} does not read it")
+    if cfg.optim.lora_rank > 0 and cfg.optim.lora_alpha == 0:
+        raise ConfigError("optim.lora_alpha: must not be 0 with LoRA (the update is alpha / rank x B A, so the policy "
+                          "could never move); the usual choice is 2 x optim.lora_rank")
     if cfg.optim.fsdp and cfg.optim.lora_rank > 0:
         raise ConfigError(
             f"optim.fsdp: shards the full transformer, for full fine-tuning only; set optim.lora_rank=0 "
@@ -398,7 +405,8 @@ def load_config(
     tree = merge(read_yaml(config_file), parse_overrides(overrides or []))
     method = method or tree.get("method", "flow_dppo")
     if not isinstance(method, str) or method not in PRESETS:
-        raise ConfigError(f"method: must be one of {', '.join(PRESETS)}; got {method!r}")
+        raise ConfigError(f"method: must be one of {', '.join(PRESETS)}; got {shown(method)}"
+                          f"{did_you_mean(method, PRESETS)}")
     user = {k: v for k, v in tree.items() if k != "method"}
     cfg = validate(build(TrainConfig, merge(merge({"method": method}, PRESETS[method]), user)))
     check_algorithm_keys(cfg, flatten_keys(user))

@@ -34,13 +34,15 @@ from flowdppo.trainer import make_base_velocity
 
 
 def load_trained_policy(run_dir: Path, task):
-    """The run's trained policy: the task's base policy with the final LoRA adapter loaded into it, or the
-    fully fine-tuned policy of ``final/``."""
+    """The run's trained policy: the task's base policy with the final LoRA adapter loaded into it (checked against
+    the adapter the run's settings build), or the fully fine-tuned policy of ``final/``."""
     final = run_dir / "final"
     if lora_files(final):
         try:
-            load_lora_adapter(task.policy, final)
-        except Exception as err:  # safetensors / peft errors on a truncated or foreign file
+            load_lora_adapter(task.policy, final, run_config(run_dir).optim)
+        except ConfigError:
+            raise
+        except Exception as err:  # safetensors / peft errors on a truncated or damaged file
             raise ConfigError(f"{final}/{LORA_FILE}: unreadable ({type(err).__name__}: "
                               f"{' '.join(str(err).split())}); export from a checkpoint with --checkpoint") from err
         return task.policy

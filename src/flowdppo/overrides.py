@@ -1,13 +1,13 @@
 """Typed configs from nested mappings: YAML files, dotted ``key=value`` overrides, dataclass building.
 
 Generic helpers of ``flowdppo.config``; an unknown key or a value of the wrong type raises ``ConfigError``
-naming the dotted key.
+naming the dotted key. YAML is read without aliases (``*name``): a few bytes of nested aliases expand to
+gigabytes ("billion laughs"), and a config never needs one.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import typing
 from pathlib import Path
@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from flowdppo.errors import ConfigError
+from flowdppo.errors import ConfigError, cut, did_you_mean, require_file, shown
 
 
 def merge(base: dict, update: dict) -> dict:
@@ -41,15 +41,37 @@ def parse_overrides(overrides: list[str]) -> dict:
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"override {item!r} must look like key=value (e.g. loss.kl_mask_threshold=1e-4)")
-        _set_dotted(tree, key.strip(), load_yaml_text(raw, f"override {item!r}"))
+            raise ConfigError(f"override {shown(item)} must look like key=value (e.g. loss.kl_mask_threshold=1e-4)")
+        _set_dotted(tree, key.strip(), load_yaml_text(raw, f"override {shown(item)}"))
     return tree
 
 
+class AliasRefused(yaml.YAMLError):
+    """An alias (``*name``) in a document read with ``NoAliasLoader``."""
+
+    def __init__(self, anchor: str, mark) -> None:
+        super().__init__(f"alias *{anchor}")
+        self.anchor, self.mark = anchor, mark
+
+
+class NoAliasLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses aliases (``*name``), so a document never expands beyond its own size."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise AliasRefused(event.anchor, event.start_mark)
+        return super().compose_node(parent, index)
+
+
 def load_yaml_text(text: str, where: str) -> Any:
-    """``yaml.safe_load`` with every failure (bad syntax, a Python-object tag, absurd nesting) as one line."""
+    """``yaml.safe_load`` without aliases, every failure (bad syntax, an alias, a Python-object tag, absurd nesting,
+    an integer of thousands of digits) as one line."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=NoAliasLoader)  # a SafeLoader: no Python objects
+    except AliasRefused as err:
+        raise ConfigError(f"{where}: YAML aliases are not accepted (*{cut(err.anchor, 40)} at line "
+                          f"{err.mark.line + 1}, column {err.mark.column + 1}); write the value out") from err
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -57,6 +79,8 @@ def load_yaml_text(text: str, where: str) -> Any:
         raise ConfigError(f"{where}: not valid YAML{line} ({problem})") from err
     except RecursionError as err:
         raise ConfigError(f"{where}: YAML nested too deeply") from err
+    except ValueError as err:  # Python's int(): "Exceeds the limit (4300 digits) for integer string conversion"
+        raise ConfigError(f"{where}: a value that cannot be read ({cut(str(err).partition(';')[0])})") from err
 
 
 def read_yaml_file(path: Path, what: str) -> Any:
@@ -80,7 +104,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
                 pass
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(value):
-                raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+                raise ConfigError(f"{key}: must be a finite number, got {shown(value)}")
             return float(value)
     elif annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -98,7 +122,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if isinstance(value, list):
             return [_coerce(v, item_type, key) for v in value]
     name = getattr(annotation, "__name__", str(annotation))
-    raise ConfigError(f"{key}: expected {name}, got {value!r}")
+    raise ConfigError(f"{key}: expected {name}, got {shown(value)}")
 
 
 def build(cls: type, tree: dict, prefix: str = "") -> Any:
@@ -108,13 +132,12 @@ def build(cls: type, tree: dict, prefix: str = "") -> Any:
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
         if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
-            raise ConfigError(f"unknown config key {dotted!r}{hint}; allowed: {', '.join(names)}")
+            hint = did_you_mean(key, names, prefix)
+            raise ConfigError(f"unknown config key {shown(dotted)}{hint}; allowed: {', '.join(names)}")
         annotation = hints[key]
         if dataclasses.is_dataclass(annotation):
             if not isinstance(value, dict):
-                raise ConfigError(f"{dotted}: expected a section of keys, got {value!r}")
+                raise ConfigError(f"{dotted}: expected a section of keys, got {shown(value)}")
             kwargs[key] = build(annotation, value, f"{dotted}.")
         else:
             kwargs[key] = _coerce(value, annotation, dotted)
@@ -139,9 +162,7 @@ def flatten_keys(tree: dict, prefix: str = "") -> dict:
 def read_yaml(config_file: str | Path | None) -> dict:
     if config_file is None:
         return {}
-    path = Path(config_file)
-    if not path.is_file():
-        raise ConfigError(f"--config: no such file {str(path)!r}")
+    path = require_file(config_file, "--config", "a YAML file of settings")
     tree = read_yaml_file(path, "--config") or {}
     if not isinstance(tree, dict):
         raise ConfigError(f"--config: {path} must hold a mapping of keys, got {type(tree).__name__}")

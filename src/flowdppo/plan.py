@@ -48,11 +48,11 @@ from torch.utils._pytree import tree_flatten
 from flowdppo.algorithms import ALGORITHMS
 from flowdppo.algorithms.likelihood_free import LikelihoodFree
 from flowdppo.errors import ConfigError
+from flowdppo.policies.limits import GIB, human_bytes, sample_error
 from flowdppo.policies.lora import make_trainable, trainable_parameters
 from flowdppo.policies.pipelines import PipelinePolicy, pipeline_policy_class, text_encoder_names
 from flowdppo.tasks.text_to_image import DTYPES
 
-GIB = 1024**3
 GPU_SIZES_GB = (24, 48, 80)
 RESERVED_GIB = 1.5  # CUDA context, cuBLAS / cuDNN workspaces: not available to tensors
 ADAM_BYTES = 4 + 4 + 8  # per trainable parameter: float32 master weight, gradient, two Adam moments
@@ -377,6 +377,11 @@ def make_plan(cfg, variants: bool = True) -> Plan:
     prompt = plan_prompt(cfg)
     measured: dict[tuple[str, int], tuple[ActivationBytes, ActivationBytes]] = {}
     policy = meta_policy(cfg, DTYPES[recipe.precision])
+    largest = max(GPU_SIZES_GB)  # one sample beyond the largest GPU planned: refused before its position tables
+    problem = sample_error(policy, policy.guides(cfg.sampler.guidance_scale), usable_bytes(largest),
+                           f"the largest GPU planned ({largest} GB)")  # fmt: skip
+    if problem:
+        raise ConfigError(problem)
     pipeline = policy.pipeline
     components = [
         Component(name, type(module).__name__, parameter_count(module), DTYPES[cfg.precision],
@@ -496,13 +501,6 @@ def fitting_option(plan: Plan, gpu_gb: int) -> str:
 
 
 # ---- the report ----------------------------------------------------------------------------------------------------
-def human_bytes(n: float) -> str:
-    for unit, size in (("GiB", GIB), ("MiB", 1024**2), ("KiB", 1024)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
-
-
 def format_plan(plan: Plan) -> str:
     """The component table, the peak estimate with and without gradient checkpointing, and what fits where."""
     recipe = plan.recipe

@@ -20,20 +20,20 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from flowdppo.errors import ConfigError
+from flowdppo.errors import ConfigError, require_file
 
 Record = dict  # {"prompt": str, **metadata}
+PROMPT_FILE = 'a prompt file: .txt (one prompt per line) or .jsonl (one {"prompt": ...} object per line)'
 
 
-def load_prompts(path: str | Path) -> list[Record]:
-    """Read a ``.txt`` or ``.jsonl`` prompt file into records ``{"prompt": ..., **metadata}``."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"prompts: no such file {str(path)!r}")
+def load_prompts(path: str | Path, option: str = "prompts") -> list[Record]:
+    """Read a ``.txt`` or ``.jsonl`` prompt file into records ``{"prompt": ..., **metadata}``; a problem is one line
+    naming ``option``."""
+    path = require_file(path, option, PROMPT_FILE)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise ConfigError(f"prompts: {path} is not UTF-8 text (byte {err.start})") from err
+        raise ConfigError(f"{option}: {path} is not UTF-8 text (byte {err.start})") from err
     lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     if path.suffix == ".jsonl":
         records = []
@@ -41,16 +41,16 @@ def load_prompts(path: str | Path) -> list[Record]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ConfigError(f"prompts: {path} line {n} is not JSON ({err.msg})") from err
+                raise ConfigError(f"{option}: {path} line {n} is not JSON ({err.msg})") from err
             if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise ConfigError(f"prompts: {path} line {n} needs a string field 'prompt'")
+                raise ConfigError(f"{option}: {path} line {n} needs a string field 'prompt'")
             records.append(record)
     elif path.suffix == ".txt":
         records = [{"prompt": line} for _, line in lines]
     else:
-        raise ConfigError(f"prompts: {path} must be a .txt (one prompt per line) or .jsonl file")
+        raise ConfigError(f"{option}: {path} must be a .txt (one prompt per line) or .jsonl file")
     if not records:
-        raise ConfigError(f"prompts: {path} holds no prompts")
+        raise ConfigError(f"{option}: {path} holds no prompts")
     return records
 
 

@@ -273,9 +273,7 @@ def evaluate_protocol(run_dir: Path, prompts_file: Path, reward_names: list[str]
     cfg = run_config(run_dir)
     if cfg.task != "text_to_image":
         raise ConfigError(f"--prompts: {run_dir} is a {cfg.task} run; evaluate it with --per-class")
-    if not prompts_file.is_file():
-        raise ConfigError(f"--prompts: no such file {str(prompts_file)!r}")
-    records = load_prompts(prompts_file)
+    records = load_prompts(prompts_file, "--prompts")
     names = list(reward_names or cfg.reward.names)
     check_reward_names(names)
     adapter = adapter_fingerprint(run_dir)

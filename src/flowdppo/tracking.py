@@ -4,7 +4,8 @@
 Biases; ``pip install 'flowdppo[wandb]'``, offline with ``WANDB_MODE=offline``). A resumed run continues
 the same tracker run: TensorBoard purges the epochs after the checkpoint, W&B reuses the run id kept in
 ``RUN/wandb_id`` (rows it already holds for the replayed epochs keep their first values, which a resumed
-run reproduces).
+run reproduces). W&B failing to import, or to start a run (online without ``wandb login``, the server out of
+reach), is one line naming ``logging.backends`` and the fix.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from flowdppo.errors import ConfigError
+from flowdppo.errors import ConfigError, cut, did_you_mean, shown
 from flowdppo.files import write_text_atomic
 from flowdppo.overrides import to_dict
 
@@ -59,16 +60,19 @@ class WandbTracker:
     """One W&B run per run folder: the resolved config, every row at ``step = epoch``, the grids as images."""
 
     def __init__(self, run_path: Path, cfg, start_epoch: int) -> None:
-        import wandb
-
-        self.wandb = wandb
+        self.wandb = wandb = import_wandb()
         id_file = run_path / WANDB_ID_FILE
         if start_epoch == 0 or not id_file.is_file():
             write_text_atomic(id_file, secrets.token_hex(4))  # a W&B run id: lowercase letters and digits
         log = cfg.logging
-        self.run = wandb.init(project=log.project, name=log.run_name or run_path.name, tags=list(log.tags),
-                              config=to_dict(cfg), id=id_file.read_text().strip(), resume="allow",
-                              dir=str(run_path))  # fmt: skip
+        try:
+            self.run = wandb.init(project=log.project, name=log.run_name or run_path.name, tags=list(log.tags),
+                                  config=to_dict(cfg), id=id_file.read_text().strip(), resume="allow",
+                                  dir=str(run_path))  # fmt: skip
+        except (wandb.errors.Error, TimeoutError) as err:  # UsageError (no API key), CommError (no server), ...
+            first = cut(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+            raise ConfigError(f"logging.backends: wandb could not start a run ({first}); run `wandb login`, or "
+                              "set WANDB_MODE=offline to log locally and sync later, or remove wandb") from err
 
     def log(self, row: dict) -> None:
         self.run.log(scalars(row), step=row["epoch"])
@@ -87,13 +91,27 @@ TRACKERS = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker}
 INSTALL = {"wandb": "pip install 'flowdppo[wandb]'"}
 
 
+def import_wandb():
+    """``import wandb``; an install that fails to import (a broken or mismatched dependency) is one line."""
+    try:
+        import wandb
+    except Exception as err:  # ImportError, or whatever a broken install raises (protobuf's TypeError, ...)
+        raise ConfigError(f"logging.backends: wandb is installed but fails to import ({type(err).__name__}: "
+                          f"{cut(' '.join(str(err).split()))}); reinstall it ({INSTALL['wandb']} --force-reinstall) "
+                          "or remove it") from err
+    return wandb
+
+
 def check_backends(backends: list[str]) -> None:
-    """Known names whose library is installed; otherwise one line saying what to do."""
+    """Known names whose library is installed and imports; otherwise one line saying what to do."""
     for name in backends:
         if name not in TRACKERS:
-            raise ConfigError(f"logging.backends: unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
+            raise ConfigError(f"logging.backends: unknown backend {shown(name)}{did_you_mean(name, BACKENDS)}; choose "
+                              f"from {', '.join(BACKENDS)}")
         if name in INSTALL and importlib.util.find_spec(name) is None:
             raise ConfigError(f"logging.backends: {name} is not installed; {INSTALL[name]} (or remove it)")
+        if name == "wandb":
+            import_wandb()
 
 
 def open_trackers(run_path: Path, cfg, start_epoch: int) -> list:

@@ -23,12 +23,14 @@ from flowdppo.algorithms import get_algorithm
 from flowdppo.algorithms.base import NonFiniteGuard
 from flowdppo.config import RewardConfig, TrainConfig
 from flowdppo.distributed import Distributed, init_distributed
-from flowdppo.errors import ConsistencyError, NonFiniteError, RewardError
+from flowdppo.errors import ConfigError, ConsistencyError, NonFiniteError, RewardError
+from flowdppo.policies.limits import memory_error
 from flowdppo.policies.lora import adapters_disabled, experts, make_trainable, reference_policy, trainable_parameters
 from flowdppo.rewards.remote import score_chunks
 from flowdppo.rollout import in_chunks, initial_noise, rollout
 from flowdppo.runs import RunFolder, evaluates
 from flowdppo.samplers import measure_sampler, trained_steps
+from flowdppo.stall import StallWatch
 from flowdppo.tasks import load_task
 
 __all__ = ["ConsistencyError", "NonFiniteError", "train"]
@@ -58,6 +60,12 @@ def run_training(cfg: TrainConfig, run: RunFolder, dist: Distributed, resume: bo
     torch.manual_seed(cfg.seed)
     task = load_task(cfg, device)  # the base policy and the rewards, loaded
     policy = task.policy
+    if hasattr(policy, "tokens"):  # a pipeline's: sizes checked against the memory free (before any sample)
+        problem = memory_error(policy, cfg.sampler.guidance_scale, global_batch // dist.world_size,
+                               cfg.sampler.rollout_batch_size, cfg.optim.minibatch_size // dist.world_size,
+                               dist.world_size)  # fmt: skip
+        if problem:
+            raise ConfigError(problem)
     make_trainable(policy, cfg.optim.lora_rank, cfg.optim.lora_alpha, cfg.optim.lora_target_modules,
                    cfg.optim.lora_text_stream, cfg.optim.trained_experts)  # fmt: skip
     if cfg.optim.gradient_checkpointing:
@@ -77,6 +85,7 @@ def run_training(cfg: TrainConfig, run: RunFolder, dist: Distributed, resume: bo
     run.create()
     rng = torch.Generator(device).manual_seed(cfg.seed)  # rollout noise and mini-batch order, same on every process
     guard = NonFiniteGuard(cfg.on_nonfinite, cfg.max_nonfinite_in_a_row, dist, device)
+    stall = StallWatch(cfg.stall_epochs)
     state = run.load_latest_checkpoint(policy, optimizer, rng, algorithm) if resume else {"epoch": 0}
     start_epoch = state["epoch"]
     guard.load_state_dict(state.get("nonfinite", {}))
@@ -135,6 +144,7 @@ def run_training(cfg: TrainConfig, run: RunFolder, dist: Distributed, resume: bo
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl_to_base']:.2e}")
         if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
             run.save_checkpoint(epoch + 1, policy, optimizer, rng, algorithm, {"nonfinite": guard.state_dict()})
+        stall.check(epoch, rewards, group_ids, update_metrics)  # after the row and checkpoint: nothing is lost
     grids = {name: task.sample_grid(v) for name, v in (("base", base_velocity), ("trained", velocity))}
     if hasattr(task, "save_videos"):  # a video task's samples.mp4 / .gif (every process samples, process 0 writes)
         task.save_videos(run.path if run.is_writer else None, {"base": base_velocity, "trained": velocity})

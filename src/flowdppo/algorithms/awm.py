@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from flowdppo.algorithms.base import Elements
 from flowdppo.algorithms.likelihood_free import (
     LikelihoodFree,
+    decay_error,
     mean_squared,
     noised_elements,
     timesteps_error,
@@ -63,7 +64,8 @@ class AWM(LikelihoodFree):
 
     @classmethod
     def config_error(cls, cfg) -> str | None:
-        return timesteps_error("awm", cfg.awm.timesteps, cfg.awm.train_timesteps, cfg.sampler.num_steps)
+        return decay_error("awm.ema_decay_max", cfg.awm.ema_decay_max) or timesteps_error(
+            "awm", cfg.awm.timesteps, cfg.awm.train_timesteps, cfg.sampler.num_steps)
 
     def slow_decay(self) -> tuple[float, float]:
         return self.cfg.awm.ema_decay_rate, self.cfg.awm.ema_decay_max

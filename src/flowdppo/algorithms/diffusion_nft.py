@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from flowdppo.algorithms.base import Elements
 from flowdppo.algorithms.likelihood_free import (
     LikelihoodFree,
+    decay_error,
     mean_squared,
     noised_elements,
     timesteps_error,
@@ -70,7 +71,8 @@ class DiffusionNFT(LikelihoodFree):
     def config_error(cls, cfg) -> str | None:
         if not cfg.nft.b > 0:
             return f"nft.b: must be > 0 (it divides the loss; the public recipes use 1.0 or 0.1), got {cfg.nft.b}"
-        return timesteps_error("nft", cfg.nft.timesteps, cfg.nft.train_timesteps, cfg.sampler.num_steps)
+        return decay_error("nft.old_decay_max", cfg.nft.old_decay_max) or timesteps_error(
+            "nft", cfg.nft.timesteps, cfg.nft.train_timesteps, cfg.sampler.num_steps)
 
     def slow_decay(self) -> tuple[float, float]:
         return self.cfg.nft.old_decay_rate, self.cfg.nft.old_decay_max

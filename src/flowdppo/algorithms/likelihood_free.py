@@ -57,6 +57,15 @@ def timesteps_error(section: str, mode: str, n: int, num_steps: int) -> str | No
     return None
 
 
+def decay_error(key: str, decay_max: float) -> str | None:
+    """Why the upper bound of a slow copy's decay is outside [0, 1], or None: ``w_slow <- d w_slow + (1 - d) w`` with
+    ``d > 1`` moves the copy away from the trained weights, growing without bound."""
+    if not 0 <= decay_max <= 1:
+        return (f"{key}: must be in [0, 1] (the slow copy is d w_slow + (1 - d) w; above 1 it runs away from the "
+                f"trained weights), got {decay_max}")
+    return None
+
+
 def noised_elements(traj: Trajectory, advantages: Tensor, mode: str, n: int, rng: torch.Generator,
                     dist: Distributed) -> Elements:  # fmt: skip
     """``n`` forward-noised copies of each final sample: element ``e = t * B + b`` holds ``x0`` (sample

@@ -19,6 +19,7 @@ expert with its adapter off; its trained weights are keyed ``<expert>.<name>``; 
 from __future__ import annotations
 
 import copy
+import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,9 +29,10 @@ import torch
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import safe_open
 from torch import Tensor, nn
 
-from flowdppo.errors import ConfigError
+from flowdppo.errors import ConfigError, cut, did_you_mean, shown
 from flowdppo.policies.comfyui import ComfyUINames
 
 ADAPTER_NAME = "default"
@@ -49,8 +51,8 @@ def chosen_experts(policy: nn.Module, names: tuple[str, ...] | list[str] = ()) -
     every = experts(policy)
     unknown = [name for name in names if name not in every]
     if unknown:
-        raise ConfigError(f"optim.trained_experts: {unknown[0]!r} is not an expert of this model; it has "
-                          f"{', '.join(every)}")  # fmt: skip
+        raise ConfigError(f"optim.trained_experts: {shown(unknown[0])} is not an expert of this model"
+                          f"{did_you_mean(unknown[0], every)}; it has {', '.join(every)}")  # fmt: skip
     return {name: module for name, module in every.items() if not names or name in names}
 
 
@@ -66,24 +68,64 @@ def make_trainable(
     ``trained_experts`` (empty: every expert, e.g. both of Wan 2.2 A14B).
 
     ``target_modules`` empty: the policy's preset (``lora_targets``), with or without the text stream.
-    Trained weights are kept in float32 (master weights) whatever the dtype of the frozen base.
+    Trained weights are kept in float32 (master weights) whatever the dtype of the frozen base. Settings under
+    which nothing could be trained (targets that name no layer, a rank above a targeted layer's sides, no trainable
+    parameter at all) are a ``ConfigError`` naming the option.
     """
     policy.requires_grad_(False)
     for module in chosen_experts(policy, trained_experts).values():
         if lora_rank > 0:
-            explicit = tuple(target_modules)
-            targets = explicit or lora_targets(policy, text_stream)
-            names = [name for name, _ in module.named_modules()]
-            unmatched = [t for t in explicit if not any(re.fullmatch(target_pattern((t,)), n) for n in names)]
-            if unmatched:
-                raise ConfigError(f"optim.lora_target_modules: {unmatched[0]!r} names no module of the transformer")
-            try:
-                module.add_adapter(lora_config(lora_rank, lora_alpha, targets), adapter_name=ADAPTER_NAME)
-            except ValueError as err:  # peft: no module matches, or one that is not a layer LoRA can wrap
-                raise ConfigError(f"optim.lora_target_modules: {err}") from err
+            add_lora(module, lora_rank, lora_alpha, tuple(target_modules) or lora_targets(policy, text_stream),
+                     bool(target_modules))  # fmt: skip
         else:
             module.requires_grad_(True)
         cast_training_params(module, torch.float32)
+    if not any(p.numel() for p in trainable_parameters(policy)):
+        raise ConfigError("optim: these settings leave no parameter to train (optim.lora_rank, "
+                          "optim.lora_target_modules, optim.trained_experts); the policy could never move")
+
+
+def layer_sides(layer: nn.Module) -> tuple[int, int] | None:
+    """(input, output) sizes of a layer LoRA wraps (a Linear's features, a convolution's channels, an Embedding's
+    count and width); None for any other module."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    if isinstance(layer, nn.modules.conv._ConvNd):
+        return layer.in_channels, layer.out_channels
+    if isinstance(layer, nn.Embedding):
+        return layer.num_embeddings, layer.embedding_dim
+    return None
+
+
+def add_lora(module: nn.Module, rank: int, alpha: float, targets: tuple[str, ...], explicit: bool) -> None:
+    """``module.add_adapter`` on the modules ``targets`` names (``target_pattern``), checked first: each explicit
+    target names a module, some module is named, and ``rank`` is at most the smaller side of every named layer
+    (beyond it B A cannot gain rank); a module peft cannot wrap is named in one line."""
+    names = dict(module.named_modules())
+    unmatched = [t for t in targets if explicit and not any(re.fullmatch(target_pattern((t,)), n) for n in names)]
+    if unmatched:
+        raise ConfigError(f"optim.lora_target_modules: {shown(unmatched[0])} names no module of the transformer")
+    matched = {n: m for n, m in names.items() if re.fullmatch(target_pattern(targets), n)}
+    if not matched:
+        layers = [n for n, m in names.items() if isinstance(m, nn.Linear)][:3]
+        raise ConfigError(f"optim.lora_target_modules: none of {', '.join(targets)} names a module of this "
+                          f"{type(module).__name__}; name its layers, e.g. {', '.join(layers)}")  # fmt: skip
+    sides = {n: s for n, m in matched.items() if (s := layer_sides(m))}
+    if sides:
+        name, (inputs, outputs) = min(sides.items(), key=lambda item: min(item[1]))
+        if rank > min(inputs, outputs):
+            raise ConfigError(f"optim.lora_rank: at most {min(inputs, outputs):,} for these layers ({name} is "
+                              f"{inputs:,} -> {outputs:,}: a higher rank adds nothing), got {rank:,}")
+    try:
+        module.add_adapter(lora_config(rank, alpha, targets), adapter_name=ADAPTER_NAME)
+    except ValueError as err:  # peft: a module that is not a layer LoRA can wrap
+        other = next((n for n in matched if n not in sides), None)
+        if other is None:
+            raise ConfigError(f"optim.lora_target_modules: {cut(' '.join(str(err).split()))}") from err
+        inner = [f"{other}.{n}" for n, m in matched[other].named_modules() if isinstance(m, nn.Linear)][:2]
+        hint = f"; name its layers instead, e.g. {', '.join(inner)}" if inner else ""
+        raise ConfigError(f"optim.lora_target_modules: {other} ({type(matched[other]).__name__}) is not a layer "
+                          f"LoRA wraps (Linear, convolution, Embedding){hint}") from err
 
 
 def lora_targets(policy, text_stream: bool = True) -> tuple[str, ...]:
@@ -241,14 +283,52 @@ def save_lora_adapter(policy: nn.Module, directory: Path) -> None:
         )
 
 
-def load_lora_adapter(policy: nn.Module, directory: Path) -> None:
-    """Load the adapters written by ``save_lora_adapter`` into the policy's experts (safetensors)."""
-    every = experts(policy)
+def load_lora_adapter(policy: nn.Module, directory: Path, optim) -> None:
+    """Load the adapters written by ``save_lora_adapter`` into the policy's experts, as the run's ``optim`` settings
+    built them (``make_trainable``). Files of another rank, alpha, model or target modules are refused in one line
+    (``adapter_mismatch``) instead of half-loading with a page of peft warnings."""
+    make_trainable(policy, optim.lora_rank, optim.lora_alpha, optim.lora_target_modules, optim.lora_text_stream,
+                   optim.trained_experts)  # fmt: skip
+    expected = {k: tuple(v.shape) for k, v in trainable_state_dict(policy).items()}
+    every, state = experts(policy), {}
     for name, path in lora_files(directory).items():
         if name not in every:
-            raise ValueError(f"{path.name} is an adapter for {name}, which this model does not have")
-        every[name].load_lora_adapter(str(directory), weight_name=path.name, prefix="transformer",
-                                      adapter_name=ADAPTER_NAME)  # fmt: skip
+            raise ConfigError(f"{path}: an adapter for {name}, which this model does not have")
+        with safe_open(str(path), "pt") as file:
+            metadata = json.loads((file.metadata() or {}).get("lora_adapter_metadata", "{}"))
+            weights = {k: file.get_tensor(k) for k in file.keys()}
+        alpha = metadata.get(f"{PREFIX}lora_alpha", optim.lora_alpha)
+        prefix = expert_prefix(policy, name)
+        weights = {prefix + k.removeprefix(PREFIX): v for k, v in weights.items()}
+        problem = adapter_mismatch({k: s for k, s in expected.items() if k.startswith(prefix)},
+                                   {k: tuple(v.shape) for k, v in weights.items()}, optim.lora_rank)  # fmt: skip
+        if not problem and alpha != optim.lora_alpha:
+            problem = f"an adapter of lora_alpha {alpha:g}, but the run trained {optim.lora_alpha:g} (optim.lora_alpha)"
+        if problem:
+            raise ConfigError(f"{path}: {problem}; it is not this run's adapter: restore it, or write it from the "
+                              f"run's newest checkpoint with `flowdppo export {Path(directory).parent} --checkpoint "
+                              f"--out {directory}`")
+        state.update(weights)
+    load_trainable_state_dict(policy, state)
+
+
+def adapter_mismatch(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], rank: int) -> str:
+    """How the weight shapes of an adapter file (``found``) differ from those of the run's adapter (``expected``, of
+    the same expert): "" if they fit."""
+    ranks = sorted({shape[0] for key, shape in found.items() if key.endswith("lora_A.weight")})
+    if ranks and ranks != [rank]:
+        return f"an adapter of rank {', '.join(map(str, ranks))}, but the run trained rank {rank} (optim.lora_rank)"
+    foreign = sorted(set(found) - set(expected))
+    if foreign:
+        return (f"an adapter for another model or other target modules: {len(foreign)} of its {len(found)} weights "
+                f"(e.g. {foreign[0]}) are not in the run's adapter")
+    for key, shape in found.items():
+        if shape != expected[key]:
+            return f"an adapter for another model: {key} is {shape} in it, {expected[key]} in this model"
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        return f"an adapter of other target modules: it lacks {len(missing)} of the run's weights (e.g. {missing[0]})"
+    return ""
 
 
 def trainable_parameters(policy: nn.Module) -> list[torch.nn.Parameter]:

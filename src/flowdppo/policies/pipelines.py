@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from flowdppo.errors import ConfigError
 from flowdppo.policies.comfyui import DIFFUSERS_NAMES, ComfyUINames
+from flowdppo.policies.limits import QWEN_MAX_TEXT_TOKENS, positions_error
 from flowdppo.prompts import PromptBatch
 
 # LoRA presets (names as peft matches them, a suffix of the module's name; ``*`` is one block index): the image
@@ -100,6 +101,10 @@ class PipelinePolicy(nn.Module):
         multiple = pipeline.vae_scale_factor * 2
         if resolution <= 0 or resolution % multiple:
             raise ConfigError(f"resolution: must be a positive multiple of {multiple} for this model, got {resolution}")
+        error = positions_error(pipeline.transformer, "resolution", resolution, resolution // multiple,
+                                lambda patches: patches * multiple)  # fmt: skip
+        if error:
+            raise ConfigError(error)
         self.resolution = resolution
         self.latent_size = resolution // pipeline.vae_scale_factor  # h = w of the VAE latent
 
@@ -205,7 +210,11 @@ class PipelinePolicy(nn.Module):
     def sigmas(self, num_steps: int) -> Tensor:
         """The scheduler's ``num_steps + 1`` noise levels, from 1 down to 0 (float32, CPU)."""
         scheduler = self.pipeline.scheduler
-        scheduler.set_timesteps(**self.schedule_kwargs(num_steps), device="cpu")
+        try:
+            scheduler.set_timesteps(**self.schedule_kwargs(num_steps), device="cpu")
+        except OverflowError as err:  # math.exp of a shift mu linear in the token count
+            raise ConfigError(f"resolution: {self.tokens:,} image tokens shift the schedule beyond what the scheduler "
+                              f"computes ({err}); use a smaller resolution") from err
         return scheduler.sigmas.float().cpu()
 
     def unpack(self, latents: Tensor) -> Tensor:
@@ -363,7 +372,8 @@ class QwenImagePolicy(PackedLatentPolicy):
 
     def encode_text(self, prompts: list[str]) -> dict[str, Tensor]:
         # at most 512 text tokens, as the pipeline's __call__ (its encode_prompt alone allows 1024)
-        embeds, mask = self.pipeline.encode_prompt(prompt=prompts, device=self.device, max_sequence_length=512)
+        embeds, mask = self.pipeline.encode_prompt(prompt=prompts, device=self.device,
+                                                   max_sequence_length=QWEN_MAX_TEXT_TOKENS)  # fmt: skip
         if mask is None:  # the pipeline drops an all-ones mask
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
         return {"prompt_embeds": embeds, "prompt_embeds_mask": mask}

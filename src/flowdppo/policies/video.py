@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from flowdppo.errors import ConfigError
 from flowdppo.policies.comfyui import WAN_NAMES
+from flowdppo.policies.limits import positions_error
 from flowdppo.policies.pipelines import ATTENTION_PROJECTIONS, PipelinePolicy
 
 WAN_MAX_TEXT_TOKENS = 512  # WanPipeline.__call__'s max_sequence_length (its encode_prompt alone: 226)
@@ -102,13 +103,20 @@ class WanPolicy(PipelinePolicy):
     def set_size(self, pipeline: DiffusionPipeline, resolution: int) -> None:
         height, width, num_frames = self.size
         spatial, temporal = pipeline.vae_scale_factor_spatial, pipeline.vae_scale_factor_temporal
-        error = video_size_error(height, width, num_frames, spatial, (1, *pipeline.transformer.config.patch_size[1:]),
-                                 temporal)  # fmt: skip
+        p_t, p_h, p_w = pipeline.transformer.config.patch_size
+        error = video_size_error(height, width, num_frames, spatial, (1, p_h, p_w), temporal)
+        latent_frames = (num_frames - 1) // temporal + 1
+        for option, value, patches, largest in (  # the patches along each axis vs the position embedding's
+            ("num_frames", num_frames, latent_frames // p_t, lambda n: (n * p_t - 1) * temporal + 1),
+            ("height", height, height // (spatial * p_h), lambda n: n * spatial * p_h),
+            ("width", width, width // (spatial * p_w), lambda n: n * spatial * p_w),
+        ):
+            error = error or positions_error(pipeline.transformer, option, value, patches, largest)
         if error:
             raise ConfigError(error)
         self.height, self.width, self.num_frames = height, width, num_frames
         self.resolution = height
-        self.latent_frames = (num_frames - 1) // temporal + 1
+        self.latent_frames = latent_frames
         self.latent_hw = (height // spatial, width // spatial)
 
     @property

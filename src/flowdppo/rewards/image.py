@@ -46,7 +46,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from flowdppo.errors import ConfigError
+from flowdppo.errors import ConfigError, did_you_mean, shown
 from flowdppo.rewards import Reward
 
 IMAGE_REWARDS: tuple[str, ...] = (
@@ -394,7 +394,8 @@ def make_image_reward(spec: str, device: torch.device | str, dtype: torch.dtype 
     name, at, path = spec.strip().partition("@")
     name, path = name.strip(), path.strip()
     if name not in IMAGE_REWARDS:
-        raise ConfigError(f"unknown image reward {name!r}; choose one of {', '.join(IMAGE_REWARDS)} (or name@path)")
+        raise ConfigError(f"unknown image reward {shown(name)}{did_you_mean(name, IMAGE_REWARDS)}; choose one of "
+                          f"{', '.join(IMAGE_REWARDS)} (or name@path)")
     if name.startswith("jpeg_"):
         if at:
             raise ConfigError(f"reward {name!r} has no model; drop '@{path}'")

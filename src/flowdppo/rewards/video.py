@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional
 
-from flowdppo.errors import RewardError
+from flowdppo.errors import RewardError, did_you_mean, shown
 from flowdppo.rewards import Reward
 
 VIDEO_REWARDS: tuple[str, ...] = ("temporal_consistency",)
@@ -103,4 +103,5 @@ def make_video_reward(name: str) -> Reward:
     """A video-native reward by name (``VIDEO_REWARDS``)."""
     if name == "temporal_consistency":
         return TemporalConsistencyReward()
-    raise ValueError(f"unknown video reward {name!r}; choose from {', '.join(VIDEO_REWARDS)}")
+    raise ValueError(f"unknown video reward {shown(name)}{did_you_mean(name, VIDEO_REWARDS)}; choose from "
+                     f"{', '.join(VIDEO_REWARDS)}")

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flowdppo.errors import ConfigError
+from flowdppo.errors import ConfigError, did_you_mean, shown
 from flowdppo.policies.pipelines import PipelinePolicy, load_pipeline_policy, pipeline_policy_class
 from flowdppo.prompts import EmbeddingCache, PromptBatch, load_prompts, make_batch, split_prompts
 from flowdppo.rewards import Reward, load_user_reward, score
@@ -127,14 +127,16 @@ class TextToImageTask:
         return images.permute(0, 2, 3, 1).reshape(len(records), per_prompt, *images.shape[2:], 3).cpu().numpy()
 
 
-def reward_source(name: str, key: str = "reward.names") -> str:
+def reward_source(name: str, key: str = "reward.names", also: tuple[str, ...] = ()) -> str:
     """Where reward ``name`` comes from, read from the name alone: "remote" (``http://HOST:PORT``), "user"
-    (``module:function``) or "image" (a built-in, ``name`` or ``name@model_path``); else one line naming ``key``."""
+    (``module:function``) or "image" (a built-in, ``name`` or ``name@model_path``); else one line naming ``key``
+    (with the closest of the image rewards and ``also``, the task's other rewards)."""
     if is_remote(name):
         return "remote"
     if ":" in name and "@" not in name:
         return "user"
     if name.partition("@")[0] in IMAGE_REWARDS:
         return "image"
-    raise ConfigError(f"{key}: unknown reward {name!r}; choose from {', '.join(IMAGE_REWARDS)} "
+    suggestion = did_you_mean(name.partition("@")[0], [*IMAGE_REWARDS, *also])
+    raise ConfigError(f"{key}: unknown reward {shown(name)}{suggestion}; choose from {', '.join(IMAGE_REWARDS)} "
                       "(optionally name@model_path) or give your own as module:function")

@@ -59,6 +59,7 @@ class TextToVideoTask(TextToImageTask):
         if name in VIDEO_REWARDS:
             return make_video_reward(name)
         try:
+            reward_source(name, also=tuple(VIDEO_REWARDS))
             reward = super().load_reward(name)
         except ConfigError as err:
             raise ConfigError(f"{err}; or a video reward: {', '.join(VIDEO_REWARDS)}") from err

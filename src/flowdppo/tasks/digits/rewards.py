@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from flowdppo.errors import did_you_mean, shown
 from flowdppo.rewards import Reward
 from flowdppo.tasks.digits.classifier import DigitClassifier, load_classifier
 from flowdppo.tasks.digits.data import NUM_CLASSES, as_labels
@@ -77,7 +78,8 @@ DIGITS_REWARDS: dict[str, Callable[..., Reward]] = {
 def make_digits_reward(name: str, classifier: DigitClassifier | None = None) -> Reward:
     """The digits reward called ``name`` (a key of ``DIGITS_REWARDS``); rewards may share ``classifier``."""
     if name not in DIGITS_REWARDS:
-        raise ValueError(f"unknown digits reward {name!r}; choose one of {sorted(DIGITS_REWARDS)}")
+        raise ValueError(f"unknown digits reward {shown(name)}{did_you_mean(name, DIGITS_REWARDS)}; choose one of "
+                         f"{sorted(DIGITS_REWARDS)}")
     return DIGITS_REWARDS[name](classifier=classifier)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flowdppo.errors import ConfigError
+from flowdppo.errors import ConfigError, did_you_mean, shown
 from flowdppo.rewards import Reward, load_user_reward
 from flowdppo.rewards.remote import is_remote, load_remote_reward, named_rewards
 from flowdppo.rollout import sample, sample_with_path_kl
@@ -93,7 +93,8 @@ class DigitsTask:
         if ":" in name:
             return load_user_reward(name)
         if name not in DIGITS_REWARDS:
-            raise ConfigError(f"reward.names: unknown reward {name!r}; choose from {', '.join(DIGITS_REWARDS)} "
+            raise ConfigError(f"reward.names: unknown reward {shown(name)}{did_you_mean(name, DIGITS_REWARDS)}; "
+                              f"choose from {', '.join(DIGITS_REWARDS)} "
                               "or give your own as module:function")  # fmt: skip
         return make_digits_reward(name, self.classifier)
 
