@@ -16,9 +16,8 @@ from pathlib import Path
 import torch
 from common import RESULTS_DIR, interleaved_times, ratio_summary, write_result
 
-from flowdppo.config import SamplerConfig
 from flowdppo.rollout import rollout, sample
-from flowdppo.samplers import trained_steps
+from flowdppo.samplers import SamplerConfig, trained_steps
 from flowdppo.sde import shifted_sigmas
 from flowdppo.tasks.digits.policy import load_base_policy
 

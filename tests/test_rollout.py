@@ -2,9 +2,8 @@
 
 import torch
 
-from flowdppo.config import SamplerConfig
 from flowdppo.rollout import in_chunks, initial_noise, rollout, sample, sample_with_path_kl
-from flowdppo.samplers import get_sampler, trained_steps
+from flowdppo.samplers import SamplerConfig, get_sampler, trained_steps
 from flowdppo.sde import flow_sde_step, gaussian_kl, log_prob, shifted_sigmas
 
 

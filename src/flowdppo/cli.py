@@ -302,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--steps", type=int, default=2000)
     pre.add_argument("--seed", type=int, default=0)
     pre.add_argument("--upsample", type=int, default=1, choices=UPSAMPLE_FACTORS,
-                     help="the base of digits_upsample=U (default 1: the 8x8 base; the shipped U = 4, 8 bases took "
+                     help="the base of digits.upsample=U (default 1: the 8x8 base; the shipped U = 4, 8 bases took "
                      "--steps 6000); train with model=OUT")
     pre.set_defaults(func=_digits_pretrain)
     clf = digits_commands.add_parser("classifier", help="train the reward classifier")

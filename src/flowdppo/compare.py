@@ -34,13 +34,13 @@ HALF_SEED_OFFSET = 1000  # the half-rollouts arms run seeds 1000, 1001, ...: ind
 MECHANISM = ("masked_fraction_pos_adv", "masked_fraction_neg_adv", "dim_kl_p50", "dim_kl_p90", "dim_kl_p99",
              "first_moved_log_ratio_mean", "first_moved_log_ratio_std")  # the trust tests' mechanism, per update
 KEPT = ("epoch", "reward_mean", "kl_to_base", "masked_fraction", "ratio_mean", "kl_max", "time_s", *MECHANISM)
-UPSAMPLE_OF_DIM = {64: 1, 1024: 4, 4096: 8}  # latent dim -> digits_upsample
+UPSAMPLE_OF_DIM = {64: 1, 1024: 4, 4096: 8}  # latent dim -> digits.upsample
 SD35_LATENT_DIM = 16 * 64 * 64  # SD3.5 at 512 x 512: 16 channels x 64 x 64
 STRESS = ["optim.lr=3e-3", "optim.inner_epochs=4"]  # 3x the learning rate, 4 passes over each rollout
 LEVELS = (0.7, 0.8, 0.9)  # matched rewards: these fractions of the way from each seed's base to its lower arm's best
 CLAIM_LEVEL = est.CLAIM_FRACTION  # the level the claim rows read measures at a matched reward at
 REGIME = ["optim.lr=3e-3", "optim.inner_epochs=1", "epochs=40"]  # with dim 4,096: where the probe's criterion is met
-HELDOUT = ["digits_classes=[0,1,2,3,4]"]  # trained on 0-4; 5-9 held out
+HELDOUT = ["digits.classes=[0,1,2,3,4]"]  # trained on 0-4; 5-9 held out
 BENCH_PRESETS = ("single", "multi", "epochs", "threshold", "calib", "dim64", "dim1024", "dim4096", "stress", "heldout",
                  "confirm", "matched", "smoke")  # fmt: skip
 
@@ -92,7 +92,7 @@ def kl_in_flow_sde(method: str) -> list[str]:
 
 def at_dim(dim: int) -> list[str]:
     """The override that runs the digits task with a latent of ``dim`` elements."""
-    return [] if dim == 64 else [f"digits_upsample={UPSAMPLE_OF_DIM[dim]}"]
+    return [] if dim == 64 else [f"digits.upsample={UPSAMPLE_OF_DIM[dim]}"]
 
 
 def preset_common(preset: str) -> list[str]:
@@ -228,7 +228,7 @@ def run_probe(preset: str, overrides: list[str], out: Path, methods: tuple[str, 
         for seed in PROBE_SEEDS:
             path = out / "runs" / "probe" / arm.label.replace("/", "_") / f"seed{seed}"
             runs.append(_run_one(arm.method, run_overrides(arm, overrides, seed), str(path))["rows"])
-        dim = 64 * load_config(arm.method, overrides=run_overrides(arm, overrides)).digits_upsample ** 2
+        dim = 64 * load_config(arm.method, overrides=run_overrides(arm, overrides)).digits.upsample ** 2
         settings.append({"label": arm.label, "dim": dim, **est.regime_measures(runs)})
     return {"settings": settings}
 

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from flowdppo.config import task_options
 from flowdppo.errors import ConfigError, RewardError
 from flowdppo.files import write_text_atomic
 
@@ -297,9 +298,9 @@ def evaluate_protocol(run_dir: Path, prompts_file: Path, reward_names: list[str]
         "sampler": "ode",
         "steps": cfg.sampler.num_steps,
         "guidance_scale": w,
-        "embedded_guidance": cfg.embedded_guidance,
-        "resolution": cfg.resolution,
-        "negative_prompt": cfg.negative_prompt,
+        "embedded_guidance": task_options(cfg).embedded_guidance,
+        "resolution": task_options(cfg).resolution,
+        "negative_prompt": task_options(cfg).negative_prompt,
         "precision": cfg.precision,
         "seed": seed,
         "noise": "per (seed, prompt text, occurrence of that text, sample index); independent of the other prompts",

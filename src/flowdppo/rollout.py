@@ -11,17 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from flowdppo.distributed import shared_randn
-from flowdppo.samplers import get_sampler, measure_sampler
+from flowdppo.samplers import SamplerConfig, get_sampler, measure_sampler
 from flowdppo.sde import gaussian_kl, log_prob, ode_step
-
-if TYPE_CHECKING:
-    from flowdppo.config import SamplerConfig
 
 VelocityFn = Callable[[Tensor, Tensor, Any], Tensor]
 

@@ -17,6 +17,7 @@ is minus its velocity-matching error against the target ``eps - x0``:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,6 +25,8 @@ from torch import Tensor, nn
 
 from flowdppo.algorithms.base import Elements
 from flowdppo.algorithms.likelihood_free import (
+    LIKELIHOOD_FREE_SAMPLER,
+    TIMESTEP_MODES,
     LikelihoodFree,
     mean_squared,
     noised_elements,
@@ -35,6 +38,7 @@ from flowdppo.distributed import Distributed
 from flowdppo.errors import ConsistencyError
 from flowdppo.losses import ppo_clip
 from flowdppo.rollout import Trajectory
+from flowdppo.settings import Section, require, require_choice
 
 WEIGHTINGS = ("ghuber", "uniform", "t")
 HUBER_DELTA = 1e-10
@@ -57,9 +61,42 @@ def matching_log_prob(v: Tensor, target: Tensor, sigma: Tensor, weighting: str =
     raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}; got {weighting!r}")
 
 
+@dataclass
+class AWMConfig(Section):
+    """Advantage Weighted Matching (algorithm awm)."""
+
+    clip_range: float = 1.0
+    """PPO clip epsilon on the ratio of matching log-probs."""
+    adv_clip_max: float = 5.0
+    """Advantages clamped to +-adv_clip_max, then divided by it."""
+    train_timesteps: int = 6
+    """Noise levels each final sample is trained at."""
+    timesteps: str = "stratified"
+    """How they are drawn: "stratified" (one per stratum of the schedule's steps 1..K-1), "schedule", "uniform"."""
+    weighting: str = "ghuber"
+    """Log-prob surrogate: "ghuber" -s((mse + d)^p - d^p)/p, "t" -s mse, "uniform" -mse."""
+    huber_p: float = 0.25
+    """p of the ghuber weighting."""
+    ema_kl: float = 1.0
+    """Weight of mean((v - v_ema)^2) to the slowly-updated policy (0: off)."""
+    ema_decay_rate: float = 0.001
+    """Slow policy w_ema <- d w_ema + (1 - d) w after each update, d = min(rate * optimizer steps, max)."""
+    ema_decay_max: float = 0.3
+
+    def check(self, prefix: str = "awm.") -> None:
+        require_choice(self, prefix, "timesteps", TIMESTEP_MODES)
+        require_choice(self, prefix, "weighting", WEIGHTINGS)
+        require(self, prefix, "> 0", "clip_range", "adv_clip_max", "train_timesteps", "huber_p")
+        require(self, prefix, ">= 0", "ema_kl", "ema_decay_rate")
+        require(self, prefix, "in [0, 1]", "ema_decay_max")
+
+
+
 class AWM(LikelihoodFree):
     name = "awm"
     reads = ("awm.", "loss.beta")
+    sections = {"awm": AWMConfig}
+    presets = {"awm": {"sampler": LIKELIHOOD_FREE_SAMPLER, "loss": {"beta": 1e-4}}}
 
     @classmethod
     def config_error(cls, cfg) -> str | None:

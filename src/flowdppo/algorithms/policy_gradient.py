@@ -10,6 +10,7 @@ to the frozen base.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -19,15 +20,55 @@ from torch import Tensor, nn
 from flowdppo.algorithms.base import ELEMENT_DIM_KL, ELEMENT_LOG_RATIO, Algorithm, Elements, index_cond
 from flowdppo.distributed import Distributed
 from flowdppo.errors import ConsistencyError
-from flowdppo.losses import StepBatch, get_loss, loss_kwargs, reference_kl_penalty
+from flowdppo.losses import LOSSES, StepBatch, get_loss, loss_kwargs, reference_kl_penalty
 from flowdppo.rollout import Trajectory, in_chunks
 from flowdppo.samplers import get_sampler
-from flowdppo.sde import log_prob
+from flowdppo.sde import REDUCTIONS, log_prob
+from flowdppo.settings import Section, require, require_choice
+
+
+@dataclass
+class LossConfig(Section):
+    loss_mode: str = "flow_dppo"
+    """One of flow_dppo, flow_grpo, flow_cps, grpo_guard, unconstrained (-A rho on every element: a control)."""
+    kl_mask_threshold: float = 1e-5
+    """Flow-DPPO threshold tau on the mean-reduced per-step KL."""
+    clip_range: float = 1e-4
+    """PPO ratio clip epsilon (flow_grpo, flow_cps, grpo_guard)."""
+    adv_clip_max: float = 5.0
+    """Advantage clamp of the clipping baselines."""
+    kl_reduce: str = "mean"
+    """Reduction of the per-step KL: "mean" (thresholds are calibrated for it) or "sum"."""
+    add_kl_coefficient: bool = True
+    """Divide the mean drift by 2 std^2 (True) or by 2 (False)."""
+    beta: float = 0.0
+    """Weight of the KL penalty to the frozen base (adapters disabled)."""
+
+    def check(self, prefix: str = "loss.") -> None:
+        require_choice(self, prefix, "loss_mode", tuple(sorted(LOSSES)))
+        require_choice(self, prefix, "kl_reduce", REDUCTIONS)
+        require(self, prefix, "> 0", "kl_mask_threshold", "clip_range", "adv_clip_max")
+        require(self, prefix, ">= 0", "beta")
+
+
+SDE = {"kind": "flow_sde", "eta": 0.7}
 
 
 class PolicyGradient(Algorithm):
     name = "policy_gradient"
     reads = ("loss.",)
+    sections = {"loss": LossConfig}
+    presets = {
+        "flow_dppo": {"sampler": SDE, "loss": {"loss_mode": "flow_dppo"}},
+        "flow_grpo": {"sampler": SDE, "loss": {"loss_mode": "flow_grpo", "clip_range": 1e-4}},
+        "flow_cps": {"sampler": {"kind": "cps", "eta": 0.8, "logprob_convention": "cps"},
+                     "loss": {"loss_mode": "flow_cps", "clip_range": 1e-4}},
+        "grpo_guard": {"sampler": SDE, "loss": {"loss_mode": "grpo_guard", "clip_range": 2e-6}},
+        "flow_dppo_cps": {"sampler": {"kind": "cps", "eta": 0.8}, "loss": {"loss_mode": "flow_dppo"}},
+        "unconstrained": {"sampler": SDE, "loss": {"loss_mode": "unconstrained"}},  # -A rho, no trust test: a control
+        "dance_grpo": {"sampler": {"kind": "dance_sde", "eta": 0.3, "group_shared_noise": True},
+                       "loss": {"loss_mode": "flow_grpo", "clip_range": 1e-4}},
+    }  # fmt: skip
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)

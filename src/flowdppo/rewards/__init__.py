@@ -11,13 +11,46 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
-from flowdppo.errors import RewardError
+from flowdppo.errors import ConfigError, RewardError
 from flowdppo.prompts import PromptBatch
+from flowdppo.settings import Section, register_section, require, require_choice
+
+
+@dataclass
+class RewardConfig(Section):
+    names: list[str] = field(default_factory=lambda: ["classifier_prob"])
+    """Reward functions by name."""
+    weights: list[float] = field(default_factory=lambda: [1.0])
+    """One weight per reward."""
+    aggregation: str = "sum"
+    """Multi-reward advantages: "sum" (weighted sum) or "gdpo"."""
+    std_scope: str = "batch"
+    """Advantage std over the whole "batch" or each "group"."""
+    video_frames: int = 4
+    """text_to_video: frames an image reward scores, evenly spaced from first to last (0: every frame)."""
+    video_aggregation: str = "mean"
+    """text_to_video: an image reward's per-frame scores -> one per video: "mean" or "min"."""
+
+    def check(self, prefix: str = "reward.") -> None:
+        require_choice(self, prefix, "aggregation", ("sum", "gdpo"))
+        require_choice(self, prefix, "std_scope", ("batch", "group"))
+        require_choice(self, prefix, "video_aggregation", ("mean", "min"))
+        require(self, prefix, ">= 0", "video_frames")
+        if sum(self.weights) == 0:
+            raise ConfigError(f"{prefix}weights: must not sum to 0 (the logged reward is their weighted mean), got "
+                              f"{self.weights}")
+        if len(self.weights) != len(self.names) or not self.names:
+            raise ConfigError(f"{prefix}weights: need one weight per reward name ({len(self.names)} names, "
+                              f"{len(self.weights)} weights)")
+
+
+register_section("reward", RewardConfig)
 
 
 @runtime_checkable
