@@ -26,8 +26,9 @@ from tqdm.auto import tqdm
 from flowdppo import estimators as est
 from flowdppo.errors import ConfigError
 from flowdppo.frontier import mean_ci
+from flowdppo.settings import PRESETS
 
-METHODS = ("flow_grpo", "flow_cps", "grpo_guard", "flow_dppo", "flow_dppo_cps", "dance_grpo", "diffusion_nft", "awm")
+METHODS = tuple(m for m in PRESETS if m != est.CONTROL)  # every registered method preset but the control
 BENCH_OVERRIDES = ["eval_every=5", "eval_samples_per_class=20", "checkpoint_every=1000", "keep_checkpoints=1"]
 HALF_EPOCHS = "epochs=half"  # resolved to half the run's epochs (half the rollouts)
 HALF_SEED_OFFSET = 1000  # the half-rollouts arms run seeds 1000, 1001, ...: independent of the full runs
