@@ -57,7 +57,8 @@ def test_a_plugin_algorithm_trains_through_flowdppo_train(tmp_path):
 
 def test_a_plugin_checks_its_own_section_and_is_unknown_without_it():
     bad = flowdppo(["train", "--method", "rwr", "rwr.temperature=0"])
-    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == "flowdppo: error: rwr.temperature: must be > 0, got 0.0"
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1] == "flowdppo: error: rwr.temperature: must be > 0, got 0.0"
     missing = flowdppo(["train", "--method", "rwr"], plugins="")
     assert missing.returncode == 2 and "method: must be one of flow_dppo" in missing.stderr
     typo = flowdppo(["train"], plugins="no_such_plugin")

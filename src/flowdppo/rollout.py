@@ -10,7 +10,7 @@ trained step at all.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -55,9 +55,6 @@ class Trajectory:
     def num_elements(self) -> int:
         """Trained (sample, step) elements: ``T * B``."""
         return self.log_probs.numel()
-
-    def tensors(self) -> dict[str, Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)}
 
 
 def in_chunks(velocity: VelocityFn, size: int) -> VelocityFn:

@@ -24,22 +24,22 @@ from flowdppo.settings import Section, register_section, require, require_choice
 
 class Kernel(Protocol):
     def __call__(self, x: Tensor, v: Tensor, sigma: Tensor, sigma_next: Tensor, eta: float,
-                 sigma_max: Tensor) -> Transition: ...  # fmt: skip
+                 sigma_stand_in: Tensor) -> Transition: ...  # fmt: skip
 
 
-def _flow_sde(x, v, sigma, sigma_next, eta, sigma_max):
-    return flow_sde_step(x, v, sigma, sigma_next, eta=eta, sigma_max=sigma_max)
+def _flow_sde(x, v, sigma, sigma_next, eta, sigma_stand_in):
+    return flow_sde_step(x, v, sigma, sigma_next, eta=eta, sigma_stand_in=sigma_stand_in)
 
 
-def _cps(x, v, sigma, sigma_next, eta, sigma_max):
+def _cps(x, v, sigma, sigma_next, eta, sigma_stand_in):
     return cps_step(x, v, sigma, sigma_next, eta=eta)
 
 
-def _dance_sde(x, v, sigma, sigma_next, eta, sigma_max):
+def _dance_sde(x, v, sigma, sigma_next, eta, sigma_stand_in):
     return dance_sde_step(x, v, sigma, sigma_next, eta=eta)
 
 
-def _ode(x, v, sigma, sigma_next, eta, sigma_max):
+def _ode(x, v, sigma, sigma_next, eta, sigma_stand_in):
     return ode_step(x, v, sigma, sigma_next)
 
 
@@ -63,9 +63,9 @@ class Sampler:
     logprob_conventions: tuple[str, ...] = ("gaussian",)
 
     def step(self, x: Tensor, v: Tensor, sigma: Tensor, sigma_next: Tensor, eta: float,
-             sigma_max: Tensor) -> Transition:  # fmt: skip
-        """One transition from ``sigma`` to ``sigma_next`` (``sigma_max``: the schedule's ``sigmas[1]``)."""
-        return self.kernel(x, v, sigma, sigma_next, eta, sigma_max)
+             sigma_stand_in: Tensor) -> Transition:  # fmt: skip
+        """One transition from ``sigma`` to ``sigma_next`` (``sigma_stand_in``: the schedule's ``sigmas[1]``)."""
+        return self.kernel(x, v, sigma, sigma_next, eta, sigma_stand_in)
 
     def stochastic_steps(self, num_steps: int) -> list[int]:
         """Indices of the steps with a positive std in a ``num_steps`` schedule."""

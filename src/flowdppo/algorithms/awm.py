@@ -132,7 +132,7 @@ class AWM(LikelihoodFree):
         loss = per_element.mean().float()
         rho = log_ratio.detach().exp()
         metrics = {"policy_loss": loss.detach(), "ratio_mean": rho.mean(), "ratio_max": rho.max(),
-                   "ratio_min": rho.min(), "clipped_fraction": clipped.float().mean()}  # fmt: skip
+                   "ratio_min": rho.min(), "masked_fraction": clipped.float().mean()}  # fmt: skip
         if self.cfg.loss.beta > 0:
             ref_kl = velocity_kl(v, base_velocity, mb, cond)
             loss = loss + self.cfg.loss.beta * ref_kl

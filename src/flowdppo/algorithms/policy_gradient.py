@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from flowdppo.algorithms.base import ELEMENT_DIM_KL, ELEMENT_LOG_RATIO, Algorithm, Elements, index_cond
 from flowdppo.distributed import Distributed
 from flowdppo.errors import ConsistencyError
-from flowdppo.losses import LOSSES, StepBatch, get_loss, loss_kwargs, reference_kl_penalty
+from flowdppo.losses import LOSSES, StepBatch, get_loss, loss_kwargs, reference_kl
 from flowdppo.rollout import Trajectory, in_chunks
 from flowdppo.samplers import get_sampler
 from flowdppo.sde import REDUCTIONS, log_prob
@@ -93,7 +93,7 @@ class PolicyGradient(Algorithm):
         """The trained steps as elements (``flat_steps``) with the anchor and the advantages."""
         if self.cfg.optim.anchor == "replay":
             traj = replay_anchor(policy, traj, self.cfg)
-        self.sigma_max = traj.sigmas[1]  # caps the Flow-SDE std of a step from sigma = 1
+        self.sigma_stand_in = traj.sigmas[1]  # caps the Flow-SDE std of a step from sigma = 1
         t, b = traj.log_probs.shape
         data = flat_steps(traj)
         data.update({
@@ -107,7 +107,7 @@ class PolicyGradient(Algorithm):
 
     def loss(self, velocity, base_velocity, mb: dict[str, Tensor], cond: Any, first: bool,
              dist: Distributed) -> tuple[Tensor, dict[str, Tensor]]:  # fmt: skip
-        mean_new, logp_new = replay_step(velocity, mb, cond, self.cfg, self.sigma_max)
+        mean_new, logp_new = replay_step(velocity, mb, cond, self.cfg, self.sigma_stand_in)
         batch = StepBatch(
             logp_new=logp_new, logp_old=mb["log_probs"], advantages=mb["advantages"], mean_new=mean_new,
             mean_old=mb["means"], std=mb["stds"], dt=mb["sigma_next"] - mb["sigma"], step_index=mb["step_index"],
@@ -122,8 +122,8 @@ class PolicyGradient(Algorithm):
         loss = per_element.mean()
         if self.cfg.loss.beta > 0:
             with torch.no_grad():
-                mean_ref, _ = replay_step(base_velocity, mb, cond, self.cfg, self.sigma_max)
-            ref_kl = reference_kl_penalty(mean_new, mean_ref, mb["stds"], 1.0, self.cfg.loss.kl_reduce).mean()
+                mean_ref, _ = replay_step(base_velocity, mb, cond, self.cfg, self.sigma_stand_in)
+            ref_kl = reference_kl(mean_new, mean_ref, mb["stds"], self.cfg.loss.kl_reduce).mean()
             loss = loss + self.cfg.loss.beta * ref_kl
             metrics["ref_kl"] = ref_kl.detach()
         return loss, metrics
@@ -142,11 +142,11 @@ def flat_steps(traj: Trajectory) -> dict[str, Tensor]:
     }
 
 
-def replay_step(velocity, mb: dict[str, Tensor], cond: Any, cfg, sigma_max: Tensor) -> tuple[Tensor, Tensor]:
+def replay_step(velocity, mb: dict[str, Tensor], cond: Any, cfg, sigma_stand_in: Tensor) -> tuple[Tensor, Tensor]:
     """Recompute the transitions of some elements with the current weights: (mean, log-prob)."""
     x, s = mb["latents"], cfg.sampler
     v = velocity(x, mb["sigma"], cond)
-    step = get_sampler(s.kind).step(x, v, mb["sigma"], mb["sigma_next"], s.eta, sigma_max)
+    step = get_sampler(s.kind).step(x, v, mb["sigma"], mb["sigma_next"], s.eta, sigma_stand_in)
     return step.mean, log_prob(mb["next_latents"], step.mean, step.std, convention=s.logprob_convention)
 
 
