@@ -9,22 +9,18 @@ import pytest
 from scipy.stats import t, wilcoxon
 
 from flowdppo.cli import main
-from flowdppo.compare import (
-    PLANS,
-    _config_key,
+from flowdppo.compare import PLANS, preset_arms, run_overrides
+from flowdppo.compare_report import (
     across_dims,
     claims,
     decision_lines,
     gather_reports,
     matched_levels,
-    preset_arms,
     probe_line,
     render_plan,
     render_report,
-    reusable_runs,
-    run_overrides,
-    run_probe,
 )
+from flowdppo.compare_runs import _config_key, reusable_runs, run_probe
 from flowdppo.estimators import (
     CONTROL,
     Curve,

@@ -141,15 +141,9 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from flowdppo.compare import (
-        BENCH_PRESETS,
-        METHODS,
-        gather_reports,
-        probe_line,
-        render_report,
-        run_compare,
-        run_probe,
-    )
+    from flowdppo.compare import BENCH_PRESETS, METHODS
+    from flowdppo.compare_report import gather_reports, probe_line, render_report
+    from flowdppo.compare_runs import run_compare, run_probe
 
     if args.gather:
         print(f"wrote {gather_reports(Path(args.gather))}")
