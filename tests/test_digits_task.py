@@ -163,7 +163,7 @@ def test_feature_fid_and_group_diversity(split, classifier):
 
 
 def test_upsampled_digits_round_trip(split):
-    """digits_upsample: bicubic upsampling, pixel_unshuffle into u*u channels; decoding pools back to 8x8."""
+    """digits.upsample: bicubic upsampling, pixel_unshuffle into u*u channels; decoding pools back to 8x8."""
     import torch.nn.functional as F
 
     from flowdppo.tasks.digits.data import decode_latents, to_latent, upsample_digits
@@ -180,7 +180,7 @@ def test_upsampled_digits_round_trip(split):
 
 
 def test_upsampled_task_has_shipped_bases_and_trains_on_a_pretrained_one(tmp_path):
-    """digits_upsample 4 and 8 load their shipped bases; `digits pretrain --upsample 4` makes one that `model=`
+    """digits.upsample 4 and 8 load their shipped bases; `digits pretrain --upsample 4` makes one that `model=`
     trains on for an epoch, with the mechanism metrics in the row."""
     from flowdppo.cli import main
     from flowdppo.config import load_config
@@ -190,7 +190,7 @@ def test_upsampled_task_has_shipped_bases_and_trains_on_a_pretrained_one(tmp_pat
 
     for u in (4, 8):  # the shipped bases
         assert DigitsTask(load_config(overrides=[f"digits_upsample={u}"])).policy.latent_shape == (u * u, 8, 8)
-    with pytest.raises(ConfigError, match="digits_upsample"):
+    with pytest.raises(ConfigError, match="digits.upsample"):
         load_config(overrides=["digits_upsample=3"])
 
     base = tmp_path / "base4"
@@ -237,5 +237,5 @@ def test_held_out_classes_train_on_some_digits_and_measure_the_others():
         ref = to_unit_range(real[(real_labels < 5) == (prefix == "eval")])
         assert measures[f"{prefix}/fid"] == pytest.approx(feature_fid(images[rows], ref, task.classifier))
     for bad in ("[3, 3]", "[10]"):
-        with pytest.raises(ConfigError, match="digits_classes: distinct digits 0-9"):
+        with pytest.raises(ConfigError, match="digits.classes: distinct digits 0-9"):
             load_config(overrides=[f"digits_classes={bad}"])
