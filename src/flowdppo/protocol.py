@@ -236,10 +236,10 @@ def check_reward_names(names: list[str]) -> None:
     """Every name a built-in image reward (``name`` or ``name@model_path``), a reward server's address (checked
     when the task connects) or an importable ``module:function``; checked before any model is loaded."""
     from flowdppo.rewards import load_user_reward
-    from flowdppo.tasks.text_to_image import reward_source
+    from flowdppo.rewards.registry import reward_source
 
     for name in names:
-        if reward_source(name, key="--rewards") == "user":
+        if reward_source(name, ("image",), key="--rewards") == "user":
             try:
                 load_user_reward(name)
             except RewardError as err:

@@ -25,8 +25,7 @@ from flowdppo.config import TrainConfig
 from flowdppo.distributed import Distributed, init_distributed
 from flowdppo.errors import ConsistencyError, NonFiniteError, RewardError
 from flowdppo.policies.lora import adapters_disabled, experts, make_trainable, reference_policy, trainable_parameters
-from flowdppo.rewards import RewardConfig
-from flowdppo.rewards.remote import score_chunks
+from flowdppo.rewards import RewardConfig, score_chunks
 from flowdppo.rollout import in_chunks, initial_noise, rollout
 from flowdppo.runs import RunFolder, evaluates
 from flowdppo.samplers import measure_sampler, trained_steps

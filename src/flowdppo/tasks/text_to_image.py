@@ -11,9 +11,8 @@ from torch import Tensor
 from flowdppo.errors import ConfigError
 from flowdppo.policies.pipelines import PipelinePolicy, load_pipeline_policy, pipeline_policy_class
 from flowdppo.prompts import EmbeddingCache, PromptBatch, load_prompts, make_batch, split_prompts
-from flowdppo.rewards import Reward, load_user_reward, score
-from flowdppo.rewards.image import IMAGE_REWARDS, make_image_reward
-from flowdppo.rewards.remote import is_remote, load_remote_reward, named_rewards
+from flowdppo.rewards import Reward, score
+from flowdppo.rewards.registry import RewardContext, load_rewards
 from flowdppo.rollout import sample, sample_with_path_kl
 from flowdppo.settings import Section, require, require_choice
 
@@ -56,6 +55,10 @@ class TextToImageTask:
     """Prompts are lines of the file ``text_to_image.prompts``; a group is ``G`` images of one prompt; the policy a
     pipeline. The options are the task's own section (``cfg.text_to_image``; a subclass task's, its own)."""
 
+    reward_kinds: tuple[str, ...] = ("image",)
+    """The kinds of built-in rewards the task takes (``rewards.registry``), besides module:function and
+    http://HOST:PORT."""
+
     @staticmethod
     def policy_class(cfg) -> type[PipelinePolicy]:
         """The adapter class of the pipeline ``cfg.model`` names, from its ``model_index.json`` (no weights)."""
@@ -74,7 +77,8 @@ class TextToImageTask:
             records = self.train_records + self.eval_records
             self.cache.encode_missing([r["prompt"] for r in records], progress=True)
             self.policy.free_text_encoders()
-        self.rewards = named_rewards(cfg.reward.names, self.load_reward)  # (name in logs, reward)
+        self.rewards = load_rewards(cfg.reward.names, self.reward_kinds, RewardContext(self.device),
+                                    self.wrap_reward)  # (name in logs, reward)
 
     def load_policy(self, model: str = "") -> PipelinePolicy:
         """The pipeline in folder (or hub id) ``model``, in ``cfg.precision``."""
@@ -108,15 +112,9 @@ class TextToImageTask:
         group_ids = torch.arange(num_prompts, device=self.device).repeat_interleave(group_size)
         return make_batch(records, group_size, self.cache, self.device), group_ids
 
-    def load_reward(self, name: str) -> Reward:
-        """An image reward by name (``name`` or ``name@model_path``); ``module:function`` imports your own;
-        ``http://HOST:PORT`` is a reward server's (``flowdppo reward-server``)."""
-        source = reward_source(name)
-        if source == "remote":
-            return load_remote_reward(name)
-        if source == "user":
-            return load_user_reward(name)
-        return make_image_reward(name, self.device)
+    def wrap_reward(self, reward: Reward, source: str, name: str) -> Reward:
+        """What the task scores with, of a loaded reward (``registry.load_rewards``): an image task, the reward."""
+        return reward
 
     def fixed_batch(self, records: list[dict], per_prompt: int) -> tuple[Tensor, PromptBatch]:
         """``records``, ``per_prompt`` samples each, with noise fixed by the seed (the same for every policy)."""
@@ -164,15 +162,3 @@ class TextToImageTask:
         images = self.generate(velocity, noise, cond)
         return images.permute(0, 2, 3, 1).reshape(len(records), per_prompt, *images.shape[2:], 3).cpu().numpy()
 
-
-def reward_source(name: str, key: str = "reward.names") -> str:
-    """Where reward ``name`` comes from, read from the name alone: "remote" (``http://HOST:PORT``), "user"
-    (``module:function``) or "image" (a built-in, ``name`` or ``name@model_path``); else one line naming ``key``."""
-    if is_remote(name):
-        return "remote"
-    if ":" in name and "@" not in name:
-        return "user"
-    if name.partition("@")[0] in IMAGE_REWARDS:
-        return "image"
-    raise ConfigError(f"{key}: unknown reward {name!r}; choose from {', '.join(IMAGE_REWARDS)} "
-                      "(optionally name@model_path) or give your own as module:function")

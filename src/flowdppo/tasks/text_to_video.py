@@ -21,15 +21,14 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from flowdppo.errors import ConfigError
 from flowdppo.files import write_atomic
 from flowdppo.plots import grid_mosaic
 from flowdppo.policies.pipelines import PipelinePolicy, pipeline_policy_class
 from flowdppo.policies.video import VIDEO_FAMILIES
 from flowdppo.rewards import Reward
-from flowdppo.rewards.video import VIDEO_REWARDS, FrameReward, UserVideoReward, frame_indices, make_video_reward
+from flowdppo.rewards.video import FrameReward, UserVideoReward, frame_indices
 from flowdppo.settings import require
-from flowdppo.tasks.text_to_image import TextToImageConfig, TextToImageTask, reward_source
+from flowdppo.tasks.text_to_image import TextToImageConfig, TextToImageTask
 
 STRIP_FRAMES = 8  # frames per row of samples.png
 GIF_FPS = 8
@@ -58,6 +57,8 @@ class TextToVideoConfig(TextToImageConfig):
 class TextToVideoTask(TextToImageTask):
     """``text_to_image`` with a video pipeline: latents ``(C, F, h, w)``, videos ``(F, 3, H, W)`` in [0, 1]."""
 
+    reward_kinds = ("video", "image")
+
     @staticmethod
     def policy_class(cfg) -> type[PipelinePolicy]:
         """The video adapter class of the pipeline ``cfg.model`` names (an image pipeline: a ``ConfigError``)."""
@@ -73,16 +74,12 @@ class TextToVideoTask(TextToImageTask):
                 "num_frames": options.num_frames, "guidance_scale_2": cfg.sampler.guidance_scale_2,
                 "vae_slicing": options.vae_slicing}  # fmt: skip
 
-    def load_reward(self, name: str) -> Reward:
-        """A video reward by name; an image reward (or a reward server) scored frame by frame; a user's
-        ``module:function`` on the whole videos."""
-        if name in VIDEO_REWARDS:
-            return make_video_reward(name)
-        try:
-            reward = super().load_reward(name)
-        except ConfigError as err:
-            raise ConfigError(f"{err}; or a video reward: {', '.join(VIDEO_REWARDS)}") from err
-        if reward_source(name) == "user":
+    def wrap_reward(self, reward: Reward, source: str, name: str) -> Reward:
+        """A video reward as it is; a user's ``module:function`` on the whole videos (as uint8); an image reward (or
+        a reward server's) on ``reward.video_frames`` frames of each video."""
+        if source == "video":
+            return reward
+        if source == "user":
             return UserVideoReward(reward, name)
         return FrameReward(reward, name, self.cfg.reward.video_frames, self.cfg.reward.video_aggregation)
 

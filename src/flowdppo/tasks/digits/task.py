@@ -9,20 +9,13 @@ import torch
 from torch import Tensor
 
 from flowdppo.errors import ConfigError
-from flowdppo.rewards import Reward, load_user_reward
-from flowdppo.rewards.remote import is_remote, load_remote_reward, named_rewards
+from flowdppo.rewards.registry import RewardContext, load_rewards
 from flowdppo.rollout import sample, sample_with_path_kl
 from flowdppo.sde import shifted_sigmas
 from flowdppo.tasks.digits.classifier import load_classifier
 from flowdppo.tasks.digits.data import NUM_CLASSES, decode_latents, load_digits_split, to_unit_range
 from flowdppo.tasks.digits.policy import DigitsPolicy, load_base_policy
-from flowdppo.tasks.digits.rewards import (
-    DIGITS_REWARDS,
-    feature_fid,
-    group_diversity,
-    make_digits_reward,
-    prompt_accuracy,
-)
+from flowdppo.tasks.digits.rewards import ClassifierReward, feature_fid, group_diversity, prompt_accuracy
 
 EVAL_SEED_OFFSET = 10_007  # evaluation noise never coincides with rollout noise
 
@@ -46,9 +39,10 @@ class DigitsTask:
         _, _, heldout_x, heldout_y = load_digits_split()
         self.heldout_images, self.heldout_labels = to_unit_range(heldout_x).to(self.device), heldout_y.to(self.device)
         self.train_classes = torch.tensor(sorted(cfg.digits.classes) or range(NUM_CLASSES))
-        self.eval_reward = make_digits_reward("classifier_prob", self.classifier)
+        self.eval_reward = ClassifierReward(self.classifier)
         self.policy = self.load_policy(cfg.model)
-        self.rewards = named_rewards(cfg.reward.names, self.load_reward)  # (name in logs, reward)
+        context = RewardContext(self.device, classifier=self.classifier)  # the digits rewards share the classifier
+        self.rewards = load_rewards(cfg.reward.names, ("digits",), context)  # (name in logs, reward)
 
     def load_policy(self, model: str = "") -> DigitsPolicy:
         """The shipped base policy (of ``digits.upsample`` u), or one saved by ``DigitsPolicy.save_pretrained`` in
@@ -84,18 +78,6 @@ class DigitsTask:
         cond = classes.repeat_interleave(group_size).to(self.device)
         group_ids = torch.arange(num_prompts).repeat_interleave(group_size).to(self.device)
         return cond, group_ids
-
-    def load_reward(self, name: str) -> Reward:
-        """A built-in reward by name; ``module:function`` imports a reward of your own; ``http://HOST:PORT`` is
-        a reward server's (``flowdppo reward-server``)."""
-        if is_remote(name):
-            return load_remote_reward(name)
-        if ":" in name:
-            return load_user_reward(name)
-        if name not in DIGITS_REWARDS:
-            raise ConfigError(f"reward.names: unknown reward {name!r}; choose from {', '.join(DIGITS_REWARDS)} "
-                              "or give your own as module:function")  # fmt: skip
-        return make_digits_reward(name, self.classifier)
 
     def eval_noise(self, per_class: int) -> tuple[Tensor, Tensor]:
         gen = torch.Generator().manual_seed(self.cfg.seed + EVAL_SEED_OFFSET)
