@@ -39,7 +39,7 @@ def main() -> None:
     sigmas = shifted_sigmas(cfg.num_steps, cfg.shift)
 
     def recording_rollout() -> None:
-        rollout(policy.velocity, cond, noise, sigmas, cfg, steps, gen.manual_seed(1))
+        rollout(policy.velocity, cond, noise, sigmas, cfg, steps, generator=gen.manual_seed(1))
 
     def plain_euler() -> None:
         with torch.no_grad():

@@ -87,6 +87,7 @@ def rollout(
     sigmas: Tensor,
     cfg: SamplerConfig,
     steps: list[int],
+    *,
     generator: torch.Generator | None = None,
     base_velocity: VelocityFn | None = None,
     kl_steps: list[int] | None = None,

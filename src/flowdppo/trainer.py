@@ -100,8 +100,8 @@ def run_training(cfg: TrainConfig, run: RunFolder, dist: Distributed, resume: bo
         kl_steps = measured_steps if cfg.sampler.kl_to_base_steps == "all" else steps
         prompts = cond[rows]
         with algorithm.sampling_weights(policy):  # the current weights, or the algorithm's sampling policy
-            traj = rollout(velocity, prompts, noise, sigmas, cfg.sampler, steps, rng, base_velocity, kl_steps,
-                           global_batch, rows)  # fmt: skip
+            traj = rollout(velocity, prompts, noise, sigmas, cfg.sampler, steps, generator=rng,
+                           base_velocity=base_velocity, kl_steps=kl_steps, global_batch=global_batch, rows=rows)
         # 2. rewards of the whole batch (gathered) and group-relative advantages
         images = (policy.decode(part) for part in traj.final.split(chunk or len(traj.final)))  # decoded as scored
         try:
@@ -116,7 +116,7 @@ def run_training(cfg: TrainConfig, run: RunFolder, dist: Distributed, resume: bo
         if guard.ok(f"epoch {epoch} (rollout)", reward=rewards, advantage=advantages):
             # 3. the algorithm's update: inner epochs over shuffled mini-batches of training elements
             update_metrics = algorithm.update(trained_policy, optimizer, traj, advantages[rows], rng, base_velocity,
-                                              epoch, guard, dist)  # fmt: skip
+                                              epoch=epoch, guard=guard, dist=dist)
         # 4. log, evaluate, checkpoint (process 0 writes)
         row = {
             "epoch": epoch,

@@ -103,7 +103,7 @@ class Algorithm:
 
     # ---- the shared loop
     def update(self, policy: nn.Module, optimizer: torch.optim.Optimizer, traj: Trajectory, advantages: Tensor,
-               rng: torch.Generator, base_velocity, epoch: int, guard: NonFiniteGuard | None = None,
+               rng: torch.Generator, base_velocity, *, epoch: int, guard: NonFiniteGuard | None = None,
                dist: Distributed | None = None) -> dict[str, float]:  # fmt: skip
         """``inner_epochs`` passes over the rollout's elements in shuffled mini-batches; returns mean metrics.
 
