@@ -119,7 +119,7 @@ def main() -> None:
           f"{args.resolution}^2, {args.steps} steps, group {args.group}, {len(steps)} trained steps, on {device}")
 
     def ours_rollout():
-        return rollout(policy.velocity, cond, noise, sigmas, cfg.sampler, steps, gen)
+        return rollout(policy.velocity, cond, noise, sigmas, cfg.sampler, steps, generator=gen)
 
     def plain_loop():
         policy.pipeline(prompt_embeds=embeds["prompt_embeds"], pooled_prompt_embeds=embeds["pooled_prompt_embeds"],

@@ -49,7 +49,7 @@ def main() -> None:
 
     def transition():
         v = model(x, encoder_hidden_states=text, pooled_projections=pooled, timestep=sigma * 1000).sample
-        return flow_sde_step(x, v, sigma, sigma_next, eta=0.7, sigma_max=sigmas[1])
+        return flow_sde_step(x, v, sigma, sigma_next, eta=0.7, sigma_stand_in=sigmas[1])
 
     with torch.no_grad():
         old = transition()

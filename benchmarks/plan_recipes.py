@@ -283,7 +283,8 @@ def recipe_prompts(config_file: str) -> list[str]:
     from flowdppo.prompts import load_prompts
 
     cfg = load_config(config_file=config_file)
-    return [r["prompt"] for r in load_prompts(cfg.prompts)] if cfg.prompts else []
+    prompts = getattr(cfg, cfg.task).prompts
+    return [r["prompt"] for r in load_prompts(prompts)] if prompts else []
 
 
 def text_tokens(cfg, prompt: str) -> int:
@@ -311,7 +312,7 @@ def summarise(cfg, config_file: str, hub_id: str, plan, tokens: int, seconds: fl
         "recipe": config_file,
         "model": hub_id,
         "pipeline": plan.family,
-        "resolution": cfg.resolution,
+        "resolution": getattr(cfg, cfg.task).resolution,
         "text_tokens": tokens,
         "precision": recipe.precision,
         "lora_rank": recipe.lora_rank,

@@ -26,10 +26,11 @@ from pathlib import Path
 import torch
 from common import RESULTS_DIR, interleaved_times, write_result
 
-from flowdppo.rewards.remote import load_remote_reward, score_chunks
+from flowdppo.rewards import score_chunks
+from flowdppo.rewards.registry import make_reward
+from flowdppo.rewards.remote import load_remote_reward
 from flowdppo.tasks.digits.classifier import load_classifier
 from flowdppo.tasks.digits.data import to_unit_range
-from flowdppo.tasks.digits.rewards import make_digits_reward
 
 MODEL_MS = float(os.environ.get("REMOTE_BENCH_MODEL_MS", "2"))  # the emulated model's time per image, server side
 _CLASSIFIER = None
@@ -39,7 +40,7 @@ def emulated_model(images, prompts, metadata=None):
     """``classifier_prob`` plus ``MODEL_MS`` per image of waiting: a reward model on a GPU, seen from the CPU."""
     global _CLASSIFIER
     if _CLASSIFIER is None:
-        _CLASSIFIER = make_digits_reward("classifier_prob", load_classifier())
+        _CLASSIFIER = make_reward("classifier_prob", classifier=load_classifier())
     time.sleep(MODEL_MS * images.shape[0] / 1000)
     return _CLASSIFIER(images, prompts)
 
@@ -104,7 +105,7 @@ def throughput(url: str, args) -> dict[str, float]:
     """Images per second of ``classifier_prob`` in-process and through the server at ``url``."""
     images = torch.rand(args.images, 1, 8, 8)
     labels = torch.arange(args.images) % 10
-    local = make_digits_reward("classifier_prob", load_classifier())
+    local = make_reward("classifier_prob", classifier=load_classifier())
     client = load_remote_reward(f"{url}?batch_size={args.batch}", in_flight=2)
     if not torch.equal(client(images, labels), local(images, labels)):
         print("note: the served scores differ from the in-process ones in the last bits (batching)")

@@ -16,9 +16,8 @@ from pathlib import Path
 import torch
 from common import RESULTS_DIR, interleaved_times, ratio_summary, write_result
 
-from flowdppo.config import SamplerConfig
 from flowdppo.rollout import rollout, sample
-from flowdppo.samplers import trained_steps
+from flowdppo.samplers import SamplerConfig, trained_steps
 from flowdppo.sde import shifted_sigmas
 from flowdppo.tasks.digits.policy import load_base_policy
 
@@ -40,7 +39,7 @@ def main() -> None:
     sigmas = shifted_sigmas(cfg.num_steps, cfg.shift)
 
     def recording_rollout() -> None:
-        rollout(policy.velocity, cond, noise, sigmas, cfg, steps, gen.manual_seed(1))
+        rollout(policy.velocity, cond, noise, sigmas, cfg, steps, generator=gen.manual_seed(1))
 
     def plain_euler() -> None:
         with torch.no_grad():

@@ -41,7 +41,7 @@ def main() -> None:
     cond, group_ids = task.prompts(cfg.prompts_per_epoch, cfg.group_size, 0, 0)
     noise = torch.randn(len(cond), 1, 8, 8, generator=torch.Generator().manual_seed(0))
     traj = rollout(policy.velocity, cond, noise, task.sigmas(), cfg.sampler, trained_steps(cfg.sampler, 0, 0),
-                   torch.Generator())  # fmt: skip
+                   generator=torch.Generator())  # fmt: skip
     advantages = torch.randn(len(cond))
     algorithm = PolicyGradient(cfg)
     elements = algorithm.elements(traj, advantages, policy, torch.Generator(), Distributed()).data

@@ -9,22 +9,18 @@ import pytest
 from scipy.stats import t, wilcoxon
 
 from flowdppo.cli import main
-from flowdppo.compare import (
-    PLANS,
-    _config_key,
+from flowdppo.compare import PLANS, preset_arms, run_overrides
+from flowdppo.compare_report import (
     across_dims,
     claims,
     decision_lines,
     gather_reports,
     matched_levels,
-    preset_arms,
     probe_line,
     render_plan,
     render_report,
-    reusable_runs,
-    run_overrides,
-    run_probe,
 )
+from flowdppo.compare_runs import _config_key, reusable_runs, run_probe
 from flowdppo.estimators import (
     CONTROL,
     Curve,
@@ -264,17 +260,17 @@ def test_presets_and_half_rollouts():
     for dim, u in (("1024", 4), ("4096", 8)):
         arms = preset_arms(f"dim{dim}", ("flow_dppo", "flow_grpo"))
         assert [a.label for a in arms] == ["flow_dppo", "flow_grpo", CONTROL]
-        assert all(f"digits_upsample={u}" in run_overrides(a, []) for a in arms)
+        assert all(f"digits.upsample={u}" in run_overrides(a, []) for a in arms)
     heldout = preset_arms("heldout")
     assert [a.label for a in heldout] == ["flow_dppo", "flow_grpo", "grpo_guard", CONTROL]
-    assert all("digits_classes=[0,1,2,3,4]" in run_overrides(a, []) for a in heldout)
+    assert all("digits.classes=[0,1,2,3,4]" in run_overrides(a, []) for a in heldout)
     stress = {a.label: run_overrides(a, [], 0) for a in preset_arms("stress")}
     assert "loss.clip_range=0.0016" in stress["flow_grpo/eps0.0016"]  # eps * dim equal to SD3.5's 1e-4 * 65,536
-    assert all({"digits_upsample=8", "optim.lr=3e-3"} <= set(o) for o in stress.values())
+    assert all({"digits.upsample=8", "optim.lr=3e-3"} <= set(o) for o in stress.values())
     assert len(preset_arms("multi", ("flow_dppo", "flow_grpo"))) == 4
     confirm = {a.label: (a.group, run_overrides(a, [], 5000)) for a in preset_arms("confirm")}
     assert set(confirm) == {"flow_dppo/tau1e-05", "flow_grpo/eps0.0001"} and len({g for g, _ in confirm.values()}) == 1
-    assert {"digits_upsample=8", "optim.lr=3e-3", "optim.inner_epochs=1", "epochs=40", "loss.kl_mask_threshold=1e-05",
+    assert {"digits.upsample=8", "optim.lr=3e-3", "optim.inner_epochs=1", "epochs=40", "loss.kl_mask_threshold=1e-05",
             "seed=5000"} <= set(confirm["flow_dppo/tau1e-05"][1])  # fmt: skip
     matched = {a.label: a.group for a in preset_arms("matched")}
     assert matched == {"flow_dppo/tau1e-05": "grpo", "flow_grpo/eps5e-05": "grpo", "flow_dppo/tau1e-09": "guard",

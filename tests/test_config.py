@@ -1,5 +1,7 @@
 """Configs: presets, YAML + dotted overrides, and errors that name the key and the allowed values."""
 
+import re
+
 import pytest
 
 from flowdppo.config import PRESETS, ConfigError, config_from_dict, load_config, to_dict
@@ -130,3 +132,50 @@ def test_fsdp_is_for_full_fine_tuning():
     assert load_config(overrides=["optim.fsdp=true", "optim.lora_rank=0"]).optim.fsdp
     with pytest.raises(ConfigError, match=r"^optim.fsdp: .* set optim.lora_rank=0 \(got 4\)$"):
         load_config(overrides=["optim.fsdp=true", "optim.lora_rank=4"])
+
+
+def test_each_task_reads_its_own_options_section_and_older_top_level_keys_still_work():
+    assert load_config(overrides=["digits_upsample=4", "digits_classes=[1, 2]"]).digits == load_config(
+        overrides=["digits.upsample=4", "digits.classes=[1, 2]"]).digits  # fmt: skip
+    image = load_config(overrides=["task=text_to_image", "prompts=p.txt", "resolution=256"])
+    assert (image.text_to_image.prompts, image.text_to_image.resolution) == ("p.txt", 256)
+    video = load_config(overrides=["task=text_to_video", "prompts=p.txt", "height=480", "num_frames=9"])
+    options = video.text_to_video
+    assert (options.prompts, options.height, options.num_frames) == ("p.txt", 480, 9)
+    assert video.text_to_image.prompts == ""  # the other task's section keeps its defaults
+    # a run folder's config.yaml written before the sections existed resumes with the same values
+    old = {k: v for k, v in to_dict(load_config()).items() if k not in ("digits", "text_to_image", "text_to_video")}
+    assert config_from_dict({**old, "digits_upsample": 8, "prompts": "", "height": 0}).digits.upsample == 8
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["task=text_to_image", "digits.upsample=4"], "digits.upsample: an option of the digits task; task "
+                                                      "text_to_image does not read it"),
+        (["text_to_image.resolution=256"], "text_to_image.resolution: an option of the text_to_image task; task "
+                                           "digits does not read it"),
+        (["digits.upsample=3"], "digits.upsample: must be one of 1, 4, 8; got 3"),
+        (["digits.classes=[1, 1]"], "digits.classes: distinct digits 0-9"),
+        (["task=text_to_image", "text_to_image.text_encoders=gpu"], "text_to_image.text_encoders: must be one of keep"),
+        (["task=text_to_video", "text_to_video.num_frames=-1"], "text_to_video.num_frames: must be >= 0"),
+        (["digits.shape=3"], "unknown config key 'digits.shape'"),
+    ],
+)
+def test_task_options_are_checked_by_their_section(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(overrides=overrides)
+
+
+@pytest.mark.parametrize("method, key", [("diffusion_nft", "nft.old_decay_max"), ("awm", "awm.ema_decay_max")])
+def test_a_decay_above_one_is_refused(method, key):
+    with pytest.raises(ConfigError, match=re.escape(f"{key}: must be in [0, 1] (the slow copy is d w_slow")):
+        load_config(method, overrides=[f"{key}=1.5"])
+
+
+def test_a_name_registered_twice_is_refused():
+    from flowdppo import settings
+    from flowdppo.algorithms.awm import AWM
+
+    with pytest.raises(ConfigError, match="algorithm 'policy_gradient' is registered twice"):
+        settings.register_algorithms({"policy_gradient": AWM})

@@ -6,18 +6,13 @@ import pytest
 import torch
 
 from flowdppo.rewards import Reward
+from flowdppo.rewards.registry import make_reward, reward_names
 from flowdppo.tasks.digits import BASE_WEIGHTS_DIR, CLASSIFIER_WEIGHTS_DIR, WEIGHTS_DIR
 from flowdppo.tasks.digits.classifier import DigitClassifier, accuracy, load_classifier
 from flowdppo.tasks.digits.data import as_labels, load_digits_split, to_unit_range
 from flowdppo.tasks.digits.policy import LORA_TARGET_MODULES, DigitsPolicy, load_base_policy
 from flowdppo.tasks.digits.pretrain import sample_digits
-from flowdppo.tasks.digits.rewards import (
-    DIGITS_REWARDS,
-    feature_fid,
-    group_diversity,
-    make_digits_reward,
-    prompt_accuracy,
-)
+from flowdppo.tasks.digits.rewards import feature_fid, group_diversity, prompt_accuracy
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +106,7 @@ def test_base_model_has_headroom_without_guidance(base, classifier):
 def test_rewards_shapes_ranges_and_registry(split, classifier):
     _, _, heldout_x, heldout_y = split
     images, prompts = to_unit_range(heldout_x[:16]), heldout_y[:16]
-    rewards = {name: make_digits_reward(name, classifier=classifier) for name in DIGITS_REWARDS}
+    rewards = {name: make_reward(name, classifier=classifier) for name in reward_names(("digits",))}
     out = {name: fn(images, prompts, None) for name, fn in rewards.items()}
     for name, r in out.items():
         assert isinstance(rewards[name], Reward) and rewards[name].name == name
@@ -120,8 +115,8 @@ def test_rewards_shapes_ranges_and_registry(split, classifier):
     assert torch.allclose(out["classifier_logprob"].exp(), out["classifier_prob"], atol=1e-6)
     assert (out["ink"] <= 0).all() and (out["ink"] >= -1).all()
     assert torch.equal(rewards["classifier_prob"](images, [str(int(p)) for p in prompts]), out["classifier_prob"])
-    with pytest.raises(ValueError, match="choose one of"):
-        make_digits_reward("aesthetic")
+    with pytest.raises(ValueError, match="choose from classifier_prob, classifier_logprob, ink"):
+        make_reward("aesthetic", kinds=("digits",))
     with pytest.raises(ValueError, match="null prompt"):
         rewards["classifier_prob"](images[:1], [10])
 
@@ -129,7 +124,7 @@ def test_rewards_shapes_ranges_and_registry(split, classifier):
 def test_classifier_reward_prefers_the_prompted_class(split, classifier):
     _, _, heldout_x, heldout_y = split
     images, labels = to_unit_range(heldout_x), heldout_y
-    reward = make_digits_reward("classifier_prob", classifier=classifier)
+    reward = make_reward("classifier_prob", classifier=classifier)
     right = reward(images, labels)
     wrong = torch.stack([reward(images, (labels + k) % 10) for k in range(1, 10)])  # (9, N)
     assert right.mean() > 0.9 and wrong.mean() < 0.05
@@ -139,7 +134,7 @@ def test_classifier_reward_prefers_the_prompted_class(split, classifier):
 def test_ink_competes_with_legibility(split, classifier):
     _, _, heldout_x, heldout_y = split
     images = to_unit_range(heldout_x)
-    prob, ink = make_digits_reward("classifier_prob", classifier), make_digits_reward("ink")
+    prob, ink = make_reward("classifier_prob", classifier=classifier), make_reward("ink")
     faint = images * 0.4  # less ink: higher ink reward, lower classifier reward
     assert ink(faint, heldout_y).mean() > ink(images, heldout_y).mean()
     assert prob(faint, heldout_y).mean() < prob(images, heldout_y).mean() - 0.3
@@ -163,7 +158,7 @@ def test_feature_fid_and_group_diversity(split, classifier):
 
 
 def test_upsampled_digits_round_trip(split):
-    """digits_upsample: bicubic upsampling, pixel_unshuffle into u*u channels; decoding pools back to 8x8."""
+    """digits.upsample: bicubic upsampling, pixel_unshuffle into u*u channels; decoding pools back to 8x8."""
     import torch.nn.functional as F
 
     from flowdppo.tasks.digits.data import decode_latents, to_latent, upsample_digits
@@ -180,7 +175,7 @@ def test_upsampled_digits_round_trip(split):
 
 
 def test_upsampled_task_has_shipped_bases_and_trains_on_a_pretrained_one(tmp_path):
-    """digits_upsample 4 and 8 load their shipped bases; `digits pretrain --upsample 4` makes one that `model=`
+    """digits.upsample 4 and 8 load their shipped bases; `digits pretrain --upsample 4` makes one that `model=`
     trains on for an epoch, with the mechanism metrics in the row."""
     from flowdppo.cli import main
     from flowdppo.config import load_config
@@ -190,7 +185,7 @@ def test_upsampled_task_has_shipped_bases_and_trains_on_a_pretrained_one(tmp_pat
 
     for u in (4, 8):  # the shipped bases
         assert DigitsTask(load_config(overrides=[f"digits_upsample={u}"])).policy.latent_shape == (u * u, 8, 8)
-    with pytest.raises(ConfigError, match="digits_upsample"):
+    with pytest.raises(ConfigError, match="digits.upsample"):
         load_config(overrides=["digits_upsample=3"])
 
     base = tmp_path / "base4"
@@ -237,5 +232,5 @@ def test_held_out_classes_train_on_some_digits_and_measure_the_others():
         ref = to_unit_range(real[(real_labels < 5) == (prefix == "eval")])
         assert measures[f"{prefix}/fid"] == pytest.approx(feature_fid(images[rows], ref, task.classifier))
     for bad in ("[3, 3]", "[10]"):
-        with pytest.raises(ConfigError, match="digits_classes: distinct digits 0-9"):
+        with pytest.raises(ConfigError, match="digits.classes: distinct digits 0-9"):
             load_config(overrides=[f"digits_classes={bad}"])

@@ -14,9 +14,9 @@ import user_rewards
 from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor
 
-from flowdppo.config import RewardConfig
 from flowdppo.distributed import Distributed, clip_grad_norm, gather_full_state, shared_randn
 from flowdppo.policies.lora import make_trainable, trainable_parameters, trainable_state_dict
+from flowdppo.rewards import RewardConfig
 from flowdppo.tasks.digits import BASE_WEIGHTS_DIR
 from flowdppo.tasks.digits.policy import DigitsPolicy
 from flowdppo.trainer import rewards_and_advantages

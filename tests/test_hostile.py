@@ -294,7 +294,7 @@ def test_importing_the_library_prints_nothing():
     import subprocess
     import sys
 
-    code = "import flowdppo.trainer, flowdppo.tasks.text_to_image, flowdppo.rewards.image, flowdppo.compare"
+    code = "import flowdppo.trainer, flowdppo.tasks.text_to_image, flowdppo.rewards.image, flowdppo.compare_runs"
     env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_VERBOSITY"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0 and done.stdout == "" and done.stderr == "", done.stderr

@@ -14,8 +14,9 @@ from PIL import Image
 
 from flowdppo.errors import ConfigError, RewardError
 from flowdppo.rewards import Reward
-from flowdppo.rewards.image import IMAGE_REWARDS, AestheticHead, make_image_reward
+from flowdppo.rewards.image import AestheticHead
 from flowdppo.rewards.ocr import levenshtein, ocr_score, ocr_target
+from flowdppo.rewards.registry import make_reward, reward_names
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -73,8 +74,8 @@ def test_jpeg_rewards_rank_flat_gradient_noise_and_match_pil():
     images = torch.stack([flat, gradient, noise])
     prompts, metadata = ["a"] * 3, [{}] * 3
 
-    compress = make_image_reward("jpeg_compressibility", "cpu")
-    incompress = make_image_reward("jpeg_incompressibility", "cpu")
+    compress = make_reward("jpeg_compressibility", "cpu")
+    incompress = make_reward("jpeg_incompressibility", "cpu")
     assert isinstance(compress, Reward) and compress.name == "jpeg_compressibility"
     assert incompress.name == "jpeg_incompressibility"
     up, down = incompress(images, prompts, metadata), compress(images, prompts, metadata)
@@ -151,7 +152,7 @@ PROMPTS = ["a photo of a cat", "a red car on a road", 'a sign that says "hello"'
 
 
 def test_clip_score_is_the_cosine_of_the_clip_embeddings(clip_dir):
-    reward = make_image_reward(f"clip_score@{clip_dir}", "cpu")
+    reward = make_reward(f"clip_score@{clip_dir}", "cpu")
     images = _images()
     scores = reward(images, PROMPTS, [{}] * 3)
 
@@ -161,7 +162,7 @@ def test_clip_score_is_the_cosine_of_the_clip_embeddings(clip_dir):
     other = reward(images, ["a bowl of soup", "two dogs", "a tall tree"], [{}] * 3)
     assert (other - scores).abs().max() > 1e-4  # the score depends on the prompt
 
-    double = make_image_reward(f"clip_score@{clip_dir}", "cpu", dtype=torch.float64)
+    double = make_reward(f"clip_score@{clip_dir}", "cpu", dtype=torch.float64)
     assert next(double.clip.model.parameters()).dtype == torch.float64
     out = double(images, PROMPTS, None)
     assert out.dtype == torch.float32
@@ -169,7 +170,7 @@ def test_clip_score_is_the_cosine_of_the_clip_embeddings(clip_dir):
 
 
 def test_pickscore_is_the_scaled_cosine_divided_by_26(clip_dir):
-    reward = make_image_reward(f"pickscore@{clip_dir}", "cpu")
+    reward = make_reward(f"pickscore@{clip_dir}", "cpu")
     images = _images(seed=1)
     scores = reward(images, PROMPTS, [{}] * 3)
 
@@ -192,7 +193,7 @@ def test_aesthetic_is_the_laion_mlp_on_normalised_image_embeddings(clip_dir, tmp
     else:
         torch.save(state, directory / head_file)
 
-    reward = make_image_reward(f"aesthetic@{directory}", "cpu")
+    reward = make_reward(f"aesthetic@{directory}", "cpu")
     images = _images(seed=2)
     scores = reward(images, PROMPTS, [{}] * 3)
 
@@ -206,7 +207,7 @@ def test_aesthetic_is_the_laion_mlp_on_normalised_image_embeddings(clip_dir, tmp
 
 def test_aesthetic_head_must_exist_and_fit_the_clip_model(clip_dir, tmp_path):
     with pytest.raises(ConfigError, match="'aesthetic'.*no head file"):
-        make_image_reward(f"aesthetic@{clip_dir}", "cpu")
+        make_reward(f"aesthetic@{clip_dir}", "cpu")
     directory = tmp_path / "wide"
     shutil.copytree(clip_dir, directory)
     from safetensors.torch import save_file
@@ -216,7 +217,7 @@ def test_aesthetic_head_must_exist_and_fit_the_clip_model(clip_dir, tmp_path):
         str(directory / "aesthetic_head.safetensors"),
     )
     with pytest.raises(ConfigError, match="12-d"):
-        make_image_reward(f"aesthetic@{directory}", "cpu")
+        make_reward(f"aesthetic@{directory}", "cpu")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -280,7 +281,7 @@ OCR_METADATA = [{}, {}, {"text": "xyz"}]
 
 
 def test_ocr_reward_scores_what_the_model_reads(ocr_dir):
-    reward = make_image_reward(f"ocr@{ocr_dir}", "cpu")
+    reward = make_reward(f"ocr@{ocr_dir}", "cpu")
     images = _images(seed=3)
     scores = reward(images, OCR_PROMPTS, OCR_METADATA)
     assert reward.name == "ocr" and scores.shape == (3,) and scores.dtype == torch.float32
@@ -305,7 +306,7 @@ def test_ocr_reward_scores_what_the_model_reads(ocr_dir):
 
 def test_ocr_reward_with_a_known_reading(ocr_dir, monkeypatch):
     """generate replaced by one that returns the token ids of known texts: the decode and the score are exact."""
-    reward = make_image_reward(f"ocr@{ocr_dir}", "cpu")
+    reward = make_reward(f"ocr@{ocr_dir}", "cpu")
     texts = ["HEL LO", "abxd", ""]
     ids = reward.tokenizer(texts, padding=True, return_tensors="pt")["input_ids"]  # with <s>, </s>, <pad>
     monkeypatch.setattr(reward.model, "generate", lambda **kwargs: torch.cat([torch.full((3, 1), 2), ids], 1))
@@ -320,24 +321,24 @@ def test_ocr_reward_with_a_known_reading(ocr_dir, monkeypatch):
 
 
 def test_unknown_reward_names_the_choices():
-    with pytest.raises(ConfigError, match="unknown image reward 'sharpness'") as info:
-        make_image_reward("sharpness", "cpu")
-    assert all(name in str(info.value) for name in IMAGE_REWARDS)
+    with pytest.raises(ConfigError, match="unknown reward 'sharpness'") as info:
+        make_reward("sharpness", "cpu")
+    assert all(name in str(info.value) for name in reward_names(("image",)))
     with pytest.raises(ConfigError, match="'jpeg_compressibility' has no model"):
-        make_image_reward("jpeg_compressibility@somewhere", "cpu")
+        make_reward("jpeg_compressibility@somewhere", "cpu")
     with pytest.raises(ConfigError, match="'clip_score': empty path"):
-        make_image_reward("clip_score@", "cpu")
+        make_reward("clip_score@", "cpu")
 
 
 @pytest.mark.parametrize("name", ["clip_score", "pickscore", "aesthetic", "ocr"])
 def test_a_path_that_does_not_load_is_a_one_line_config_error(name, tmp_path):
     missing = tmp_path / "missing"
     with pytest.raises(ConfigError) as info:
-        make_image_reward(f"{name}@{missing}", "cpu")
+        make_reward(f"{name}@{missing}", "cpu")
     assert f"reward {name!r}" in str(info.value) and str(missing) in str(info.value)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ConfigError) as info:
-        make_image_reward(f"{name}@{empty}", "cpu")
+        make_reward(f"{name}@{empty}", "cpu")
     message = str(info.value)
     assert f"reward {name!r}" in message and str(empty) in message and "\n" not in message

@@ -13,7 +13,7 @@ from flowdppo.losses import (
     flow_grpo_loss,
     get_loss,
     grpo_guard_loss,
-    reference_kl_penalty,
+    reference_kl,
     unconstrained_loss,
 )
 from flowdppo.sde import gaussian_kl, log_prob
@@ -258,10 +258,10 @@ def test_metrics_cover_every_listed_quantity_and_per_step_breakdown():
         assert f"masked_fraction/step_{step}" in metrics
 
 
-def test_reference_penalty_is_beta_times_divergence():
+def test_reference_kl_is_the_scaled_drift_to_the_base():
     mean_new, mean_ref, _, std, _ = random_batch(e=3)
-    expected = 0.1 * ((mean_new - mean_ref) ** 2).flatten(1).mean(1) / (2 * std**2)
-    torch.testing.assert_close(reference_kl_penalty(mean_new, mean_ref, std, beta=0.1), expected)
+    expected = ((mean_new - mean_ref) ** 2).flatten(1).mean(1) / (2 * std**2)
+    torch.testing.assert_close(reference_kl(mean_new, mean_ref, std), expected)
 
 
 def test_bad_inputs_name_the_argument():

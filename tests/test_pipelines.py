@@ -197,7 +197,7 @@ def test_bfloat16_base_keeps_float32_lora_logprobs_and_rho_one(model_dirs):
     cfg = load_config(overrides=["sampler.num_steps=4", "sampler.window_range=[0,2]"])
     sigmas, cond = policy.sigmas(4), batch_of(policy, PROMPTS[:4])
     noise = torch.randn((4, *policy.latent_shape), generator=torch.Generator().manual_seed(0))
-    traj = rollout(policy.velocity, cond, noise, sigmas, cfg.sampler, [1, 2], torch.Generator().manual_seed(1))
+    traj = rollout(policy.velocity, cond, noise, sigmas, cfg.sampler, [1, 2], generator=torch.Generator().manual_seed(1))
     assert traj.log_probs.dtype == traj.means.dtype == torch.float32
     elements = PolicyGradient(cfg).elements(traj, torch.zeros(4), policy, torch.Generator(), Distributed()).data
     _, logp = replay_step(policy.velocity, elements, index_cond(cond, elements["sample"]), cfg, sigmas[1])

@@ -129,4 +129,5 @@ RECIPES = sorted((Path(__file__).parents[1] / "examples").glob("*.yaml"))
 def test_example_recipes_load_with_their_prompt_files(recipe):
     cfg = load_config(config_file=recipe)
     assert cfg.task in ("text_to_image", "text_to_video") and cfg.method == "flow_dppo" and cfg.optim.lora_rank == 32
-    assert len(load_prompts(recipe.parents[1] / cfg.prompts)) > cfg.eval_prompts
+    options = getattr(cfg, cfg.task)
+    assert len(load_prompts(recipe.parents[1] / options.prompts)) > options.eval_prompts

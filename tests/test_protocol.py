@@ -309,7 +309,8 @@ def test_full_fine_tuning_run_compares_final_with_the_model(run, tmp_path, capsy
     cfg = run_config(run)
     out = tmp_path / "full"
     code = main(["train", "--out", str(out), "--no-progress", "task=text_to_image", f"model={cfg.model}",
-                 f"prompts={cfg.prompts}", "eval_prompts=1", f"resolution={RESOLUTION}", "epochs=1",
+                 f"text_to_image.prompts={cfg.text_to_image.prompts}", "eval_prompts=1", f"resolution={RESOLUTION}",
+                 "epochs=1",
                  "prompts_per_epoch=2", "group_size=2", "eval_samples_per_class=1", "optim.minibatch_size=4",
                  "optim.lr=1e-3", "optim.lora_rank=0", "reward.names=[user_rewards:prompt_length]",
                  "sampler.num_steps=3", "sampler.window_range=[0,1]"])  # fmt: skip

@@ -8,7 +8,9 @@ from flowdppo.losses import LOSSES
 
 def test_readme_python_examples_run(capsys):
     readme = (Path(__file__).parents[1] / "README.md").read_text()
-    first, extending = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    first, extending, plugin = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    # the algorithm example is the plugin tests/test_new_algorithm.py trains (the file but its docstring)
+    assert plugin in (Path(__file__).parent / "plugins" / "rwr_algorithm.py").read_text()
     exec(compile(first, "README.md", "exec"), {})
     assert capsys.readouterr().out.startswith("tensor(")
     namespace = {}

@@ -25,7 +25,8 @@ from flowdppo.cli import main
 from flowdppo.config import load_config
 from flowdppo.errors import ConfigError, RewardError
 from flowdppo.prompts import PromptBatch
-from flowdppo.rewards import load_user_reward
+from flowdppo.rewards import load_user_reward, score_chunks
+from flowdppo.rewards.registry import RewardContext, load_rewards
 from flowdppo.rewards.remote import (
     PROTOCOL,
     RemoteSpec,
@@ -34,7 +35,6 @@ from flowdppo.rewards.remote import (
     encode_scores,
     load_remote_reward,
     parse_remote,
-    score_chunks,
     with_retries,
 )
 from flowdppo.rewards.server import bind, exposure_warning, make_app, resolve_reward, server_token, url_of
@@ -680,7 +680,7 @@ def test_remote_rewards_are_named_by_the_reward_served_whatever_the_port():
     reward = resolve_reward("classifier_prob", "cpu")
     with serving(make_app(reward, "classifier_prob")) as first, serving(make_app(reward, "classifier_prob")) as second:
         assert first != second
-        assert [name for name, _ in remote.named_rewards([first], load_remote_reward)] == ["remote:classifier_prob"]
+        assert [name for name, _ in load_rewards([first], ("digits",), RewardContext())] == ["remote:classifier_prob"]
         with pytest.raises(ConfigError, match=rf"reward.names: '{first}' and '{second}' are both the reward "
                                               r"'remote:classifier_prob'; give each reward once"):  # fmt: skip
-            remote.named_rewards([first, second], load_remote_reward)
+            load_rewards([first, second], ("digits",), RewardContext())

@@ -2,9 +2,8 @@
 
 import torch
 
-from flowdppo.config import SamplerConfig
 from flowdppo.rollout import in_chunks, initial_noise, rollout, sample, sample_with_path_kl
-from flowdppo.samplers import get_sampler, trained_steps
+from flowdppo.samplers import SamplerConfig, get_sampler, trained_steps
 from flowdppo.sde import flow_sde_step, gaussian_kl, log_prob, shifted_sigmas
 
 
@@ -58,7 +57,7 @@ def test_rollout_records_the_sampler_transitions():
     cond = torch.tensor([0, 1, 2, 3])
     x = torch.randn(4, 1, 3, 3, generator=torch.Generator().manual_seed(0))
     sigmas = shifted_sigmas(6)
-    traj = rollout(toy_velocity, cond, x, sigmas, cfg, [1, 2], torch.Generator().manual_seed(1))
+    traj = rollout(toy_velocity, cond, x, sigmas, cfg, [1, 2], generator=torch.Generator().manual_seed(1))
     assert traj.latents.shape == (2, 4, 1, 3, 3) and traj.log_probs.shape == (2, 4)
     for t, i in enumerate([1, 2]):
         sigma = sigmas[i].expand(4)
@@ -77,7 +76,7 @@ def test_rollout_without_trained_steps_is_plain_euler():
     cond = torch.tensor([1, 2])
     x = torch.randn(2, 1, 4, 4)
     sigmas = shifted_sigmas(8)
-    traj = rollout(toy_velocity, cond, x, sigmas, cfg, [], torch.Generator().manual_seed(0))
+    traj = rollout(toy_velocity, cond, x, sigmas, cfg, [], generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(traj.final, sample(toy_velocity, cond, x, sigmas))
 
 
@@ -101,16 +100,16 @@ def test_path_kl_to_base():
     def base(x, sigma, cond):
         return toy_velocity(x, sigma, cond) + 0.1
 
-    same = rollout(toy_velocity, cond, x, sigmas, cfg, [0, 3], torch.Generator().manual_seed(0),
+    same = rollout(toy_velocity, cond, x, sigmas, cfg, [0, 3], generator=torch.Generator().manual_seed(0),
                    base_velocity=toy_velocity)  # fmt: skip
     assert torch.equal(same.kl_to_base, torch.zeros(3))
-    traj = rollout(toy_velocity, cond, x, sigmas, cfg, [0, 3], torch.Generator().manual_seed(0), base_velocity=base)
+    traj = rollout(toy_velocity, cond, x, sigmas, cfg, [0, 3], generator=torch.Generator().manual_seed(0), base_velocity=base)
     for t, i in enumerate([0, 3]):
         torch.testing.assert_close(traj.stds[t], cps_kl_for_constant_velocity_gap(i, sigmas)[1].expand(3))
     expected = sum(cps_kl_for_constant_velocity_gap(i, sigmas)[0] for i in (0, 3))
     torch.testing.assert_close(traj.kl_to_base, expected.expand(3))
     # measured over every stochastic step (ODE steps included), not only the trained ones
-    full = rollout(toy_velocity, cond, x, sigmas, cfg, [0, 3], torch.Generator().manual_seed(0), base,
+    full = rollout(toy_velocity, cond, x, sigmas, cfg, [0, 3], generator=torch.Generator().manual_seed(0), base_velocity=base,
                    kl_steps=range(5))  # fmt: skip
     expected = sum(cps_kl_for_constant_velocity_gap(i, sigmas)[0] for i in range(5))
     torch.testing.assert_close(full.kl_to_base, expected.expand(3))
@@ -124,7 +123,7 @@ def test_path_kl_of_an_ode_rollout_is_measured_in_the_named_kernel():
     def base(x, sigma, cond):
         return toy_velocity(x, sigma, cond) + 0.1
 
-    traj = rollout(toy_velocity, cond, x, sigmas, cfg, [], None, base, kl_steps=range(5))
+    traj = rollout(toy_velocity, cond, x, sigmas, cfg, [], generator=None, base_velocity=base, kl_steps=range(5))
     assert traj.num_elements == 0
     expected, xi = torch.zeros(2), x
     for i in range(5):
@@ -167,8 +166,8 @@ def test_chunked_velocity_and_custom_schedule():
         calls.append(len(x))
         return toy_velocity(x, sigma, cond)
 
-    whole = rollout(toy_velocity, cond, x, sigmas, cfg, [1, 2], torch.Generator().manual_seed(1))
-    parts = rollout(in_chunks(counting, 2), cond, x, sigmas, cfg, [1, 2], torch.Generator().manual_seed(1))
+    whole = rollout(toy_velocity, cond, x, sigmas, cfg, [1, 2], generator=torch.Generator().manual_seed(1))
+    parts = rollout(in_chunks(counting, 2), cond, x, sigmas, cfg, [1, 2], generator=torch.Generator().manual_seed(1))
     assert calls == [2, 2, 1] * 4
     torch.testing.assert_close(parts.final, whole.final, atol=0, rtol=0)
     assert torch.equal(whole.sigmas, sigmas) and torch.equal(whole.sigma, sigmas[[1, 2]])

@@ -116,7 +116,7 @@ def test_flow_sde_step_matches_reverse_sde_with_exact_score():
     sigmas = shifted_sigmas(10).double()
     for i in range(10):
         s, s_next = sigmas[i], sigmas[i + 1]
-        step = flow_sde_step(x, exact_velocity(x, s), s, s_next, eta=0.7, sigma_max=sigmas[1])
+        step = flow_sde_step(x, exact_velocity(x, s), s, s_next, eta=0.7, sigma_stand_in=sigmas[1])
         s_for_g = sigmas[1] if i == 0 else s
         g2 = 0.49 * s / (1 - s_for_g)
         score = -(x - (1 - s) * M) / marginal_var(s)
@@ -143,11 +143,12 @@ def test_python_float_sigma_keeps_the_latent_dtype():
     x, v = torch.randn(3, 1, 4, 4, dtype=torch.float64), torch.randn(3, 1, 4, 4, dtype=torch.float64)
     sigma, sigma_next = 1 - 3e-8, 0.9  # 1 - 3e-8 rounds to 1.0 in float32
     as_tensors = (torch.tensor(sigma, dtype=torch.float64), torch.tensor(sigma_next, dtype=torch.float64))
-    for step_fn in (lambda a, b: flow_sde_step(x, v, a, b, sigma_max=0.95), lambda a, b: dance_sde_step(x, v, a, b),
-                    lambda a, b: cps_step(x, v, a, b), lambda a, b: ode_step(x, v, a, b)):  # fmt: skip
+    for step_fn in (lambda a, b: flow_sde_step(x, v, a, b, sigma_stand_in=0.95),
+                    lambda a, b: dance_sde_step(x, v, a, b), lambda a, b: cps_step(x, v, a, b),
+                    lambda a, b: ode_step(x, v, a, b)):  # fmt: skip
         from_floats, from_tensors = step_fn(sigma, sigma_next), step_fn(*as_tensors)
         assert torch.equal(from_floats.mean, from_tensors.mean) and torch.equal(from_floats.std, from_tensors.std)
-    step = flow_sde_step(x, v, sigma, sigma_next, sigma_max=0.95)  # sigma < 1: g uses sigma itself, not sigma_max
+    step = flow_sde_step(x, v, sigma, sigma_next, sigma_stand_in=0.95)  # sigma < 1: g uses sigma itself
     torch.testing.assert_close(step.std, 0.7 * math.sqrt(sigma / (1 - sigma) * (sigma - sigma_next)) + 0 * step.std)
 
 
@@ -155,11 +156,11 @@ def test_first_step_std_uses_sigmas_1():
     """At sigma = 1 the Flow-SDE std is eta * sqrt(1 / (1 - sigmas[1])) * sqrt(-dt), finite."""
     sigmas = shifted_sigmas(10, shift=3.0)
     x = torch.zeros(2, 1, 8, 8)
-    step = flow_sde_step(x, x, sigmas[0], sigmas[1], eta=0.7, sigma_max=sigmas[1])
+    step = flow_sde_step(x, x, sigmas[0], sigmas[1], eta=0.7, sigma_stand_in=sigmas[1])
     expected = 0.7 * math.sqrt(1 / (1 - sigmas[1].item())) * math.sqrt(1 - sigmas[1].item())
     assert torch.isfinite(step.std).all()
     assert step.std.item() == pytest.approx(expected, rel=1e-5)
-    with pytest.raises(ValueError, match="sigma_max"):
+    with pytest.raises(ValueError, match="sigma_stand_in"):
         flow_sde_step(x, x, 1.0, sigmas[1].item(), eta=0.7)
 
 
@@ -244,7 +245,7 @@ def test_public_bug_first_step_std():
     """D uses the sampler's own first-step std; 1 - min(sigma, 0.99) would be off by ~3.5x here."""
     sigmas = shifted_sigmas(10, shift=3.0)
     x, v = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8)
-    step = flow_sde_step(x, v, sigmas[0], sigmas[1], eta=0.7, sigma_max=sigmas[1])
+    step = flow_sde_step(x, v, sigmas[0], sigmas[1], eta=0.7, sigma_stand_in=sigmas[1])
     wrong_std = 0.7 * math.sqrt(1 / (1 - 0.99)) * math.sqrt(1 - sigmas[1].item())
     mu_b = step.mean + 0.01
     ratio = (gaussian_kl(step.mean, mu_b, step.std) / gaussian_kl(step.mean, mu_b, torch.tensor(wrong_std))).mean()

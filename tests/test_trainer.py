@@ -104,7 +104,7 @@ def test_consistency_alarm_fires_when_rollout_and_replay_differ():
     cond, _ = task.prompts(2, 4, 0, 0)
     noise = torch.randn(8, 1, 8, 8)
     steps = trained_steps(cfg.sampler, 0, 0)
-    traj = rollout(policy.velocity, cond, noise, task.sigmas(), cfg.sampler, steps, torch.Generator())
+    traj = rollout(policy.velocity, cond, noise, task.sigmas(), cfg.sampler, steps, generator=torch.Generator())
     optimizer = torch.optim.AdamW(trainable_parameters(policy), lr=1e-3)
     with torch.no_grad():  # the weights move between rollout and update: the anchor is stale
         for p in trainable_parameters(policy):

@@ -16,8 +16,8 @@ from tiny_tokenizers import qwen_tokenizer
 
 from flowdppo.cli import _one_line
 from flowdppo.errors import ConfigError, RewardError
-from flowdppo.rewards.image import make_image_reward
 from flowdppo.rewards.ocr import levenshtein, normalize_text
+from flowdppo.rewards.registry import make_reward
 from flowdppo.rewards.vlm import DEFAULT_QUESTION, OCR_QUESTION, mean_per_image, single_token_id, yes_probability
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -147,7 +147,7 @@ def _expected_yes_prob(directory, images: torch.Tensor, questions: list[list[str
 
 
 def test_vlm_yes_prob_is_the_mean_two_token_probability_over_the_prompt_questions(vlm_dir):
-    reward = make_image_reward(f"vlm_yes_prob@{vlm_dir}", "cpu")
+    reward = make_reward(f"vlm_yes_prob@{vlm_dir}", "cpu")
     images = _images()
     metadata = [{"questions": q} for q in QUESTIONS]
     scores = reward(images, PROMPTS, metadata)
@@ -166,7 +166,7 @@ def test_vlm_yes_prob_is_the_mean_two_token_probability_over_the_prompt_question
 
 def test_prompts_without_questions_are_a_one_line_error_unless_the_default_question_is_asked(vlm_dir):
     images = _images(2, seed=1)
-    reward = make_image_reward(f"vlm_yes_prob@{vlm_dir}", "cpu")
+    reward = make_reward(f"vlm_yes_prob@{vlm_dir}", "cpu")
     for metadata in ([{"questions": ["Is it red?"]}, {}], None, [{"questions": []}, {"questions": []}]):
         with pytest.raises(RewardError, match="has no 'questions'") as info:
             reward(images, PROMPTS[:2], metadata)
@@ -175,7 +175,7 @@ def test_prompts_without_questions_are_a_one_line_error_unless_the_default_quest
     with pytest.raises(RewardError, match="list of non-empty strings"):
         reward(images, PROMPTS[:2], [{"questions": [1, 2]}, {"questions": ["ok"]}])
 
-    default = make_image_reward(f"vlm_yes_prob_default_question@{vlm_dir}", "cpu")
+    default = make_reward(f"vlm_yes_prob_default_question@{vlm_dir}", "cpu")
     assert default.name == "vlm_yes_prob_default_question"
     asked = [{"questions": [DEFAULT_QUESTION.format(prompt=p)]} for p in PROMPTS[:2]]
     mixed = [{}, {"questions": ["Is it dark?"]}]  # the prompt's own questions still come first
@@ -192,7 +192,7 @@ OCR_METADATA = [{}, {}, {"text": "xyz"}]
 
 
 def test_vlm_ocr_scores_the_greedy_reading_by_edit_distance(vlm_dir):
-    reward = make_image_reward(f"vlm_ocr@{vlm_dir}", "cpu")
+    reward = make_reward(f"vlm_ocr@{vlm_dir}", "cpu")
     reward.max_new_tokens = 6
     images = _images(seed=2)
     scores = reward(images, OCR_PROMPTS, OCR_METADATA)
@@ -213,7 +213,7 @@ def test_vlm_ocr_scores_the_greedy_reading_by_edit_distance(vlm_dir):
 
 def test_vlm_ocr_with_a_known_reading(vlm_dir, monkeypatch):
     """generate replaced by one that appends the token ids of known texts: the slicing, decode and score are exact."""
-    reward = make_image_reward(f"vlm_ocr@{vlm_dir}", "cpu")
+    reward = make_reward(f"vlm_ocr@{vlm_dir}", "cpu")
     tokenizer = reward.vlm.processor.tokenizer
     tokenizer.padding_side = "right"
     answers = tokenizer(["HEL LO<|im_end|>", "abxd<|im_end|>", "<|im_end|>"], padding=True, return_tensors="pt")
@@ -235,7 +235,7 @@ def test_vlm_ocr_with_a_known_reading(vlm_dir, monkeypatch):
 def test_a_folder_that_does_not_load_is_a_one_line_config_error(name, tmp_path):
     for folder in (tmp_path / "missing", tmp_path):
         with pytest.raises(ConfigError) as info:
-            make_image_reward(f"{name}@{folder}", "cpu")
+            make_reward(f"{name}@{folder}", "cpu")
         message = str(info.value)
         assert f"reward {name!r}" in message and str(folder) in message and "\n" not in message
 
@@ -254,7 +254,7 @@ HPS_MEAN, HPS_STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)  # not CLIP's, so that the
 def test_hpsv2_without_open_clip_says_how_to_install_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "open_clip", None)  # `import open_clip` raises ImportError
     with pytest.raises(ConfigError) as info:
-        make_image_reward(f"hpsv2@{tmp_path}", "cpu")
+        make_reward(f"hpsv2@{tmp_path}", "cpu")
     message = _one_line(info.value)
     assert message.startswith("reward 'hpsv2' needs open_clip") and "pip install 'flowdppo[hps]'" in message
 
@@ -303,7 +303,7 @@ def test_hpsv2_is_the_cosine_of_the_open_clip_embeddings(tmp_path, weights):
     config = {"model_cfg": TINY_OPEN_CLIP, "preprocess_cfg": {"mean": list(HPS_MEAN), "std": list(HPS_STD)}}
     (directory / "open_clip_config.json").write_text(json.dumps(config))
 
-    reward = make_image_reward(f"hpsv2@{directory}", "cpu")
+    reward = make_reward(f"hpsv2@{directory}", "cpu")
     images = torch.rand(3, 3, 20, 24, generator=torch.Generator().manual_seed(6))
     scores = reward(images, PROMPTS, [{}] * 3)
 

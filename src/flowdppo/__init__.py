@@ -8,3 +8,10 @@ from transformers.utils import logging as _transformers_logging
 _transformers_logging.get_logger("transformers.utils.import_utils").setLevel(_transformers_logging.ERROR)
 
 __version__ = "0.1.0"
+
+# The built-in parts register their settings sections, algorithms and tasks (flowdppo.settings); then the modules
+# FLOWDPPO_PLUGINS names.
+from flowdppo import algorithms, samplers, tasks, tracking  # noqa: E402, F401
+from flowdppo.settings import load_plugins  # noqa: E402
+
+load_plugins()

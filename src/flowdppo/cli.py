@@ -150,15 +150,9 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from flowdppo.compare import (
-        BENCH_PRESETS,
-        METHODS,
-        gather_reports,
-        probe_line,
-        render_report,
-        run_compare,
-        run_probe,
-    )
+    from flowdppo.compare import BENCH_PRESETS, METHODS
+    from flowdppo.compare_report import gather_reports, probe_line, render_report
+    from flowdppo.compare_runs import run_compare, run_probe
 
     if args.gather:
         print(f"wrote {gather_reports(Path(args.gather))}")
@@ -313,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--steps", type=int, default=2000)
     pre.add_argument("--seed", type=int, default=0)
     pre.add_argument("--upsample", type=int, default=1, choices=UPSAMPLE_FACTORS,
-                     help="the base of digits_upsample=U (default 1: the 8x8 base; the shipped U = 4, 8 bases took "
+                     help="the base of digits.upsample=U (default 1: the 8x8 base; the shipped U = 4, 8 bases took "
                      "--steps 6000); train with model=OUT")
     pre.set_defaults(func=_digits_pretrain)
     clf = digits_commands.add_parser("classifier", help="train the reward classifier")

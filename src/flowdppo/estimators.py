@@ -202,7 +202,7 @@ def arm_table(results: dict) -> tuple[list[str], dict[str, dict[str, list[float]
             kl, reward = eval_points(rec)
             m[f"KL at reward {target_reward:.3f}"] = kl_at_reward(kl, reward, target_reward)
             m[f"reward at KL {target_kl:.3g}"] = reward_at_kl(kl, reward, target_kl)
-            for key in FORGETTING:  # at the same in-domain reward (held-out digits: with digits_classes)
+            for key in FORGETTING:  # at the same in-domain reward (held-out digits: with digits.classes)
                 if key in rec["base"]:
                     name = forgetting_name(key)
                     m[f"{name} at reward {target_reward:.3f}"] = value_at_reward(reward, eval_points(rec, key)[1],

@@ -243,11 +243,10 @@ def log_ratio_moments(log_ratio: Tensor, prefix: str = "first_moved_log_ratio") 
     return {f"{prefix}_mean": values.mean(), f"{prefix}_std": values.std(correction=0)}
 
 
-def reference_kl_penalty(
-    mean_new: Tensor, mean_ref: Tensor, std: Tensor, beta: float, kl_reduce: str = "mean"
-) -> Tensor:
-    """``beta * mean((mu_new - mu_ref)^2) / (2 s^2)`` per element, ``mu_ref`` from the frozen base. (E,)"""
-    return beta * gaussian_kl(mean_new, mean_ref.detach(), per_sample(upcast(std), mean_new), kl_reduce)
+def reference_kl(mean_new: Tensor, mean_ref: Tensor, std: Tensor, kl_reduce: str = "mean") -> Tensor:
+    """``mean((mu_new - mu_ref)^2) / (2 s^2)`` per element, ``mu_ref`` from the frozen base (the penalty is
+    ``loss.beta`` times its mean). (E,)"""
+    return gaussian_kl(mean_new, mean_ref.detach(), per_sample(upcast(std), mean_new), kl_reduce)
 
 
 def _check_positive(**values: float) -> None:
@@ -311,7 +310,7 @@ __all__ = [
     "get_loss",
     "grpo_guard_loss",
     "log_ratio_moments",
-    "reference_kl_penalty",
+    "reference_kl",
     "scaled_divergence_quantiles",
     "unconstrained_loss",
 ]

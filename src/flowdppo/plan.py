@@ -47,6 +47,7 @@ from torch.utils._pytree import tree_flatten
 
 from flowdppo.algorithms import ALGORITHMS
 from flowdppo.algorithms.likelihood_free import LikelihoodFree
+from flowdppo.config import task_options
 from flowdppo.errors import ConfigError
 from flowdppo.policies.limits import GIB, human_bytes, sample_error
 from flowdppo.policies.lora import make_trainable, trainable_parameters
@@ -98,8 +99,8 @@ def meta_pipeline(model: str, dtype: torch.dtype) -> DiffusionPipeline:
 
 def meta_policy(cfg, dtype: torch.dtype) -> PipelinePolicy:
     """The recipe's policy adapter around a meta-device pipeline (frozen; ``make_trainable`` as ``train`` does)."""
-    pipeline = meta_pipeline(cfg.model, dtype)
-    return pipeline_policy_class(cfg.model)(pipeline, cfg.resolution, embedded_guidance=cfg.embedded_guidance)
+    pipeline, options = meta_pipeline(cfg.model, dtype), task_options(cfg)
+    return pipeline_policy_class(cfg.model)(pipeline, options.resolution, embedded_guidance=options.embedded_guidance)
 
 
 def parameter_count(module: nn.Module | None) -> int:
@@ -356,11 +357,12 @@ class Plan:
 
 def plan_prompt(cfg) -> str:
     """The longest prompt of the recipe's prompt file (text length matters for Qwen-Image), else a typical one."""
-    if not cfg.prompts:
+    prompts = task_options(cfg).prompts
+    if not prompts:
         return DEFAULT_PROMPT
     from flowdppo.prompts import load_prompts
 
-    return max((r["prompt"] for r in load_prompts(cfg.prompts)), key=len)
+    return max((r["prompt"] for r in load_prompts(prompts)), key=len)
 
 
 def make_plan(cfg, variants: bool = True) -> Plan:

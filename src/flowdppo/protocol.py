@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from flowdppo.config import task_options
 from flowdppo.errors import ConfigError, RewardError
 from flowdppo.files import write_text_atomic
 
@@ -235,10 +236,10 @@ def check_reward_names(names: list[str]) -> None:
     """Every name a built-in image reward (``name`` or ``name@model_path``), a reward server's address (checked
     when the task connects) or an importable ``module:function``; checked before any model is loaded."""
     from flowdppo.rewards import load_user_reward
-    from flowdppo.tasks.text_to_image import reward_source
+    from flowdppo.rewards.registry import reward_source
 
     for name in names:
-        if reward_source(name, key="--rewards") == "user":
+        if reward_source(name, ("image",), key="--rewards") == "user":
             try:
                 load_user_reward(name)
             except RewardError as err:
@@ -295,9 +296,9 @@ def evaluate_protocol(run_dir: Path, prompts_file: Path, reward_names: list[str]
         "sampler": "ode",
         "steps": cfg.sampler.num_steps,
         "guidance_scale": w,
-        "embedded_guidance": cfg.embedded_guidance,
-        "resolution": cfg.resolution,
-        "negative_prompt": cfg.negative_prompt,
+        "embedded_guidance": task_options(cfg).embedded_guidance,
+        "resolution": task_options(cfg).resolution,
+        "negative_prompt": task_options(cfg).negative_prompt,
         "precision": cfg.precision,
         "seed": seed,
         "noise": "per (seed, prompt text, occurrence of that text, sample index); independent of the other prompts",

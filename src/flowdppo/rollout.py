@@ -10,18 +10,15 @@ trained step at all.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from flowdppo.distributed import shared_randn
-from flowdppo.samplers import get_sampler, measure_sampler
+from flowdppo.samplers import SamplerConfig, get_sampler, measure_sampler
 from flowdppo.sde import gaussian_kl, log_prob, ode_step
-
-if TYPE_CHECKING:
-    from flowdppo.config import SamplerConfig
 
 VelocityFn = Callable[[Tensor, Tensor, Any], Tensor]
 
@@ -59,9 +56,6 @@ class Trajectory:
         """Trained (sample, step) elements: ``T * B``."""
         return self.log_probs.numel()
 
-    def tensors(self) -> dict[str, Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)}
-
 
 def in_chunks(velocity: VelocityFn, size: int) -> VelocityFn:
     """``velocity`` called on at most ``size`` samples at a time (0: all at once); same result, less memory."""
@@ -93,6 +87,7 @@ def rollout(
     sigmas: Tensor,
     cfg: SamplerConfig,
     steps: list[int],
+    *,
     generator: torch.Generator | None = None,
     base_velocity: VelocityFn | None = None,
     kl_steps: list[int] | None = None,

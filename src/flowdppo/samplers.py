@@ -5,41 +5,41 @@ A ``Sampler`` owns its kernel (a pure function of ``flowdppo.sde``), the range o
 schedule ``sigmas[0..K]`` comes from the task (the model's own); ``trained_steps`` picks the steps of
 an epoch that are stochastic and trained, the same on every process.
 
-Add a sampler: one kernel in ``sde.py`` and one entry in ``SAMPLERS``.
+Add a sampler: one kernel in ``sde.py`` and one entry in ``SAMPLERS``. ``SamplerConfig`` is the ``sampler.*``
+section of the config; it checks itself.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from flowdppo.sde import Transition, cps_step, dance_sde_step, flow_sde_step, ode_step
-
-if TYPE_CHECKING:
-    from flowdppo.config import SamplerConfig
+from flowdppo.errors import ConfigError
+from flowdppo.sde import LOGPROB_CONVENTIONS, Transition, cps_step, dance_sde_step, flow_sde_step, ode_step
+from flowdppo.settings import Section, register_section, require, require_choice
 
 
 class Kernel(Protocol):
     def __call__(self, x: Tensor, v: Tensor, sigma: Tensor, sigma_next: Tensor, eta: float,
-                 sigma_max: Tensor) -> Transition: ...  # fmt: skip
+                 sigma_stand_in: Tensor) -> Transition: ...  # fmt: skip
 
 
-def _flow_sde(x, v, sigma, sigma_next, eta, sigma_max):
-    return flow_sde_step(x, v, sigma, sigma_next, eta=eta, sigma_max=sigma_max)
+def _flow_sde(x, v, sigma, sigma_next, eta, sigma_stand_in):
+    return flow_sde_step(x, v, sigma, sigma_next, eta=eta, sigma_stand_in=sigma_stand_in)
 
 
-def _cps(x, v, sigma, sigma_next, eta, sigma_max):
+def _cps(x, v, sigma, sigma_next, eta, sigma_stand_in):
     return cps_step(x, v, sigma, sigma_next, eta=eta)
 
 
-def _dance_sde(x, v, sigma, sigma_next, eta, sigma_max):
+def _dance_sde(x, v, sigma, sigma_next, eta, sigma_stand_in):
     return dance_sde_step(x, v, sigma, sigma_next, eta=eta)
 
 
-def _ode(x, v, sigma, sigma_next, eta, sigma_max):
+def _ode(x, v, sigma, sigma_next, eta, sigma_stand_in):
     return ode_step(x, v, sigma, sigma_next)
 
 
@@ -63,9 +63,9 @@ class Sampler:
     logprob_conventions: tuple[str, ...] = ("gaussian",)
 
     def step(self, x: Tensor, v: Tensor, sigma: Tensor, sigma_next: Tensor, eta: float,
-             sigma_max: Tensor) -> Transition:  # fmt: skip
-        """One transition from ``sigma`` to ``sigma_next`` (``sigma_max``: the schedule's ``sigmas[1]``)."""
-        return self.kernel(x, v, sigma, sigma_next, eta, sigma_max)
+             sigma_stand_in: Tensor) -> Transition:  # fmt: skip
+        """One transition from ``sigma`` to ``sigma_next`` (``sigma_stand_in``: the schedule's ``sigmas[1]``)."""
+        return self.kernel(x, v, sigma, sigma_next, eta, sigma_stand_in)
 
     def stochastic_steps(self, num_steps: int) -> list[int]:
         """Indices of the steps with a positive std in a ``num_steps`` schedule."""
@@ -82,6 +82,7 @@ SAMPLERS: dict[str, Sampler] = {
 }
 
 WINDOW_MODES = ("window", "random", "progressive", "all")
+MAX_STEPS = 10_000  # sampler.num_steps beyond: a typo, not a schedule
 
 
 def get_sampler(name: str) -> Sampler:
@@ -137,4 +138,72 @@ def window_error(cfg: SamplerConfig) -> str | None:
     return None
 
 
-__all__ = ["SAMPLERS", "WINDOW_MODES", "Sampler", "get_sampler", "measure_sampler", "trained_steps", "window_error"]
+@dataclass
+class SamplerConfig(Section):
+    kind: str = "flow_sde"
+    """Kernel of the stochastic steps: "flow_sde" (Flow-GRPO), "cps", "dance_sde" (DanceGRPO) or "ode" (none)."""
+    eta: float = 0.7
+    """Noise level: flow_sde 0.7, cps 0.8, dance_sde 0.3 in the public recipes."""
+    num_steps: int = 10
+    """Steps of the sampling schedule (K)."""
+    shift: float = 1.0
+    """SD3 time shift of the digits schedule (1 = linear sigmas); a real model brings its own schedule."""
+    guidance_scale: float = 1.0
+    """Classifier-free guidance during rollout and replay (1 = off)."""
+    guidance_scale_2: float = 0.0
+    """Two-expert Wan 2.2 (T2V-A14B): guidance of the low-noise expert, transformer_2 (0: guidance_scale), as
+    WanPipeline's guidance_scale_2; guidance runs at all only when guidance_scale > 1 (the pipeline's rule)."""
+    group_shared_noise: bool = False
+    """Start every sample of a group from the same initial noise (DanceGRPO)."""
+    window_mode: str = "window"
+    """Which steps are stochastic and trained: "window" (W consecutive, start drawn), "random" (k drawn),
+    "progressive" (W consecutive sliding from lo toward later steps as training advances, MixGRPO), "all"."""
+    window_size: int = 2
+    """W for "window" and "progressive"; k for "random"."""
+    window_range: list[int] = field(default_factory=lambda: [0, 5])
+    """[lo, hi): step indices the window start ("window", "progressive") or the steps ("random") come from."""
+    window_shift_every: int = 5
+    """"progressive": epochs between two one-step moves of the window."""
+    kl_to_base_steps: str = "all"
+    """Steps the logged path KL to the base sums over: "all" stochastic-kernel steps (comparable across
+    epochs, one extra base forward per step) or the epoch's "trained" steps (free with beta > 0)."""
+    kl_kernel: str = "rollout"
+    """Kernel the path KL to the base is measured in: "rollout" (the sampler's own, at its eta) or a named
+    stochastic one at its default eta (an ODE rollout needs one; compare arms in one kernel)."""
+    rollout_batch_size: int = 0
+    """Samples per model call in rollouts, replays without gradients and decoding (0: the whole batch)."""
+    logprob_convention: str = "gaussian"
+    """"gaussian" (true density) or "cps" (the published CPS -(x - mean)^2, no variance)."""
+
+    def check(self, prefix: str = "sampler.") -> None:
+        require_choice(self, prefix, "kind", tuple(SAMPLERS))
+        require_choice(self, prefix, "window_mode", WINDOW_MODES)
+        require_choice(self, prefix, "logprob_convention", LOGPROB_CONVENTIONS)
+        require_choice(self, prefix, "kl_to_base_steps", ("all", "trained"))
+        require_choice(self, prefix, "kl_kernel", ("rollout", *(name for name, s in SAMPLERS.items() if s.stochastic)))
+        require(self, prefix, "> 0", "num_steps", "window_size", "shift", "guidance_scale", "window_shift_every")
+        require(self, prefix, ">= 0", "rollout_batch_size", "guidance_scale_2")
+        if self.num_steps > MAX_STEPS:
+            raise ConfigError(f"{prefix}num_steps: at most {MAX_STEPS:,}, got {self.num_steps:,}")
+        sampler = SAMPLERS[self.kind]
+        lo, hi = sampler.eta_range
+        if sampler.stochastic and not lo < self.eta <= hi:
+            raise ConfigError(f"{prefix}eta: must be in ({lo}, {hi}] for {prefix}kind {self.kind}, got {self.eta}")
+
+    def combination_error(self) -> str | None:
+        """Why the settings do not fit together (the window and the schedule, the log-prob convention and the
+        kernel, the KL kernel of an ODE rollout), or None; checked after the algorithm's more specific checks."""
+        sampler = SAMPLERS[self.kind]
+        problem = window_error(self)
+        if not problem and self.logprob_convention not in sampler.logprob_conventions:
+            problem = f"sampler.logprob_convention {self.logprob_convention} needs sampler.kind cps"
+        if not problem and self.kl_kernel == "rollout" and not sampler.stochastic:
+            problem = ("sampler.kl_kernel: an ode rollout has no stochastic kernel to measure the path KL to the base "
+                       "in; set sampler.kl_kernel=flow_sde (or cps, dance_sde)")
+        return problem
+
+
+register_section("sampler", SamplerConfig)
+
+__all__ = ["SAMPLERS", "WINDOW_MODES", "Sampler", "SamplerConfig", "get_sampler", "measure_sampler", "trained_steps",
+           "window_error"]  # fmt: skip

@@ -85,16 +85,15 @@ def ode_step(x: Tensor, v: Tensor, sigma: float | Tensor, sigma_next: float | Te
     return Transition(mean=mean, std=torch.zeros_like(dt))
 
 
-def flow_sde_g(sigma: float | Tensor, x: Tensor, eta: float, sigma_max: float | Tensor) -> Tensor:
+def flow_sde_g(sigma: float | Tensor, x: Tensor, eta: float, sigma_stand_in: float | Tensor) -> Tensor:
     """Flow-GRPO's diffusion coefficient ``g = eta * sqrt(sigma / (1 - sigma'))``.
 
-    ``sigma' = sigma`` except at ``sigma = 1``, where ``sigma' = sigma_max`` (the schedule's
+    ``sigma' = sigma`` except at ``sigma = 1``, where ``sigma' = sigma_stand_in`` (the schedule's
     ``sigmas[1]``) keeps ``g`` finite.
     """
     s = _as_batch_tensor(sigma, x)
-    s_max = (sigma_max if isinstance(sigma_max, Tensor) else torch.as_tensor(sigma_max, dtype=s.dtype))
-    s_max = s_max.to(device=x.device, dtype=s.dtype)
-    denom_sigma = torch.where(s >= 1.0, s_max, s)
+    s_stand_in = torch.as_tensor(sigma_stand_in, dtype=s.dtype).to(device=x.device, dtype=s.dtype)
+    denom_sigma = torch.where(s >= 1.0, s_stand_in, s)
     return eta * torch.sqrt(s / (1 - denom_sigma))
 
 
@@ -104,21 +103,21 @@ def flow_sde_step(
     sigma: float | Tensor,
     sigma_next: float | Tensor,
     eta: float = 0.7,
-    sigma_max: float | Tensor | None = None,
+    sigma_stand_in: float | Tensor | None = None,
 ) -> Transition:
     """Flow-SDE step (Flow-GRPO, arXiv 2505.05470, eq. 9): Euler-Maruyama on the reverse SDE.
 
     ``mean = x * (1 + g^2 dt / (2 sigma)) + v * (1 + g^2 (1 - sigma) / (2 sigma)) * dt``,
-    ``std = g * sqrt(-dt)``, with ``g`` from ``flow_sde_g``. ``sigma_max`` (the schedule's
+    ``std = g * sqrt(-dt)``, with ``g`` from ``flow_sde_g``. ``sigma_stand_in`` (the schedule's
     ``sigmas[1]``) is required when a step starts at ``sigma = 1``.
     """
     s = _as_batch_tensor(sigma, x)
     dt = _as_batch_tensor(sigma_next, x) - s
-    if sigma_max is None:
+    if sigma_stand_in is None:
         if bool((s >= 1.0).any()):
-            raise ValueError("sigma_max (the schedule's sigmas[1]) is required for a step from sigma = 1")
-        sigma_max = 0.0
-    g = flow_sde_g(sigma, x, eta, sigma_max)
+            raise ValueError("sigma_stand_in (the schedule's sigmas[1]) is required for a step from sigma = 1")
+        sigma_stand_in = 0.0
+    g = flow_sde_g(sigma, x, eta, sigma_stand_in)
     g2 = g * g
     mean = upcast(x) * (1 + g2 * dt / (2 * s)) + upcast(v) * (1 + g2 * (1 - s) / (2 * s)) * dt  # eq. 9
     return Transition(mean=mean.to(x.dtype), std=g * torch.sqrt(-dt))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import secrets
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ import yaml
 from flowdppo.errors import ConfigError, cut, did_you_mean, shown
 from flowdppo.files import write_text_atomic
 from flowdppo.overrides import to_dict
+from flowdppo.settings import Section, register_section
 
 BACKENDS = ("tensorboard", "wandb")
 WANDB_ID_FILE = "wandb_id"
@@ -112,6 +114,24 @@ def check_backends(backends: list[str]) -> None:
             raise ConfigError(f"logging.backends: {name} is not installed; {INSTALL[name]} (or remove it)")
         if name == "wandb":
             import_wandb()
+
+
+@dataclass
+class LoggingConfig(Section):
+    backends: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers: "tensorboard" (RUN/tensorboard) and / or "wandb" (pip install 'flowdppo[wandb]')."""
+    project: str = "flowdppo"
+    """W&B project."""
+    run_name: str = ""
+    """Tracker run name ("": the run folder's name)."""
+    tags: list[str] = field(default_factory=list)
+    """W&B tags."""
+
+    def check(self, prefix: str = "logging.") -> None:
+        check_backends(self.backends)
+
+
+register_section("logging", LoggingConfig)
 
 
 def open_trackers(run_path: Path, cfg, start_epoch: int) -> list:

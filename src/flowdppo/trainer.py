@@ -21,12 +21,12 @@ from tqdm.auto import tqdm
 from flowdppo.advantages import aggregate_rewards
 from flowdppo.algorithms import get_algorithm
 from flowdppo.algorithms.base import NonFiniteGuard
-from flowdppo.config import RewardConfig, TrainConfig
+from flowdppo.config import TrainConfig
 from flowdppo.distributed import Distributed, init_distributed
 from flowdppo.errors import ConfigError, ConsistencyError, NonFiniteError, RewardError
 from flowdppo.policies.limits import memory_error
 from flowdppo.policies.lora import adapters_disabled, experts, make_trainable, reference_policy, trainable_parameters
-from flowdppo.rewards.remote import score_chunks
+from flowdppo.rewards import RewardConfig, score_chunks
 from flowdppo.rollout import in_chunks, initial_noise, rollout
 from flowdppo.runs import RunFolder, evaluates
 from flowdppo.samplers import measure_sampler, trained_steps
@@ -109,8 +109,8 @@ def run_training(cfg: TrainConfig, run: RunFolder, dist: Distributed, resume: bo
         kl_steps = measured_steps if cfg.sampler.kl_to_base_steps == "all" else steps
         prompts = cond[rows]
         with algorithm.sampling_weights(policy):  # the current weights, or the algorithm's sampling policy
-            traj = rollout(velocity, prompts, noise, sigmas, cfg.sampler, steps, rng, base_velocity, kl_steps,
-                           global_batch, rows)  # fmt: skip
+            traj = rollout(velocity, prompts, noise, sigmas, cfg.sampler, steps, generator=rng,
+                           base_velocity=base_velocity, kl_steps=kl_steps, global_batch=global_batch, rows=rows)
         # 2. rewards of the whole batch (gathered) and group-relative advantages
         images = (policy.decode(part) for part in traj.final.split(chunk or len(traj.final)))  # decoded as scored
         try:
@@ -125,7 +125,7 @@ def run_training(cfg: TrainConfig, run: RunFolder, dist: Distributed, resume: bo
         if guard.ok(f"epoch {epoch} (rollout)", reward=rewards, advantage=advantages):
             # 3. the algorithm's update: inner epochs over shuffled mini-batches of training elements
             update_metrics = algorithm.update(trained_policy, optimizer, traj, advantages[rows], rng, base_velocity,
-                                              epoch, guard, dist)  # fmt: skip
+                                              epoch=epoch, guard=guard, dist=dist)
         # 4. log, evaluate, checkpoint (process 0 writes)
         row = {
             "epoch": epoch,

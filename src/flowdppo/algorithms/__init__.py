@@ -2,20 +2,22 @@
 
 ``policy_gradient`` trains the sampler's per-step Gaussian policies with the losses of ``flowdppo.losses``
 (Flow-DPPO, Flow-GRPO, Flow-CPS, GRPO-Guard); ``diffusion_nft`` and ``awm`` are likelihood-free and train
-on the final samples with forward noising. Add an algorithm: one file with an ``Algorithm`` subclass and
-one line in ``ALGORITHMS``.
+on the final samples with forward noising. Add an algorithm: one file with an ``Algorithm`` subclass (its
+settings section and method presets inside) and one line in ``ALGORITHMS`` (outside the package: a module named in
+``FLOWDPPO_PLUGINS`` that calls ``settings.register_algorithms({"name": Class})``).
 """
 
 from flowdppo.algorithms.awm import AWM
 from flowdppo.algorithms.base import Algorithm, Elements, NonFiniteGuard
 from flowdppo.algorithms.diffusion_nft import DiffusionNFT
 from flowdppo.algorithms.policy_gradient import PolicyGradient
+from flowdppo.settings import ALGORITHMS, register_algorithms
 
-ALGORITHMS: dict[str, type[Algorithm]] = {
+register_algorithms({
     "policy_gradient": PolicyGradient,
     "diffusion_nft": DiffusionNFT,
     "awm": AWM,
-}
+})  # fmt: skip
 
 
 def get_algorithm(cfg) -> Algorithm:

@@ -17,6 +17,7 @@ is minus its velocity-matching error against the target ``eps - x0``:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,6 +25,8 @@ from torch import Tensor, nn
 
 from flowdppo.algorithms.base import Elements
 from flowdppo.algorithms.likelihood_free import (
+    LIKELIHOOD_FREE_SAMPLER,
+    TIMESTEP_MODES,
     LikelihoodFree,
     decay_error,
     mean_squared,
@@ -33,9 +36,10 @@ from flowdppo.algorithms.likelihood_free import (
     velocity_kl,
 )
 from flowdppo.distributed import Distributed
-from flowdppo.errors import ConsistencyError
+from flowdppo.errors import ConfigError, ConsistencyError
 from flowdppo.losses import ppo_clip
 from flowdppo.rollout import Trajectory
+from flowdppo.settings import Section, require, require_choice
 
 WEIGHTINGS = ("ghuber", "uniform", "t")
 HUBER_DELTA = 1e-10
@@ -58,14 +62,47 @@ def matching_log_prob(v: Tensor, target: Tensor, sigma: Tensor, weighting: str =
     raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}; got {weighting!r}")
 
 
+@dataclass
+class AWMConfig(Section):
+    """Advantage Weighted Matching (algorithm awm)."""
+
+    clip_range: float = 1.0
+    """PPO clip epsilon on the ratio of matching log-probs."""
+    adv_clip_max: float = 5.0
+    """Advantages clamped to +-adv_clip_max, then divided by it."""
+    train_timesteps: int = 6
+    """Noise levels each final sample is trained at."""
+    timesteps: str = "stratified"
+    """How they are drawn: "stratified" (one per stratum of the schedule's steps 1..K-1), "schedule", "uniform"."""
+    weighting: str = "ghuber"
+    """Log-prob surrogate: "ghuber" -s((mse + d)^p - d^p)/p, "t" -s mse, "uniform" -mse."""
+    huber_p: float = 0.25
+    """p of the ghuber weighting."""
+    ema_kl: float = 1.0
+    """Weight of mean((v - v_ema)^2) to the slowly-updated policy (0: off)."""
+    ema_decay_rate: float = 0.001
+    """Slow policy w_ema <- d w_ema + (1 - d) w after each update, d = min(rate * optimizer steps, max)."""
+    ema_decay_max: float = 0.3
+
+    def check(self, prefix: str = "awm.") -> None:
+        require_choice(self, prefix, "timesteps", TIMESTEP_MODES)
+        require_choice(self, prefix, "weighting", WEIGHTINGS)
+        require(self, prefix, "> 0", "clip_range", "adv_clip_max", "train_timesteps", "huber_p")
+        require(self, prefix, ">= 0", "ema_kl", "ema_decay_rate")
+        if problem := decay_error(f"{prefix}ema_decay_max", self.ema_decay_max):
+            raise ConfigError(problem)
+
+
+
 class AWM(LikelihoodFree):
     name = "awm"
     reads = ("awm.", "loss.beta")
+    sections = {"awm": AWMConfig}
+    presets = {"awm": {"sampler": LIKELIHOOD_FREE_SAMPLER, "loss": {"beta": 1e-4}}}
 
     @classmethod
     def config_error(cls, cfg) -> str | None:
-        return decay_error("awm.ema_decay_max", cfg.awm.ema_decay_max) or timesteps_error(
-            "awm", cfg.awm.timesteps, cfg.awm.train_timesteps, cfg.sampler.num_steps)
+        return timesteps_error("awm", cfg.awm.timesteps, cfg.awm.train_timesteps, cfg.sampler.num_steps)
 
     def slow_decay(self) -> tuple[float, float]:
         return self.cfg.awm.ema_decay_rate, self.cfg.awm.ema_decay_max
@@ -97,7 +134,7 @@ class AWM(LikelihoodFree):
         loss = per_element.mean().float()
         rho = log_ratio.detach().exp()
         metrics = {"policy_loss": loss.detach(), "ratio_mean": rho.mean(), "ratio_max": rho.max(),
-                   "ratio_min": rho.min(), "clipped_fraction": clipped.float().mean()}  # fmt: skip
+                   "ratio_min": rho.min(), "masked_fraction": clipped.float().mean()}  # fmt: skip
         if self.cfg.loss.beta > 0:
             ref_kl = velocity_kl(v, base_velocity, mb, cond)
             loss = loss + self.cfg.loss.beta * ref_kl

@@ -25,7 +25,6 @@ from flowdppo.losses import log_ratio_moments, scaled_divergence_quantiles
 from flowdppo.policies.lora import trainable_parameters
 
 if TYPE_CHECKING:
-    from flowdppo.config import TrainConfig
     from flowdppo.rollout import Trajectory
 
 
@@ -45,23 +44,31 @@ class Elements:
 class Algorithm:
     """Base class: subclasses set ``name``, ``reads`` and write ``elements`` and ``loss``.
 
-    reads:              the config keys (``"loss.beta"``) or sections (``"nft."``) of the algorithm
-                        sections (``loss``, ``nft``, ``awm``) it uses; setting any other is refused.
+    sections:           its settings sections, ``{"nft": NFTConfig}`` (dataclasses subclassing ``settings.Section``,
+                        composed into the config as ``nft.*``).
+    presets:            its method presets, ``{"diffusion_nft": {"sampler": {...}, ...}}`` (``--method NAME``).
+    reads:              the keys (``"loss.beta"``) or sections (``"nft."``) of the algorithm sections it uses;
+                        setting a key of another algorithm's section is refused.
     supports_fsdp:      it runs on a policy sharded by FSDP2 (``optim.fsdp``).
+
+    ``cfg`` is the resolved ``TrainConfig``: the algorithm reads its own section and the run's ``sampler``,
+    ``optim``, ``consistency_tolerance``.
     """
 
     name: ClassVar[str]
-    reads: ClassVar[tuple[str, ...]]
+    sections: ClassVar[dict[str, type]] = {}
+    presets: ClassVar[dict[str, dict]] = {}
+    reads: ClassVar[tuple[str, ...]] = ()
     supports_fsdp: ClassVar[bool] = True
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
         self.epoch = 0
         self.optimizer_steps = 0  # taken over the whole run (checkpointed by algorithms that use it)
 
     @classmethod
-    def config_error(cls, cfg: TrainConfig) -> str | None:
-        """Why ``cfg`` cannot run with this algorithm, or None."""
+    def config_error(cls, cfg: Any) -> str | None:
+        """Why ``cfg`` cannot run with this algorithm (a check across sections, e.g. the sampler), or None."""
         return None
 
     # ---- what a subclass writes
@@ -96,7 +103,7 @@ class Algorithm:
 
     # ---- the shared loop
     def update(self, policy: nn.Module, optimizer: torch.optim.Optimizer, traj: Trajectory, advantages: Tensor,
-               rng: torch.Generator, base_velocity, epoch: int, guard: NonFiniteGuard | None = None,
+               rng: torch.Generator, base_velocity, *, epoch: int, guard: NonFiniteGuard | None = None,
                dist: Distributed | None = None) -> dict[str, float]:  # fmt: skip
         """``inner_epochs`` passes over the rollout's elements in shuffled mini-batches; returns mean metrics.
 

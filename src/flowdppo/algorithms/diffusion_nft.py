@@ -19,6 +19,7 @@ binds, and it is left out here.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,6 +27,8 @@ from torch import Tensor, nn
 
 from flowdppo.algorithms.base import Elements
 from flowdppo.algorithms.likelihood_free import (
+    LIKELIHOOD_FREE_SAMPLER,
+    TIMESTEP_MODES,
     LikelihoodFree,
     decay_error,
     mean_squared,
@@ -35,9 +38,10 @@ from flowdppo.algorithms.likelihood_free import (
     velocity_kl,
 )
 from flowdppo.distributed import Distributed
-from flowdppo.errors import ConsistencyError
+from flowdppo.errors import ConfigError, ConsistencyError
 from flowdppo.rollout import Trajectory
 from flowdppo.sde import upcast
+from flowdppo.settings import Section, require, require_choice
 
 
 def optimality_weight(advantages: Tensor, adv_clip_max: float) -> Tensor:
@@ -63,16 +67,44 @@ def nft_loss(v: Tensor, v_old: Tensor, noised: Tensor, sigma: Tensor, x0: Tensor
     return loss, r
 
 
+@dataclass
+class NFTConfig(Section):
+    """DiffusionNFT (algorithm diffusion_nft)."""
+
+    b: float = 1.0
+    """Strength of the implicit policies v+- around the sampling policy (public: 1.0; 0.1 for OCR)."""
+    adv_clip_max: float = 5.0
+    """c in the optimality weight r = clip(A, -c, c) / (2c) + 1/2."""
+    train_timesteps: int = 9
+    """Noise levels each final sample is trained at."""
+    timesteps: str = "schedule"
+    """How they are drawn: "schedule" (distinct levels of the rollout schedule), "stratified", "uniform"."""
+    old_decay_rate: float = 0.001
+    """Sampling policy w_old <- d w_old + (1 - d) w after each update, d = min(rate * optimizer steps, max)."""
+    old_decay_max: float = 0.5
+    """Upper bound of d (0: roll out with the current weights)."""
+
+    def check(self, prefix: str = "nft.") -> None:
+        require_choice(self, prefix, "timesteps", TIMESTEP_MODES)
+        if not self.b > 0:
+            raise ConfigError(f"{prefix}b: must be > 0 (it divides the loss; the public recipes use 1.0 or 0.1), "
+                              f"got {self.b}")
+        require(self, prefix, "> 0", "adv_clip_max", "train_timesteps")
+        require(self, prefix, ">= 0", "old_decay_rate")
+        if problem := decay_error(f"{prefix}old_decay_max", self.old_decay_max):
+            raise ConfigError(problem)
+
+
+
 class DiffusionNFT(LikelihoodFree):
     name = "diffusion_nft"
     reads = ("nft.", "loss.beta")
+    sections = {"nft": NFTConfig}
+    presets = {"diffusion_nft": {"sampler": LIKELIHOOD_FREE_SAMPLER, "loss": {"beta": 1e-4}}}
 
     @classmethod
     def config_error(cls, cfg) -> str | None:
-        if not cfg.nft.b > 0:
-            return f"nft.b: must be > 0 (it divides the loss; the public recipes use 1.0 or 0.1), got {cfg.nft.b}"
-        return decay_error("nft.old_decay_max", cfg.nft.old_decay_max) or timesteps_error(
-            "nft", cfg.nft.timesteps, cfg.nft.train_timesteps, cfg.sampler.num_steps)
+        return timesteps_error("nft", cfg.nft.timesteps, cfg.nft.train_timesteps, cfg.sampler.num_steps)
 
     def slow_decay(self) -> tuple[float, float]:
         return self.cfg.nft.old_decay_rate, self.cfg.nft.old_decay_max

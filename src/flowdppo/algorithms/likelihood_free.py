@@ -22,6 +22,8 @@ from flowdppo.rollout import Trajectory, in_chunks
 from flowdppo.sde import upcast
 
 TIMESTEP_MODES = ("schedule", "stratified", "uniform")
+# the presets roll out with the ODE and measure the path KL in Flow-SDE, as for the SDE arms
+LIKELIHOOD_FREE_SAMPLER = {"kind": "ode", "kl_kernel": "flow_sde"}
 
 
 def noise_levels(mode: str, sigmas: Tensor, n: int, batch: int, generator: torch.Generator) -> Tensor:

@@ -10,6 +10,7 @@ to the frozen base.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -19,15 +20,55 @@ from torch import Tensor, nn
 from flowdppo.algorithms.base import ELEMENT_DIM_KL, ELEMENT_LOG_RATIO, Algorithm, Elements, index_cond
 from flowdppo.distributed import Distributed
 from flowdppo.errors import ConsistencyError
-from flowdppo.losses import StepBatch, get_loss, loss_kwargs, reference_kl_penalty
+from flowdppo.losses import LOSSES, StepBatch, get_loss, loss_kwargs, reference_kl
 from flowdppo.rollout import Trajectory, in_chunks
 from flowdppo.samplers import get_sampler
-from flowdppo.sde import log_prob
+from flowdppo.sde import REDUCTIONS, log_prob
+from flowdppo.settings import Section, require, require_choice
+
+
+@dataclass
+class LossConfig(Section):
+    loss_mode: str = "flow_dppo"
+    """One of flow_dppo, flow_grpo, flow_cps, grpo_guard, unconstrained (-A rho on every element: a control)."""
+    kl_mask_threshold: float = 1e-5
+    """Flow-DPPO threshold tau on the mean-reduced per-step KL."""
+    clip_range: float = 1e-4
+    """PPO ratio clip epsilon (flow_grpo, flow_cps, grpo_guard)."""
+    adv_clip_max: float = 5.0
+    """Advantage clamp of the clipping baselines."""
+    kl_reduce: str = "mean"
+    """Reduction of the per-step KL: "mean" (thresholds are calibrated for it) or "sum"."""
+    add_kl_coefficient: bool = True
+    """Divide the mean drift by 2 std^2 (True) or by 2 (False)."""
+    beta: float = 0.0
+    """Weight of the KL penalty to the frozen base (adapters disabled)."""
+
+    def check(self, prefix: str = "loss.") -> None:
+        require_choice(self, prefix, "loss_mode", tuple(sorted(LOSSES)))
+        require_choice(self, prefix, "kl_reduce", REDUCTIONS)
+        require(self, prefix, "> 0", "kl_mask_threshold", "clip_range", "adv_clip_max")
+        require(self, prefix, ">= 0", "beta")
+
+
+SDE = {"kind": "flow_sde", "eta": 0.7}
 
 
 class PolicyGradient(Algorithm):
     name = "policy_gradient"
     reads = ("loss.",)
+    sections = {"loss": LossConfig}
+    presets = {
+        "flow_dppo": {"sampler": SDE, "loss": {"loss_mode": "flow_dppo"}},
+        "flow_grpo": {"sampler": SDE, "loss": {"loss_mode": "flow_grpo", "clip_range": 1e-4}},
+        "flow_cps": {"sampler": {"kind": "cps", "eta": 0.8, "logprob_convention": "cps"},
+                     "loss": {"loss_mode": "flow_cps", "clip_range": 1e-4}},
+        "grpo_guard": {"sampler": SDE, "loss": {"loss_mode": "grpo_guard", "clip_range": 2e-6}},
+        "flow_dppo_cps": {"sampler": {"kind": "cps", "eta": 0.8}, "loss": {"loss_mode": "flow_dppo"}},
+        "unconstrained": {"sampler": SDE, "loss": {"loss_mode": "unconstrained"}},  # -A rho, no trust test: a control
+        "dance_grpo": {"sampler": {"kind": "dance_sde", "eta": 0.3, "group_shared_noise": True},
+                       "loss": {"loss_mode": "flow_grpo", "clip_range": 1e-4}},
+    }  # fmt: skip
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
@@ -52,7 +93,7 @@ class PolicyGradient(Algorithm):
         """The trained steps as elements (``flat_steps``) with the anchor and the advantages."""
         if self.cfg.optim.anchor == "replay":
             traj = replay_anchor(policy, traj, self.cfg)
-        self.sigma_max = traj.sigmas[1]  # caps the Flow-SDE std of a step from sigma = 1
+        self.sigma_stand_in = traj.sigmas[1]  # caps the Flow-SDE std of a step from sigma = 1
         t, b = traj.log_probs.shape
         data = flat_steps(traj)
         data.update({
@@ -66,7 +107,7 @@ class PolicyGradient(Algorithm):
 
     def loss(self, velocity, base_velocity, mb: dict[str, Tensor], cond: Any, first: bool,
              dist: Distributed) -> tuple[Tensor, dict[str, Tensor]]:  # fmt: skip
-        mean_new, logp_new = replay_step(velocity, mb, cond, self.cfg, self.sigma_max)
+        mean_new, logp_new = replay_step(velocity, mb, cond, self.cfg, self.sigma_stand_in)
         batch = StepBatch(
             logp_new=logp_new, logp_old=mb["log_probs"], advantages=mb["advantages"], mean_new=mean_new,
             mean_old=mb["means"], std=mb["stds"], dt=mb["sigma_next"] - mb["sigma"], step_index=mb["step_index"],
@@ -81,8 +122,8 @@ class PolicyGradient(Algorithm):
         loss = per_element.mean()
         if self.cfg.loss.beta > 0:
             with torch.no_grad():
-                mean_ref, _ = replay_step(base_velocity, mb, cond, self.cfg, self.sigma_max)
-            ref_kl = reference_kl_penalty(mean_new, mean_ref, mb["stds"], 1.0, self.cfg.loss.kl_reduce).mean()
+                mean_ref, _ = replay_step(base_velocity, mb, cond, self.cfg, self.sigma_stand_in)
+            ref_kl = reference_kl(mean_new, mean_ref, mb["stds"], self.cfg.loss.kl_reduce).mean()
             loss = loss + self.cfg.loss.beta * ref_kl
             metrics["ref_kl"] = ref_kl.detach()
         return loss, metrics
@@ -101,11 +142,11 @@ def flat_steps(traj: Trajectory) -> dict[str, Tensor]:
     }
 
 
-def replay_step(velocity, mb: dict[str, Tensor], cond: Any, cfg, sigma_max: Tensor) -> tuple[Tensor, Tensor]:
+def replay_step(velocity, mb: dict[str, Tensor], cond: Any, cfg, sigma_stand_in: Tensor) -> tuple[Tensor, Tensor]:
     """Recompute the transitions of some elements with the current weights: (mean, log-prob)."""
     x, s = mb["latents"], cfg.sampler
     v = velocity(x, mb["sigma"], cond)
-    step = get_sampler(s.kind).step(x, v, mb["sigma"], mb["sigma_next"], s.eta, sigma_max)
+    step = get_sampler(s.kind).step(x, v, mb["sigma"], mb["sigma_next"], s.eta, sigma_stand_in)
     return step.mean, log_prob(mb["next_latents"], step.mean, step.std, convention=s.logprob_convention)
 
 

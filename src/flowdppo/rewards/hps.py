@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from flowdppo.errors import ConfigError
-from flowdppo.rewards.image import _batch, _check_local, _load_error, to_uint8
+from flowdppo.rewards.common import batch_texts, check_local, load_error, to_uint8
 
 HPS_HUB = ("xswu/HPSv2", "HPS_v2.1_compressed.pt")
 HPS_MODEL = "ViT-H-14"
@@ -119,7 +119,7 @@ class HpsEmbedder:
     def load(cls, path: str, device: torch.device | str, dtype: torch.dtype) -> HpsEmbedder:
         """The model of ``open_clip_config.json`` in ``path`` (else the built-in ViT-H-14) with ``path``'s weights."""
         open_clip = import_open_clip()
-        _check_local("hpsv2", path)
+        check_local("hpsv2", path)
         folder = Path(os.path.expanduser(path))
         try:
             config_file = folder / HPS_CONFIG_FILE
@@ -134,7 +134,7 @@ class HpsEmbedder:
             model.load_state_dict(state)
             tokenizer = open_clip.get_tokenizer(model_name)
         except Exception as err:
-            raise _load_error("hpsv2", path, err) from err
+            raise load_error("hpsv2", path, err) from err
         image_size = config["model_cfg"]["vision_cfg"]["image_size"]
         if not isinstance(image_size, int):
             image_size = int(image_size[0])
@@ -164,7 +164,7 @@ class HpsReward:
         self.embedder = embedder
 
     def __call__(self, images: Tensor, prompts: Sequence[Any], metadata: Any = None) -> Tensor:
-        texts, _ = _batch(images, prompts, metadata)
+        texts, _ = batch_texts(images, prompts, metadata)
         image, text = self.embedder.image_embeds(images), self.embedder.text_embeds(texts)
         return (image * text).sum(-1).to(images.device)
 

@@ -6,7 +6,7 @@ is better. Model rewards see the images as ``uint8`` PIL images ``round(255 x)``
 processor (as the public reference implementations do), run under ``torch.no_grad()`` on the device / dtype they
 were built with, and compute the final formula in float32.
 
-Rewards (``IMAGE_REWARDS``; ``make_image_reward("name")`` or ``make_image_reward("name@path")``):
+Rewards (registered in ``rewards.registry``: ``make_reward("name")`` or ``make_reward("name@path")``):
 
 - ``jpeg_compressibility``:   ``-size_kB``, minus the JPEG size (PIL, quality 95, as DDPO) of the image in kB;
 - ``jpeg_incompressibility``: ``+size_kB``; ``size_kB = len(jpeg bytes) / 1000``;
@@ -38,39 +38,18 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from flowdppo.errors import ConfigError, did_you_mean, shown
-from flowdppo.rewards import Reward
+from flowdppo.errors import ConfigError
+from flowdppo.rewards.common import batch_texts, check_local, load_error, load_processors, to_pil, to_uint8
 
-IMAGE_REWARDS: tuple[str, ...] = (
-    "jpeg_compressibility",
-    "jpeg_incompressibility",
-    "clip_score",
-    "pickscore",
-    "aesthetic",
-    "ocr",
-    "vlm_yes_prob",
-    "vlm_yes_prob_default_question",
-    "vlm_ocr",
-    "hpsv2",
-)
-DEFAULT_MODELS: dict[str, str] = {
-    "clip_score": "openai/clip-vit-large-patch14",
-    "pickscore": "yuvalkirstain/PickScore_v1",
-    "aesthetic": "openai/clip-vit-large-patch14",
-    "ocr": "microsoft/trocr-base-printed",
-    "vlm_yes_prob": "Qwen/Qwen2.5-VL-7B-Instruct",
-    "vlm_yes_prob_default_question": "Qwen/Qwen2.5-VL-7B-Instruct",
-    "vlm_ocr": "Qwen/Qwen2.5-VL-7B-Instruct",
-    "hpsv2": "xswu/HPSv2",
-}
+CLIP_L14 = "openai/clip-vit-large-patch14"  # clip_score's and aesthetic's default model
+PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
 PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 PICKSCORE_DIVISOR = 26.0
 AESTHETIC_HEAD_HUB = ("trl-lib/ddpo-aesthetic-predictor", "aesthetic-model.pth")
@@ -81,34 +60,6 @@ AESTHETIC_HEAD_FILES = (
     "aesthetic-model.pth",
 )
 JPEG_QUALITY = 95
-
-
-# Inputs
-
-
-def to_uint8(images: Tensor) -> np.ndarray:
-    """``round(255 x)`` clamped to ``[0, 255]``: images ``(B, 3, H, W)`` in ``[0, 1]`` -> ``(B, H, W, 3)`` uint8.
-
-    One-channel images are repeated to three channels.
-    """
-    if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"image rewards take images (B, 3, H, W), got {tuple(images.shape)}")
-    pixels = (images.detach().float() * 255).round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1)
-    return pixels.permute(0, 2, 3, 1).cpu().numpy()
-
-
-def to_pil(images: Tensor) -> list[Image.Image]:
-    """Images ``(B, 3, H, W)`` in ``[0, 1]`` -> ``B`` RGB PIL images of ``to_uint8(images)``."""
-    return [Image.fromarray(array) for array in to_uint8(images)]
-
-
-def _batch(images: Tensor, prompts: Sequence[Any], metadata: Any) -> tuple[list[str], list[dict[str, Any]]]:
-    batch = images.shape[0]
-    texts = [str(p) for p in (prompts.tolist() if isinstance(prompts, Tensor) else prompts)]
-    metas = [{} for _ in range(batch)] if metadata is None else [m or {} for m in metadata]
-    if len(texts) != batch or len(metas) != batch:
-        raise ValueError(f"got {len(texts)} prompts and {len(metas)} metadata for {batch} images")
-    return texts, metas
 
 
 # JPEG
@@ -137,31 +88,6 @@ class JpegReward:
 
 
 # Loading
-
-
-def _load_error(reward: str, path: str, err: BaseException) -> ConfigError:
-    lines = str(err).strip().splitlines()
-    detail = lines[0][:300] if lines else ""
-    return ConfigError(f"reward {reward!r}: cannot load {path!r} ({type(err).__name__}: {detail})")
-
-
-def _check_local(reward: str, path: str) -> None:
-    looks_local = os.path.isabs(path) or path.startswith((".", "~"))
-    if looks_local and not os.path.isdir(os.path.expanduser(path)):
-        raise ConfigError(f"reward {reward!r}: {path!r} is not a directory (give a local directory or a hub id)")
-
-
-def _load_processors(path: str) -> tuple[Any, Any]:
-    """``(AutoImageProcessor, AutoTokenizer)`` of ``path``; a tokenizer without a vocabulary is an error."""
-    from transformers import AutoImageProcessor, AutoTokenizer
-
-    path = os.path.expanduser(path)
-    image_processor = AutoImageProcessor.from_pretrained(path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    # transformers 5 builds an empty tokenizer from a directory without tokenizer files instead of failing.
-    if tokenizer.vocab_size <= len(tokenizer.all_special_tokens):
-        raise OSError(f"no tokenizer files in {path!r}")
-    return image_processor, tokenizer
 
 
 def _features(output: Any) -> Tensor:
@@ -193,21 +119,21 @@ class ClipEmbedder:
         """Model from ``path``; processor from ``path``, else from ``processor_fallback`` (when given)."""
         from transformers import AutoModel
 
-        _check_local(reward, path)
+        check_local(reward, path)
         try:
             model = AutoModel.from_pretrained(os.path.expanduser(path), use_safetensors=True)
         except Exception as err:
-            raise _load_error(reward, path, err) from err
+            raise load_error(reward, path, err) from err
         if not (hasattr(model, "get_image_features") and hasattr(model, "get_text_features")):
             raise ConfigError(f"reward {reward!r}: {path!r} holds a {type(model).__name__}, not a CLIP model")
         processor_paths = [path] + ([processor_fallback] if processor_fallback not in (None, path) else [])
         for i, processor_path in enumerate(processor_paths):
             try:
-                image_processor, tokenizer = _load_processors(processor_path)
+                image_processor, tokenizer = load_processors(processor_path)
                 break
             except Exception as err:
                 if i == len(processor_paths) - 1:
-                    raise _load_error(reward, processor_path, err) from err
+                    raise load_error(reward, processor_path, err) from err
         return cls(model.to(device=device, dtype=dtype), image_processor, tokenizer)
 
     @torch.no_grad()
@@ -244,7 +170,7 @@ class ClipScoreReward:
         self.clip = clip
 
     def __call__(self, images: Tensor, prompts: Sequence[Any], metadata: Any = None) -> Tensor:
-        texts, _ = _batch(images, prompts, metadata)
+        texts, _ = batch_texts(images, prompts, metadata)
         return cosine(self.clip.text_embeds(texts), self.clip.image_embeds(images)).to(images.device)
 
 
@@ -258,7 +184,7 @@ class PickScoreReward:
         self.divisor = float(divisor)
 
     def __call__(self, images: Tensor, prompts: Sequence[Any], metadata: Any = None) -> Tensor:
-        texts, _ = _batch(images, prompts, metadata)
+        texts, _ = batch_texts(images, prompts, metadata)
         scale = self.clip.model.logit_scale.detach().float().exp()
         cos = cosine(self.clip.text_embeds(texts), self.clip.image_embeds(images))
         return (scale * cos / self.divisor).to(images.device)
@@ -312,7 +238,7 @@ def _aesthetic_head_file(path: str) -> str:
             if os.path.isfile(file):
                 return file
         raise FileNotFoundError(f"no head file in the directory (one of {', '.join(AESTHETIC_HEAD_FILES)})")
-    if path != DEFAULT_MODELS["aesthetic"]:
+    if path != CLIP_L14:
         raise FileNotFoundError("a hub id other than the default CLIP has no known head; give a local directory")
     from huggingface_hub import hf_hub_download
 
@@ -336,81 +262,27 @@ class AestheticReward:
 
     @torch.no_grad()
     def __call__(self, images: Tensor, prompts: Sequence[Any], metadata: Any = None) -> Tensor:
-        _batch(images, prompts, metadata)
+        batch_texts(images, prompts, metadata)
         embeds = nn.functional.normalize(self.clip.image_embeds(images), dim=-1)
         return self.head(embeds).float().to(images.device)
 
 
-
-# Factory
-
-
-def _make_aesthetic(path: str, device: torch.device, dtype: torch.dtype) -> Reward:
-    _check_local("aesthetic", path)
+def load_aesthetic_reward(path: str, device: torch.device | str, dtype: torch.dtype) -> AestheticReward:
+    """``AestheticReward`` with the CLIP model and head of ``path`` (a directory, or the default CLIP's hub id)."""
+    check_local("aesthetic", path)
     try:
         head = load_aesthetic_head(_aesthetic_head_file(path))
     except Exception as err:
-        raise _load_error("aesthetic", path, err) from err
+        raise load_error("aesthetic", path, err) from err
     return AestheticReward(ClipEmbedder.load("aesthetic", path, device, dtype), head)
-
-
-_MODEL_REWARDS: dict[str, Callable[[str, torch.device, torch.dtype], Reward]] = {
-    "clip_score": lambda path, device, dtype: ClipScoreReward(ClipEmbedder.load("clip_score", path, device, dtype)),
-    "pickscore": lambda path, device, dtype: PickScoreReward(
-        ClipEmbedder.load("pickscore", path, device, dtype, processor_fallback=PICKSCORE_PROCESSOR)
-    ),
-    "aesthetic": _make_aesthetic,
-    "ocr": lambda path, device, dtype: _ocr_reward().load(path, device, dtype),
-    "vlm_yes_prob": lambda path, device, dtype: _vlm_reward("vlm_yes_prob", path, device, dtype),
-    "vlm_yes_prob_default_question": lambda path, device, dtype: _vlm_reward(
-        "vlm_yes_prob_default_question", path, device, dtype
-    ),
-    "vlm_ocr": lambda path, device, dtype: _vlm_reward("vlm_ocr", path, device, dtype),
-    "hpsv2": lambda path, device, dtype: _hps_reward(path, device, dtype),
-}
-
-
-def _ocr_reward():
-    from flowdppo.rewards.ocr import OcrReward  # ocr.py builds on the helpers above
-
-    return OcrReward
-
-
-def _vlm_reward(name: str, path: str, device: torch.device, dtype: torch.dtype) -> Reward:
-    from flowdppo.rewards.vlm import make_vlm_reward  # vlm.py builds on the helpers above
-
-    return make_vlm_reward(name, path, device, dtype)
-
-
-def _hps_reward(path: str, device: torch.device, dtype: torch.dtype) -> Reward:
-    from flowdppo.rewards.hps import make_hps_reward  # hps.py builds on the helpers above; open_clip is optional
-
-    return make_hps_reward(path, device, dtype)
-
-
-def make_image_reward(spec: str, device: torch.device | str, dtype: torch.dtype = torch.float32) -> Reward:
-    """The reward ``spec`` = ``name`` or ``name@path`` (``name`` in ``IMAGE_REWARDS``; ``path`` a local directory or a
-    hub id, ``DEFAULT_MODELS[name]`` without it), its model loaded once, on ``device`` in ``dtype``."""
-    name, at, path = spec.strip().partition("@")
-    name, path = name.strip(), path.strip()
-    if name not in IMAGE_REWARDS:
-        raise ConfigError(f"unknown image reward {shown(name)}{did_you_mean(name, IMAGE_REWARDS)}; choose one of "
-                          f"{', '.join(IMAGE_REWARDS)} (or name@path)")
-    if name.startswith("jpeg_"):
-        if at:
-            raise ConfigError(f"reward {name!r} has no model; drop '@{path}'")
-        return JpegReward(incompressible=name == "jpeg_incompressibility")
-    if at and not path:
-        raise ConfigError(f"reward {name!r}: empty path after '@' (give a local directory or a hub id)")
-    return _MODEL_REWARDS[name](path or DEFAULT_MODELS[name], torch.device(device), dtype)
 
 
 __all__ = [
     "AESTHETIC_HEAD_FILES",
     "AESTHETIC_HEAD_HUB",
-    "DEFAULT_MODELS",
-    "IMAGE_REWARDS",
+    "CLIP_L14",
     "PICKSCORE_DIVISOR",
+    "PICKSCORE_MODEL",
     "PICKSCORE_PROCESSOR",
     "AestheticHead",
     "AestheticReward",
@@ -421,7 +293,7 @@ __all__ = [
     "cosine",
     "jpeg_sizes_kb",
     "load_aesthetic_head",
-    "make_image_reward",
+    "load_aesthetic_reward",
     "to_pil",
     "to_uint8",
 ]

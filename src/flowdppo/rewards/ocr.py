@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from flowdppo.errors import RewardError
-from flowdppo.rewards.image import _batch, _check_local, _load_error, _load_processors, to_pil
+from flowdppo.rewards.common import batch_texts, check_local, load_error, load_processors, to_pil
 
 # A first quoted span: "..." or '...'; a single quote opens a span only when no letter or digit precedes it and
 # closes it only when none follows, so the apostrophes of "cat's" or "don't" are not quotes.
@@ -81,13 +81,13 @@ class OcrReward:
         """Model (``AutoModelForImageTextToText``, else ``AutoModelForVision2Seq``), image processor, tokenizer."""
         import transformers
 
-        _check_local("ocr", path)
+        check_local("ocr", path)
         auto_classes = [
             getattr(transformers, n, None) for n in ("AutoModelForImageTextToText", "AutoModelForVision2Seq")
         ]
         auto_classes = [c for c in auto_classes if c is not None]
         try:
-            image_processor, tokenizer = _load_processors(path)
+            image_processor, tokenizer = load_processors(path)
             for i, auto in enumerate(auto_classes):
                 try:
                     model = auto.from_pretrained(os.path.expanduser(path), use_safetensors=True)
@@ -96,7 +96,7 @@ class OcrReward:
                     if i == len(auto_classes) - 1:
                         raise
         except Exception as err:
-            raise _load_error("ocr", path, err) from err
+            raise load_error("ocr", path, err) from err
         return cls(model.to(device=device, dtype=dtype), image_processor, tokenizer, max_new_tokens)
 
     @torch.no_grad()
@@ -114,7 +114,7 @@ class OcrReward:
         return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
     def __call__(self, images: Tensor, prompts: Sequence[Any], metadata: Any = None) -> Tensor:
-        texts, metas = _batch(images, prompts, metadata)
+        texts, metas = batch_texts(images, prompts, metadata)
         targets = [ocr_target(prompt, meta) for prompt, meta in zip(texts, metas, strict=True)]
         scores = [ocr_score(read, target) for read, target in zip(self.read(images), targets, strict=True)]
         return torch.tensor(scores, dtype=torch.float32, device=images.device)

@@ -1,4 +1,4 @@
-"""A reward computed by a reward server (``flowdppo reward-server``) over HTTP, and scoring that overlaps it.
+"""A reward computed by a reward server (``flowdppo reward-server``) over HTTP.
 
 ``reward.names=[http://HOST:PORT]`` scores with the reward the server serves, like any other reward, logged as
 ``reward/remote:NAME`` (the name the server declares, the same whatever its address). Options go in the query
@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -38,8 +38,6 @@ import torch
 from torch import Tensor
 
 from flowdppo.errors import ConfigError, RewardError
-from flowdppo.prompts import PromptBatch
-from flowdppo.rewards import Reward, score
 from flowdppo.rewards.address import (
     DEFAULT_BATCH_SIZE,
     RemoteSpec,
@@ -66,12 +64,6 @@ SERVE_EXTRA = "pip install 'flowdppo[serve]'"
 
 
 # The protocol
-
-
-def reward_arguments(prompts: Any) -> tuple[Any, Any]:
-    """``(prompts, metadata)`` as a reward is called with them (``rewards.score``): texts and metadata dicts of
-    a ``PromptBatch``, other prompts (labels) as they are with ``None``."""
-    return (prompts.text, prompts.metadata) if isinstance(prompts, PromptBatch) else (prompts, None)
 
 
 def check_scores(scores: Tensor, batch: int, url: str) -> Tensor:
@@ -268,52 +260,6 @@ def load_remote_reward(name: str, in_flight: int = IN_FLIGHT) -> RemoteReward:
     return reward
 
 
-def named_rewards(names: Sequence[str], load: Callable[[str], Reward]) -> list[tuple[str, Reward]]:
-    """``(name in logs, reward)`` of each of ``names``, loaded by ``load``. A remote reward's name is
-    ``remote:NAME`` after the reward its server declares, not its address (which changes with the port)."""
-    rewards, seen = [], {}
-    for name in names:
-        reward = load(name)
-        logged = reward.name if isinstance(reward, RemoteReward) else name
-        if logged in seen:
-            raise ConfigError(f"reward.names: {redacted(seen[logged])!r} and {redacted(name)!r} are both the reward "
-                              f"{logged!r}; give each reward once")  # fmt: skip
-        seen[logged] = name
-        rewards.append((logged, reward))
-    return rewards
-
-
-# Scoring a batch, remote rewards overlapped
-
-
-def score_chunks(reward_fns: list[tuple[str, Any]], chunks: Iterable[Tensor] | Tensor, prompts: Any) -> Tensor:
-    """Every reward's scores of the images decoded as ``chunks`` (in order) -> ``(B, num_rewards)`` float32.
-
-    A reward with ``submit`` (a remote one) is sent each chunk as soon as it is decoded: its server scores it
-    while the next chunk decodes and the in-process rewards run. The others score the whole batch at the end,
-    exactly as ``rewards.score`` does.
-    """
-    chunks = [chunks] if isinstance(chunks, Tensor) else chunks
-    remote = [k for k, (_, fn) in enumerate(reward_fns) if hasattr(fn, "submit")]
-    pending: dict[int, list[PendingScores]] = {k: [] for k in remote}
-    parts, start = [], 0
-    for part in chunks:
-        texts, metadata = reward_arguments(prompts[start : start + part.shape[0]])
-        for k in remote:
-            pending[k].append(reward_fns[k][1].submit(part, texts, metadata))
-        parts.append(part)
-        start += part.shape[0]
-    images = torch.cat(parts)
-    columns = []
-    for k, (name, fn) in enumerate(reward_fns):
-        if k in pending:
-            scores = torch.cat([p.result() for p in pending[k]]).to(images.device)
-            columns.append(check_scores(scores, images.shape[0], name))
-        else:
-            columns.append(score(fn, name, images, prompts))
-    return torch.stack(columns, dim=1)
-
-
 __all__ = [
     "DEFAULT_BATCH_SIZE",
     "IN_FLIGHT",
@@ -332,12 +278,9 @@ __all__ = [
     "is_loopback",
     "is_remote",
     "load_remote_reward",
-    "named_rewards",
     "parse_health",
     "parse_remote",
     "proxy_of",
     "redacted",
-    "score_chunks",
-    "reward_arguments",
     "with_retries",
 ]

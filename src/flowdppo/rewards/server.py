@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from flowdppo.errors import ConfigError, RewardError
-from flowdppo.rewards import Reward, load_user_reward
+from flowdppo.rewards import Reward
 from flowdppo.rewards.address import is_loopback, is_remote
 from flowdppo.rewards.remote import SERVE_EXTRA
 from flowdppo.rewards.wire import PROTOCOL, TOKEN_ENV, RequestError, check_token, decode_request, encode_scores
@@ -48,22 +48,12 @@ def require_serve_extra() -> None:
 
 def resolve_reward(name: str, device: torch.device | str) -> Reward:
     """A digits reward (``classifier_prob``, ...), an image reward (``name``, ``name@path``) or ``module:function``."""
-    from flowdppo.rewards.image import IMAGE_REWARDS, make_image_reward
-    from flowdppo.tasks.digits.rewards import DIGITS_REWARDS, make_digits_reward
+    from flowdppo.rewards.registry import RewardContext, load_reward
 
     name = name.strip()
     if is_remote(name):
         raise ConfigError(f"--reward: {name!r} is a server's address; serve a reward by name or module:function")
-    if name in DIGITS_REWARDS:
-        from flowdppo.tasks.digits.classifier import load_classifier
-
-        return make_digits_reward(name, load_classifier().to(device))
-    if name.partition("@")[0].strip() in IMAGE_REWARDS:
-        return make_image_reward(name, device)
-    if ":" in name:
-        return load_user_reward(name)
-    raise ConfigError(f"--reward: unknown reward {name!r}; choose from {', '.join([*DIGITS_REWARDS, *IMAGE_REWARDS])} "
-                      "(name@model_path for model rewards) or give your own as module:function")  # fmt: skip
+    return load_reward(name, ("digits", "image"), RewardContext(device), key="--reward")[1]
 
 
 def default_device() -> str:

@@ -22,10 +22,9 @@ import torch
 from torch import Tensor
 from torch.nn import functional
 
-from flowdppo.errors import RewardError, did_you_mean, shown
+from flowdppo.errors import RewardError
 from flowdppo.rewards import Reward
 
-VIDEO_REWARDS: tuple[str, ...] = ("temporal_consistency",)
 FEATURE_SIDE = 16
 
 
@@ -97,11 +96,3 @@ class UserVideoReward:
     def __call__(self, videos: Tensor, prompts: Sequence[Any], metadata: Any = None) -> Tensor:
         check_videos(videos)
         return self.fn(to_uint8(videos), prompts, metadata)
-
-
-def make_video_reward(name: str) -> Reward:
-    """A video-native reward by name (``VIDEO_REWARDS``)."""
-    if name == "temporal_consistency":
-        return TemporalConsistencyReward()
-    raise ValueError(f"unknown video reward {shown(name)}{did_you_mean(name, VIDEO_REWARDS)}; choose from "
-                     f"{', '.join(VIDEO_REWARDS)}")

@@ -32,7 +32,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from flowdppo.errors import ConfigError, RewardError
-from flowdppo.rewards.image import _batch, _check_local, _load_error, to_pil
+from flowdppo.rewards.common import batch_texts, check_local, load_error, to_pil
 from flowdppo.rewards.ocr import ocr_score, ocr_target
 
 QUESTIONS_KEY = "questions"
@@ -110,19 +110,19 @@ class ChatVlm:
         """``AutoProcessor`` and ``AutoModelForImageTextToText`` (safetensors) of ``path`` on ``device``, ``dtype``."""
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        _check_local(reward, path)
+        check_local(reward, path)
         local = os.path.expanduser(path)
         try:
             processor = AutoProcessor.from_pretrained(local)
         except Exception as err:
-            error = _load_error(reward, path, err)
+            error = load_error(reward, path, err)
             raise ConfigError(f"{error}{_torchvision_hint()}") from err
         if not getattr(processor, "chat_template", None) or not hasattr(processor, "tokenizer"):
             raise ConfigError(f"reward {reward!r}: the processor of {path!r} has no chat template or no tokenizer")
         try:
             model = AutoModelForImageTextToText.from_pretrained(local, use_safetensors=True)
         except Exception as err:
-            raise _load_error(reward, path, err) from err
+            raise load_error(reward, path, err) from err
         return cls(model.to(device=device, dtype=dtype), processor)
 
     def inputs(self, images: Sequence[Image.Image], texts: Sequence[str]) -> dict[str, Tensor]:
@@ -171,7 +171,7 @@ class VlmYesProbReward:
             raise ConfigError(f"reward {self.name!r}: {err}") from err
 
     def __call__(self, images: Tensor, prompts: Sequence[Any], metadata: Any = None) -> Tensor:
-        texts, metas = _batch(images, prompts, metadata)
+        texts, metas = batch_texts(images, prompts, metadata)
         questions = [
             prompt_questions(self.name, prompt, meta, self.default_question)
             for prompt, meta in zip(texts, metas, strict=True)
@@ -207,7 +207,7 @@ class VlmOcrReward:
         ]
 
     def __call__(self, images: Tensor, prompts: Sequence[Any], metadata: Any = None) -> Tensor:
-        texts, metas = _batch(images, prompts, metadata)
+        texts, metas = batch_texts(images, prompts, metadata)
         try:
             targets = [ocr_target(prompt, meta) for prompt, meta in zip(texts, metas, strict=True)]
         except RewardError as err:  # the message names the 'ocr' reward

@@ -19,8 +19,8 @@ class Task(Protocol):
     policy: Policy
     """The base policy, loaded from ``cfg.model`` (the trainer makes it trainable)."""
     rewards: list[tuple[str, Reward]]
-    """``(name in logs, reward)`` for each of ``cfg.reward.names`` (``remote.named_rewards``: a reward server's
-    reward is ``remote:NAME``, NAME the one it declares)."""
+    """``(name in logs, reward)`` for each of ``cfg.reward.names`` (``rewards.registry.load_rewards``: a reward
+    server's reward is ``remote:NAME``, NAME the one it declares)."""
 
     @staticmethod
     def policy_class(cfg) -> type:

@@ -2,24 +2,62 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch import Tensor
 
-from flowdppo.errors import ConfigError, did_you_mean, shown
+from flowdppo.errors import ConfigError
 from flowdppo.policies.pipelines import PipelinePolicy, load_pipeline_policy, pipeline_policy_class
 from flowdppo.prompts import EmbeddingCache, PromptBatch, load_prompts, make_batch, split_prompts
-from flowdppo.rewards import Reward, load_user_reward, score
-from flowdppo.rewards.image import IMAGE_REWARDS, make_image_reward
-from flowdppo.rewards.remote import is_remote, load_remote_reward, named_rewards
+from flowdppo.rewards import Reward, score
+from flowdppo.rewards.registry import RewardContext, load_rewards
 from flowdppo.rollout import sample, sample_with_path_kl
+from flowdppo.settings import Section, require, require_choice
 
 EVAL_SEED_OFFSET = 10_007  # evaluation noise never coincides with rollout noise
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TEXT_ENCODER_PLACEMENTS = ("keep", "offload", "free")
+
+
+@dataclass
+class TextToImageConfig(Section):
+    """The text_to_image task's options (``text_to_image.*``)."""
+
+    prompts: str = ""
+    """Prompt file, .txt (one per line) or .jsonl ("prompt" + metadata for the rewards)."""
+    eval_prompts: int = 8
+    """Prompts held out of the file (seeded shuffle) for evaluation and sample grids."""
+    resolution: int = 512
+    """Image height = width in pixels."""
+    negative_prompt: str = ""
+    """The unconditional branch of classifier-free guidance (sampler.guidance_scale > 1)."""
+    text_encoders: str = "offload"
+    """"keep" the text encoders on the device, "offload" them to the CPU between encodings of
+    new prompts, or "free" them once every prompt of the file is encoded (at the start of the run)."""
+    prompt_cache_mb: float = 4096.0
+    """Host memory for cached prompt embeddings; beyond it the least recently used go to disk."""
+    vae_tiling: bool = False
+    """Decode large images tile by tile (the VAE's enable_tiling): less memory, seams blended."""
+    attention_backend: str = ""
+    """The transformer's attention backend by diffusers' name (e.g. "flash", "_native_cudnn",
+    "sage"; "" keeps the default, PyTorch's scaled_dot_product_attention)."""
+    embedded_guidance: float = 3.5
+    """Guidance value fed to a guidance-distilled model's guidance embedding (FLUX.1-dev); others ignore it."""
+
+    def check(self, prefix: str = "text_to_image.") -> None:
+        require_choice(self, prefix, "text_encoders", TEXT_ENCODER_PLACEMENTS)
+        require(self, prefix, ">= 0", "eval_prompts", "resolution", "prompt_cache_mb")
 
 
 class TextToImageTask:
-    """Prompts are lines of ``cfg.prompts``; a group is ``G`` images of one prompt; the policy a pipeline."""
+    """Prompts are lines of the file ``text_to_image.prompts``; a group is ``G`` images of one prompt; the policy a
+    pipeline. The options are the task's own section (``cfg.text_to_image``; a subclass task's, its own)."""
+
+    reward_kinds: tuple[str, ...] = ("image",)
+    """The kinds of built-in rewards the task takes (``rewards.registry``), besides module:function and
+    http://HOST:PORT."""
 
     @staticmethod
     def policy_class(cfg) -> type[PipelinePolicy]:
@@ -27,27 +65,31 @@ class TextToImageTask:
         return pipeline_policy_class(cfg.model)
 
     def __init__(self, cfg, device: torch.device | str = "cpu") -> None:
-        if not cfg.prompts:
-            raise ConfigError(f"prompts: the {cfg.task} task needs a prompt file (.txt or .jsonl)")
-        self.cfg, self.device = cfg, torch.device(device)
-        self.train_records, self.eval_records = split_prompts(load_prompts(cfg.prompts), cfg.eval_prompts, cfg.seed)
+        options = getattr(cfg, cfg.task)
+        if not options.prompts:
+            raise ConfigError(f"{cfg.task}.prompts: the {cfg.task} task needs a prompt file (.txt or .jsonl)")
+        self.cfg, self.options, self.device = cfg, options, torch.device(device)
+        self.train_records, self.eval_records = split_prompts(load_prompts(options.prompts), options.eval_prompts,
+                                                              cfg.seed)  # fmt: skip
         self.policy = self.load_policy(cfg.model)
-        self.cache = EmbeddingCache(self.policy.encode_prompts, max_mb=cfg.prompt_cache_mb)
-        if cfg.text_encoders == "free":  # every prompt of the run encoded now, then the encoders dropped
+        self.cache = EmbeddingCache(self.policy.encode_prompts, max_mb=options.prompt_cache_mb)
+        if options.text_encoders == "free":  # every prompt of the run encoded now, then the encoders dropped
             records = self.train_records + self.eval_records
             self.cache.encode_missing([r["prompt"] for r in records], progress=True)
             self.policy.free_text_encoders()
-        self.rewards = named_rewards(cfg.reward.names, self.load_reward)  # (name in logs, reward)
+        self.rewards = load_rewards(cfg.reward.names, self.reward_kinds, RewardContext(self.device),
+                                    self.wrap_reward)  # (name in logs, reward)
 
     def load_policy(self, model: str = "") -> PipelinePolicy:
         """The pipeline in folder (or hub id) ``model``, in ``cfg.precision``."""
-        cfg = self.cfg
+        cfg, options = self.cfg, self.options
         if not model:
             raise ConfigError(f"model: the {cfg.task} task needs a diffusers pipeline folder or hub id")
-        return load_pipeline_policy(model, cfg.resolution, DTYPES[cfg.precision], self.device,
-                                    embedded_guidance=cfg.embedded_guidance, negative_prompt=cfg.negative_prompt,
-                                    text_encoders=cfg.text_encoders, vae_tiling=cfg.vae_tiling,
-                                    attention_backend=cfg.attention_backend, **self.policy_options())  # fmt: skip
+        return load_pipeline_policy(model, options.resolution, DTYPES[cfg.precision], self.device,
+                                    embedded_guidance=options.embedded_guidance,
+                                    negative_prompt=options.negative_prompt, text_encoders=options.text_encoders,
+                                    vae_tiling=options.vae_tiling, attention_backend=options.attention_backend,
+                                    **self.policy_options())  # fmt: skip
 
     def policy_options(self) -> dict:
         """What a subclass adds to ``load_pipeline_policy`` (its pipeline families, its sizes)."""
@@ -70,15 +112,9 @@ class TextToImageTask:
         group_ids = torch.arange(num_prompts, device=self.device).repeat_interleave(group_size)
         return make_batch(records, group_size, self.cache, self.device), group_ids
 
-    def load_reward(self, name: str) -> Reward:
-        """An image reward by name (``name`` or ``name@model_path``); ``module:function`` imports your own;
-        ``http://HOST:PORT`` is a reward server's (``flowdppo reward-server``)."""
-        source = reward_source(name)
-        if source == "remote":
-            return load_remote_reward(name)
-        if source == "user":
-            return load_user_reward(name)
-        return make_image_reward(name, self.device)
+    def wrap_reward(self, reward: Reward, source: str, name: str) -> Reward:
+        """What the task scores with, of a loaded reward (``registry.load_rewards``): an image task, the reward."""
+        return reward
 
     def fixed_batch(self, records: list[dict], per_prompt: int) -> tuple[Tensor, PromptBatch]:
         """``records``, ``per_prompt`` samples each, with noise fixed by the seed (the same for every policy)."""
@@ -126,17 +162,3 @@ class TextToImageTask:
         images = self.generate(velocity, noise, cond)
         return images.permute(0, 2, 3, 1).reshape(len(records), per_prompt, *images.shape[2:], 3).cpu().numpy()
 
-
-def reward_source(name: str, key: str = "reward.names", also: tuple[str, ...] = ()) -> str:
-    """Where reward ``name`` comes from, read from the name alone: "remote" (``http://HOST:PORT``), "user"
-    (``module:function``) or "image" (a built-in, ``name`` or ``name@model_path``); else one line naming ``key``
-    (with the closest of the image rewards and ``also``, the task's other rewards)."""
-    if is_remote(name):
-        return "remote"
-    if ":" in name and "@" not in name:
-        return "user"
-    if name.partition("@")[0] in IMAGE_REWARDS:
-        return "image"
-    suggestion = did_you_mean(name.partition("@")[0], [*IMAGE_REWARDS, *also])
-    raise ConfigError(f"{key}: unknown reward {shown(name)}{suggestion}; choose from {', '.join(IMAGE_REWARDS)} "
-                      "(optionally name@model_path) or give your own as module:function")

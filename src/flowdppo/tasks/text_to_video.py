@@ -13,6 +13,7 @@ them side by side, or ``samples.gif`` where no encoder is installed (``save_vide
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,14 +21,14 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from flowdppo.errors import ConfigError
 from flowdppo.files import write_atomic
 from flowdppo.plots import grid_mosaic
 from flowdppo.policies.pipelines import PipelinePolicy, pipeline_policy_class
 from flowdppo.policies.video import VIDEO_FAMILIES
 from flowdppo.rewards import Reward
-from flowdppo.rewards.video import VIDEO_REWARDS, FrameReward, UserVideoReward, frame_indices, make_video_reward
-from flowdppo.tasks.text_to_image import TextToImageTask, reward_source
+from flowdppo.rewards.video import FrameReward, UserVideoReward, frame_indices
+from flowdppo.settings import require
+from flowdppo.tasks.text_to_image import TextToImageConfig, TextToImageTask
 
 STRIP_FRAMES = 8  # frames per row of samples.png
 GIF_FPS = 8
@@ -35,8 +36,28 @@ VIDEO_FPS = 16  # Wan's frame rate
 MP4_CODECS = ("libx264", "h264", "mpeg4")  # the first PyAV has an encoder for
 
 
+@dataclass
+class TextToVideoConfig(TextToImageConfig):
+    """The text_to_video task's options (``text_to_video.*``): the text_to_image ones and the video's size."""
+
+    height: int = 0
+    """Frame height in pixels (0: resolution)."""
+    width: int = 0
+    """Frame width in pixels (0: resolution)."""
+    num_frames: int = 81
+    """Frames per video (Wan: 4k + 1)."""
+    vae_slicing: bool = False
+    """Decode a batch one video at a time (the VAE's enable_slicing)."""
+
+    def check(self, prefix: str = "text_to_video.") -> None:
+        super().check(prefix)
+        require(self, prefix, ">= 0", "height", "width", "num_frames")
+
+
 class TextToVideoTask(TextToImageTask):
     """``text_to_image`` with a video pipeline: latents ``(C, F, h, w)``, videos ``(F, 3, H, W)`` in [0, 1]."""
+
+    reward_kinds = ("video", "image")
 
     @staticmethod
     def policy_class(cfg) -> type[PipelinePolicy]:
@@ -48,22 +69,17 @@ class TextToVideoTask(TextToImageTask):
         super().__init__(cfg, device)
 
     def policy_options(self) -> dict:
-        cfg = self.cfg
-        return {"families": VIDEO_FAMILIES, "task": "text_to_video", "height": cfg.height, "width": cfg.width,
-                "num_frames": cfg.num_frames, "guidance_scale_2": cfg.sampler.guidance_scale_2,
-                "vae_slicing": cfg.vae_slicing}  # fmt: skip
+        cfg, options = self.cfg, self.options
+        return {"families": VIDEO_FAMILIES, "task": "text_to_video", "height": options.height, "width": options.width,
+                "num_frames": options.num_frames, "guidance_scale_2": cfg.sampler.guidance_scale_2,
+                "vae_slicing": options.vae_slicing}  # fmt: skip
 
-    def load_reward(self, name: str) -> Reward:
-        """A video reward by name; an image reward (or a reward server) scored frame by frame; a user's
-        ``module:function`` on the whole videos."""
-        if name in VIDEO_REWARDS:
-            return make_video_reward(name)
-        try:
-            reward_source(name, also=tuple(VIDEO_REWARDS))
-            reward = super().load_reward(name)
-        except ConfigError as err:
-            raise ConfigError(f"{err}; or a video reward: {', '.join(VIDEO_REWARDS)}") from err
-        if reward_source(name) == "user":
+    def wrap_reward(self, reward: Reward, source: str, name: str) -> Reward:
+        """A video reward as it is; a user's ``module:function`` on the whole videos (as uint8); an image reward (or
+        a reward server's) on ``reward.video_frames`` frames of each video."""
+        if source == "video":
+            return reward
+        if source == "user":
             return UserVideoReward(reward, name)
         return FrameReward(reward, name, self.cfg.reward.video_frames, self.cfg.reward.video_aggregation)
 

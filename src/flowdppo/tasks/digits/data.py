@@ -83,7 +83,7 @@ def as_labels(prompts: Tensor | list | tuple, device: torch.device | str | None 
     return labels if device is None else labels.to(device)
 
 
-# ---------------------------------------------------------------- high-dimensional digits (digits_upsample)
+# ---------------------------------------------------------------- high-dimensional digits (digits.upsample)
 
 
 def upsample_digits(images: Tensor, factor: int, max_shift: int | None = None,

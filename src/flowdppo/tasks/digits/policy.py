@@ -170,5 +170,5 @@ class DigitsPolicy(nn.Module):
 
 def load_base_policy(torch_dtype: torch.dtype | None = None, upsample: int = 1) -> DigitsPolicy:
     """The shipped, pretrained base policy of the digits task (``tasks/digits/weights/base``), or of
-    ``digits_upsample=upsample`` (``weights/base_u4``, ``weights/base_u8``)."""
+    ``digits.upsample=upsample`` (``weights/base_u4``, ``weights/base_u8``)."""
     return DigitsPolicy.from_pretrained(base_weights_dir(upsample), torch_dtype=torch_dtype)

@@ -78,7 +78,7 @@ def pretrain(
     ``callback(step, policy)`` is called after every step with the policy that would be returned.
     With ``out_dir`` the policy is written there with ``save_pretrained``.
 
-    ``upsample`` ``u`` > 1 trains the base of ``digits_upsample=u``: each batch's digits are upsampled ``u``
+    ``upsample`` ``u`` > 1 trains the base of ``digits.upsample=u``: each batch's digits are upsampled ``u``
     times (bicubic) with random shifts of up to ``u // 2`` pixels (``upsample_digits``) and
     ``pixel_unshuffle``d into ``(u*u, 8, 8)`` latents; the transformer is the same but for its in / out channels
     (the patch embedding and the output projection). ``u = 1`` draws nothing more: the shipped recipe.

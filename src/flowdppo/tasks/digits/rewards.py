@@ -3,7 +3,7 @@
 Images are ``(B, 1, 8, 8)`` in ``[0, 1]`` (``Policy.decode``); the classifier sees them as ``2 x - 1``.
 Prompts are digit labels ``0..9`` (a tensor, ints or digit strings).
 
-Rewards (``DIGITS_REWARDS``, a factory per name):
+Rewards (registered in ``rewards.registry``, kind "digits"):
 
 - ``classifier_prob``:    ``p(c | x)``, the classifier's probability of the prompted digit ``c``, in ``[0, 1]``;
 - ``classifier_logprob``: ``log p(c | x)``, in ``(-inf, 0]``;
@@ -17,14 +17,12 @@ Measures of forgetting: ``feature_fid`` (a Frechet distance in the classifier's 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from flowdppo.errors import did_you_mean, shown
-from flowdppo.rewards import Reward
 from flowdppo.tasks.digits.classifier import DigitClassifier, load_classifier
 from flowdppo.tasks.digits.data import NUM_CLASSES, as_labels
 
@@ -66,21 +64,6 @@ class InkReward:
 
     def __call__(self, images: Tensor, prompts: Tensor | Sequence[Any], metadata: Any = None) -> Tensor:
         return -images.float().mean(dim=tuple(range(1, images.ndim)))
-
-
-DIGITS_REWARDS: dict[str, Callable[..., Reward]] = {
-    "classifier_prob": lambda classifier=None: ClassifierReward(classifier, log=False),
-    "classifier_logprob": lambda classifier=None: ClassifierReward(classifier, log=True),
-    "ink": lambda classifier=None: InkReward(),
-}
-
-
-def make_digits_reward(name: str, classifier: DigitClassifier | None = None) -> Reward:
-    """The digits reward called ``name`` (a key of ``DIGITS_REWARDS``); rewards may share ``classifier``."""
-    if name not in DIGITS_REWARDS:
-        raise ValueError(f"unknown digits reward {shown(name)}{did_you_mean(name, DIGITS_REWARDS)}; choose one of "
-                         f"{sorted(DIGITS_REWARDS)}")
-    return DIGITS_REWARDS[name](classifier=classifier)
 
 
 @torch.no_grad()

@@ -8,28 +8,21 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flowdppo.errors import ConfigError, did_you_mean, shown
-from flowdppo.rewards import Reward, load_user_reward
-from flowdppo.rewards.remote import is_remote, load_remote_reward, named_rewards
+from flowdppo.errors import ConfigError
+from flowdppo.rewards.registry import RewardContext, load_rewards
 from flowdppo.rollout import sample, sample_with_path_kl
 from flowdppo.sde import shifted_sigmas
 from flowdppo.tasks.digits.classifier import load_classifier
 from flowdppo.tasks.digits.data import NUM_CLASSES, decode_latents, load_digits_split, to_unit_range
 from flowdppo.tasks.digits.policy import DigitsPolicy, load_base_policy
-from flowdppo.tasks.digits.rewards import (
-    DIGITS_REWARDS,
-    feature_fid,
-    group_diversity,
-    make_digits_reward,
-    prompt_accuracy,
-)
+from flowdppo.tasks.digits.rewards import ClassifierReward, feature_fid, group_diversity, prompt_accuracy
 
 EVAL_SEED_OFFSET = 10_007  # evaluation noise never coincides with rollout noise
 
 
 class DigitsTask:
     """Prompts are digit classes; a group is ``G`` samples of one class; latents are (1, 8, 8), or (u*u, 8, 8)
-    with ``digits_upsample`` u (decoded to 8x8 images for rewards and evaluation by ``decode_latents``)."""
+    with ``digits.upsample`` u (decoded to 8x8 images for rewards and evaluation by ``decode_latents``)."""
 
     latent_shape: tuple[int, ...] = (1, 8, 8)
 
@@ -40,18 +33,19 @@ class DigitsTask:
 
     def __init__(self, cfg, device: torch.device | str = "cpu") -> None:
         self.cfg, self.device = cfg, torch.device(device)
-        self.upsample = getattr(cfg, "digits_upsample", 1)
+        self.upsample = cfg.digits.upsample
         self.latent_shape = (self.upsample**2, 8, 8)
         self.classifier = load_classifier().to(self.device)
         _, _, heldout_x, heldout_y = load_digits_split()
         self.heldout_images, self.heldout_labels = to_unit_range(heldout_x).to(self.device), heldout_y.to(self.device)
-        self.train_classes = torch.tensor(sorted(cfg.digits_classes) or range(NUM_CLASSES))
-        self.eval_reward = make_digits_reward("classifier_prob", self.classifier)
+        self.train_classes = torch.tensor(sorted(cfg.digits.classes) or range(NUM_CLASSES))
+        self.eval_reward = ClassifierReward(self.classifier)
         self.policy = self.load_policy(cfg.model)
-        self.rewards = named_rewards(cfg.reward.names, self.load_reward)  # (name in logs, reward)
+        context = RewardContext(self.device, classifier=self.classifier)  # the digits rewards share the classifier
+        self.rewards = load_rewards(cfg.reward.names, ("digits",), context)  # (name in logs, reward)
 
     def load_policy(self, model: str = "") -> DigitsPolicy:
-        """The shipped base policy (of ``digits_upsample`` u), or one saved by ``DigitsPolicy.save_pretrained`` in
+        """The shipped base policy (of ``digits.upsample`` u), or one saved by ``DigitsPolicy.save_pretrained`` in
         folder ``model``; its latent must have u's ``u*u`` channels."""
         if not model:
             return load_base_policy(upsample=self.upsample).to(self.device)
@@ -62,7 +56,7 @@ class DigitsTask:
         except (OSError, ValueError) as err:  # diffusers raises OSError/ValueError on a folder it cannot read
             raise ConfigError(f"model: {model} is not a digits policy saved with save_pretrained ({err})") from err
         if policy.latent_shape != self.latent_shape:
-            raise ConfigError(f"model: {model} has latents {policy.latent_shape}, digits_upsample={self.upsample} "
+            raise ConfigError(f"model: {model} has latents {policy.latent_shape}, digits.upsample={self.upsample} "
                               f"needs {self.latent_shape} (make one with `flowdppo digits pretrain --upsample "
                               f"{self.upsample} --out DIR`)")
         return policy.to(self.device)
@@ -72,31 +66,18 @@ class DigitsTask:
         return shifted_sigmas(self.cfg.sampler.num_steps, self.cfg.sampler.shift, device=self.device)
 
     def prompts(self, num_prompts: int, group_size: int, seed: int, epoch: int) -> tuple[Tensor, Tensor]:
-        """``num_prompts`` classes (a seeded shuffle of 0..9 or of ``digits_classes``, repeated as needed), each
+        """``num_prompts`` classes (a seeded shuffle of 0..9 or of ``digits.classes``, repeated as needed), each
         ``group_size`` times.
 
         Returns ``cond`` (P*G,) labels and ``group_ids`` (P*G,).
         """
         gen = torch.Generator().manual_seed(seed * 7_919 + epoch)
-        pool = self.train_classes  # 0..9, or the digits_classes
+        pool = self.train_classes  # 0..9, or the digits.classes
         rounds = -(-num_prompts // len(pool))
         classes = torch.cat([pool[torch.randperm(len(pool), generator=gen)] for _ in range(rounds)])[:num_prompts]
         cond = classes.repeat_interleave(group_size).to(self.device)
         group_ids = torch.arange(num_prompts).repeat_interleave(group_size).to(self.device)
         return cond, group_ids
-
-    def load_reward(self, name: str) -> Reward:
-        """A built-in reward by name; ``module:function`` imports a reward of your own; ``http://HOST:PORT`` is
-        a reward server's (``flowdppo reward-server``)."""
-        if is_remote(name):
-            return load_remote_reward(name)
-        if ":" in name:
-            return load_user_reward(name)
-        if name not in DIGITS_REWARDS:
-            raise ConfigError(f"reward.names: unknown reward {shown(name)}{did_you_mean(name, DIGITS_REWARDS)}; "
-                              f"choose from {', '.join(DIGITS_REWARDS)} "
-                              "or give your own as module:function")  # fmt: skip
-        return make_digits_reward(name, self.classifier)
 
     def eval_noise(self, per_class: int) -> tuple[Tensor, Tensor]:
         gen = torch.Generator().manual_seed(self.cfg.seed + EVAL_SEED_OFFSET)
@@ -112,7 +93,7 @@ class DigitsTask:
         of the prompted class; ``eval/fid``: Frechet distance to held-out real digits in the classifier's
         feature space; ``eval/diversity``: mean pairwise distance within a class; with ``base_velocity``,
         ``eval/kl_to_base``: the path KL to the base along the same samples, in the Flow-SDE kernel
-        (``sample_with_path_kl``). With ``digits_classes``, ``eval/*`` covers those classes and ``eval_heldout/*``
+        (``sample_with_path_kl``). With ``digits.classes``, ``eval/*`` covers those classes and ``eval_heldout/*``
         the others (FID against real digits of the same classes).
         """
         noise, cond = self.eval_noise(per_class)
