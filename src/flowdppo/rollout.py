@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -55,6 +56,12 @@ class Trajectory:
     def num_elements(self) -> int:
         """Trained (sample, step) elements: ``T * B``."""
         return self.log_probs.numel()
+
+
+def guided_velocity(policy: Any, cfg: SamplerConfig) -> VelocityFn:
+    """The policy's velocity at the sampler's guidance scale, ``rollout_batch_size`` samples per call (a module
+    call: FSDP's hooks run)."""
+    return in_chunks(partial(policy, guidance_scale=cfg.guidance_scale), cfg.rollout_batch_size)
 
 
 def in_chunks(velocity: VelocityFn, size: int) -> VelocityFn:

@@ -27,7 +27,7 @@ from flowdppo.errors import ConfigError, ConsistencyError, NonFiniteError, Rewar
 from flowdppo.policies.limits import memory_error
 from flowdppo.policies.lora import adapters_disabled, experts, make_trainable, reference_policy, trainable_parameters
 from flowdppo.rewards import RewardConfig, score_chunks
-from flowdppo.rollout import in_chunks, initial_noise, rollout
+from flowdppo.rollout import guided_velocity, in_chunks, initial_noise, rollout
 from flowdppo.runs import RunFolder, evaluates
 from flowdppo.samplers import measure_sampler, trained_steps
 from flowdppo.stall import StallWatch
@@ -90,7 +90,7 @@ def run_training(cfg: TrainConfig, run: RunFolder, dist: Distributed, resume: bo
     start_epoch = state["epoch"]
     guard.load_state_dict(state.get("nonfinite", {}))
     run.start(start_epoch)
-    velocity = in_chunks(partial(policy, guidance_scale=cfg.sampler.guidance_scale), chunk)  # module call: FSDP hooks
+    velocity = guided_velocity(policy, cfg.sampler)
     measured_steps = measure_sampler(cfg.sampler)[0].stochastic_steps(cfg.sampler.num_steps)  # path KL's steps
     # Every process evaluates and samples (a sharded policy's forwards are collective); process 0 writes.
     if start_epoch == 0:

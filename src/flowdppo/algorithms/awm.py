@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from flowdppo.algorithms.base import Elements
+from flowdppo.algorithms.base import Elements, with_reference_kl
 from flowdppo.algorithms.likelihood_free import (
     LIKELIHOOD_FREE_SAMPLER,
     TIMESTEP_MODES,
@@ -135,10 +135,7 @@ class AWM(LikelihoodFree):
         rho = log_ratio.detach().exp()
         metrics = {"policy_loss": loss.detach(), "ratio_mean": rho.mean(), "ratio_max": rho.max(),
                    "ratio_min": rho.min(), "masked_fraction": clipped.float().mean()}  # fmt: skip
-        if self.cfg.loss.beta > 0:
-            ref_kl = velocity_kl(v, base_velocity, mb, cond)
-            loss = loss + self.cfg.loss.beta * ref_kl
-            metrics["ref_kl"] = ref_kl.detach()
+        loss = with_reference_kl(loss, metrics, self.cfg.loss.beta, lambda: velocity_kl(v, base_velocity, mb, cond))
         if awm.ema_kl > 0:
             ema_kl = mean_squared(v, mb["v_ema"]).mean()
             loss = loss + awm.ema_kl * ema_kl

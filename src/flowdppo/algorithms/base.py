@@ -10,6 +10,7 @@ sync across processes, clipping and the non-finite guard; a subclass writes ``el
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -26,6 +27,16 @@ from flowdppo.policies.lora import trainable_parameters
 
 if TYPE_CHECKING:
     from flowdppo.rollout import Trajectory
+
+
+def with_reference_kl(loss: Tensor, metrics: dict[str, Tensor], beta: float, kl: Callable[[], Tensor]) -> Tensor:
+    """``loss + beta * KL`` to the frozen base (``loss.beta``), the ``KL`` computed (and logged as ``ref_kl``) only
+    when ``beta > 0``: it costs a forward of the base."""
+    if beta <= 0:
+        return loss
+    value = kl()
+    metrics["ref_kl"] = value.detach()
+    return loss + beta * value
 
 
 @dataclass

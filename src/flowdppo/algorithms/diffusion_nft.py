@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from flowdppo.algorithms.base import Elements
+from flowdppo.algorithms.base import Elements, with_reference_kl
 from flowdppo.algorithms.likelihood_free import (
     LIKELIHOOD_FREE_SAMPLER,
     TIMESTEP_MODES,
@@ -132,10 +132,7 @@ class DiffusionNFT(LikelihoodFree):
         loss = per_element.mean()
         metrics = {"policy_loss": loss.detach(), "optimality_weight": r.mean(), "velocity_drift": drift.mean(),
                    "velocity_drift_max": drift.max()}  # fmt: skip
-        if self.cfg.loss.beta > 0:
-            ref_kl = velocity_kl(v, base_velocity, mb, cond)
-            loss = loss + self.cfg.loss.beta * ref_kl
-            metrics["ref_kl"] = ref_kl.detach()
+        loss = with_reference_kl(loss, metrics, self.cfg.loss.beta, lambda: velocity_kl(v, base_velocity, mb, cond))
         return loss, metrics
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import partial
 from typing import Any
 
 import torch
@@ -18,7 +17,7 @@ from torch import Tensor, nn
 from flowdppo.algorithms.base import Algorithm, Elements, index_cond
 from flowdppo.distributed import Distributed
 from flowdppo.policies.lora import trainable_parameters
-from flowdppo.rollout import Trajectory, in_chunks
+from flowdppo.rollout import Trajectory, guided_velocity
 from flowdppo.sde import upcast
 
 TIMESTEP_MODES = ("schedule", "stratified", "uniform")
@@ -90,7 +89,7 @@ def noised_elements(traj: Trajectory, advantages: Tensor, mode: str, n: int, rng
 @torch.no_grad()
 def velocities(policy: nn.Module, elements: Elements, cond, cfg) -> Tensor:
     """The policy's velocity at every element, without gradients, ``rollout_batch_size`` at a time."""
-    velocity = in_chunks(partial(policy, guidance_scale=cfg.sampler.guidance_scale), cfg.sampler.rollout_batch_size)
+    velocity = guided_velocity(policy, cfg.sampler)
     return velocity(elements.data["noised"], elements.data["sigma"], index_cond(cond, elements.data["sample"]))
 
 

@@ -17,11 +17,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from flowdppo.algorithms.base import ELEMENT_DIM_KL, ELEMENT_LOG_RATIO, Algorithm, Elements, index_cond
+from flowdppo.algorithms.base import (
+    ELEMENT_DIM_KL,
+    ELEMENT_LOG_RATIO,
+    Algorithm,
+    Elements,
+    index_cond,
+    with_reference_kl,
+)
 from flowdppo.distributed import Distributed
 from flowdppo.errors import ConsistencyError
 from flowdppo.losses import LOSSES, StepBatch, get_loss, loss_kwargs, reference_kl
-from flowdppo.rollout import Trajectory, in_chunks
+from flowdppo.rollout import Trajectory, guided_velocity
 from flowdppo.samplers import get_sampler
 from flowdppo.sde import REDUCTIONS, log_prob
 from flowdppo.settings import Section, require, require_choice
@@ -119,14 +126,13 @@ class PolicyGradient(Algorithm):
             dim = mean_new[0].numel()
             metrics[ELEMENT_DIM_KL] = dim * batch.divergence("mean")  # the full KL of the step
             metrics[ELEMENT_LOG_RATIO] = batch.logp_new - batch.logp_old  # the plain ratio, any loss
-        loss = per_element.mean()
-        if self.cfg.loss.beta > 0:
+
+        def base_kl() -> Tensor:
             with torch.no_grad():
                 mean_ref, _ = replay_step(base_velocity, mb, cond, self.cfg, self.sigma_stand_in)
-            ref_kl = reference_kl(mean_new, mean_ref, mb["stds"], self.cfg.loss.kl_reduce).mean()
-            loss = loss + self.cfg.loss.beta * ref_kl
-            metrics["ref_kl"] = ref_kl.detach()
-        return loss, metrics
+            return reference_kl(mean_new, mean_ref, mb["stds"], self.cfg.loss.kl_reduce).mean()
+
+        return with_reference_kl(per_element.mean(), metrics, self.cfg.loss.beta, base_kl), metrics
 
 
 def flat_steps(traj: Trajectory) -> dict[str, Tensor]:
@@ -153,7 +159,7 @@ def replay_step(velocity, mb: dict[str, Tensor], cond: Any, cfg, sigma_stand_in:
 @torch.no_grad()
 def replay_anchor(policy: nn.Module, traj: Trajectory, cfg) -> Trajectory:
     """Recompute ``mu_old`` and ``logp_old`` with a no-grad replay of every trained element."""
-    velocity = in_chunks(partial(policy, guidance_scale=cfg.sampler.guidance_scale), cfg.sampler.rollout_batch_size)
+    velocity = guided_velocity(policy, cfg.sampler)
     t, b = traj.log_probs.shape
     mb = flat_steps(traj)
     means, log_probs = replay_step(velocity, mb, index_cond(traj.cond, mb["sample"]), cfg, traj.sigmas[1])
