@@ -290,7 +290,8 @@ def recipe_prompts(config_file: str) -> list[str]:
 def text_tokens(cfg, prompt: str) -> int:
     """The text sequence length the recipe's pipeline produces for ``prompt`` (its own encoding, on the meta
     device, as the plan runs it)."""
-    from flowdppo.plan import DTYPES, meta_policy, prompt_embeddings
+    from flowdppo.plan import DTYPES
+    from flowdppo.plan_meta import meta_policy, prompt_embeddings
 
     embeds = prompt_embeddings(meta_policy(cfg, DTYPES[cfg.precision]), 1, prompt)
     return embeds["prompt_embeds"].shape[1]
