@@ -218,7 +218,8 @@ def evaluate_protocol(run_dir: Path, prompts_file: Path, reward_names: list[str]
     adapter = adapter_fingerprint(run_dir)
 
     # the run's settings, its prompts replaced by the file (all of it "training" records, none held out)
-    eval_cfg = replace(cfg, prompts=str(prompts_file), eval_prompts=0,
+    options = replace(task_options(cfg), prompts=str(prompts_file), eval_prompts=0)
+    eval_cfg = replace(cfg, **{cfg.task: options},
                        reward=replace(cfg.reward, names=names, weights=[1.0] * len(names)))  # fmt: skip
     device = Distributed().device(cfg.device)
     task = load_task(eval_cfg, device)
