@@ -28,14 +28,9 @@ from tiny_pipelines import save_tiny_pipeline
 
 from flowdppo import protocol
 from flowdppo.cli import main
-from flowdppo.protocol import (
-    RESULT_FORMAT,
-    bootstrap_mean_ci,
-    excludes_zero,
-    folder_fingerprint,
-    sample_noise,
-    summarize,
-)
+from flowdppo.protocol import folder_fingerprint, sample_noise
+from flowdppo.protocol_report import RESULT_FORMAT
+from flowdppo.protocol_stats import bootstrap_mean_ci, excludes_zero, summarize
 from flowdppo.tasks.text_to_image import TextToImageTask
 
 pytestmark = pytest.mark.usefixtures("one_thread")

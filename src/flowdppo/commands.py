@@ -83,14 +83,8 @@ EVAL_PER_CLASS = 50  # flowdppo eval's samples per class / held-out prompt
 
 def _eval_protocol(args: argparse.Namespace) -> int:
     """``eval RUN --prompts FILE``: base vs trained on the file, bootstrap CIs, a result JSON (``protocol.py``)."""
-    from flowdppo.protocol import (
-        DEFAULT_SAMPLES_PER_PROMPT,
-        DEFAULT_SEED,
-        evaluate_protocol,
-        format_table,
-        parse_reward_names,
-        write_result,
-    )
+    from flowdppo.protocol import DEFAULT_SAMPLES_PER_PROMPT, DEFAULT_SEED, evaluate_protocol, parse_reward_names
+    from flowdppo.protocol_report import format_table, write_result
 
     if args.per_class is not None:
         raise ConfigError("--per-class: the digits evaluation's; with --prompts give --samples-per-prompt")
@@ -107,7 +101,7 @@ def _eval_protocol(args: argparse.Namespace) -> int:
 
 def _eval_report(args: argparse.Namespace) -> int:
     """``eval --report FILE.json``: the table of a saved result, nothing sampled and no model loaded."""
-    from flowdppo.protocol import format_table, load_result
+    from flowdppo.protocol_report import format_table, load_result
 
     if args.run_dir is not None or args.prompts is not None:
         raise ConfigError("--report: re-renders a saved result; give no run folder or --prompts with it")

@@ -173,7 +173,7 @@ def check_adapter_moves_velocity(run_dir: Path, adapter_dir: Path, out: Path) ->
     velocity = partial(task.policy, guidance_scale=cfg.sampler.guidance_scale)
     base = [velocity(x, sigma, cond) for sigma in levels]
     try:
-        load_lora_adapter(task.policy, adapter_dir)
+        load_lora_adapter(task.policy, adapter_dir, cfg.optim)
     except Exception as err:  # peft / diffusers refuse a file that does not fit the model
         raise ConfigError(f"export: the adapter for {out} does not load into the run's base model "
                           f"({type(err).__name__}: {' '.join(str(err).split())}); {NO_CHECK}") from err

@@ -21,37 +21,33 @@ its bytes (read in 1 MiB chunks). In a Hugging Face hub cache a weights file is 
 sha256 of its content (Git LFS): the blob's name and size stand in for the bytes, so nothing large is read.
 The text encoders' and the VAE's weights are not hashed (their configs are). The adapter: sha256 of
 ``final/pytorch_lora_weights.safetensors`` (full fine-tuning: the same fingerprint as the model, of ``final/``).
+
+The statistics are ``protocol_stats.py``; the result file and the table, ``protocol_report.py``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import platform
 import re
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from flowdppo.config import task_options
 from flowdppo.errors import ConfigError, RewardError
-from flowdppo.files import write_text_atomic
+from flowdppo.protocol_report import RESULT_FORMAT
+from flowdppo.protocol_stats import BOOTSTRAP_CONFIDENCE, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, summarize
 
-RESULT_FORMAT = "flowdppo-eval-protocol/1"
 DEFAULT_SEED = 0
 DEFAULT_SAMPLES_PER_PROMPT = 4
-BOOTSTRAP_RESAMPLES = 10_000
-BOOTSTRAP_CONFIDENCE = 0.95
-BOOTSTRAP_SEED = 0
 HASH_CHUNK_BYTES = 1 << 20
 SAMPLE_CHUNK = 16  # samples generated (and scored) at once when the run sets no sampler.rollout_batch_size
 POLICIES = ("base", "trained")
-RESULT_KEYS = ("format", "run", "protocol", "prompts", "scores", "summary")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -83,64 +79,6 @@ def occurrences(texts: list[str]) -> list[int]:
 def sample_plan(texts: list[str], per_prompt: int) -> list[tuple[int, int, int]]:
     """Every sample as ``(prompt index, occurrence, k)``, prompt-major."""
     return [(i, occ, k) for i, occ in enumerate(occurrences(texts)) for k in range(per_prompt)]
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# statistics
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def bootstrap_mean_ci(
-    values,
-    resamples: int = BOOTSTRAP_RESAMPLES,
-    confidence: float = BOOTSTRAP_CONFIDENCE,
-    seed: int = BOOTSTRAP_SEED,
-    chunk: int = 1_000,
-) -> dict[str, float]:
-    """Mean of ``values`` (one number per prompt) and its percentile-bootstrap confidence interval.
-
-    Estimator: ``m = (1/n) sum_i v_i``. Resample ``B = resamples`` times ``n`` indices uniformly with replacement
-    (numpy's ``default_rng(seed)``, drawn ``chunk`` resamples at a time, which bounds memory and not the result),
-    ``m*_b`` the mean of resample ``b``; the interval is the empirical ``alpha/2`` and ``1 - alpha/2`` quantiles of
-    ``m*_1 .. m*_B`` (linear interpolation), ``alpha = 1 - confidence``. For the paired difference of two
-    policies on the same prompts, pass ``v_i = trained_i - base_i`` (prompts resampled together).
-
-    Returns ``{"mean": m, "low": ..., "high": ...}``; one value gives a zero-width interval.
-    """
-    values = np.asarray(values, dtype=np.float64)
-    if values.ndim != 1 or values.size == 0:
-        raise ValueError(f"bootstrap_mean_ci: needs a non-empty 1-D array, got shape {values.shape}")
-    if not 0 < confidence < 1 or resamples < 1:
-        raise ValueError(f"bootstrap_mean_ci: confidence in (0, 1) and resamples >= 1, got {confidence}, {resamples}")
-    rng = np.random.default_rng(seed)
-    n = values.size
-    means = np.concatenate([values[rng.integers(0, n, size=(min(chunk, resamples - start), n))].mean(axis=1)
-                            for start in range(0, resamples, chunk)])  # fmt: skip
-    alpha = 1 - confidence
-    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
-    return {"mean": float(values.mean()), "low": float(low), "high": float(high)}
-
-
-def per_prompt_means(scores: list[list[float]]) -> np.ndarray:
-    """A prompt's score: the mean over its K samples, ``(n_prompts,)``."""
-    return np.asarray(scores, dtype=np.float64).mean(axis=1)
-
-
-def summarize(scores: dict[str, dict[str, list[list[float]]]], reward_names: list[str],
-              resamples: int = BOOTSTRAP_RESAMPLES, confidence: float = BOOTSTRAP_CONFIDENCE,
-              seed: int = BOOTSTRAP_SEED) -> dict[str, dict[str, dict[str, float]]]:  # fmt: skip
-    """Per reward: base, trained and ``difference`` (trained - base, paired by prompt), each a bootstrap CI of the
-    mean over prompts of the per-prompt means."""
-    ci = partial(bootstrap_mean_ci, resamples=resamples, confidence=confidence, seed=seed)
-    summary = {}
-    for name in reward_names:
-        base, trained = per_prompt_means(scores["base"][name]), per_prompt_means(scores["trained"][name])
-        summary[name] = {"base": ci(base), "trained": ci(trained), "difference": ci(trained - base)}
-    return summary
-
-
-def excludes_zero(interval: dict[str, float]) -> bool:
-    return interval["low"] > 0 or interval["high"] < 0
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -280,7 +218,8 @@ def evaluate_protocol(run_dir: Path, prompts_file: Path, reward_names: list[str]
     adapter = adapter_fingerprint(run_dir)
 
     # the run's settings, its prompts replaced by the file (all of it "training" records, none held out)
-    eval_cfg = replace(cfg, prompts=str(prompts_file), eval_prompts=0,
+    options = replace(task_options(cfg), prompts=str(prompts_file), eval_prompts=0)
+    eval_cfg = replace(cfg, **{cfg.task: options},
                        reward=replace(cfg.reward, names=names, weights=[1.0] * len(names)))  # fmt: skip
     device = Distributed().device(cfg.device)
     task = load_task(eval_cfg, device)
@@ -356,79 +295,3 @@ def sample_scores(task, records: list[dict], velocities: dict, per_prompt: int, 
             bar.update(len(part))
     bar.close()
     return scores
-
-
-def write_result(result: dict, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(result, indent=1)
-    # a list of numbers on one line (a prompt's K scores, not one line per score)
-    text = re.sub(r"\[[^\[\]{}\"]*\]", lambda m: json.dumps(json.loads(m.group(0))), text)
-    write_text_atomic(path, text + "\n")
-    return path
-
-
-def load_result(path: Path) -> dict:
-    """A result written by ``write_result``; anything else is one ``ConfigError`` line."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--report: no such file {str(path)!r}")
-    try:
-        result = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"--report: {path} is not a flowdppo eval result (not JSON: {err})") from err
-    if not isinstance(result, dict) or result.get("format") != RESULT_FORMAT:
-        raise ConfigError(f'--report: {path} is not a flowdppo eval result (no "format": "{RESULT_FORMAT}")')
-    missing = [key for key in RESULT_KEYS if key not in result]
-    if missing:
-        raise ConfigError(f"--report: {path} is not a complete eval result (missing {', '.join(missing)})")
-    try:
-        format_table(result)
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
-        raise ConfigError(f"--report: {path} is a damaged eval result ({type(err).__name__}: {err})") from err
-    return result
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# the table
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def row_decimals(difference: dict[str, float]) -> int:
-    """Decimals for a reward's row: 4, or enough (up to 8) to show two digits of the difference's CI width."""
-    width = difference["high"] - difference["low"]
-    return 4 if width <= 0 else int(min(8, max(4, 1 - np.floor(np.log10(width)))))
-
-
-def format_interval(interval: dict[str, float], decimals: int = 4, signed: bool = False) -> str:
-    spec = f"{'+' if signed else ''}.{decimals}f"
-    return f"{interval['mean']:{spec}} [{interval['low']:{spec}}, {interval['high']:{spec}}]"
-
-
-def format_table(result: dict) -> str:
-    """The protocol in three lines, then per reward: base and trained means and the paired difference with their
-    bootstrap CIs (``*``: the difference's CI excludes 0). A function of the saved result alone."""
-    p = result["protocol"]
-    boot = p["bootstrap"]
-    model, adapter = p["model"], p["adapter"]
-    short = lambda digest: (digest or "unknown")[:12]  # noqa: E731
-    lines = [
-        f"run {result['run']} ({p['method']}), seed {p['seed']}",
-        f"prompts {p['prompts_file']} ({p['prompts_count']} prompts, sha256 {short(p['prompts_sha256'])}) x "
-        f"{p['samples_per_prompt']} samples; {p['sampler']} {p['steps']} steps, CFG {p['guidance_scale']:g}, "
-        f"{p['resolution']} px",
-        f"model {model['model']} (sha256 {short(model['sha256'])}), adapter sha256 {short(adapter['sha256'])}; "
-        + ", ".join(f"{k} {v}" for k, v in p["versions"].items()),
-        f"mean over prompts [{boot['confidence']:.0%} bootstrap CI, {boot['resamples']:,} resamples of prompts]",
-        "",
-    ]
-    rows = [("reward", "base", "trained", "trained - base")]
-    for name, stats in result["summary"].items():
-        mark = " *" if excludes_zero(stats["difference"]) else ""
-        decimals = row_decimals(stats["difference"])
-        rows.append((name, format_interval(stats["base"], decimals), format_interval(stats["trained"], decimals),
-                     format_interval(stats["difference"], decimals, signed=True) + mark))  # fmt: skip
-    widths = [max(len(row[c]) for row in rows) for c in range(4)]
-    lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
-    lines.append("* the difference's CI excludes 0")
-    return "\n".join(lines)
