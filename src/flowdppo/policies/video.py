@@ -29,9 +29,9 @@ from diffusers import DiffusionPipeline, WanPipeline
 from torch import Tensor, nn
 
 from flowdppo.errors import ConfigError
+from flowdppo.policies.base import ATTENTION_PROJECTIONS, PipelinePolicy
 from flowdppo.policies.comfyui import WAN_NAMES
 from flowdppo.policies.limits import positions_error
-from flowdppo.policies.pipelines import ATTENTION_PROJECTIONS, PipelinePolicy
 
 WAN_MAX_TEXT_TOKENS = 512  # WanPipeline.__call__'s max_sequence_length (its encode_prompt alone: 226)
 
