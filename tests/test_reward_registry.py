@@ -58,7 +58,7 @@ def test_an_unknown_name_says_the_closest_name_and_the_names_of_the_task(kinds, 
     with pytest.raises(ConfigError) as err:
         load_rewards([typo], kinds, RewardContext())
     message = one_line(err)
-    assert message.startswith(f"reward.names: unknown reward '{typo}'; did you mean '{suggestion}'? choose from "
+    assert message.startswith(f"reward.names: unknown reward '{typo}' (did you mean {suggestion}?); choose from "
                               f"{', '.join(valid)}")  # fmt: skip
     assert message.endswith("or give your own as module:function")
     assert not [name for name in invalid if f" {name}," in message or f" {name} " in message]
@@ -84,5 +84,5 @@ def test_the_digits_task_refuses_a_misspelt_reward_in_one_line(tmp_path, capsys)
     code = main(["train", "--out", str(tmp_path / "run"), "reward.names=[inc]", "epochs=1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
-    assert "reward.names: unknown reward 'inc'; did you mean 'ink'? choose from classifier_prob, classifier_logprob, " \
+    assert "reward.names: unknown reward 'inc' (did you mean ink?); choose from classifier_prob, classifier_logprob, " \
            "ink or give your own as module:function" in err[0]  # fmt: skip

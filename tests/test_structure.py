@@ -78,7 +78,7 @@ def test_the_cycle_finder_finds_a_cycle_and_none_in_a_tree():
 
 def test_the_graph_sees_type_only_and_function_level_imports():
     graph = import_graph()
-    assert "flowdppo.trainer" in graph["flowdppo.cli"]  # imported inside _train
+    assert "flowdppo.trainer" in graph["flowdppo.commands"]  # imported inside train_command
     assert "flowdppo.rollout" in graph["flowdppo.algorithms.base"]  # under TYPE_CHECKING only
 
 

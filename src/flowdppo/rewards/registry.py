@@ -10,14 +10,13 @@ directory or a hub id), a reward server's address (``http://HOST:PORT[?options]`
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from flowdppo.errors import ConfigError
+from flowdppo.errors import ConfigError, did_you_mean, shown
 from flowdppo.rewards import Reward, load_user_reward
 from flowdppo.rewards.address import is_remote, redacted
 from flowdppo.rewards.hps import HPS_HUB, make_hps_reward
@@ -136,11 +135,9 @@ def unknown_reward(name: str, kinds: Sequence[str], key: str) -> ConfigError:
     base, valid = name.partition("@")[0].strip(), reward_names(kinds)
     entry = REWARDS.get(base)
     other = f" (it is a{'n' if entry.kind[0] in 'aeiou' else ''} {entry.kind} reward)" if entry else ""
-    close = difflib.get_close_matches(base, valid, n=1)
-    hint = f"did you mean {close[0]!r}? " if close else ""
     at = " (name@model_path for a model reward)" if any(REWARDS[n].default_model for n in valid) else ""
-    return ConfigError(f"{key}: unknown reward {name!r}{other}; {hint}choose from {', '.join(valid)}{at} or give "
-                       "your own as module:function")  # fmt: skip
+    return ConfigError(f"{key}: unknown reward {shown(name)}{other}{did_you_mean(base, valid)}; choose from "
+                       f"{', '.join(valid)}{at} or give your own as module:function")  # fmt: skip
 
 
 def reward_source(name: str, kinds: Sequence[str] = KINDS, key: str = "reward.names") -> str:
