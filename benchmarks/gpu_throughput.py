@@ -41,18 +41,46 @@ from flowdppo.rollout import rollout
 from flowdppo.samplers import trained_steps
 
 SD35_MEDIUM = {  # stabilityai/stable-diffusion-3.5-medium transformer/config.json (2.24 B parameters)
-    "sample_size": 128, "patch_size": 2, "in_channels": 16, "num_layers": 24, "attention_head_dim": 64,
-    "num_attention_heads": 24, "joint_attention_dim": 4096, "caption_projection_dim": 1536,
-    "pooled_projection_dim": 2048, "out_channels": 16, "pos_embed_max_size": 384,
-    "dual_attention_layers": list(range(13)), "qk_norm": "rms_norm",
-}  # fmt: skip
-TINY = {"sample_size": 8, "patch_size": 2, "in_channels": 16, "num_layers": 2, "attention_head_dim": 8,
-        "num_attention_heads": 2, "joint_attention_dim": 32, "caption_projection_dim": 16,
-        "pooled_projection_dim": 24, "out_channels": 16, "pos_embed_max_size": 32}  # fmt: skip
-SD3_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 16, "block_out_channels": [128, 256, 512, 512],
-           "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
-           "layers_per_block": 2, "scaling_factor": 1.5305, "shift_factor": 0.0609, "use_quant_conv": False,
-           "use_post_quant_conv": False}  # fmt: skip
+    "sample_size": 128,
+    "patch_size": 2,
+    "in_channels": 16,
+    "num_layers": 24,
+    "attention_head_dim": 64,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "caption_projection_dim": 1536,
+    "pooled_projection_dim": 2048,
+    "out_channels": 16,
+    "pos_embed_max_size": 384,
+    "dual_attention_layers": list(range(13)),
+    "qk_norm": "rms_norm",
+}
+TINY = {
+    "sample_size": 8,
+    "patch_size": 2,
+    "in_channels": 16,
+    "num_layers": 2,
+    "attention_head_dim": 8,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 32,
+    "caption_projection_dim": 16,
+    "pooled_projection_dim": 24,
+    "out_channels": 16,
+    "pos_embed_max_size": 32,
+}
+SD3_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 16,
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "layers_per_block": 2,
+    "scaling_factor": 1.5305,
+    "shift_factor": 0.0609,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+}
 TEXT_TOKENS = 333  # 77 CLIP + 256 T5 tokens
 
 
@@ -62,9 +90,16 @@ def build_policy(size: str, resolution: int, device: str, dtype: torch.dtype) ->
     small_vae = {"block_out_channels": [8, 8, 16, 16], "layers_per_block": 1, "norm_num_groups": 8}
     vae_config = SD3_VAE if size == "sd35m" else {**SD3_VAE, **small_vae}
     pipeline = StableDiffusion3Pipeline(
-        transformer=transformer, vae=AutoencoderKL(**vae_config), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
-    )  # fmt: skip
+        transformer=transformer,
+        vae=AutoencoderKL(**vae_config),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
     pipeline.set_progress_bar_config(disable=True)
     pipeline.to(device, dtype)
     return SD3Policy(pipeline, resolution)
@@ -106,29 +141,46 @@ def main() -> None:
     make_trainable(policy, 32, 64.0, policy.lora_target_modules)
     params = trainable_parameters(policy)
     optimizer = torch.optim.AdamW(params, lr=1e-7)  # tiny lr: the rollout stays a valid anchor across repeats
-    cfg = load_config(overrides=[f"sampler.num_steps={args.steps}", f"sampler.window_size={args.trained_steps}",
-                                 "sampler.window_range=[0,2]", f"optim.minibatch_size={args.minibatch}",
-                                 f"group_size={args.group}"])  # fmt: skip
+    cfg = load_config(
+        overrides=[
+            f"sampler.num_steps={args.steps}",
+            f"sampler.window_size={args.trained_steps}",
+            "sampler.window_range=[0,2]",
+            f"optim.minibatch_size={args.minibatch}",
+            f"group_size={args.group}",
+        ]
+    )
     cfg.consistency_tolerance = float("inf")  # repeats reuse one rollout while the weights move
     cond, sigmas = random_prompts(policy, args.group, device), policy.sigmas(args.steps)
     embeds = cond.embeddings()
     noise = torch.randn((args.group, *policy.latent_shape), device=device)
     gen = torch.Generator(device).manual_seed(0)
     steps = trained_steps(cfg.sampler, 0, 0)
-    print(f"{args.size}: {sum(p.numel() for p in policy.transformer.parameters()) / 1e9:.2f} B parameters, "
-          f"{args.resolution}^2, {args.steps} steps, group {args.group}, {len(steps)} trained steps, on {device}")
+    print(
+        f"{args.size}: {sum(p.numel() for p in policy.transformer.parameters()) / 1e9:.2f} B parameters, "
+        f"{args.resolution}^2, {args.steps} steps, group {args.group}, {len(steps)} trained steps, on {device}"
+    )
 
     def ours_rollout():
         return rollout(policy.velocity, cond, noise, sigmas, cfg.sampler, steps, generator=gen)
 
     def plain_loop():
-        policy.pipeline(prompt_embeds=embeds["prompt_embeds"], pooled_prompt_embeds=embeds["pooled_prompt_embeds"],
-                        num_inference_steps=args.steps, guidance_scale=1.0, latents=noise.to(dtype),
-                        height=args.resolution, width=args.resolution, output_type="latent")  # fmt: skip
+        policy.pipeline(
+            prompt_embeds=embeds["prompt_embeds"],
+            pooled_prompt_embeds=embeds["pooled_prompt_embeds"],
+            num_inference_steps=args.steps,
+            guidance_scale=1.0,
+            latents=noise.to(dtype),
+            height=args.resolution,
+            width=args.resolution,
+            output_type="latent",
+        )
 
     with torch.no_grad():
-        times = interleaved_times({"flowdppo": synchronized(ours_rollout, device),
-                                   "diffusers": synchronized(plain_loop, device)}, args.repeats)  # fmt: skip
+        times = interleaved_times(
+            {"flowdppo": synchronized(ours_rollout, device), "diffusers": synchronized(plain_loop, device)},
+            args.repeats,
+        )
     rollout_ratio = ratio_summary(times["diffusers"], times["flowdppo"])  # images/s ratio = inverse time ratio
     rollout_ips = {k: args.group / statistics.median(v) for k, v in times.items()}
 
@@ -158,12 +210,16 @@ def main() -> None:
     policy.transformer.enable_gradient_checkpointing()
     peak_gib["gradient_checkpointing"] = peak_gib_of(raw_step, device)
     policy.transformer.disable_gradient_checkpointing()
-    times_u = interleaved_times({"update": synchronized(policy_update, device),
-                                 "raw": synchronized(raw_step, device)}, args.repeats)  # fmt: skip
-    update_ratio = ratio_summary([t / sub.num_elements for t in times_u["update"]],
-                                 [t / args.minibatch for t in times_u["raw"]])  # per element  # fmt: skip
-    per_element_ms = {"update": 1e3 * statistics.median(times_u["update"]) / sub.num_elements,
-                      "raw": 1e3 * statistics.median(times_u["raw"]) / args.minibatch}  # fmt: skip
+    times_u = interleaved_times(
+        {"update": synchronized(policy_update, device), "raw": synchronized(raw_step, device)}, args.repeats
+    )
+    update_ratio = ratio_summary(
+        [t / sub.num_elements for t in times_u["update"]], [t / args.minibatch for t in times_u["raw"]]
+    )  # per element
+    per_element_ms = {
+        "update": 1e3 * statistics.median(times_u["update"]) / sub.num_elements,
+        "raw": 1e3 * statistics.median(times_u["raw"]) / args.minibatch,
+    }
 
     def epoch():
         t = ours_rollout()
@@ -175,22 +231,41 @@ def main() -> None:
     epoch_ips = args.group / statistics.median(epoch_times)
 
     r = rollout_ratio
-    print(f"rollout images/s: flowdppo {rollout_ips['flowdppo']:.2f}, diffusers loop {rollout_ips['diffusers']:.2f}; "
-          f"ratio median {r['median']:.3f}x (min {r['min']:.3f}, max {r['max']:.3f}); target >= 0.9")  # fmt: skip
-    print(f"update per element: {per_element_ms['update']:.1f} ms vs raw fwd+bwd {per_element_ms['raw']:.1f} ms; "
-          f"ratio median {update_ratio['median']:.3f}x (min {update_ratio['min']:.3f}, max {update_ratio['max']:.3f}); "
-          "target <= 1.15")  # fmt: skip
-    print(f"peak memory of a LoRA training step ({args.minibatch} elements): {peak_gib['plain']:.1f} GiB, with "
-          f"gradient checkpointing {peak_gib['gradient_checkpointing']:.1f} GiB; rollout {rollout_peak_gib:.1f} GiB")
+    print(
+        f"rollout images/s: flowdppo {rollout_ips['flowdppo']:.2f}, diffusers loop {rollout_ips['diffusers']:.2f}; "
+        f"ratio median {r['median']:.3f}x (min {r['min']:.3f}, max {r['max']:.3f}); target >= 0.9"
+    )
+    print(
+        f"update per element: {per_element_ms['update']:.1f} ms vs raw fwd+bwd {per_element_ms['raw']:.1f} ms; "
+        f"ratio median {update_ratio['median']:.3f}x (min {update_ratio['min']:.3f}, max {update_ratio['max']:.3f}); "
+        "target <= 1.15"
+    )
+    print(
+        f"peak memory of a LoRA training step ({args.minibatch} elements): {peak_gib['plain']:.1f} GiB, with "
+        f"gradient checkpointing {peak_gib['gradient_checkpointing']:.1f} GiB; rollout {rollout_peak_gib:.1f} GiB"
+    )
     print(f"replay before any update: max |log rho| = {max_log_rho:.2e} ({policy.dtype} base, float32 LoRA)")
-    print(f"epoch: {epoch_ips:.2f} images/s (rollout + decode + update of {len(steps)} steps x {args.group} images, "
-          "no reward model); target >= 3.5")  # fmt: skip
-    result = {"size": args.size, "resolution": args.resolution, "group": args.group, "steps": args.steps,
-              "trained_steps": len(steps), "minibatch": args.minibatch, "repeats": args.repeats,
-              "rollout_images_per_s": rollout_ips, "rollout_ratio_flowdppo_over_diffusers": rollout_ratio,
-              "update_ms_per_element": per_element_ms, "update_ratio_over_raw": update_ratio,
-              "peak_train_step_gib": peak_gib, "peak_rollout_gib": rollout_peak_gib, "max_abs_log_rho": max_log_rho,
-              "epoch_images_per_s": epoch_ips}  # fmt: skip
+    print(
+        f"epoch: {epoch_ips:.2f} images/s (rollout + decode + update of {len(steps)} steps x {args.group} images, "
+        "no reward model); target >= 3.5"
+    )
+    result = {
+        "size": args.size,
+        "resolution": args.resolution,
+        "group": args.group,
+        "steps": args.steps,
+        "trained_steps": len(steps),
+        "minibatch": args.minibatch,
+        "repeats": args.repeats,
+        "rollout_images_per_s": rollout_ips,
+        "rollout_ratio_flowdppo_over_diffusers": rollout_ratio,
+        "update_ms_per_element": per_element_ms,
+        "update_ratio_over_raw": update_ratio,
+        "peak_train_step_gib": peak_gib,
+        "peak_rollout_gib": rollout_peak_gib,
+        "max_abs_log_rho": max_log_rho,
+        "epoch_images_per_s": epoch_ips,
+    }
     print(f"wrote {write_result(f'gpu_throughput_{args.size}', result, args.out)}")
 
 

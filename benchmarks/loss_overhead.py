@@ -25,10 +25,18 @@ from flowdppo.sde import flow_sde_step, log_prob, shifted_sigmas
 def tiny_transformer(width: int) -> SD3Transformer2DModel:
     heads, head_dim = 4, width // 4
     return SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=4, attention_head_dim=head_dim,
-        num_attention_heads=heads, joint_attention_dim=32, caption_projection_dim=width,
-        pooled_projection_dim=32, pos_embed_max_size=4,
-    )  # fmt: skip
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=4,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
+        joint_attention_dim=32,
+        caption_projection_dim=width,
+        pooled_projection_dim=32,
+        pos_embed_max_size=4,
+    )
 
 
 def main() -> None:
@@ -60,10 +68,15 @@ def main() -> None:
     def train_step(loss_mode: str) -> None:
         new = transition()
         batch = StepBatch(
-            logp_new=log_prob(x_next, new.mean, new.std), logp_old=logp_old, advantages=advantages,
-            mean_new=new.mean, mean_old=old.mean, std=new.std.flatten(), dt=sigma_next - sigma,
+            logp_new=log_prob(x_next, new.mean, new.std),
+            logp_old=logp_old,
+            advantages=advantages,
+            mean_new=new.mean,
+            mean_old=old.mean,
+            std=new.std.flatten(),
+            dt=sigma_next - sigma,
             step_index=torch.full((b,), 2),
-        )  # fmt: skip
+        )
         loss, _ = get_loss(loss_mode).fn(batch)
         loss.mean().backward()
         model.zero_grad(set_to_none=True)
@@ -73,8 +86,13 @@ def main() -> None:
     ms = {k: 1000 * statistics.median(v) for k, v in times.items()}
     print(f"step time flow_dppo / flow_grpo: median {r['median']:.3f}x (min {r['min']:.3f}, max {r['max']:.3f})")
     print(f"median step: flow_grpo {ms['flow_grpo']:.1f} ms, flow_dppo {ms['flow_dppo']:.1f} ms")
-    result = {"ratio_dppo_over_grpo": r, "median_step_ms": ms, "batch": b, "repeats": args.repeats,
-              "params": sum(p.numel() for p in model.parameters())}  # fmt: skip
+    result = {
+        "ratio_dppo_over_grpo": r,
+        "median_step_ms": ms,
+        "batch": b,
+        "repeats": args.repeats,
+        "params": sum(p.numel() for p in model.parameters()),
+    }
     print(f"wrote {write_result('loss_overhead', result, args.out)}")
 
 

@@ -23,8 +23,9 @@ METHODS = "flow_dppo,flow_grpo,grpo_guard,dance_grpo,diffusion_nft,awm"
 
 
 def seconds_per_epoch(method: str, epochs: int, folder: Path) -> float:
-    cfg = load_config(method, overrides=[f"epochs={epochs}", "eval_every=1000", "eval_samples_per_class=2",
-                                         "checkpoint_every=1000"])  # fmt: skip
+    cfg = load_config(
+        method, overrides=[f"epochs={epochs}", "eval_every=1000", "eval_samples_per_class=2", "checkpoint_every=1000"]
+    )
     run = train(cfg, folder / method, overwrite=True, progress=False)
     return statistics.median(row["time_s"] for row in run.rows())
 
@@ -43,13 +44,18 @@ def main() -> None:
             for method in methods if i % 2 == 0 else methods[::-1]:
                 times[method].append(seconds_per_epoch(method, args.epochs, Path(tmp)))
     reference = methods[0]
-    result = {"seconds_per_epoch": {m: statistics.median(t) for m, t in times.items()},
-              f"ratio_to_{reference}": {m: ratio_summary(t, times[reference]) for m, t in times.items()},
-              "epochs": args.epochs, "repeats": args.repeats}  # fmt: skip
+    result = {
+        "seconds_per_epoch": {m: statistics.median(t) for m, t in times.items()},
+        f"ratio_to_{reference}": {m: ratio_summary(t, times[reference]) for m, t in times.items()},
+        "epochs": args.epochs,
+        "repeats": args.repeats,
+    }
     for m in methods:
         r = result[f"ratio_to_{reference}"][m]
-        print(f"{m:>14}: {result['seconds_per_epoch'][m]:.2f} s/epoch, {r['median']:.2f}x {reference} "
-              f"(min {r['min']:.2f}, max {r['max']:.2f})")  # fmt: skip
+        print(
+            f"{m:>14}: {result['seconds_per_epoch'][m]:.2f} s/epoch, {r['median']:.2f}x {reference} "
+            f"(min {r['min']:.2f}, max {r['max']:.2f})"
+        )
     print(f"wrote {write_result('method_cost', result, args.out)}")
 
 

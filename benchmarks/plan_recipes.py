@@ -72,79 +72,200 @@ RECIPES = {
 # black-forest-labs/FLUX.1-dev text_encoder/config.json (CLIPTextModel). The layer sizes and activation also appear in
 # Stability AI's SD3.5 reference code (github.com/Stability-AI/sd3.5 sd3_infer.py, CLIPL_CONFIG).
 CLIP_L = {
-    "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "projection_dim": 768,
-    "num_hidden_layers": 12, "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
-    "layer_norm_eps": 1e-5, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
-}  # fmt: skip
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "projection_dim": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+    "pad_token_id": 1,
+}
 # OpenCLIP ViT-bigG/14 text tower as CLIPTextModelWithProjection: stable-diffusion-3.5-medium text_encoder_2/config.json
 # (the SDXL text_encoder_2 config); sizes as in sd3_infer.py CLIPG_CONFIG (gelu, 1280, 5120, 20 heads, 32 layers).
 # projection_dim 1280 (text_projection 1280 x 1280, no bias) is the published value; pad_token_id 1 is taken from the
 # CLIP-L config (it does not change the parameter count).
 CLIP_G = {
-    "vocab_size": 49408, "hidden_size": 1280, "intermediate_size": 5120, "projection_dim": 1280,
-    "num_hidden_layers": 32, "num_attention_heads": 20, "max_position_embeddings": 77, "hidden_act": "gelu",
-    "layer_norm_eps": 1e-5, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
-}  # fmt: skip
+    "vocab_size": 49408,
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "projection_dim": 1280,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+    "max_position_embeddings": 77,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-5,
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+    "pad_token_id": 1,
+}
 # T5 v1.1 XXL encoder: google/t5-v1_1-xxl config.json, as in stable-diffusion-3.5-medium text_encoder_3/config.json and
 # FLUX.1-dev text_encoder_2/config.json (T5EncoderModel); sizes also in sd3_infer.py T5_CONFIG.
 T5_XXL = {
-    "vocab_size": 32128, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_decoder_layers": 24,
-    "num_heads": 64, "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
-    "feed_forward_proj": "gated-gelu", "dense_act_fn": "gelu_new", "is_gated_act": True, "layer_norm_epsilon": 1e-6,
-    "tie_word_embeddings": False, "is_encoder_decoder": True, "pad_token_id": 0, "eos_token_id": 1,
+    "vocab_size": 32128,
+    "d_model": 4096,
+    "d_kv": 64,
+    "d_ff": 10240,
+    "num_layers": 24,
+    "num_decoder_layers": 24,
+    "num_heads": 64,
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+    "feed_forward_proj": "gated-gelu",
+    "dense_act_fn": "gelu_new",
+    "is_gated_act": True,
+    "layer_norm_epsilon": 1e-6,
+    "tie_word_embeddings": False,
+    "is_encoder_decoder": True,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
     "decoder_start_token_id": 0,
-}  # fmt: skip
+}
 # FLUX.1-dev transformer/config.json (quoted in several public repos, e.g. an Ascend FLUX.1-dev inference README
 # and GGUF loaders of FLUX.1-dev derivatives): 19 double-stream + 38 single-stream blocks, 24 heads x 128.
 FLUX1_DEV = {
-    "patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
-    "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768, "guidance_embeds": True,
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+    "guidance_embeds": True,
     "axes_dims_rope": [16, 56, 56],
-}  # fmt: skip
+}
 # FLUX.1 autoencoder (FLUX.1-dev vae/config.json): the SD3 VAE layout (128/256/512/512, 2 layers per block,
 # 16 latent channels, no quant convs) with FLUX.1's scaling / shift factors (also in BFL's "ae" params:
 # ch 128, ch_mult [1, 2, 4, 4], num_res_blocks 2, z_channels 16, scale 0.3611, shift 0.1159).
 FLUX1_VAE = {**SD3_VAE, "scaling_factor": 0.3611, "shift_factor": 0.1159}
 # Qwen-Image transformer/config.json (diffusers 0.34.0.dev0), as quoted by public Qwen-Image loaders.
 QWEN_IMAGE = {
-    "patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 60, "attention_head_dim": 128,
-    "num_attention_heads": 24, "joint_attention_dim": 3584, "guidance_embeds": False, "axes_dims_rope": [16, 56, 56],
-}  # fmt: skip
+    "patch_size": 2,
+    "in_channels": 64,
+    "out_channels": 16,
+    "num_layers": 60,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 3584,
+    "guidance_embeds": False,
+    "axes_dims_rope": [16, 56, 56],
+}
 # Qwen-Image vae/config.json (AutoencoderKLQwenImage, the Wan 2.1 VAE layout with its 16-channel statistics).
 QWEN_IMAGE_VAE = {
-    "base_dim": 96, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_scales": [],
-    "temperal_downsample": [False, True, True], "dropout": 0.0,
-    "latents_mean": [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134, -0.0715, 0.5517,
-                     -0.3632, -0.1922, -0.9497, 0.2503, -0.2921],
-    "latents_std": [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526, 2.8652, 1.5579,
-                    1.6382, 1.1253, 2.8251, 1.916],
-}  # fmt: skip
+    "base_dim": 96,
+    "z_dim": 16,
+    "dim_mult": [1, 2, 4, 4],
+    "num_res_blocks": 2,
+    "attn_scales": [],
+    "temperal_downsample": [False, True, True],
+    "dropout": 0.0,
+    "latents_mean": [
+        -0.7571,
+        -0.7089,
+        -0.9113,
+        0.1075,
+        -0.1745,
+        0.9653,
+        -0.1517,
+        1.5508,
+        0.4134,
+        -0.0715,
+        0.5517,
+        -0.3632,
+        -0.1922,
+        -0.9497,
+        0.2503,
+        -0.2921,
+    ],
+    "latents_std": [
+        2.8184,
+        1.4541,
+        2.3275,
+        2.6558,
+        1.2196,
+        1.7708,
+        2.6052,
+        2.0743,
+        3.2687,
+        2.1526,
+        2.8652,
+        1.5579,
+        1.6382,
+        1.1253,
+        2.8251,
+        1.916,
+    ],
+}
 # Qwen-Image text_encoder/config.json: Qwen2.5-VL-7B-Instruct (Qwen2_5_VLForConditionalGeneration, lm_head untied).
 # Text: 28 layers, 3584 wide, 28 heads / 4 KV heads, MLP 18944, vocab 152064 (Qwen/Qwen2.5-VL-7B-Instruct config.json;
 # the same fields are checked against Qwen-Image-Edit's text_encoder/config.json by public loaders). Vision: 32
 # blocks, 1280 wide, 16 heads, MLP 3420, merger to 3584, full attention in blocks 7/15/23/31.
 QWEN25_VL_TEXT = {
-    "vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
-    "num_attention_heads": 28, "num_key_value_heads": 4, "max_position_embeddings": 128000, "rms_norm_eps": 1e-6,
-    "hidden_act": "silu", "use_sliding_window": False, "sliding_window": 32768, "max_window_layers": 28,
+    "vocab_size": 152064,
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 128000,
+    "rms_norm_eps": 1e-6,
+    "hidden_act": "silu",
+    "use_sliding_window": False,
+    "sliding_window": 32768,
+    "max_window_layers": 28,
     "rope_parameters": {"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0},
-    "bos_token_id": 151643, "eos_token_id": 151645,
-}  # fmt: skip
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+}
 QWEN25_VL_VISION = {
-    "depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "in_chans": 3,
-    "out_hidden_size": 3584, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
-    "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2, "hidden_act": "silu",
-}  # fmt: skip
-QWEN25_VL_IDS = {"image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
-                 "vision_end_token_id": 151653}  # fmt: skip
+    "depth": 32,
+    "hidden_size": 1280,
+    "intermediate_size": 3420,
+    "num_heads": 16,
+    "in_chans": 3,
+    "out_hidden_size": 3584,
+    "patch_size": 14,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+    "window_size": 112,
+    "fullatt_block_indexes": [7, 15, 23, 31],
+    "tokens_per_second": 2,
+    "hidden_act": "silu",
+}
+QWEN25_VL_IDS = {
+    "image_token_id": 151655,
+    "video_token_id": 151656,
+    "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653,
+}
 # Scheduler configs (they do not change the memory): SD3.5's static shift 3.0; FLUX.1-dev's and Qwen-Image's dynamic
 # shifting, as tests/tiny_pipelines.py has them.
 SD35_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0}
-FLUX1_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5,
-                   "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}  # fmt: skip
-QWEN_IMAGE_SCHEDULER = {"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": True, "base_shift": 0.5,
-                        "max_shift": 0.9, "base_image_seq_len": 256, "max_image_seq_len": 8192,
-                        "shift_terminal": 0.02, "time_shift_type": "exponential"}  # fmt: skip
+FLUX1_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+QWEN_IMAGE_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 0.9,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 8192,
+    "shift_terminal": 0.02,
+    "time_shift_type": "exponential",
+}
 
 
 # ---- writing a config-only folder ----------------------------------------------------------------------------------
@@ -190,31 +311,41 @@ def write_index(folder: Path, pipeline: str, components: dict[str, tuple[str, st
 
 
 def write_sd35_medium(folder: Path) -> Path:
-    return write_index(folder, "StableDiffusion3Pipeline", {
-        "transformer": diffusers_config(folder / "transformer", "SD3Transformer2DModel", SD35_MEDIUM),
-        "vae": diffusers_config(folder / "vae", "AutoencoderKL", SD3_VAE),
-        "scheduler": scheduler(folder / "scheduler", SD35_SCHEDULER),
-        "text_encoder": transformers_config(folder / "text_encoder",
-                                            clip_config(CLIP_L, "CLIPTextModelWithProjection")),
-        "text_encoder_2": transformers_config(folder / "text_encoder_2",
-                                              clip_config(CLIP_G, "CLIPTextModelWithProjection")),
-        "text_encoder_3": transformers_config(folder / "text_encoder_3", t5_config()),
-        "tokenizer": tokenizer(folder / "tokenizer", clip_tokenizer()),
-        "tokenizer_2": tokenizer(folder / "tokenizer_2", clip_tokenizer()),
-        "tokenizer_3": tokenizer(folder / "tokenizer_3", t5_tokenizer()),
-    })  # fmt: skip
+    return write_index(
+        folder,
+        "StableDiffusion3Pipeline",
+        {
+            "transformer": diffusers_config(folder / "transformer", "SD3Transformer2DModel", SD35_MEDIUM),
+            "vae": diffusers_config(folder / "vae", "AutoencoderKL", SD3_VAE),
+            "scheduler": scheduler(folder / "scheduler", SD35_SCHEDULER),
+            "text_encoder": transformers_config(
+                folder / "text_encoder", clip_config(CLIP_L, "CLIPTextModelWithProjection")
+            ),
+            "text_encoder_2": transformers_config(
+                folder / "text_encoder_2", clip_config(CLIP_G, "CLIPTextModelWithProjection")
+            ),
+            "text_encoder_3": transformers_config(folder / "text_encoder_3", t5_config()),
+            "tokenizer": tokenizer(folder / "tokenizer", clip_tokenizer()),
+            "tokenizer_2": tokenizer(folder / "tokenizer_2", clip_tokenizer()),
+            "tokenizer_3": tokenizer(folder / "tokenizer_3", t5_tokenizer()),
+        },
+    )
 
 
 def write_flux1_dev(folder: Path) -> Path:
-    return write_index(folder, "FluxPipeline", {
-        "transformer": diffusers_config(folder / "transformer", "FluxTransformer2DModel", FLUX1_DEV),
-        "vae": diffusers_config(folder / "vae", "AutoencoderKL", FLUX1_VAE),
-        "scheduler": scheduler(folder / "scheduler", FLUX1_SCHEDULER),
-        "text_encoder": transformers_config(folder / "text_encoder", clip_config(CLIP_L, "CLIPTextModel")),
-        "text_encoder_2": transformers_config(folder / "text_encoder_2", t5_config()),
-        "tokenizer": tokenizer(folder / "tokenizer", clip_tokenizer()),
-        "tokenizer_2": tokenizer(folder / "tokenizer_2", t5_tokenizer()),
-    })  # fmt: skip
+    return write_index(
+        folder,
+        "FluxPipeline",
+        {
+            "transformer": diffusers_config(folder / "transformer", "FluxTransformer2DModel", FLUX1_DEV),
+            "vae": diffusers_config(folder / "vae", "AutoencoderKL", FLUX1_VAE),
+            "scheduler": scheduler(folder / "scheduler", FLUX1_SCHEDULER),
+            "text_encoder": transformers_config(folder / "text_encoder", clip_config(CLIP_L, "CLIPTextModel")),
+            "text_encoder_2": transformers_config(folder / "text_encoder_2", t5_config()),
+            "tokenizer": tokenizer(folder / "tokenizer", clip_tokenizer()),
+            "tokenizer_2": tokenizer(folder / "tokenizer_2", t5_tokenizer()),
+        },
+    )
 
 
 QWEN_PRETOKEN = re.compile(r"[^\r\n\w]?[^\W\d_]+| ?[^\s\w]+[\r\n]*|\d|\s+")  # Qwen2's split, ASCII approximation
@@ -267,15 +398,24 @@ def write_qwen_image(folder: Path, prompts: list[str]) -> Path:
     from transformers import Qwen2_5_VLConfig
 
     tok = qwen_prompt_tokenizer(prompts)
-    text = Qwen2_5_VLConfig(text_config=QWEN25_VL_TEXT, vision_config=QWEN25_VL_VISION, tie_word_embeddings=False,
-                            architectures=["Qwen2_5_VLForConditionalGeneration"], **QWEN25_VL_IDS)  # fmt: skip
-    return write_index(folder, "QwenImagePipeline", {
-        "transformer": diffusers_config(folder / "transformer", "QwenImageTransformer2DModel", QWEN_IMAGE),
-        "vae": diffusers_config(folder / "vae", "AutoencoderKLQwenImage", QWEN_IMAGE_VAE),
-        "scheduler": scheduler(folder / "scheduler", QWEN_IMAGE_SCHEDULER),
-        "text_encoder": transformers_config(folder / "text_encoder", text),
-        "tokenizer": tokenizer(folder / "tokenizer", tok),
-    })  # fmt: skip
+    text = Qwen2_5_VLConfig(
+        text_config=QWEN25_VL_TEXT,
+        vision_config=QWEN25_VL_VISION,
+        tie_word_embeddings=False,
+        architectures=["Qwen2_5_VLForConditionalGeneration"],
+        **QWEN25_VL_IDS,
+    )
+    return write_index(
+        folder,
+        "QwenImagePipeline",
+        {
+            "transformer": diffusers_config(folder / "transformer", "QwenImageTransformer2DModel", QWEN_IMAGE),
+            "vae": diffusers_config(folder / "vae", "AutoencoderKLQwenImage", QWEN_IMAGE_VAE),
+            "scheduler": scheduler(folder / "scheduler", QWEN_IMAGE_SCHEDULER),
+            "text_encoder": transformers_config(folder / "text_encoder", text),
+            "tokenizer": tokenizer(folder / "tokenizer", tok),
+        },
+    )
 
 
 # ---- the plans -----------------------------------------------------------------------------------------------------
@@ -301,13 +441,19 @@ def summarise(cfg, config_file: str, hub_id: str, plan, tokens: int, seconds: fl
     recipe = plan.recipe
     without = estimate(plan, replace(recipe, gradient_checkpointing=False))
     with_ = estimate(plan, replace(recipe, gradient_checkpointing=True))
-    components = {c.name: {"class": c.class_name, "params": c.params, "text_encoder": c.text_encoder}
-                  for c in plan.components}  # fmt: skip
+    components = {
+        c.name: {"class": c.class_name, "params": c.params, "text_encoder": c.text_encoder} for c in plan.components
+    }
 
     def parts(e) -> dict:
-        return {"weights_gib": e.weights / GIB, "trainable_state_gib": e.trainable_state / GIB,
-                "copies_gib": e.copies / GIB, "activations_gib": e.activations / GIB,
-                "offloaded_encoders_gib": e.encoding / GIB, "peak_gib": e.total / GIB}  # fmt: skip
+        return {
+            "weights_gib": e.weights / GIB,
+            "trainable_state_gib": e.trainable_state / GIB,
+            "copies_gib": e.copies / GIB,
+            "activations_gib": e.activations / GIB,
+            "offloaded_encoders_gib": e.encoding / GIB,
+            "peak_gib": e.total / GIB,
+        }
 
     return {
         "recipe": config_file,
@@ -349,8 +495,11 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace, root: Path) -> None:
-    writers = {"sd35_medium": lambda f, c: write_sd35_medium(f), "flux1_dev": lambda f, c: write_flux1_dev(f),
-               "qwen_image": lambda f, c: write_qwen_image(f, recipe_prompts(c))}  # fmt: skip
+    writers = {
+        "sd35_medium": lambda f, c: write_sd35_medium(f),
+        "flux1_dev": lambda f, c: write_flux1_dev(f),
+        "qwen_image": lambda f, c: write_qwen_image(f, recipe_prompts(c)),
+    }
     results = {}
     for name in args.recipes:
         config_file, folder_name = RECIPES[name]
@@ -365,12 +514,16 @@ def run(args: argparse.Namespace, root: Path) -> None:
         print(format_plan(plan).replace(str(folder), f"{folder} (config-only {hub_id})"))
         print(flush=True)
         results[name] = summarise(cfg, config_file, hub_id, plan, tokens, seconds)
-    path = write_result("plan_recipes", {
-        "note": "flowdppo plan on config-only folders of the real model sizes (meta device, no weights); estimates, "
-                "not GPU measurements",
-        "config_folders": str(args.models) if args.models else "a temporary folder (--models DIR keeps them)",
-        "recipes": results,
-    }, args.out)  # fmt: skip
+    path = write_result(
+        "plan_recipes",
+        {
+            "note": "flowdppo plan on config-only folders of the real model sizes (meta device, no weights); "
+            "estimates, not GPU measurements",
+            "config_folders": str(args.models) if args.models else "a temporary folder (--models DIR keeps them)",
+            "recipes": results,
+        },
+        args.out,
+    )
     print(f"wrote {path}")
 
 

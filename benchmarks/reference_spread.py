@@ -55,8 +55,13 @@ def run_setting(env: dict[str, str], threads: int) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".json") as cases:
         json.dump(REFERENCE, cases)
         cases.flush()
-        out = subprocess.run([sys.executable, "-c", CHILD, str(threads), cases.name], env={**os.environ, **env},
-                             check=True, capture_output=True, text=True).stdout  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-c", CHILD, str(threads), cases.name],
+            env={**os.environ, **env},
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
     return json.loads(out.splitlines()[-1])
 
 

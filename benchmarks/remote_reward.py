@@ -48,8 +48,12 @@ def emulated_model(images, prompts, metadata=None):
 def start_server(reward: str, model_ms: float) -> tuple[subprocess.Popen, str]:
     """``flowdppo reward-server`` on a free loopback port; returns the process and its URL."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "REMOTE_BENCH_MODEL_MS": str(model_ms)}
-    process = subprocess.Popen([sys.executable, "-m", "flowdppo", "reward-server", "--reward", reward, "--port", "0",
-                                "--device", "cpu"], stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "flowdppo", "reward-server", "--reward", reward, "--port", "0", "--device", "cpu"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     line = process.stdout.readline()
     if "http://" not in line:
         raise SystemExit(f"the server did not start: {line!r}")
@@ -109,8 +113,9 @@ def throughput(url: str, args) -> dict[str, float]:
     client = load_remote_reward(f"{url}?batch_size={args.batch}", in_flight=2)
     if not torch.equal(client(images, labels), local(images, labels)):
         print("note: the served scores differ from the in-process ones in the last bits (batching)")
-    times = interleaved_times({"in_process": lambda: local(images, labels), "remote": lambda: client(images, labels)},
-                              args.repeats)  # fmt: skip
+    times = interleaved_times(
+        {"in_process": lambda: local(images, labels), "remote": lambda: client(images, labels)}, args.repeats
+    )
     client.close()
     return {name: args.images / statistics.median(t) for name, t in times.items()}
 
@@ -126,8 +131,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args()
 
-    result: dict = {"images": args.images, "chunk": args.chunk, "batch": args.batch, "repeats": args.repeats,
-                    "model_ms_per_image": args.model_ms, "decode_ms_per_chunk": args.decode_ms}  # fmt: skip
+    result: dict = {
+        "images": args.images,
+        "chunk": args.chunk,
+        "batch": args.batch,
+        "repeats": args.repeats,
+        "model_ms_per_image": args.model_ms,
+        "decode_ms_per_chunk": args.decode_ms,
+    }
     server, url = start_server("classifier_prob", 0)
     try:
         result["images_per_s"] = throughput(url, args)
@@ -143,12 +154,18 @@ def main() -> None:
         server.wait()
 
     ips = result["images_per_s"]
-    print(f"classifier_prob, {args.images} images, {args.batch} per request: in-process {ips['in_process']:.0f} "
-          f"images/s, through the server {ips['remote']:.0f} images/s (in-process / server: "
-          f"{ips['in_process'] / ips['remote']:.1f}x)")
-    for key, label in (("digits_epoch_stage", "digits classifier, real decode"),
-                       ("emulated_gpu_epoch_stage", f"emulated GPU: {args.model_ms:g} ms/image model, "
-                                                    f"{args.decode_ms:g} ms/chunk decode")):  # fmt: skip
+    print(
+        f"classifier_prob, {args.images} images, {args.batch} per request: in-process {ips['in_process']:.0f} "
+        f"images/s, through the server {ips['remote']:.0f} images/s (in-process / server: "
+        f"{ips['in_process'] / ips['remote']:.1f}x)"
+    )
+    for key, label in (
+        ("digits_epoch_stage", "digits classifier, real decode"),
+        (
+            "emulated_gpu_epoch_stage",
+            f"emulated GPU: {args.model_ms:g} ms/image model, {args.decode_ms:g} ms/chunk decode",
+        ),
+    ):
         stage = result[key]
         print(f"reward stage of one epoch ({label}, {args.images} images in chunks of {args.chunk}):")
         for mode in ("sequential", "overlapped"):

@@ -50,8 +50,13 @@ def main() -> None:
     ms = {k: 1000 * statistics.median(v) for k, v in times.items()}
     print(f"rollout / plain Euler: median {r['median']:.3f}x (min {r['min']:.3f}, max {r['max']:.3f}); target <= 1.10")
     print(f"median: rollout {ms['rollout']:.1f} ms, Euler {ms['euler']:.1f} ms ({args.batch} samples, 10 steps)")
-    result = {"ratio_rollout_over_euler": r, "median_ms": ms, "batch": args.batch, "trained_steps": steps,
-              "repeats": args.repeats}  # fmt: skip
+    result = {
+        "ratio_rollout_over_euler": r,
+        "median_ms": ms,
+        "batch": args.batch,
+        "trained_steps": steps,
+        "repeats": args.repeats,
+    }
     print(f"wrote {write_result('rollout_overhead', result, args.out)}")
 
 

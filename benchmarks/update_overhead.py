@@ -40,8 +40,15 @@ def main() -> None:
     optimizer = torch.optim.AdamW(trainable_parameters(policy), lr=1e-6)  # tiny lr: the anchor stays valid
     cond, group_ids = task.prompts(cfg.prompts_per_epoch, cfg.group_size, 0, 0)
     noise = torch.randn(len(cond), 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    traj = rollout(policy.velocity, cond, noise, task.sigmas(), cfg.sampler, trained_steps(cfg.sampler, 0, 0),
-                   generator=torch.Generator())  # fmt: skip
+    traj = rollout(
+        policy.velocity,
+        cond,
+        noise,
+        task.sigmas(),
+        cfg.sampler,
+        trained_steps(cfg.sampler, 0, 0),
+        generator=torch.Generator(),
+    )
     advantages = torch.randn(len(cond))
     algorithm = PolicyGradient(cfg)
     elements = algorithm.elements(traj, advantages, policy, torch.Generator(), Distributed()).data
@@ -64,11 +71,18 @@ def main() -> None:
     times = interleaved_times({"update": policy_update, "raw": raw_step}, args.repeats)
     r = ratio_summary(times["update"], times["raw"])
     us = {k: 1e6 * statistics.median(v) / n for k, v in times.items()}
-    print(f"update / raw forward+backward: median {r['median']:.3f}x (min {r['min']:.3f}, max {r['max']:.3f}); "
-          "target <= 1.15")  # fmt: skip
+    print(
+        f"update / raw forward+backward: median {r['median']:.3f}x (min {r['min']:.3f}, max {r['max']:.3f}); "
+        "target <= 1.15"
+    )
     print(f"per trained element: update {us['update']:.0f} us, raw {us['raw']:.0f} us ({n} elements)")
-    result = {"ratio_update_over_raw": r, "median_us_per_element": us, "elements": n, "method": args.method,
-              "repeats": args.repeats}  # fmt: skip
+    result = {
+        "ratio_update_over_raw": r,
+        "median_us_per_element": us,
+        "elements": n,
+        "method": args.method,
+        "repeats": args.repeats,
+    }
     print(f"wrote {write_result('update_overhead', result, args.out)}")
 
 

@@ -57,8 +57,14 @@ def test_nft_small_b_limit_is_the_advantage_weighted_matching_gradient():
     theta = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
     loss, r = nft_loss(theta * u, (0.5 * u).detach(), noised, sigma, x0, adv, 1e-7, 5.0)
     (grad,) = torch.autograd.grad(loss, theta, torch.ones(E, dtype=torch.float64))
-    plain = torch.stack([torch.autograd.grad(x0_error(noised[i : i + 1], sigma[i : i + 1], theta * u[i : i + 1],
-                                                       x0[i : i + 1]).sum(), theta)[0] for i in range(E)])  # fmt: skip
+    plain = torch.stack(
+        [
+            torch.autograd.grad(
+                x0_error(noised[i : i + 1], sigma[i : i + 1], theta * u[i : i + 1], x0[i : i + 1]).sum(), theta
+            )[0]
+            for i in range(E)
+        ]
+    )
     torch.testing.assert_close(grad, ((2 * r - 1) * plain).sum(), rtol=1e-5, atol=1e-9)
 
 
@@ -145,10 +151,19 @@ def test_noise_levels_come_from_the_schedule():
 
 def test_noised_elements_are_forward_noised_and_split_across_processes_as_one():
     x0 = torch.randn(8, *SHAPE)
-    traj = Trajectory(cond=torch.arange(8), final=x0, step_index=torch.zeros(0), sigma=torch.zeros(0),
-                      sigma_next=torch.zeros(0), latents=torch.zeros(0), next_latents=torch.zeros(0),
-                      means=torch.zeros(0), stds=torch.zeros(0), log_probs=torch.zeros(0, 8),
-                      sigmas=torch.linspace(1, 0, 6))  # fmt: skip
+    traj = Trajectory(
+        cond=torch.arange(8),
+        final=x0,
+        step_index=torch.zeros(0),
+        sigma=torch.zeros(0),
+        sigma_next=torch.zeros(0),
+        latents=torch.zeros(0),
+        next_latents=torch.zeros(0),
+        means=torch.zeros(0),
+        stds=torch.zeros(0),
+        log_probs=torch.zeros(0, 8),
+        sigmas=torch.linspace(1, 0, 6),
+    )
     adv = torch.arange(8.0)
     whole = noised_elements(traj, adv, "schedule", 3, torch.Generator().manual_seed(1), Distributed())
     d = whole.data
@@ -159,7 +174,8 @@ def test_noised_elements_are_forward_noised_and_split_across_processes_as_one():
     for rank in (0, 1):  # process `rank` of 2 holds rows 4 * rank .. 4 * rank + 3 of the same draw
         rows = slice(4 * rank, 4 * rank + 4)
         half = Trajectory(**{**traj.__dict__, "cond": traj.cond[rows], "final": x0[rows]})
-        part = noised_elements(half, adv[rows], "schedule", 3, torch.Generator().manual_seed(1),
-                               Distributed(rank=rank, world_size=2)).data  # fmt: skip
+        part = noised_elements(
+            half, adv[rows], "schedule", 3, torch.Generator().manual_seed(1), Distributed(rank=rank, world_size=2)
+        ).data
         mine = torch.cat([torch.arange(4) + 8 * t + 4 * rank for t in range(3)])
         assert torch.equal(part["eps"], d["eps"][mine]) and torch.equal(part["sigma"], d["sigma"][mine])

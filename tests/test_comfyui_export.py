@@ -58,43 +58,66 @@ MMDIT_BLOCK = {
     **{f"attn.{p}": "x_block.attn.qkv" for p in QKV},
     **{f"attn.add_{p[3]}_proj": "context_block.attn.qkv" for p in QKV},
     **{f"attn2.{p}": "x_block.attn2.qkv" for p in QKV},
-    "attn.to_out.0": "x_block.attn.proj", "attn.to_add_out": "context_block.attn.proj",
+    "attn.to_out.0": "x_block.attn.proj",
+    "attn.to_add_out": "context_block.attn.proj",
     "attn2.to_out.0": "x_block.attn2.proj",
-    "ff.net.0.proj": "x_block.mlp.fc1", "ff.net.2": "x_block.mlp.fc2",
-    "ff_context.net.0.proj": "context_block.mlp.fc1", "ff_context.net.2": "context_block.mlp.fc2",
-    "norm1.linear": "x_block.adaLN_modulation.1", "norm1_context.linear": "context_block.adaLN_modulation.1",
-}  # fmt: skip
+    "ff.net.0.proj": "x_block.mlp.fc1",
+    "ff.net.2": "x_block.mlp.fc2",
+    "ff_context.net.0.proj": "context_block.mlp.fc1",
+    "ff_context.net.2": "context_block.mlp.fc2",
+    "norm1.linear": "x_block.adaLN_modulation.1",
+    "norm1_context.linear": "context_block.adaLN_modulation.1",
+}
 # FLUX.1 / FLUX.2: transformer_blocks.N -> double_blocks.N, single_transformer_blocks.N -> single_blocks.N
 FLUX_DOUBLE = {
     **{f"attn.{p}": "img_attn.qkv" for p in QKV},
     **{f"attn.add_{p[3]}_proj": "txt_attn.qkv" for p in QKV},
-    "attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj",
-    "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2", "ff_context.net.0.proj": "txt_mlp.0",
-    "ff_context.net.2": "txt_mlp.2", "ff.linear_in": "img_mlp.0", "ff.linear_out": "img_mlp.2",
-    "ff_context.linear_in": "txt_mlp.0", "ff_context.linear_out": "txt_mlp.2",
-    "norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin",
-}  # fmt: skip
+    "attn.to_out.0": "img_attn.proj",
+    "attn.to_add_out": "txt_attn.proj",
+    "ff.net.0.proj": "img_mlp.0",
+    "ff.net.2": "img_mlp.2",
+    "ff_context.net.0.proj": "txt_mlp.0",
+    "ff_context.net.2": "txt_mlp.2",
+    "ff.linear_in": "img_mlp.0",
+    "ff.linear_out": "img_mlp.2",
+    "ff_context.linear_in": "txt_mlp.0",
+    "ff_context.linear_out": "txt_mlp.2",
+    "norm1.linear": "img_mod.lin",
+    "norm1_context.linear": "txt_mod.lin",
+}
 FLUX_SINGLE = {
-    **{f"attn.{p}": "linear1" for p in QKV}, "proj_mlp": "linear1", "proj_out": "linear2",
-    "attn.to_qkv_mlp_proj": "linear1", "attn.to_out": "linear2", "norm.linear": "modulation.lin",
-}  # fmt: skip
-FLUX = {"transformer_blocks": ("double_blocks", FLUX_DOUBLE),
-        "single_transformer_blocks": ("single_blocks", FLUX_SINGLE)}  # fmt: skip
+    **{f"attn.{p}": "linear1" for p in QKV},
+    "proj_mlp": "linear1",
+    "proj_out": "linear2",
+    "attn.to_qkv_mlp_proj": "linear1",
+    "attn.to_out": "linear2",
+    "norm.linear": "modulation.lin",
+}
+FLUX = {
+    "transformer_blocks": ("double_blocks", FLUX_DOUBLE),
+    "single_transformer_blocks": ("single_blocks", FLUX_SINGLE),
+}
 DIFFUSERS_MAPS = {"sd3": {"transformer_blocks": ("joint_blocks", MMDIT_BLOCK)}, "flux": FLUX, "flux2_klein": FLUX}
 # Wan: diffusers' WanTransformer3DModel -> the original Wan names of ComfyUI's WanModel (blocks.N.<name>, top level)
 WAN_BLOCK = {
-    **{f"attn1.{p}": f"self_attn.{p[3]}" for p in QKV}, "attn1.to_out.0": "self_attn.o",
-    **{f"attn2.{p}": f"cross_attn.{p[3]}" for p in QKV}, "attn2.to_out.0": "cross_attn.o",
-    "attn2.add_k_proj": "cross_attn.k_img", "attn2.add_v_proj": "cross_attn.v_img",
-    "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2",
-}  # fmt: skip
+    **{f"attn1.{p}": f"self_attn.{p[3]}" for p in QKV},
+    "attn1.to_out.0": "self_attn.o",
+    **{f"attn2.{p}": f"cross_attn.{p[3]}" for p in QKV},
+    "attn2.to_out.0": "cross_attn.o",
+    "attn2.add_k_proj": "cross_attn.k_img",
+    "attn2.add_v_proj": "cross_attn.v_img",
+    "ffn.net.0.proj": "ffn.0",
+    "ffn.net.2": "ffn.2",
+}
 WAN_TOP = {
-    "patch_embedding": "patch_embedding", "proj_out": "head.head", "condition_embedder.time_proj": "time_projection.1",
+    "patch_embedding": "patch_embedding",
+    "proj_out": "head.head",
+    "condition_embedder.time_proj": "time_projection.1",
     "condition_embedder.time_embedder.linear_1": "time_embedding.0",
     "condition_embedder.time_embedder.linear_2": "time_embedding.2",
     "condition_embedder.text_embedder.linear_1": "text_embedding.0",
     "condition_embedder.text_embedder.linear_2": "text_embedding.2",
-}  # fmt: skip
+}
 IMAGE = ("sd3", "flux", "flux2_klein", "qwen_image")
 WAN = ("wan21", "wan22_ti2v", "wan22_a14b")
 HEIGHT, WIDTH, FRAMES = 32, 32, 5
@@ -110,8 +133,11 @@ def tiny(family: str):
 
 def weight_modules(transformer: nn.Module) -> dict[str, nn.Module]:
     """The modules with a LoRA-able weight (Linear, Conv), by name; a wrapped one by its base layer."""
-    modules = {n: getattr(m, "base_layer", m) for n, m in transformer.named_modules()
-               if not any(part == "base_layer" or part.startswith("lora_") for part in n.split("."))}  # fmt: skip
+    modules = {
+        n: getattr(m, "base_layer", m)
+        for n, m in transformer.named_modules()
+        if not any(part == "base_layer" or part.startswith("lora_") for part in n.split("."))
+    }
     return {n: m for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv3d))}
 
 
@@ -176,14 +202,22 @@ def run_folder(tmp_path, policy, family: str):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\na dog\n")
     task = "text_to_video" if family in WAN else "text_to_image"
-    cfg = load_config(overrides=[f"task={task}", f"model={model}", f"prompts={prompts}", f"optim.lora_rank={RANK}",
-                                 f"optim.lora_alpha={ALPHA}"])  # fmt: skip
+    cfg = load_config(
+        overrides=[
+            f"task={task}",
+            f"model={model}",
+            f"prompts={prompts}",
+            f"optim.lora_rank={RANK}",
+            f"optim.lora_alpha={ALPHA}",
+        ]
+    )
     save_config(cfg, run / "config.yaml")
     save_lora_adapter(policy, run / "final")
     checkpoint = run / "checkpoints" / "epoch_000001"
     checkpoint.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in trainable_state_dict(policy).items()},
-              str(checkpoint / "trainable.safetensors"))  # fmt: skip
+    save_file(
+        {k: v.contiguous() for k, v in trainable_state_dict(policy).items()}, str(checkpoint / "trainable.safetensors")
+    )
     (checkpoint / "state.json").write_text(json.dumps({"epoch": 1}))
     return run
 
@@ -246,12 +280,14 @@ def test_the_two_expert_files_load_in_diffusers_wan_loader_and_give_the_trained_
     make_trainable(policy, RANK, ALPHA)
     randomize_lora(policy)
     out = tmp_path / "comfy"
-    assert main(["export", str(run_folder(tmp_path, policy, "wan22_a14b")), "--out", str(out),
-                 "--format", "comfyui"]) == 0  # fmt: skip
+    assert (
+        main(["export", str(run_folder(tmp_path, policy, "wan22_a14b")), "--out", str(out), "--format", "comfyui"]) == 0
+    )
     fresh = build_tiny_wan_pipeline("wan22_a14b")
     fresh.load_lora_weights(str(out), weight_name=COMFYUI_FILE)
-    fresh.load_lora_weights(str(out), weight_name=lora_file("transformer_2", COMFYUI_FILE),
-                            load_into_transformer_2=True)  # fmt: skip
+    fresh.load_lora_weights(
+        str(out), weight_name=lora_file("transformer_2", COMFYUI_FILE), load_into_transformer_2=True
+    )
     exported = WanPolicy(fresh, HEIGHT, height=HEIGHT, width=WIDTH, num_frames=FRAMES)
     base = tiny("wan22_a14b")
     for sigma in (0.95, 0.5):  # either side of the boundary 0.875: each expert

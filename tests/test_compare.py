@@ -26,7 +26,6 @@ from flowdppo.estimators import (
     Curve,
     arm_table,
     at_matched_reward,
-    equivalence_margin,
     final_kl,
     iso_epoch,
     matched_reward,
@@ -34,6 +33,7 @@ from flowdppo.estimators import (
     run_measures,
 )
 from flowdppo.frontier import frontier, kl_at_reward, mean_ci, reward_at_kl, value_at_reward, verdict
+from flowdppo.report_cells import equivalence_margin
 
 KL = np.array([0.0, 1.0, 2.0, 3.0])
 REWARD = np.array([0.5, 0.7, 0.6, 0.9])  # the dip at KL 2 is not on the frontier
@@ -74,9 +74,18 @@ def synthetic_record(kl_scale, seed):
     """A run whose eval reward rises 0.5 -> 0.9 while its KL rises to ``kl_scale``."""
     rows = []
     for e in range(4):
-        rows.append({"epoch": e, "reward_mean": 0.5 + 0.1 * e, "kl_to_base": kl_scale * (e + 1) / 4 * (1 + 0.01 * seed),
-                     "masked_fraction": 0.1, "eval/reward": 0.6 + 0.1 * e, "eval/accuracy": 0.6 + 0.1 * e,
-                     "eval/fid": 10.0 + kl_scale, "eval/diversity": 2.0 - kl_scale})  # fmt: skip
+        rows.append(
+            {
+                "epoch": e,
+                "reward_mean": 0.5 + 0.1 * e,
+                "kl_to_base": kl_scale * (e + 1) / 4 * (1 + 0.01 * seed),
+                "masked_fraction": 0.1,
+                "eval/reward": 0.6 + 0.1 * e,
+                "eval/accuracy": 0.6 + 0.1 * e,
+                "eval/fid": 10.0 + kl_scale,
+                "eval/diversity": 2.0 - kl_scale,
+            }
+        )
     base = {"eval/reward": 0.5, "eval/accuracy": 0.5, "eval/fid": 10.0, "eval/diversity": 2.0}
     return {"base": base, "rows": rows, "wall_s": 1.0}
 
@@ -138,8 +147,9 @@ def test_matched_levels_use_the_evaluation_kl_and_give_the_ratio_per_level():
     for record in results["arms"]["flow_grpo"]["seeds"].values():
         for row in record["rows"]:
             row["eval/reward"] = 0.5
-    assert {row["summary"].why for row in matched_levels(results)} == {"0 pairs (needs 5); 5 seeds: no gain over "
-                                                                       "the base"}  # fmt: skip
+    assert {row["summary"].why for row in matched_levels(results)} == {
+        "0 pairs (needs 5); 5 seeds: no gain over the base"
+    }
 
 
 def rising(base, gains, kls, epochs=(4, 9)):
@@ -155,8 +165,10 @@ def per_seed_pairs():
     """Five regular seeds: DPPO gains 0.2 / 0.4 at KL 1 / 2, the baseline 0.1 / 0.3 at KL 2c / 4c; seed 5 gains only
     0.1 in both arms (a slow seed: a level pooled over seeds is out of its reach); seed 6's baseline never rises
     above its base; seed 7's gain, 0.01, lies within evaluation noise."""
-    pairs = [(rising(b, (0.2, 0.4), (1, 2)), rising(b, (0.1, 0.3), (2 * c, 4 * c)))
-             for b, c in zip(BASES[:5], SCALES, strict=True)]  # fmt: skip
+    pairs = [
+        (rising(b, (0.2, 0.4), (1, 2)), rising(b, (0.1, 0.3), (2 * c, 4 * c)))
+        for b, c in zip(BASES[:5], SCALES, strict=True)
+    ]
     pairs.append((rising(0.5, (0.05, 0.1), (1, 2)), rising(0.5, (0.05, 0.1), (2, 4))))
     pairs.append((rising(0.5, (0.2, 0.4), (1, 2)), rising(0.5, (0.0, -0.05), (1, 2))))
     pairs.append((rising(0.5, (0.01, 0.01), (1, 2)), rising(0.5, (0.01, 0.01), (1, 2))))
@@ -173,8 +185,9 @@ def test_matched_reward_ratio_is_read_at_each_seed_level():
     s = matched_reward(pairs)
     np.testing.assert_allclose(s.values, logs)
     half = t.ppf(0.975, 5) * np.std(logs, ddof=1) / math.sqrt(6)
-    assert s.ratio == pytest.approx((math.exp(np.mean(logs)), math.exp(np.mean(logs) - half),
-                                     math.exp(np.mean(logs) + half)))  # fmt: skip
+    assert s.ratio == pytest.approx(
+        (math.exp(np.mean(logs)), math.exp(np.mean(logs) - half), math.exp(np.mean(logs) + half))
+    )
     assert (s.pairs, s.seeds, s.below, s.why) == (6, 8, 6, "")
     assert s.left_out == {"no gain over the base": 1, "gain below 2 eval SEs": 1}
     assert s.p == pytest.approx(wilcoxon(logs).pvalue)
@@ -189,8 +202,10 @@ def test_matched_reward_ratio_is_read_at_each_seed_level():
     short = matched_reward(pairs[:4])
     assert short.why == "4 pairs (needs 5)" and math.isnan(short.ratio[0])
     # forgetting measures: differences at the same per-seed levels
-    with_fid = [(Curve(a.epoch, a.kl, a.reward, {"fid": a.kl * 10}), Curve(b.epoch, b.kl, b.reward, {"fid": b.kl}))
-                for a, b in pairs[:5]]  # fmt: skip
+    with_fid = [
+        (Curve(a.epoch, a.kl, a.reward, {"fid": a.kl * 10}), Curve(b.epoch, b.kl, b.reward, {"fid": b.kl}))
+        for a, b in pairs[:5]
+    ]
     diffs = matched_reward(with_fid, "fid", ratio=False)
     np.testing.assert_allclose(diffs.values, [10.5 - 3.1 * c for c in SCALES])
 
@@ -229,17 +244,34 @@ def test_equivalence_margin_is_the_larger_end_of_the_ci():
 
 
 def test_probe_runs_each_baseline_setting_and_words_its_criterion(tmp_path, capsys):
-    probe = {"label": "flow_grpo", "dim": 4096, "epochs": 5, "seeds": 2, "dim_kl_p90": 0.3, "bias_noise": 0.4,
-             "masked_fraction_pos_adv": 0.01, "masked_fraction_neg_adv": 0.05, "met": True}  # fmt: skip
+    probe = {
+        "label": "flow_grpo",
+        "dim": 4096,
+        "epochs": 5,
+        "seeds": 2,
+        "dim_kl_p90": 0.3,
+        "bias_noise": 0.4,
+        "masked_fraction_pos_adv": 0.01,
+        "masked_fraction_neg_adv": 0.05,
+        "met": True,
+    }
     line = probe_line({"settings": [probe]})
     assert "p90 of dim*D 0.3" in line and "bias/noise 0.4: the probe's weak criterion is met." in line
     assert probe_line({"settings": [probe | {"bias_noise": 1.5}]}).endswith("the paper's regime is reached.")
     assert probe_line({"settings": [probe | {"met": False}]}).endswith("the probe's criterion is NOT met.")
-    old = {"dim": 4096, "epochs": 5, "dim_kl_p90": 0.2, "masked_fraction_pos_adv": 0.05,
-           "masked_fraction_neg_adv": 0.14, "reached": True}  # a committed report's probe: one run, no bias/noise
-    assert probe_line(old) == ("flow_grpo (eps 1e-4), 5 epochs x 1 seed at dim 4096: p90 of dim*D 0.2 (needs >= "
-                               "0.1); clipped fraction A<0 0.140 vs A>0 0.050 (needs at least twice); the ratio's "
-                               "bias/noise not recorded: the probe's weak criterion is met.")  # fmt: skip
+    old = {
+        "dim": 4096,
+        "epochs": 5,
+        "dim_kl_p90": 0.2,
+        "masked_fraction_pos_adv": 0.05,
+        "masked_fraction_neg_adv": 0.14,
+        "reached": True,
+    }  # a committed report's probe: one run, no bias/noise
+    assert probe_line(old) == (
+        "flow_grpo (eps 1e-4), 5 epochs x 1 seed at dim 4096: p90 of dim*D 0.2 (needs >= "
+        "0.1); clipped fraction A<0 0.140 vs A>0 0.050 (needs at least twice); the ratio's "
+        "bias/noise not recorded: the probe's weak criterion is met."
+    )
     tiny = ["epochs=2", "group_size=4", "eval_samples_per_class=2"]
     measured = run_probe("dim64", tiny, tmp_path / "probe", ("flow_dppo", "flow_grpo"))["settings"]
     assert [(m["label"], m["dim"], m["seeds"], m["epochs"]) for m in measured] == [("flow_grpo", 64, 2, 2)]
@@ -255,8 +287,15 @@ def test_presets_and_half_rollouts():
     assert set(epochs) == {"flow_dppo/I1", "flow_dppo/I2", "flow_dppo/I4", "flow_dppo/half-I2"}
     assert run_overrides(epochs["flow_dppo/half-I2"], ["epochs=30"], seed=2)[-2:] == ["epochs=15", "seed=1002"]
     calib = {a.label: a for a in preset_arms("calib")}
-    assert set(calib) == {"flow_dppo", CONTROL, "flow_grpo/eps0.0003", "flow_grpo/eps0.001", "flow_grpo/eps0.003",
-                          "grpo_guard/eps5e-05", "grpo_guard/eps0.0002"}  # fmt: skip
+    assert set(calib) == {
+        "flow_dppo",
+        CONTROL,
+        "flow_grpo/eps0.0003",
+        "flow_grpo/eps0.001",
+        "flow_grpo/eps0.003",
+        "grpo_guard/eps5e-05",
+        "grpo_guard/eps0.0002",
+    }
     for dim, u in (("1024", 4), ("4096", 8)):
         arms = preset_arms(f"dim{dim}", ("flow_dppo", "flow_grpo"))
         assert [a.label for a in arms] == ["flow_dppo", "flow_grpo", CONTROL]
@@ -270,11 +309,21 @@ def test_presets_and_half_rollouts():
     assert len(preset_arms("multi", ("flow_dppo", "flow_grpo"))) == 4
     confirm = {a.label: (a.group, run_overrides(a, [], 5000)) for a in preset_arms("confirm")}
     assert set(confirm) == {"flow_dppo/tau1e-05", "flow_grpo/eps0.0001"} and len({g for g, _ in confirm.values()}) == 1
-    assert {"digits.upsample=8", "optim.lr=3e-3", "optim.inner_epochs=1", "epochs=40", "loss.kl_mask_threshold=1e-05",
-            "seed=5000"} <= set(confirm["flow_dppo/tau1e-05"][1])  # fmt: skip
+    assert {
+        "digits.upsample=8",
+        "optim.lr=3e-3",
+        "optim.inner_epochs=1",
+        "epochs=40",
+        "loss.kl_mask_threshold=1e-05",
+        "seed=5000",
+    } <= set(confirm["flow_dppo/tau1e-05"][1])
     matched = {a.label: a.group for a in preset_arms("matched")}
-    assert matched == {"flow_dppo/tau1e-05": "grpo", "flow_grpo/eps5e-05": "grpo", "flow_dppo/tau1e-09": "guard",
-                       "grpo_guard/eps2e-06": "guard"}  # fmt: skip
+    assert matched == {
+        "flow_dppo/tau1e-05": "grpo",
+        "flow_grpo/eps5e-05": "grpo",
+        "flow_dppo/tau1e-09": "guard",
+        "grpo_guard/eps2e-06": "guard",
+    }
     with pytest.raises(ValueError, match="preset must be one of"):
         preset_arms("everything")
 
@@ -291,15 +340,19 @@ def test_preregistered_seeds_are_fresh_and_the_rule_is_written_before_the_runs(t
     assert "40 seeds 5000-5039" in text and "`flowdppo compare --preset confirm --seeds 40 --seed-offset 5000`" in text
     assert "upper end of the CI of the per-seed matched-reward KL ratio" in text and "[0.8, 1.25]" in text
     # the rule applied: five seeds of the plan's first, DPPO at half the KL: claim 1 holds, 2x not refuted
-    results = synthetic_results((("flow_dppo/tau1e-05", 0.5), ("flow_grpo/eps0.0001", 1.0)), group="c",
-                                preset="confirm")  # fmt: skip
+    results = synthetic_results(
+        (("flow_dppo/tau1e-05", 0.5), ("flow_grpo/eps0.0001", 1.0)), group="c", preset="confirm"
+    )
     outcome = decision_lines("confirm", results)
     assert "**This report deviates from the plan: it ran 5 seeds 0-4; the rule is not read.**" in outcome[-3]
-    assert outcome[-1] == ("- flow_dppo/tau1e-05 vs flow_grpo/eps0.0001: ratio 0.50 [0.50, 0.50] over 5 pairs: claim "
-                           "1 holds; the >= 2x saving is not refuted; the CI inside [0.8, 1.25] (no difference): "
-                           "no.")  # fmt: skip
-    matched = synthetic_results((("flow_dppo/tau1e-05", 0.5), ("flow_grpo/eps5e-05", 1.0)), group="grpo",
-                                preset="matched")  # fmt: skip
+    assert outcome[-1] == (
+        "- flow_dppo/tau1e-05 vs flow_grpo/eps0.0001: ratio 0.50 [0.50, 0.50] over 5 pairs: claim "
+        "1 holds; the >= 2x saving is not refuted; the CI inside [0.8, 1.25] (no difference): "
+        "no."
+    )
+    matched = synthetic_results(
+        (("flow_dppo/tau1e-05", 0.5), ("flow_grpo/eps5e-05", 1.0)), group="grpo", preset="matched"
+    )
     (line,) = [x for x in decision_lines("matched", matched) if x.startswith("- flow_dppo/tau1e-05")]
     assert "reward difference 0.000 ± 0.000: matched; same-epoch KL ratio 0.50 [0.50, 0.50] (5 pairs)" in line
     assert line.endswith(": claim 1 holds.")
@@ -351,7 +404,8 @@ def test_compare_smoke_writes_the_report_and_rerenders_identically(tmp_path, cap
     (out / "results.json").write_text(json.dumps(results))
     assert main(["compare", "--report-only", str(out)]) == 2
     assert f"holds 1 of 2 runs; finish it with `flowdppo compare --preset smoke --seeds 1 --out {out} epochs=2" in (
-        capsys.readouterr().err)
+        capsys.readouterr().err
+    )
     assert (out / "REPORT.md").read_text() == report  # the finished report is left as it was
 
 
@@ -380,8 +434,10 @@ def test_across_dims_table_reads_each_dim_report(tmp_path):
     render_report(tmp_path / "dim1024")
     header, _, row = across_dims(tmp_path)
     assert "KL ratio at each seed's level 0.7" in header
-    assert row.startswith("| 1024 | flow_dppo vs flow_grpo | 0.50 [0.50, 0.50] | 5 of 5 | ratio < 0.50 or > 0.50 | "
-                          "0.50 [0.50, 0.50], 5 | 0.000 ± 0.000 | 2 |")  # fmt: skip
+    assert row.startswith(
+        "| 1024 | flow_dppo vs flow_grpo | 0.50 [0.50, 0.50] | 5 of 5 | ratio < 0.50 or > 0.50 | "
+        "0.50 [0.50, 0.50], 5 | 0.000 ± 0.000 | 2 |"
+    )
     assert row.endswith("| 0.020 / 0.300 | less KL | holds |")
     assert across_dims(tmp_path / "dim1024") == []  # no dim reports under it
     (tmp_path / "dim1024-lr").mkdir()  # the same preset with a user override: rows of its own, after the plain ones

@@ -22,22 +22,37 @@ def test_presets_carry_the_public_defaults():
     assert (dance.sampler.kind, dance.sampler.eta, dance.sampler.group_shared_noise) == ("dance_sde", 0.3, True)
     assert (dance.algorithm, dance.loss.loss_mode) == ("policy_gradient", "flow_grpo")
     nft = load_config("diffusion_nft")
-    assert (nft.algorithm, nft.sampler.kind, nft.sampler.kl_kernel, nft.loss.beta) == ("diffusion_nft", "ode",
-                                                                                      "flow_sde", 1e-4)  # fmt: skip
+    assert (nft.algorithm, nft.sampler.kind, nft.sampler.kl_kernel, nft.loss.beta) == (
+        "diffusion_nft",
+        "ode",
+        "flow_sde",
+        1e-4,
+    )
     assert (nft.nft.b, nft.nft.adv_clip_max, nft.nft.train_timesteps, nft.nft.timesteps) == (1.0, 5.0, 9, "schedule")
     awm = load_config("awm")
     assert (awm.algorithm, awm.awm.clip_range, awm.awm.weighting, awm.awm.ema_kl) == ("awm", 1.0, "ghuber", 1.0)
     control = load_config("unconstrained")
     assert (control.loss.loss_mode, control.sampler.kind, control.sampler.eta) == ("unconstrained", "flow_sde", 0.7)
-    assert set(PRESETS) == {"flow_dppo", "flow_grpo", "flow_cps", "grpo_guard", "flow_dppo_cps", "dance_grpo",
-                            "diffusion_nft", "awm", "unconstrained"}  # fmt: skip
+    assert set(PRESETS) == {
+        "flow_dppo",
+        "flow_grpo",
+        "flow_cps",
+        "grpo_guard",
+        "flow_dppo_cps",
+        "dance_grpo",
+        "diffusion_nft",
+        "awm",
+        "unconstrained",
+    }
 
 
 def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("method: flow_grpo\nepochs: 7\nloss:\n  clip_range: 3e-4\noptim:\n  lr: 1e-3\n")
-    cfg = load_config(config_file=path, overrides=["loss.clip_range=5e-4", "reward.names=[classifier_prob, ink]",
-                                                   "reward.weights=[1, 0.5]"])  # fmt: skip
+    cfg = load_config(
+        config_file=path,
+        overrides=["loss.clip_range=5e-4", "reward.names=[classifier_prob, ink]", "reward.weights=[1, 0.5]"],
+    )
     assert cfg.method == "flow_grpo" and cfg.epochs == 7 and cfg.optim.lr == 1e-3
     assert cfg.loss.clip_range == 5e-4  # command line wins over the file
     assert cfg.reward.names == ["classifier_prob", "ink"] and cfg.reward.weights == [1.0, 0.5]
@@ -74,8 +89,11 @@ def test_bad_values_name_the_key(overrides, message):
     "method,overrides,message",
     [
         ("flow_dppo", ["sampler.kind=ode"], "sampler.kind: flow_dppo trains per-step log-probabilities, which an ode"),
-        ("diffusion_nft", ["loss.kl_mask_threshold=1e-4"], "loss.kl_mask_threshold: the diffusion_nft algorithm "
-                                                           "does not use it (it reads nft.*, loss.beta)"),
+        (
+            "diffusion_nft",
+            ["loss.kl_mask_threshold=1e-4"],
+            "loss.kl_mask_threshold: the diffusion_nft algorithm does not use it (it reads nft.*, loss.beta)",
+        ),
         ("awm", ["loss.clip_range=0.2"], "loss.clip_range: the awm algorithm does not use it"),
         ("awm", ["nft.b=0.5"], "nft.b: the awm algorithm does not use it"),
         ("flow_dppo", ["awm.ema_kl=0.5"], "awm.ema_kl: the policy_gradient algorithm does not use it"),
@@ -103,8 +121,9 @@ def test_bad_sampler_algorithm_combinations_name_the_key(method, overrides, mess
 
 
 def test_likelihood_free_methods_take_any_sampler_and_their_own_keys():
-    cfg = load_config("diffusion_nft", overrides=["sampler.kind=flow_sde", "sampler.kl_kernel=rollout", "nft.b=0.1",
-                                                  "loss.beta=0.01"])  # fmt: skip
+    cfg = load_config(
+        "diffusion_nft", overrides=["sampler.kind=flow_sde", "sampler.kl_kernel=rollout", "nft.b=0.1", "loss.beta=0.01"]
+    )
     assert (cfg.sampler.kind, cfg.nft.b, cfg.loss.beta) == ("flow_sde", 0.1, 0.01)
     assert load_config("awm", overrides=["sampler.kind=cps", "sampler.eta=0.8", "awm.weighting=t"]).awm.weighting == "t"
 
@@ -135,8 +154,10 @@ def test_fsdp_is_for_full_fine_tuning():
 
 
 def test_each_task_reads_its_own_options_section_and_older_top_level_keys_still_work():
-    assert load_config(overrides=["digits_upsample=4", "digits_classes=[1, 2]"]).digits == load_config(
-        overrides=["digits.upsample=4", "digits.classes=[1, 2]"]).digits  # fmt: skip
+    assert (
+        load_config(overrides=["digits_upsample=4", "digits_classes=[1, 2]"]).digits
+        == load_config(overrides=["digits.upsample=4", "digits.classes=[1, 2]"]).digits
+    )
     image = load_config(overrides=["task=text_to_image", "prompts=p.txt", "resolution=256"])
     assert (image.text_to_image.prompts, image.text_to_image.resolution) == ("p.txt", 256)
     video = load_config(overrides=["task=text_to_video", "prompts=p.txt", "height=480", "num_frames=9"])
@@ -151,10 +172,14 @@ def test_each_task_reads_its_own_options_section_and_older_top_level_keys_still_
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["task=text_to_image", "digits.upsample=4"], "digits.upsample: an option of the digits task; task "
-                                                      "text_to_image does not read it"),
-        (["text_to_image.resolution=256"], "text_to_image.resolution: an option of the text_to_image task; task "
-                                           "digits does not read it"),
+        (
+            ["task=text_to_image", "digits.upsample=4"],
+            "digits.upsample: an option of the digits task; task text_to_image does not read it",
+        ),
+        (
+            ["text_to_image.resolution=256"],
+            "text_to_image.resolution: an option of the text_to_image task; task digits does not read it",
+        ),
         (["digits.upsample=3"], "digits.upsample: must be one of 1, 4, 8; got 3"),
         (["digits.classes=[1, 1]"], "digits.classes: distinct digits 0-9"),
         (["task=text_to_image", "text_to_image.text_encoders=gpu"], "text_to_image.text_encoders: must be one of keep"),

@@ -192,13 +192,21 @@ def test_upsampled_task_has_shipped_bases_and_trains_on_a_pretrained_one(tmp_pat
     assert main(["digits", "pretrain", "--upsample", "4", "--steps", "2", "--out", str(base)]) == 0
     policy = DigitsPolicy.from_pretrained(base)
     assert policy.latent_shape == (16, 8, 8) and policy.decode(torch.zeros(2, 16, 8, 8)).shape == (2, 1, 8, 8)
-    small = ["epochs=1", "prompts_per_epoch=2", "group_size=4", "eval_samples_per_class=2", "checkpoint_every=1000",
-             "optim.minibatch_size=4"]  # 8 samples x 2 steps = 4 mini-batches
+    small = [
+        "epochs=1",
+        "prompts_per_epoch=2",
+        "group_size=4",
+        "eval_samples_per_class=2",
+        "checkpoint_every=1000",
+        "optim.minibatch_size=4",
+    ]  # 8 samples x 2 steps = 4 mini-batches
     with pytest.raises(ConfigError, match="latents"):  # the 8x8 base cannot run at upsample 4
-        train(load_config(overrides=[*small, "digits_upsample=4", f"model={BASE_WEIGHTS_DIR}"]), tmp_path / "bad",
-              progress=False)  # fmt: skip
-    run = train(load_config(overrides=[*small, "digits_upsample=4", f"model={base}"]), tmp_path / "run",
-                progress=False)  # fmt: skip
+        train(
+            load_config(overrides=[*small, "digits_upsample=4", f"model={BASE_WEIGHTS_DIR}"]),
+            tmp_path / "bad",
+            progress=False,
+        )
+    run = train(load_config(overrides=[*small, "digits_upsample=4", f"model={base}"]), tmp_path / "run", progress=False)
     (row,) = run.rows()
     assert 0 <= row["eval/accuracy"] <= 1 and math.isfinite(row["eval/fid"])
     assert 0 <= row["dim_kl_p50"] <= row["dim_kl_p90"] <= row["dim_kl_p99"]

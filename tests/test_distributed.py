@@ -37,8 +37,7 @@ SETTINGS = [("sum", "batch"), ("sum", "group"), ("gdpo", "batch")]
 
 
 def reward_config(aggregation: str, std_scope: str) -> RewardConfig:
-    return RewardConfig(names=[n for n, _ in REWARDS], weights=[1.0, 0.5], aggregation=aggregation,
-                        std_scope=std_scope)  # fmt: skip
+    return RewardConfig(names=[n for n, _ in REWARDS], weights=[1.0, 0.5], aggregation=aggregation, std_scope=std_scope)
 
 
 def advantages_worker(rank: int, world_size: int, init_file: str, out: str) -> None:
@@ -48,8 +47,9 @@ def advantages_worker(rank: int, world_size: int, init_file: str, out: str) -> N
     rows = dist.rows(len(images), "batch")
     result = {"noise": shared_randn(torch.Generator().manual_seed(1), len(images), rows, (1, 8, 8), "cpu")}
     for setting in SETTINGS:
-        rewards, advantages = rewards_and_advantages(REWARDS, images[rows], prompts[rows], group_ids,
-                                                     reward_config(*setting), dist)  # fmt: skip
+        rewards, advantages = rewards_and_advantages(
+            REWARDS, images[rows], prompts[rows], group_ids, reward_config(*setting), dist
+        )
         result.update({f"rewards.{setting}": rewards, f"advantages.{setting}": advantages})
     torch.save(result, f"{out}.{rank}")
     torch_dist.destroy_process_group()
@@ -130,8 +130,15 @@ def test_fsdp_shards_every_parameter_and_gathers_the_one_process_state(tmp_path)
         torch.testing.assert_close(parts[0]["optimizer"][index]["momentum_buffer"], slots["momentum_buffer"])
 
 
-RUN = ["prompts_per_epoch=2", "group_size=4", "epochs=2", "eval_samples_per_class=2", "eval_every=2",
-       "optim.minibatch_size=8", "optim.grad_accum=2"]  # fmt: skip
+RUN = [
+    "prompts_per_epoch=2",
+    "group_size=4",
+    "epochs=2",
+    "eval_samples_per_class=2",
+    "eval_every=2",
+    "optim.minibatch_size=8",
+    "optim.grad_accum=2",
+]
 """8 samples x 2 trained steps = 16 elements; 2 mini-batches of 8 accumulate into one optimizer step per
 epoch on one process, 2 of 4 per process on two (DDP's no_sync on the first): the same mean gradient."""
 
@@ -161,9 +168,19 @@ def test_two_process_run_equals_one_process_run(tmp_path):
             assert r2[key] == pytest.approx(r1[key], rel=1e-5, abs=1e-7), key  # loss ~1e-8: sum(A) = 0 at rho = 1
 
 
-FSDP_RUN = ["prompts_per_epoch=2", "group_size=4", "epochs=2", "eval_samples_per_class=2", "eval_every=2",
-            "optim.minibatch_size=8", "optim.grad_accum=2", "optim.lora_rank=0", "optim.fsdp=true", "loss.beta=0.01",
-            "checkpoint_every=1"]  # fmt: skip
+FSDP_RUN = [
+    "prompts_per_epoch=2",
+    "group_size=4",
+    "epochs=2",
+    "eval_samples_per_class=2",
+    "eval_every=2",
+    "optim.minibatch_size=8",
+    "optim.grad_accum=2",
+    "optim.lora_rank=0",
+    "optim.fsdp=true",
+    "loss.beta=0.01",
+    "checkpoint_every=1",
+]
 """Full fine-tuning with the KL penalty to the frozen reference, a checkpoint after each of the 2 epochs.
 On one process ``optim.fsdp`` changes nothing, so both runs have one config and resume each other."""
 TRANSFORMER = "final/transformer/diffusion_pytorch_model.safetensors"
@@ -242,11 +259,25 @@ def test_fsdp_on_a_diffusers_pipeline_equals_one_process(tmp_path):
 
     model, prompts = save_tiny_pipeline("flux", tmp_path / "flux"), tmp_path / "prompts.txt"
     prompts.write_text("a red cat\ntwo dogs\na blue house\na green apple\n")
-    args = ["task=text_to_image", f"model={model}", f"prompts={prompts}", "eval_prompts=1", "resolution=32",
-            "epochs=1", "prompts_per_epoch=2", "group_size=2", "eval_samples_per_class=1", "optim.minibatch_size=4",
-            "optim.grad_accum=2",
-            "optim.lora_rank=0", "optim.fsdp=true", "optim.lr=1e-4", "reward.names=[jpeg_incompressibility]",
-            "sampler.num_steps=4", "sampler.window_range=[0,2]"]  # fmt: skip
+    args = [
+        "task=text_to_image",
+        f"model={model}",
+        f"prompts={prompts}",
+        "eval_prompts=1",
+        "resolution=32",
+        "epochs=1",
+        "prompts_per_epoch=2",
+        "group_size=2",
+        "eval_samples_per_class=1",
+        "optim.minibatch_size=4",
+        "optim.grad_accum=2",
+        "optim.lora_rank=0",
+        "optim.fsdp=true",
+        "optim.lr=1e-4",
+        "reward.names=[jpeg_incompressibility]",
+        "sampler.num_steps=4",
+        "sampler.window_range=[0,2]",
+    ]
     for processes in (1, 2):
         flowdppo_train(processes, "--out", str(tmp_path / f"p{processes}"), *args)
     assert_same_tensors(TRANSFORMER, tmp_path / "p1", tmp_path / "p2", WEIGHT_ATOL)
@@ -261,11 +292,27 @@ def test_fsdp_on_wan_two_processes_equal_one(tmp_path):
 
     model, prompts = save_tiny_wan_pipeline(tmp_path / "wan"), tmp_path / "prompts.txt"
     prompts.write_text("a red cat walking\ntwo dogs running\na blue house\na green apple rolling\n")
-    args = ["task=text_to_video", f"model={model}", f"prompts={prompts}", "eval_prompts=1", "height=32", "width=32",
-            "num_frames=5", "epochs=1", "prompts_per_epoch=2", "group_size=2", "eval_samples_per_class=1",
-            "optim.minibatch_size=4", "optim.grad_accum=2", "optim.lora_rank=0", "optim.fsdp=true",
-            "optim.lr=1e-4", "reward.names=[temporal_consistency]", "sampler.num_steps=4",
-            "sampler.window_range=[0,2]"]  # fmt: skip
+    args = [
+        "task=text_to_video",
+        f"model={model}",
+        f"prompts={prompts}",
+        "eval_prompts=1",
+        "height=32",
+        "width=32",
+        "num_frames=5",
+        "epochs=1",
+        "prompts_per_epoch=2",
+        "group_size=2",
+        "eval_samples_per_class=1",
+        "optim.minibatch_size=4",
+        "optim.grad_accum=2",
+        "optim.lora_rank=0",
+        "optim.fsdp=true",
+        "optim.lr=1e-4",
+        "reward.names=[temporal_consistency]",
+        "sampler.num_steps=4",
+        "sampler.window_range=[0,2]",
+    ]
     for processes in (1, 2):
         flowdppo_train(processes, "--out", str(tmp_path / f"p{processes}"), *args)
     assert_same_tensors(TRANSFORMER, tmp_path / "p1", tmp_path / "p2", WEIGHT_ATOL)

@@ -64,8 +64,9 @@ def test_nonfinite_stops_by_default_naming_the_quantity_and_where(tmp_path, monk
 @pytest.mark.parametrize("quantity", ["reward", "advantage", "loss", "grad_norm"])
 def test_nonfinite_skip_mode_never_trains_on_it_and_counts(tmp_path, monkeypatch, quantity):
     inject(monkeypatch, quantity)
-    cfg = load_config(overrides=TINY + ["epochs=2", "on_nonfinite=skip", "max_nonfinite_in_a_row=100"]
-                      + overrides_for(quantity))  # fmt: skip
+    cfg = load_config(
+        overrides=TINY + ["epochs=2", "on_nonfinite=skip", "max_nonfinite_in_a_row=100"] + overrides_for(quantity)
+    )
     run = train(cfg, tmp_path / "run", progress=False)
     rows = run.rows()
     # LoRA's B starts at zero: any optimizer step would move it. Every step was skipped, so none did.
@@ -181,14 +182,24 @@ UNSAFE_LOADS = [
 def test_no_unsafe_loads_in_the_package():
     sources = list(Path(flowdppo.__file__).parent.rglob("*.py"))
     assert len(sources) > 20
-    found = [f"{path.name}: {what}" for path in sources for pattern, what in UNSAFE_LOADS
-             if re.search(pattern, path.read_text())]  # fmt: skip
+    found = [
+        f"{path.name}: {what}"
+        for path in sources
+        for pattern, what in UNSAFE_LOADS
+        if re.search(pattern, path.read_text())
+    ]
     assert not found, found
 
 
 def test_the_unsafe_load_scan_catches_each_pattern():
-    samples = ["import pickle", "x = pickle.load(f)", "joblib.load('m.pkl')", "np.load(p, allow_pickle=True)",
-               "torch.load('w.pt')", "torch.load(p, map_location='cpu')"]  # fmt: skip
+    samples = [
+        "import pickle",
+        "x = pickle.load(f)",
+        "joblib.load('m.pkl')",
+        "np.load(p, allow_pickle=True)",
+        "torch.load('w.pt')",
+        "torch.load(p, map_location='cpu')",
+    ]
     for sample in samples:
         assert any(re.search(pattern, sample) for pattern, _ in UNSAFE_LOADS), sample
     assert not any(re.search(p, "torch.load(path, weights_only=True)") for p, _ in UNSAFE_LOADS)

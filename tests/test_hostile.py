@@ -39,9 +39,11 @@ def nested(depth: int) -> str:
 
 
 # "billion laughs": under 1 KB, 9 levels of 10 aliases each: 10^9 strings once expanded
-BILLION_LAUGHS = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
-    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]\n" for i in range(8)
-) + "epochs: *i\n"
+BILLION_LAUGHS = (
+    "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
+    + "".join(f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]\n" for i in range(8))
+    + "epochs: *i\n"
+)
 
 CONFIG_FILES = {
     "malformed": ("epochs: [1, 2\nloss: {", r"--config .*bad\.yaml: not valid YAML at line \d+"),
@@ -80,18 +82,30 @@ BAD_VALUES = {
     "unknown device": (["device=tpu9"], r"device: 'tpu9' is not a device name"),
     "absent GPU": (["device=cuda:7"], r"device: cuda:7 is not available on this machine"),
     "zero eval samples": (["eval_samples_per_class=0"], r"eval_samples_per_class: must be > 0"),
-    "alias in an override": (["reward.weights=[&w 1, *w]"], r"override 'reward\.weights=\[&w 1, \*w\]': YAML aliases "
-                                                            r"are not accepted"),
+    "alias in an override": (
+        ["reward.weights=[&w 1, *w]"],
+        r"override 'reward\.weights=\[&w 1, \*w\]': YAML aliases "
+        r"are not accepted",
+    ),
     "nft decay above 1": (["method=diffusion_nft", "nft.old_decay_max=2"], r"nft\.old_decay_max: must be in \[0, 1\]"),
     "awm decay above 1": (["method=awm", "awm.ema_decay_max=1.5"], r"awm\.ema_decay_max: must be in \[0, 1\]"),
     "lora alpha 0": (["optim.lora_alpha=0"], r"optim\.lora_alpha: must not be 0 with LoRA .* could never move"),
-    "absurd lora rank": (["optim.lora_rank=1000000000"], r"optim\.lora_rank: at most 64 for these layers .*got "
-                                                         r"1,000,000,000"),
-    "a block as a target": (["optim.lora_target_modules=[attn]"], r"optim\.lora_target_modules: transformer_blocks\.0"
-                                                                  r"\.attn \(Attention\) is not a layer LoRA wraps .*"
-                                                                  r"e\.g\. transformer_blocks\.0\.attn\.to_q"),
-    "misspelt reward": (["reward.names=[clasifier_prob]"], r"unknown reward 'clasifier_prob' \(did you mean "
-                                                           r"classifier_prob\?\)"),
+    "absurd lora rank": (
+        ["optim.lora_rank=1000000000"],
+        r"optim\.lora_rank: at most 64 for these layers .*got "
+        r"1,000,000,000",
+    ),
+    "a block as a target": (
+        ["optim.lora_target_modules=[attn]"],
+        r"optim\.lora_target_modules: transformer_blocks\.0"
+        r"\.attn \(Attention\) is not a layer LoRA wraps .*"
+        r"e\.g\. transformer_blocks\.0\.attn\.to_q",
+    ),
+    "misspelt reward": (
+        ["reward.names=[clasifier_prob]"],
+        r"unknown reward 'clasifier_prob' \(did you mean "
+        r"classifier_prob\?\)",
+    ),
     "misspelt sampler": (["sampler.kind=flow_sd"], r"sampler\.kind: .* got 'flow_sd' \(did you mean flow_sde\?\)"),
     "misspelt method": (["method=flow_grp"], r"method: .* got 'flow_grp' \(did you mean flow_grpo\?\)"),
     "misspelt key": (["sampler.knd=ode"], r"unknown config key 'sampler\.knd' \(did you mean sampler\.kind\?\)"),
@@ -106,13 +120,16 @@ def test_bad_values_are_one_line_and_write_nothing(tmp_path, capsys, case):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("override", [
-    "sampler.kind=" + "x" * 100_000,  # a long string
-    "epochs=[" + ", ".join(["1"] * 100_000) + "]",  # a long list
-    "sampler=" + "y" * 100_000,  # a long string where a section was expected
-    "x" * 100_000 + "=1",  # a long unknown key
-    "x" * 100_000,  # no "="
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "override",
+    [
+        "sampler.kind=" + "x" * 100_000,  # a long string
+        "epochs=[" + ", ".join(["1"] * 100_000) + "]",  # a long list
+        "sampler=" + "y" * 100_000,  # a long string where a section was expected
+        "x" * 100_000 + "=1",  # a long unknown key
+        "x" * 100_000,  # no "="
+    ],
+)
 def test_no_error_line_is_arbitrarily_long(tmp_path, capsys, override):
     assert main(["train", "--out", str(tmp_path / "out"), override]) == 2
     err = one_line_error(capsys, r"(sampler\.kind|epochs|sampler|unknown config key|override)")
@@ -124,8 +141,10 @@ def test_the_cpu_allocator_failing_is_the_out_of_memory_line(tmp_path, capsys, m
     import flowdppo.trainer as trainer_module
 
     def fail(*args, **kwargs):  # what torch raises when malloc fails (a RuntimeError, not a MemoryError)
-        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
-                           "memory: you tried to allocate 128000000000 bytes. Error code 12 (Cannot allocate memory)")
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+            "memory: you tried to allocate 128000000000 bytes. Error code 12 (Cannot allocate memory)"
+        )
 
     monkeypatch.setattr(trainer_module, "rollout", fail)
     assert main(["train", "--no-progress", "--out", str(tmp_path / "out"), *TINY, "epochs=1"]) == 2
@@ -172,11 +191,17 @@ def test_only_process_0_prints(tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().err == ""
 
 
-@pytest.mark.parametrize("reward,pattern", [
-    ("user_rewards:raises", r"reward 'user_rewards:raises' raised RuntimeError: the reward server is down"),
-    ("user_rewards:two_arguments", r"reward 'user_rewards:two_arguments' raised TypeError: .*reward\(images, prompts, "
-                                   r"metadata\)"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "reward,pattern",
+    [
+        ("user_rewards:raises", r"reward 'user_rewards:raises' raised RuntimeError: the reward server is down"),
+        (
+            "user_rewards:two_arguments",
+            r"reward 'user_rewards:two_arguments' raised TypeError: .*reward\(images, prompts, "
+            r"metadata\)",
+        ),
+    ],
+)
 def test_a_failing_user_reward_is_named(tmp_path, capsys, reward, pattern):
     out = tmp_path / "out"
     assert main(["train", "--no-progress", "--out", str(out), *TINY, "epochs=1", f"reward.names=[{reward}]"]) == 2
@@ -230,10 +255,46 @@ def test_a_pickle_only_model_folder_is_refused(tmp_path, capsys):
 
 
 def random_override(rng: random.Random) -> str:
-    keys = ["epochs", "seed", "loss.beta", "sampler.kind", "sampler.window_range", "reward.weights", "optim.lr",
-            "nft.b", "loss", "sampler", "x.y.z", "method", "reward.names", "sampler.eta", ""]  # fmt: skip
-    values = ["1", "-1", "0", "1e400", "nan", "[", "]", "{a: 1}", "[1, 2]", "!!python/name:os.system", "'s'",
-              "~", "true", "flow_sde", "[ode]", "\x00", "é", "1" * 40, ": :", "*a", "&a [1]"]  # fmt: skip
+    keys = [
+        "epochs",
+        "seed",
+        "loss.beta",
+        "sampler.kind",
+        "sampler.window_range",
+        "reward.weights",
+        "optim.lr",
+        "nft.b",
+        "loss",
+        "sampler",
+        "x.y.z",
+        "method",
+        "reward.names",
+        "sampler.eta",
+        "",
+    ]
+    values = [
+        "1",
+        "-1",
+        "0",
+        "1e400",
+        "nan",
+        "[",
+        "]",
+        "{a: 1}",
+        "[1, 2]",
+        "!!python/name:os.system",
+        "'s'",
+        "~",
+        "true",
+        "flow_sde",
+        "[ode]",
+        "\x00",
+        "é",
+        "1" * 40,
+        ": :",
+        "*a",
+        "&a [1]",
+    ]
     if rng.random() < 0.6:  # a valid one, so that some combinations load
         return rng.choice(["epochs=3", "loss.beta=0.01", "seed=5", "sampler.eta=0.5", "optim.lr=1e-4"])
     key = rng.choice(keys) + rng.choice(["", "", ".kind", "x"])
@@ -242,9 +303,29 @@ def random_override(rng: random.Random) -> str:
 
 
 def random_yaml(rng: random.Random) -> str:
-    pieces = ["epochs: 3\n", "loss:\n  beta: ", "[", "{", "}", "]", "- ", "!!python/tuple [1]", "\t", ": ", "'",
-              '"', "sampler: {kind: ode}\n", "method: awm\n", "&x 1\n", "*x\n", "---\n", "? a\n", "%YAML 1.1\n",
-              "nft: {b: -1}\n", "reward: {weights: [0]}\n"]  # fmt: skip
+    pieces = [
+        "epochs: 3\n",
+        "loss:\n  beta: ",
+        "[",
+        "{",
+        "}",
+        "]",
+        "- ",
+        "!!python/tuple [1]",
+        "\t",
+        ": ",
+        "'",
+        '"',
+        "sampler: {kind: ode}\n",
+        "method: awm\n",
+        "&x 1\n",
+        "*x\n",
+        "---\n",
+        "? a\n",
+        "%YAML 1.1\n",
+        "nft: {b: -1}\n",
+        "reward: {weights: [0]}\n",
+    ]
     if rng.random() < 0.3:
         return rng.choice(["epochs: 3\n", "loss:\n  beta: 0.1\n", "{}\n", "optim: {lr: 0.001}\n"])
     return "".join(rng.choice(pieces) for _ in range(rng.randint(1, 8)))
@@ -306,25 +387,49 @@ def rows_of(run: Path) -> list[dict]:
 
 def test_a_constant_reward_warns_then_stops_with_the_epochs_kept(tmp_path, capsys):
     out = tmp_path / "out"
-    args = ["train", "--no-progress", "--out", str(out), *TINY, "epochs=6", "checkpoint_every=1",
-            "reward.names=[user_rewards:constant]"]  # fmt: skip
+    args = [
+        "train",
+        "--no-progress",
+        "--out",
+        str(out),
+        *TINY,
+        "epochs=6",
+        "checkpoint_every=1",
+        "reward.names=[user_rewards:constant]",
+    ]
     assert main([*args, "stall_epochs=2"]) == 2
     captured = capsys.readouterr()
     assert "flowdppo: warning: nothing to learn at epoch 0: every group's rewards are equal" in captured.out
     assert "(stall_epochs)" in captured.out
     err = captured.err.strip()
-    assert err.count("\n") == 0 and re.fullmatch(r"flowdppo: error: nothing to learn for 2 epochs in a row \(up to "
-                                                 r"epoch 1\): every group's rewards are equal \(mean 0\.5\): no "
-                                                 r"advantage signal; .*reward\.names.*\(stall_epochs=0 trains on "
-                                                 r"regardless\)", err), err  # fmt: skip
+    assert err.count("\n") == 0 and re.fullmatch(
+        r"flowdppo: error: nothing to learn for 2 epochs in a row \(up to "
+        r"epoch 1\): every group's rewards are equal \(mean 0\.5\): no "
+        r"advantage signal; .*reward\.names.*\(stall_epochs=0 trains on "
+        r"regardless\)",
+        err,
+    ), err
     assert [r["epoch"] for r in rows_of(out)] == [0, 1]  # what ran is kept, checkpointed, resumable
     assert (out / "checkpoints" / "epoch_000002").is_dir()
 
 
 def test_stall_epochs_0_trains_on_and_the_summary_states_its_sample_count(tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["train", "--no-progress", "--out", str(out), *TINY, "epochs=2", "stall_epochs=0",
-                 "reward.names=[user_rewards:constant]"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                "--no-progress",
+                "--out",
+                str(out),
+                *TINY,
+                "epochs=2",
+                "stall_epochs=0",
+                "reward.names=[user_rewards:constant]",
+            ]
+        )
+        == 0
+    )
     assert [r["epoch"] for r in rows_of(out)] == [0, 1]
     summary = capsys.readouterr().out
     assert f"evaluation       2 samples per class (`flowdppo eval {out}` uses 50, less noisy)" in summary
@@ -346,9 +451,11 @@ def test_an_update_that_does_not_move_the_policy_stops_the_run(tmp_path, capsys,
     captured = capsys.readouterr()
     assert "flowdppo: warning: nothing to learn at epoch 0: the gradient norm is 0" in captured.out
     err = captured.err.strip()
-    assert err.count("\n") == 0 and err.startswith("flowdppo: error: nothing to learn for 3 epochs in a row (up to "
-                                                   "epoch 2): the gradient norm is 0: the update did not move the "
-                                                   "policy; check optim.lora_alpha"), err  # fmt: skip
+    assert err.count("\n") == 0 and err.startswith(
+        "flowdppo: error: nothing to learn for 3 epochs in a row (up to "
+        "epoch 2): the gradient norm is 0: the update did not move the "
+        "policy; check optim.lora_alpha"
+    ), err
     assert all(r["grad_norm"] == 0 for r in rows_of(out)) and len(rows_of(out)) == 3
 
 

@@ -23,7 +23,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 transformers = pytest.importorskip("transformers")
 
 
-
 def _byte_chars() -> list[str]:
     """The 256 printable characters byte-level BPE uses for the bytes 0..255 (GPT-2's public mapping)."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]

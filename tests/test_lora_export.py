@@ -46,13 +46,16 @@ TEXT = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_ou
 # what each preset must wrap, per kind of block (written out here, independently of the presets' names)
 IMAGE_STREAM = {
     "sd3": {"transformer_blocks": (*ATTENTION, "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")},
-    "flux": {"transformer_blocks": ATTENTION,
-             "single_transformer_blocks": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_out")},
-    "flux2_klein": {"transformer_blocks": ATTENTION,
-                    "single_transformer_blocks": ("attn.to_qkv_mlp_proj", "attn.to_out")},
+    "flux": {
+        "transformer_blocks": ATTENTION,
+        "single_transformer_blocks": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_out"),
+    },
+    "flux2_klein": {
+        "transformer_blocks": ATTENTION,
+        "single_transformer_blocks": ("attn.to_qkv_mlp_proj", "attn.to_out"),
+    },
     "qwen_image": {"transformer_blocks": ATTENTION},
-}  # fmt: skip
-
+}
 
 
 def tiny_policy(family: str):
@@ -67,8 +70,12 @@ def wrapped(policy) -> set[str]:
 def expected(transformer, blocks: dict[str, tuple[str, ...]]) -> set[str]:
     """Every ``kind.i.name`` that exists as a Linear in the transformer (wrapped by LoRA or not)."""
     modules = {n: getattr(m, "base_layer", m) for n, m in transformer.named_modules()}
-    names = {f"{kind}.{i}.{name}" for kind, parts in blocks.items() for i in range(len(getattr(transformer, kind)))
-             for name in parts}  # fmt: skip
+    names = {
+        f"{kind}.{i}.{name}"
+        for kind, parts in blocks.items()
+        for i in range(len(getattr(transformer, kind)))
+        for name in parts
+    }
     return {n for n in names if isinstance(modules.get(n), torch.nn.Linear)}
 
 
@@ -136,8 +143,11 @@ def test_metadata_holds_only_what_diffusers_needs_and_loads_in_a_fresh_pipeline(
     metadata = {k.removeprefix("transformer."): v for k, v in packed.items()}
     assert set(metadata) == {"r", "lora_alpha", "target_modules"} and len(packed) == 3
     assert (metadata["r"], metadata["lora_alpha"]) == (4, 12.0)
-    assert set(metadata["target_modules"]) == wrapped(policy) == {k[len("transformer."):].split(".lora_")[0]
-                                                                  for k in keys}  # fmt: skip
+    assert (
+        set(metadata["target_modules"])
+        == wrapped(policy)
+        == {k[len("transformer.") :].split(".lora_")[0] for k in keys}
+    )
     config = LoraConfig(**metadata)
     assert config.r == 4 and config.lora_alpha == 12.0
 
@@ -155,14 +165,22 @@ def run_folder(tmp_path, policy, rank: int, alpha: float):
     (tmp_path / "model" / "model_index.json").write_text(json.dumps({"_class_name": policy.pipeline_class.__name__}))
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\na dog\n")
-    cfg = load_config(overrides=["task=text_to_image", f"model={tmp_path / 'model'}", f"prompts={prompts}",
-                                 f"optim.lora_rank={rank}", f"optim.lora_alpha={alpha}"])  # fmt: skip
+    cfg = load_config(
+        overrides=[
+            "task=text_to_image",
+            f"model={tmp_path / 'model'}",
+            f"prompts={prompts}",
+            f"optim.lora_rank={rank}",
+            f"optim.lora_alpha={alpha}",
+        ]
+    )
     save_config(cfg, run / "config.yaml")
     save_lora_adapter(policy, run / "final")
     checkpoint = run / "checkpoints" / "epoch_000001"
     checkpoint.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in trainable_state_dict(policy).items()},
-              str(checkpoint / "trainable.safetensors"))  # fmt: skip
+    save_file(
+        {k: v.contiguous() for k, v in trainable_state_dict(policy).items()}, str(checkpoint / "trainable.safetensors")
+    )
     (checkpoint / "state.json").write_text(json.dumps({"epoch": 1}))
     return run
 
@@ -226,9 +244,18 @@ def eval_run(tmp_path, model, family: str, rank: int, alpha: float, name: str):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\na dog\n")
     run = tmp_path / name
-    cfg = load_config(overrides=["task=text_to_image", f"model={model}", f"prompts={prompts}", "eval_prompts=1",
-                                 f"resolution={RESOLUTION}", "reward.names=[jpeg_incompressibility]",
-                                 f"optim.lora_rank={rank}", f"optim.lora_alpha={alpha}"])  # fmt: skip
+    cfg = load_config(
+        overrides=[
+            "task=text_to_image",
+            f"model={model}",
+            f"prompts={prompts}",
+            "eval_prompts=1",
+            f"resolution={RESOLUTION}",
+            "reward.names=[jpeg_incompressibility]",
+            f"optim.lora_rank={rank}",
+            f"optim.lora_alpha={alpha}",
+        ]
+    )
     policy = load_pipeline_policy(str(model), RESOLUTION, torch.float32, "cpu")
     make_trainable(policy, rank, alpha)
     randomize_lora(policy)
@@ -244,13 +271,19 @@ def test_eval_refuses_an_adapter_of_another_rank_alpha_or_model_in_one_line(tmp_
     assert main(["eval", str(run), "--per-class", "1"]) == 0  # its own adapter: measured
     assert "eval/jpeg_incompressibility" in capfd.readouterr().out
     others = {
-        "rank": (eval_run(tmp_path, sd3, "sd3", 2, 8.0, "rank2"), "an adapter of rank 2, but the run trained rank 4 "
-                                                                  "(optim.lora_rank)"),
-        "alpha": (eval_run(tmp_path, sd3, "sd3", 4, 4.0, "alpha4"), "an adapter of lora_alpha 4, but the run trained 8 "
-                                                                    "(optim.lora_alpha)"),
-        "model": (eval_run(tmp_path, flux, "flux", 4, 8.0, "flux"), "an adapter for another model or other target "
-                                                                    "modules: "),
-    }  # fmt: skip
+        "rank": (
+            eval_run(tmp_path, sd3, "sd3", 2, 8.0, "rank2"),
+            "an adapter of rank 2, but the run trained rank 4 (optim.lora_rank)",
+        ),
+        "alpha": (
+            eval_run(tmp_path, sd3, "sd3", 4, 4.0, "alpha4"),
+            "an adapter of lora_alpha 4, but the run trained 8 (optim.lora_alpha)",
+        ),
+        "model": (
+            eval_run(tmp_path, flux, "flux", 4, 8.0, "flux"),
+            "an adapter for another model or other target modules: ",
+        ),
+    }
     capfd.readouterr()
     final = run / "final" / LORA_FILE
     for case, (other, message) in others.items():

@@ -21,10 +21,15 @@ TINY = ["epochs=6", "eval_every=3", "prompts_per_epoch=10", "group_size=8", "eva
 
 
 def flowdppo(args: list[str], plugins: str = "rwr_algorithm") -> subprocess.CompletedProcess:
-    env = {**os.environ, settings.PLUGINS_VARIABLE: plugins, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(PLUGINS), os.environ.get("PYTHONPATH")]))}  # fmt: skip
-    return subprocess.run([sys.executable, "-m", "flowdppo", *args], env=env, capture_output=True, text=True,
-                          timeout=900)  # fmt: skip
+    env = {
+        **os.environ,
+        settings.PLUGINS_VARIABLE: plugins,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(PLUGINS), os.environ.get("PYTHONPATH")])),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "flowdppo", *args], env=env, capture_output=True, text=True, timeout=900
+    )
 
 
 @pytest.fixture

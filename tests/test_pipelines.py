@@ -42,7 +42,6 @@ PIPELINE_GUIDANCE = {
 POLICY_GUIDANCE = {"sd3": 3.0, "flux": 1.0, "flux2_klein": 4.0, "qwen_image": 4.0}
 
 
-
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("pipelines")
@@ -71,9 +70,14 @@ def test_adapter_reproduces_the_pipeline_denoising_loop(family, model_dirs):
     velocity = lambda x, s, c: policy.velocity(x, s, c, guidance_scale=POLICY_GUIDANCE[family])  # noqa: E731
     ours = policy.decode(sample(velocity, batch_of(policy, prompts), noise, sigmas=policy.sigmas(steps)))
     theirs = policy.pipeline(
-        prompt=prompts, height=RESOLUTION, width=RESOLUTION, num_inference_steps=steps, output_type="pt",
-        latents=pipeline_latents(family, noise, policy), **PIPELINE_GUIDANCE[family],
-    ).images  # fmt: skip
+        prompt=prompts,
+        height=RESOLUTION,
+        width=RESOLUTION,
+        num_inference_steps=steps,
+        output_type="pt",
+        latents=pipeline_latents(family, noise, policy),
+        **PIPELINE_GUIDANCE[family],
+    ).images
     assert ours.shape == (2, 3, RESOLUTION, RESOLUTION)
     torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=0)
     assert (ours[0] - ours[1]).abs().max() > 1e-3  # the prompt matters
@@ -94,12 +98,19 @@ def test_negative_prompt_guidance_matches_the_pipeline_call(family, model_dirs):
     if family == "flux2_klein":  # its __call__ takes negative embeddings only
         negative = {"guidance_scale": scale, "negative_prompt_embeds": policy.pipeline.encode_prompt(NEGATIVE)[0]}
     else:
-        negative = {"true_cfg_scale" if family in ("flux", "qwen_image") else "guidance_scale": scale,
-                    "negative_prompt": [NEGATIVE] * 2}  # fmt: skip
+        negative = {
+            "true_cfg_scale" if family in ("flux", "qwen_image") else "guidance_scale": scale,
+            "negative_prompt": [NEGATIVE] * 2,
+        }
     theirs = policy.pipeline(
-        prompt=prompts, height=RESOLUTION, width=RESOLUTION, num_inference_steps=steps, output_type="pt",
-        latents=pipeline_latents(family, noise, policy), **negative,
-    ).images  # fmt: skip
+        prompt=prompts,
+        height=RESOLUTION,
+        width=RESOLUTION,
+        num_inference_steps=steps,
+        output_type="pt",
+        latents=pipeline_latents(family, noise, policy),
+        **negative,
+    ).images
     torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=0)
     empty = load_pipeline_policy(str(model_dirs[family]), RESOLUTION, torch.float32, "cpu")
     plain = lambda x, s, c: empty.velocity(x, s, c, guidance_scale=scale)  # noqa: E731
@@ -115,8 +126,12 @@ def test_qwen_rescale_matters_and_distilled_klein_runs_no_guidance(model_dirs):
     x = torch.randn((2, *qwen.latent_shape), generator=torch.Generator().manual_seed(0))
     cond, sigma = batch_of(qwen, PROMPTS[:2]), torch.full((2,), 0.7)
     with torch.no_grad():
-        v_c, v_u = qwen.velocity(x, sigma, cond), qwen.transformer_output(x, sigma, {
-            k: t.expand(2, *t.shape[1:]) for k, t in qwen.null_embeddings().items()}).float()  # fmt: skip
+        v_c, v_u = (
+            qwen.velocity(x, sigma, cond),
+            qwen.transformer_output(
+                x, sigma, {k: t.expand(2, *t.shape[1:]) for k, t in qwen.null_embeddings().items()}
+            ).float(),
+        )
         plain = PipelinePolicy.guided(qwen, v_c, v_u, 4.0)
         rescaled = qwen.velocity(x, sigma, cond, guidance_scale=4.0)
     torch.testing.assert_close(rescaled.norm(dim=-1), v_c.norm(dim=-1))
@@ -140,12 +155,29 @@ def velocity_of(policy, prompts: list[str], seed: int = 1) -> torch.Tensor:
 def test_train_two_epochs_then_export_loads_in_a_fresh_pipeline(family, model_dirs, tmp_path, capsys):
     model, run, prompts_file = str(model_dirs[family]), tmp_path / "run", tmp_path / "prompts.txt"
     prompts_file.write_text("\n".join(PROMPTS) + "\n")
-    code = main(["train", "--out", str(run), "--no-progress", "task=text_to_image", f"model={model}",
-                 f"prompts={prompts_file}", "eval_prompts=2", f"resolution={RESOLUTION}", "epochs=2",
-                 "prompts_per_epoch=2", "group_size=2", "eval_samples_per_class=1", "optim.minibatch_size=4",
-                 "optim.lr=1e-2", "reward.names=[jpeg_incompressibility, user_rewards:prompt_length]",
-                 "reward.weights=[1, 1]", "sampler.num_steps=4",
-                 "sampler.window_range=[0,2]"])  # fmt: skip
+    code = main(
+        [
+            "train",
+            "--out",
+            str(run),
+            "--no-progress",
+            "task=text_to_image",
+            f"model={model}",
+            f"prompts={prompts_file}",
+            "eval_prompts=2",
+            f"resolution={RESOLUTION}",
+            "epochs=2",
+            "prompts_per_epoch=2",
+            "group_size=2",
+            "eval_samples_per_class=1",
+            "optim.minibatch_size=4",
+            "optim.lr=1e-2",
+            "reward.names=[jpeg_incompressibility, user_rewards:prompt_length]",
+            "reward.weights=[1, 1]",
+            "sampler.num_steps=4",
+            "sampler.window_range=[0,2]",
+        ]
+    )
     assert code == 0
     assert (run / "samples.png").is_file() and (run / "final" / "pytorch_lora_weights.safetensors").is_file()
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -175,8 +207,17 @@ def test_train_two_epochs_then_export_loads_in_a_fresh_pipeline(family, model_di
 
 def test_not_a_pipeline_folder_is_one_line(tmp_path, capsys):
     (tmp_path / "prompts.txt").write_text("a cat\na dog\n")
-    code = main(["train", "--out", str(tmp_path / "run"), "task=text_to_image", f"model={tmp_path}",
-                 f"prompts={tmp_path / 'prompts.txt'}", "eval_prompts=1"])  # fmt: skip
+    code = main(
+        [
+            "train",
+            "--out",
+            str(tmp_path / "run"),
+            "task=text_to_image",
+            f"model={tmp_path}",
+            f"prompts={tmp_path / 'prompts.txt'}",
+            "eval_prompts=1",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "is not a diffusers pipeline" in err
 
@@ -197,7 +238,9 @@ def test_bfloat16_base_keeps_float32_lora_logprobs_and_rho_one(model_dirs):
     cfg = load_config(overrides=["sampler.num_steps=4", "sampler.window_range=[0,2]"])
     sigmas, cond = policy.sigmas(4), batch_of(policy, PROMPTS[:4])
     noise = torch.randn((4, *policy.latent_shape), generator=torch.Generator().manual_seed(0))
-    traj = rollout(policy.velocity, cond, noise, sigmas, cfg.sampler, [1, 2], generator=torch.Generator().manual_seed(1))
+    traj = rollout(
+        policy.velocity, cond, noise, sigmas, cfg.sampler, [1, 2], generator=torch.Generator().manual_seed(1)
+    )
     assert traj.log_probs.dtype == traj.means.dtype == torch.float32
     elements = PolicyGradient(cfg).elements(traj, torch.zeros(4), policy, torch.Generator(), Distributed()).data
     _, logp = replay_step(policy.velocity, elements, index_cond(cond, elements["sample"]), cfg, sigmas[1])
@@ -219,13 +262,23 @@ def test_offloaded_or_freed_text_encoders_keep_rollouts_bitwise(model_dirs, tmp_
 
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("\n".join(PROMPTS) + "\n")
-    common = ["task=text_to_image", f"model={model_dirs['sd3']}", f"prompts={prompts_file}", "eval_prompts=2",
-              f"resolution={RESOLUTION}", "sampler.num_steps=4", "sampler.window_range=[0,2]",
-              "sampler.guidance_scale=3.0", "reward.names=[jpeg_incompressibility]", f"negative_prompt={NEGATIVE}"]
+    common = [
+        "task=text_to_image",
+        f"model={model_dirs['sd3']}",
+        f"prompts={prompts_file}",
+        "eval_prompts=2",
+        f"resolution={RESOLUTION}",
+        "sampler.num_steps=4",
+        "sampler.window_range=[0,2]",
+        "sampler.guidance_scale=3.0",
+        "reward.names=[jpeg_incompressibility]",
+        f"negative_prompt={NEGATIVE}",
+    ]
     finals = {}
     for placement, cache_mb in (("keep", 4096), ("offload", 4096), ("free", 4096), ("free", 0)):
-        task = TextToImageTask(load_config(overrides=[*common, f"text_encoders={placement}",
-                                                      f"prompt_cache_mb={cache_mb}"]))  # fmt: skip
+        task = TextToImageTask(
+            load_config(overrides=[*common, f"text_encoders={placement}", f"prompt_cache_mb={cache_mb}"])
+        )
         cond, _ = task.prompts(3, 2, seed=0, epoch=1)
         noise = torch.randn((len(cond), *task.latent_shape), generator=torch.Generator().manual_seed(0))
         velocity = partial(task.policy.velocity, guidance_scale=3.0)
@@ -252,8 +305,9 @@ def test_attention_backend_and_vae_tiling_reach_the_model(model_dirs, tmp_path, 
 
     active = _AttentionBackendRegistry.get_active_backend()[0]
     try:
-        math = load_pipeline_policy(str(model_dirs["flux"]), RESOLUTION, torch.float32, "cpu",
-                                    attention_backend="_native_math", vae_tiling=True)  # fmt: skip
+        math = load_pipeline_policy(
+            str(model_dirs["flux"]), RESOLUTION, torch.float32, "cpu", attention_backend="_native_math", vae_tiling=True
+        )
         processors = [m.processor for m in math.transformer.modules() if hasattr(m, "processor")]
         assert processors and {p._attention_backend.value for p in processors} == {"_native_math"}
         assert math.vae.use_tiling
@@ -263,9 +317,20 @@ def test_attention_backend_and_vae_tiling_reach_the_model(model_dirs, tmp_path, 
     torch.testing.assert_close(velocity_of(math, PROMPTS[:2]), velocity_of(default, PROMPTS[:2]), atol=1e-5, rtol=1e-5)
     (tmp_path / "prompts.txt").write_text("a cat\na dog\n")
     capsys.readouterr()
-    code = main(["train", "--out", str(tmp_path / "run"), "task=text_to_image", f"model={model_dirs['flux']}",
-                 f"prompts={tmp_path / 'prompts.txt'}", "eval_prompts=1", f"resolution={RESOLUTION}",
-                 "reward.names=[jpeg_incompressibility]", "attention_backend=fastest"])  # fmt: skip
+    code = main(
+        [
+            "train",
+            "--out",
+            str(tmp_path / "run"),
+            "task=text_to_image",
+            f"model={model_dirs['flux']}",
+            f"prompts={tmp_path / 'prompts.txt'}",
+            "eval_prompts=1",
+            f"resolution={RESOLUTION}",
+            "reward.names=[jpeg_incompressibility]",
+            "attention_backend=fastest",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "error: attention_backend:" in err[0] and "native" in err[0]
     assert not (tmp_path / "run").exists()
@@ -276,12 +341,19 @@ def test_a_scheduler_with_its_own_flow_sigmas_keeps_them_as_the_pipeline_does(fa
     from diffusers import UniPCMultistepScheduler
 
     policy = load_pipeline_policy(str(model_dirs[family]), RESOLUTION, torch.float32, "cpu")
-    policy.pipeline.scheduler = UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=3.0,
-                                                        prediction_type="flow_prediction")  # fmt: skip
+    policy.pipeline.scheduler = UniPCMultistepScheduler(
+        use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction"
+    )
     ours = policy.sigmas(4)
     noise = torch.randn((1, *policy.latent_shape), generator=torch.Generator().manual_seed(0))
-    policy.pipeline(prompt=PROMPTS[:1], height=RESOLUTION, width=RESOLUTION, num_inference_steps=4,
-                    latents=pipeline_latents(family, noise, policy), output_type="latent")  # fmt: skip
+    policy.pipeline(
+        prompt=PROMPTS[:1],
+        height=RESOLUTION,
+        width=RESOLUTION,
+        num_inference_steps=4,
+        latents=pipeline_latents(family, noise, policy),
+        output_type="latent",
+    )
     torch.testing.assert_close(ours, policy.pipeline.scheduler.sigmas.float(), atol=1e-6, rtol=0)
     assert (ours[:-1] - torch.linspace(1, 0.25, 4)).abs().max() > 1e-2  # its shifted schedule, not linspace
 
@@ -297,12 +369,15 @@ def test_batches_beyond_the_free_memory_name_the_option_and_a_size_that_fits(mod
     monkeypatch.setattr(limits, "free_memory", lambda device: (budget, "RAM available"))
     check = partial(limits.memory_error, policy, 3.0, 64)
     message = check(0, 8)
-    assert message.startswith("sampler.rollout_batch_size: a rollout call of 64 samples needs at least ") and \
-        message.endswith(f"more than the 97.66 KiB of RAM available; set sampler.rollout_batch_size="
-                         f"{budget // per_sample} or less")  # fmt: skip
+    assert message.startswith(
+        "sampler.rollout_batch_size: a rollout call of 64 samples needs at least "
+    ) and message.endswith(
+        f"more than the 97.66 KiB of RAM available; set sampler.rollout_batch_size={budget // per_sample} or less"
+    )
     message = check(budget // per_sample, 64)
-    assert message.startswith("optim.minibatch_size: a mini-batch of 64 elements needs at least ") and \
-        message.endswith(f"set optim.minibatch_size={budget // per_element} or less")  # fmt: skip
+    assert message.startswith("optim.minibatch_size: a mini-batch of 64 elements needs at least ") and message.endswith(
+        f"set optim.minibatch_size={budget // per_element} or less"
+    )
     assert check(budget // per_sample, budget // per_element) == ""  # the suggested sizes pass
     assert check(1, 1000, processes=4).endswith(f"set optim.minibatch_size={budget // per_element * 4} or less")
     monkeypatch.setattr(limits, "free_memory", lambda device: (pixels // 2, "GPU memory free on cuda:0"))
@@ -313,13 +388,27 @@ def test_train_refuses_a_size_past_the_positions_or_the_memory_before_writing(mo
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     for family, size, message in (
-        ("qwen_image", 131072, "resolution: at most 114,688 for this model (its position embedding covers 7,168 "
-                               "patches per axis: 4096 rotary positions, 512 of them for the text), got 131,072"),
+        (
+            "qwen_image",
+            131072,
+            "resolution: at most 114,688 for this model (its position embedding covers 7,168 "
+            "patches per axis: 4096 rotary positions, 512 of them for the text), got 131,072",
+        ),
         ("flux", 1048576, "resolution: one sample (4,294,967,296 tokens) needs at least "),
     ):
-        code = main(["train", "--out", str(tmp_path / "run"), "task=text_to_image", f"model={model_dirs[family]}",
-                     f"prompts={prompts}", "eval_prompts=1", f"resolution={size}",
-                     "reward.names=[jpeg_incompressibility]"])  # fmt: skip
+        code = main(
+            [
+                "train",
+                "--out",
+                str(tmp_path / "run"),
+                "task=text_to_image",
+                f"model={model_dirs[family]}",
+                f"prompts={prompts}",
+                "eval_prompts=1",
+                f"resolution={size}",
+                "reward.names=[jpeg_incompressibility]",
+            ]
+        )
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and message in err[0], err
         assert not (tmp_path / "run").exists()

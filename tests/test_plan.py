@@ -32,7 +32,6 @@ RESOLUTION, ROWS = 32, 4
 FAMILIES = ("sd3", "flux")
 
 
-
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("plan_pipelines")
@@ -40,8 +39,15 @@ def model_dirs(tmp_path_factory) -> dict[str, Path]:
 
 
 def recipe(model: Path, *overrides: str):
-    return load_config(overrides=["task=text_to_image", f"model={model}", f"resolution={RESOLUTION}",
-                                  f"optim.minibatch_size={ROWS}", *overrides])  # fmt: skip
+    return load_config(
+        overrides=[
+            "task=text_to_image",
+            f"model={model}",
+            f"resolution={RESOLUTION}",
+            f"optim.minibatch_size={ROWS}",
+            *overrides,
+        ]
+    )
 
 
 def measured_bytes(policy, checkpointing: bool) -> tuple[int, int]:
@@ -87,8 +93,11 @@ def test_estimated_activations_match_a_measured_cpu_backward(family, model_dirs)
 def test_plan_prints_the_counts_of_the_loaded_model(model_dirs, tmp_path, capsys):
     model = model_dirs["flux"]
     config = tmp_path / "recipe.yaml"
-    config.write_text(yaml.safe_dump({"task": "text_to_image", "model": str(model), "resolution": RESOLUTION,
-                                      "sampler": {"guidance_scale": 3.0}}))  # fmt: skip
+    config.write_text(
+        yaml.safe_dump(
+            {"task": "text_to_image", "model": str(model), "resolution": RESOLUTION, "sampler": {"guidance_scale": 3.0}}
+        )
+    )
     assert main(["plan", "--config", str(config), "optim.minibatch_size=4", "optim.lora_rank=0"]) == 0
     out = capsys.readouterr().out
     loaded = load_pipeline_policy(str(model), RESOLUTION, torch.float32, "cpu")
@@ -105,14 +114,29 @@ def test_plan_of_a_missing_model_folder_is_one_line(tmp_path, capsys):
     assert code == 2 and len(err.splitlines()) == 1 and "no_such_model" in err
 
 
-@pytest.mark.parametrize(("family", "override", "message"), [
-    ("sd3", "resolution=2048", r"resolution: at most 512 for this model \(its position embedding covers 32 patches "
-                               r"per axis: pos_embed_max_size 32\), got 2,048"),
-    ("flux", "resolution=1048576", r"resolution: one sample \(4,294,967,296 tokens\) needs at least [\d.]+ TiB, more "
-                                   r"than the 78.50 GiB of the largest GPU planned \(80 GB\); make it smaller"),
-    ("flux", "optim.lora_rank=1000000000", r"optim\.lora_rank: at most 32 for these layers \(.* is 32 -> 32: a higher "
-                                           r"rank adds nothing\), got 1,000,000,000"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("family", "override", "message"),
+    [
+        (
+            "sd3",
+            "resolution=2048",
+            r"resolution: at most 512 for this model \(its position embedding covers 32 patches "
+            r"per axis: pos_embed_max_size 32\), got 2,048",
+        ),
+        (
+            "flux",
+            "resolution=1048576",
+            r"resolution: one sample \(4,294,967,296 tokens\) needs at least [\d.]+ TiB, more "
+            r"than the 78.50 GiB of the largest GPU planned \(80 GB\); make it smaller",
+        ),
+        (
+            "flux",
+            "optim.lora_rank=1000000000",
+            r"optim\.lora_rank: at most 32 for these layers \(.* is 32 -> 32: a higher "
+            r"rank adds nothing\), got 1,000,000,000",
+        ),
+    ],
+)
 def test_absurd_sizes_are_one_line_before_anything_is_allocated(model_dirs, capsys, family, override, message):
     code = main(["plan", "task=text_to_image", f"model={model_dirs[family]}", override])
     err = capsys.readouterr().err.strip()

@@ -42,11 +42,14 @@ def test_bad_prompt_files(tmp_path, name, content, message):
         load_prompts(path)
 
 
-@pytest.mark.parametrize(("content", "message"), [
-    (None, "no such file"),
-    ("", "holds no prompts"),
-    ("folder", 'is a folder; give a prompt file: .txt (one prompt per line) or .jsonl (one {"prompt": ...} object'),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "no such file"),
+        ("", "holds no prompts"),
+        ("folder", 'is a folder; give a prompt file: .txt (one prompt per line) or .jsonl (one {"prompt": ...} object'),
+    ],
+)
 def test_missing_or_empty_prompt_file_is_one_line_exit_2(tmp_path, capsys, content, message):
     path = tmp_path / "prompts.txt"
     if content == "folder":

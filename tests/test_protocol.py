@@ -42,7 +42,6 @@ MORE_PROMPTS = ["a purple cow", "a red 'cat'", "a yellow car", "a tree at night"
 REWARDS = "jpeg_incompressibility,user_rewards:prompt_length"
 
 
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     """A finished 1-epoch LoRA run of the tiny SD3 pipeline (CFG 2 with a negative prompt)."""
@@ -51,12 +50,31 @@ def run(tmp_path_factory) -> Path:
     prompts = root / "train.txt"
     prompts.write_text("\n".join(TRAIN_PROMPTS) + "\n")
     out = root / "run"
-    code = main(["train", "--out", str(out), "--no-progress", "task=text_to_image", f"model={model}",
-                 f"prompts={prompts}", "eval_prompts=1", f"resolution={RESOLUTION}", "epochs=1",
-                 "prompts_per_epoch=2", "group_size=2", "eval_samples_per_class=1", "optim.minibatch_size=4",
-                 "optim.lr=1e-2", "reward.names=[jpeg_incompressibility, user_rewards:prompt_length]",
-                 "reward.weights=[1, 1]", "sampler.num_steps=3", "sampler.window_range=[0,1]",
-                 "sampler.guidance_scale=2.0", "negative_prompt=blurry"])  # fmt: skip
+    code = main(
+        [
+            "train",
+            "--out",
+            str(out),
+            "--no-progress",
+            "task=text_to_image",
+            f"model={model}",
+            f"prompts={prompts}",
+            "eval_prompts=1",
+            f"resolution={RESOLUTION}",
+            "epochs=1",
+            "prompts_per_epoch=2",
+            "group_size=2",
+            "eval_samples_per_class=1",
+            "optim.minibatch_size=4",
+            "optim.lr=1e-2",
+            "reward.names=[jpeg_incompressibility, user_rewards:prompt_length]",
+            "reward.weights=[1, 1]",
+            "sampler.num_steps=3",
+            "sampler.window_range=[0,1]",
+            "sampler.guidance_scale=2.0",
+            "negative_prompt=blurry",
+        ]
+    )
     assert code == 0
     return out
 
@@ -69,8 +87,21 @@ def prompt_file(folder: Path, name: str, prompts: list[str]) -> Path:
 
 def evaluate(run: Path, prompts: Path, out: Path, capsys, *extra: str) -> tuple[dict, str]:
     capsys.readouterr()
-    code = main(["eval", str(run), "--prompts", str(prompts), "--rewards", REWARDS, "--samples-per-prompt", "2",
-                 "--out", str(out), *extra])  # fmt: skip
+    code = main(
+        [
+            "eval",
+            str(run),
+            "--prompts",
+            str(prompts),
+            "--rewards",
+            REWARDS,
+            "--samples-per-prompt",
+            "2",
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0
     return json.loads(out.read_text()), printed
@@ -152,8 +183,9 @@ def test_adding_prompts_leaves_each_prompts_noise_and_scores(run, tmp_path, caps
     for policy in ("base", "trained"):
         for name in REWARDS.split(","):
             for i, j in where.items():
-                np.testing.assert_allclose(small["scores"][policy][name][i], large["scores"][policy][name][j],
-                                           rtol=0, atol=1e-5)  # fmt: skip
+                np.testing.assert_allclose(
+                    small["scores"][policy][name][i], large["scores"][policy][name][j], rtol=0, atol=1e-5
+                )
 
 
 def noise_by_sample(calls) -> dict[tuple[str, int, int], torch.Tensor]:
@@ -210,8 +242,9 @@ def test_paired_difference_excludes_zero_for_a_shift_and_includes_it_for_none():
         assert excludes_zero(stats["difference"]) is shift
         assert stats["difference"]["mean"] == pytest.approx(trained.mean() - base.mean(), abs=1e-12)
         assert stats["base"]["low"] < 0.0 < stats["base"]["high"]  # the prompts' spread: the unpaired CIs overlap 0
-    assert summarize({"base": {"r": base.tolist()}, "trained": {"r": unchanged.tolist()}}, ["r"], resamples=5_000)[
-        "r"]["difference"]["mean"] == pytest.approx(0.0, abs=1e-12)  # fmt: skip
+    assert summarize({"base": {"r": base.tolist()}, "trained": {"r": unchanged.tolist()}}, ["r"], resamples=5_000)["r"][
+        "difference"
+    ]["mean"] == pytest.approx(0.0, abs=1e-12)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -257,8 +290,10 @@ def protocol_model(run: Path) -> str:
     [
         (["--prompts", "{tmp}/missing.txt"], "--prompts: no such file"),
         (["--prompts", "{tmp}"], "is a folder; give a prompt file: .txt (one prompt per line) or .jsonl"),
-        (["--prompts", "{tmp}/eval.txt", "--rewards", "jpeg_incompressibility,sharpness"],
-         "--rewards: unknown reward 'sharpness'"),
+        (
+            ["--prompts", "{tmp}/eval.txt", "--rewards", "jpeg_incompressibility,sharpness"],
+            "--rewards: unknown reward 'sharpness'",
+        ),
         (["--prompts", "{tmp}/eval.txt", "--rewards", "no_such_module:reward"], "--rewards: cannot import"),
         (["--prompts", "{tmp}/eval.txt", "--samples-per-prompt", "0"], "--samples-per-prompt: must be at least 1"),
         (["--prompts", "{tmp}/eval.txt", "--per-class", "3"], "--per-class:"),
@@ -268,7 +303,7 @@ def protocol_model(run: Path) -> str:
         (["--report", "{tmp}/missing.json"], "--report: no such file"),
         (["--report", "{tmp}/damaged.json"], "is a damaged eval result"),
     ],
-)  # fmt: skip
+)
 def test_bad_inputs_are_one_line_before_any_model_loads(run, tmp_path, capsys, monkeypatch, arguments, message):
     prompt_file(tmp_path, "eval.txt", EVAL_PROMPTS)
     (tmp_path / "other.json").write_text(json.dumps({"base": {"eval/x": 1.0}}))
@@ -303,15 +338,33 @@ def test_full_fine_tuning_run_compares_final_with_the_model(run, tmp_path, capsy
 
     cfg = run_config(run)
     out = tmp_path / "full"
-    code = main(["train", "--out", str(out), "--no-progress", "task=text_to_image", f"model={cfg.model}",
-                 f"text_to_image.prompts={cfg.text_to_image.prompts}", "eval_prompts=1", f"resolution={RESOLUTION}",
-                 "epochs=1",
-                 "prompts_per_epoch=2", "group_size=2", "eval_samples_per_class=1", "optim.minibatch_size=4",
-                 "optim.lr=1e-3", "optim.lora_rank=0", "reward.names=[user_rewards:prompt_length]",
-                 "sampler.num_steps=3", "sampler.window_range=[0,1]"])  # fmt: skip
+    code = main(
+        [
+            "train",
+            "--out",
+            str(out),
+            "--no-progress",
+            "task=text_to_image",
+            f"model={cfg.model}",
+            f"text_to_image.prompts={cfg.text_to_image.prompts}",
+            "eval_prompts=1",
+            f"resolution={RESOLUTION}",
+            "epochs=1",
+            "prompts_per_epoch=2",
+            "group_size=2",
+            "eval_samples_per_class=1",
+            "optim.minibatch_size=4",
+            "optim.lr=1e-3",
+            "optim.lora_rank=0",
+            "reward.names=[user_rewards:prompt_length]",
+            "sampler.num_steps=3",
+            "sampler.window_range=[0,1]",
+        ]
+    )
     assert code == 0
-    result, _ = evaluate(run=out, prompts=prompt_file(tmp_path, "eval.txt", EVAL_PROMPTS), out=tmp_path / "r.json",
-                         capsys=capsys)  # fmt: skip
+    result, _ = evaluate(
+        run=out, prompts=prompt_file(tmp_path, "eval.txt", EVAL_PROMPTS), out=tmp_path / "r.json", capsys=capsys
+    )
     adapter = result["protocol"]["adapter"]
     assert adapter["path"] == str(out / "final") and adapter["sha256"] != result["protocol"]["model"]["sha256"]
     assert result["scores"]["base"] != result["scores"]["trained"]

@@ -33,8 +33,15 @@ import pytest
 from flowdppo.config import load_config
 from flowdppo.trainer import train
 
-NEW_KEYS = {"time_s", "dim_kl_p50", "dim_kl_p90", "dim_kl_p99", "first_moved_log_ratio_mean",
-            "first_moved_log_ratio_std", "eval/kl_to_base"}  # fmt: skip
+NEW_KEYS = {
+    "time_s",
+    "dim_kl_p50",
+    "dim_kl_p90",
+    "dim_kl_p99",
+    "first_moved_log_ratio_mean",
+    "first_moved_log_ratio_std",
+    "eval/kl_to_base",
+}
 REFERENCE = json.loads((Path(__file__).parent / "data" / "reference_rows.json").read_text())
 RTOL = 1e-3
 LOSS_ATOL = 1e-3

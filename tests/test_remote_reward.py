@@ -108,18 +108,21 @@ def test_addresses_parse_with_their_options():
     assert spec.token == "s3cret" and "s3cret" not in repr(spec)
 
 
-@pytest.mark.parametrize("name, message", [
-    ("http://", r"not a reward server address"),
-    ("http://host:port", r"not a reward server address .*Port could not be cast"),
-    ("http://host:99999", r"not a reward server address .*out of range"),
-    ("http://ho st:80", r"not a reward server address"),
-    ("http://host:80?batch=3", r"unknown option 'batch'"),
-    ("http://host:80?batch_size=0", r"batch_size must be a positive int, got '0'"),
-    ("http://host:80?timeout=soon", r"timeout must be a positive float"),
-    ("http://host:80?timeout=inf", r"timeout must be a positive float, got 'inf'"),
-    ("http://host:80?token=", r"token: a token is one or more printable ASCII characters"),
-    ("http://host:80?token=a b&batch=1", r"'http://host:80\?token=\*\*\*&batch=1'.*unknown option 'batch'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("http://", r"not a reward server address"),
+        ("http://host:port", r"not a reward server address .*Port could not be cast"),
+        ("http://host:99999", r"not a reward server address .*out of range"),
+        ("http://ho st:80", r"not a reward server address"),
+        ("http://host:80?batch=3", r"unknown option 'batch'"),
+        ("http://host:80?batch_size=0", r"batch_size must be a positive int, got '0'"),
+        ("http://host:80?timeout=soon", r"timeout must be a positive float"),
+        ("http://host:80?timeout=inf", r"timeout must be a positive float, got 'inf'"),
+        ("http://host:80?token=", r"token: a token is one or more printable ASCII characters"),
+        ("http://host:80?token=a b&batch=1", r"'http://host:80\?token=\*\*\*&batch=1'.*unknown option 'batch'"),
+    ],
+)
 def test_malformed_addresses_are_config_errors(name, message):
     with pytest.raises(ConfigError, match=message) as caught:
         parse_remote(name)
@@ -268,9 +271,13 @@ def train_fails_in_one_line(tmp_path, capsys, reward_name, message):
 
 def test_unreachable_server_at_start(tmp_path, capsys):
     port = free_port()
-    train_fails_in_one_line(tmp_path, capsys, f"http://127.0.0.1:{port}",
-                            rf"http://127.0.0.1:{port}: no answer after 4 tries \(ConnectError.*start it with: "
-                            rf"flowdppo reward-server --reward NAME --port {port}")  # fmt: skip
+    train_fails_in_one_line(
+        tmp_path,
+        capsys,
+        f"http://127.0.0.1:{port}",
+        rf"http://127.0.0.1:{port}: no answer after 4 tries \(ConnectError.*start it with: "
+        rf"flowdppo reward-server --reward NAME --port {port}",
+    )
 
 
 def test_malformed_url(tmp_path, capsys):
@@ -311,9 +318,23 @@ def test_server_port_in_use_and_unknown_reward_are_one_line(capsys):
 
 
 def start_server(port: int) -> subprocess.Popen:
-    process = subprocess.Popen([sys.executable, "-m", "flowdppo", "reward-server", "--reward", "classifier_prob",
-                                "--port", str(port), "--device", "cpu"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "flowdppo",
+            "reward-server",
+            "--reward",
+            "classifier_prob",
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     line = process.stdout.readline()
     assert f"at http://127.0.0.1:{port} " in line, (line, process.stderr.read() if process.poll() is not None else "")
     return process
@@ -329,8 +350,10 @@ def rows_of(run_dir: Path, remote_name: str = "") -> list[dict]:
     """The run's metric rows without their times; ``remote_name`` (``remote:classifier_prob``) renamed as the
     reward is named in-process, so the rows of a run on a server can equal those of a run in-process."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k.replace(remote_name, "classifier_prob") if remote_name else k: v for k, v in r.items()
-             if k != "time_s"} for r in rows]  # fmt: skip
+    return [
+        {k.replace(remote_name, "classifier_prob") if remote_name else k: v for k, v in r.items() if k != "time_s"}
+        for r in rows
+    ]
 
 
 EPOCHS = 3
@@ -347,13 +370,15 @@ def in_process_rows(tmp_path_factory):
 def test_a_run_on_a_server_equals_the_run_in_process(in_process_rows, tmp_path):
     with serving(make_app(resolve_reward("classifier_prob", "cpu"), "classifier_prob")) as url:
         name = f"{url}?batch_size=4"
-        train(load_config(overrides=TINY + [f"epochs={EPOCHS}", f"reward.names=['{name}']"]), tmp_path / "run",
-              progress=False)  # fmt: skip
+        train(
+            load_config(overrides=TINY + [f"epochs={EPOCHS}", f"reward.names=['{name}']"]),
+            tmp_path / "run",
+            progress=False,
+        )
     assert rows_of(tmp_path / "run", "remote:classifier_prob") == in_process_rows
 
 
-def test_a_server_killed_mid_run_stops_resumably_and_resume_is_exact(in_process_rows, tmp_path, capsys,
-                                                                     monkeypatch):  # fmt: skip
+def test_a_server_killed_mid_run_stops_resumably_and_resume_is_exact(in_process_rows, tmp_path, capsys, monkeypatch):
     """A server subprocess serves classifier_prob in chunks of 4; it is killed after epoch 0 is logged: epoch 1
     retries, stops in one line with exit code 2 and a checkpoint of its start; the server restarts on the same
     port and ``--resume`` finishes the run. Every row equals the run with the reward in-process."""
@@ -376,8 +401,11 @@ def test_a_server_killed_mid_run_stops_resumably_and_resume_is_exact(in_process_
         stop(server)
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0, err
-    assert re.search(rf"^flowdppo: error: reward server {url}: no answer after 4 tries .*; continue with: "
-                     rf"flowdppo train --resume {run_dir}$", err), err  # fmt: skip
+    assert re.search(
+        rf"^flowdppo: error: reward server {url}: no answer after 4 tries .*; continue with: "
+        rf"flowdppo train --resume {run_dir}$",
+        err,
+    ), err
     assert (run_dir / "checkpoints" / "epoch_000001").is_dir()  # the start of the epoch that failed
     assert "reward/remote:classifier_prob" in rows_of(run_dir)[0]  # named by the reward served, not the port
     assert rows_of(run_dir, "remote:classifier_prob") == in_process_rows[:1]
@@ -481,26 +509,47 @@ def test_bad_requests_get_4xx_and_one_line_each_and_the_server_keeps_serving(cap
         sent = [
             (http.get(f"{url}/health"), 401, r"no token \(this server needs Authorization: Bearer TOKEN"),
             (http.post(f"{url}/score", content=labelled(), headers=OCTETS), 401, r"no token"),
-            (http.post(f"{url}/score", content=labelled(), headers={**OCTETS, "authorization": "Bearer nope"}), 401,
-             r"wrong token"),
-            (http.post(f"{url}/score", content=labelled(), headers={**OCTETS, "authorization": f"Basic {TOKEN}"}),
-             401, r"no token"),
-            (http.post(f"{url}/score", json={"images": [1]}, headers=auth), 415, r"'application/json'; send the "
-             r"safetensors body as application/octet-stream"),
-            (http.post(f"{url}/score", content=iter([b"x" * 65536] * 5), headers={**OCTETS, **auth}), 413,
-             r"body over the server's --max-body-mb 0.25"),  # chunked, no Content-Length
-            (http.post(f"{url}/score", content=encode_request(*images_and_labels(17), None),
-                       headers={**OCTETS, **auth}), 413, r"17 images in one request, over the server's --max-images "
-             r"16"),
-            *[(http.post(f"{url}/score", content=body, headers={**OCTETS, **auth}), status, message)
-              for body, status, message in MALFORMED],
-        ]  # fmt: skip
+            (
+                http.post(f"{url}/score", content=labelled(), headers={**OCTETS, "authorization": "Bearer nope"}),
+                401,
+                r"wrong token",
+            ),
+            (
+                http.post(f"{url}/score", content=labelled(), headers={**OCTETS, "authorization": f"Basic {TOKEN}"}),
+                401,
+                r"no token",
+            ),
+            (
+                http.post(f"{url}/score", json={"images": [1]}, headers=auth),
+                415,
+                r"'application/json'; send the "
+                r"safetensors body as application/octet-stream",
+            ),
+            (
+                http.post(f"{url}/score", content=iter([b"x" * 65536] * 5), headers={**OCTETS, **auth}),
+                413,
+                r"body over the server's --max-body-mb 0.25",
+            ),  # chunked, no Content-Length
+            (
+                http.post(
+                    f"{url}/score", content=encode_request(*images_and_labels(17), None), headers={**OCTETS, **auth}
+                ),
+                413,
+                r"17 images in one request, over the server's --max-images "
+                r"16",
+            ),
+            *[
+                (http.post(f"{url}/score", content=body, headers={**OCTETS, **auth}), status, message)
+                for body, status, message in MALFORMED
+            ],
+        ]
         for response, status, message in sent:
             assert response.status_code == status and re.search(message, response.json()["detail"]), response.text
         assert sent[0][0].headers["www-authenticate"] == "Bearer"
         # a declared body of 1 TB, and none sent: refused before a byte is read
-        head = (f"authorization: Bearer {TOKEN}\r\ncontent-type: application/octet-stream\r\n"
-                f"content-length: {10**12}\r\n")  # fmt: skip
+        head = (
+            f"authorization: Bearer {TOKEN}\r\ncontent-type: application/octet-stream\r\ncontent-length: {10**12}\r\n"
+        )
         refused = "request body over the server's --max-body-mb 0.25; send fewer images per request"
         assert raw_post(url, head) == (413, {"detail": f"{refused} (batch_size in the address)"})
         partial = f"POST /score HTTP/1.1\r\nhost: x\r\n{head.replace(str(10**12), '1000')}\r\n".encode() + b"x" * 10
@@ -515,8 +564,10 @@ def test_bad_requests_get_4xx_and_one_line_each_and_the_server_keeps_serving(cap
         assert "HTTP 400 to POST /score from 127.0.0.1: the client disconnected after 10 bytes of its body" in err
         lines = err.splitlines()
         assert len(lines) == len(sent) + 2 and "Traceback" not in err, err  # + the 1 TB one and the one gone
-        assert all(re.match(r"flowdppo reward-server: HTTP 4\d\d to (GET|POST) /\w+ from 127\.0\.0\.1: ", line)
-                   for line in lines), err  # fmt: skip
+        assert all(
+            re.match(r"flowdppo reward-server: HTTP 4\d\d to (GET|POST) /\w+ from 127\.0\.0\.1: ", line)
+            for line in lines
+        ), err
         assert TOKEN not in err
         monkeypatch.setenv(TOKEN_ENV, TOKEN)  # the trainer's side: the same variable
         images, labels = images_and_labels(8)
@@ -528,9 +579,14 @@ def test_a_token_in_the_address_is_sent_and_a_missing_one_is_one_line(tmp_path, 
     with serving(make_app(reward, "classifier_prob", token=TOKEN)) as url:
         images, labels = images_and_labels(4)
         assert torch.equal(load_remote_reward(f"{url}?token={TOKEN}")(images, labels), reward(images, labels))
-        train_fails_in_one_line(tmp_path, capsys, url, rf"reward server {url}: HTTP 401 to /health: no token \(.*\); "
-                                rf"give the trainer the server's token in {TOKEN_ENV} \(or token=\.\.\. in the "
-                                r"address\)$")  # fmt: skip
+        train_fails_in_one_line(
+            tmp_path,
+            capsys,
+            url,
+            rf"reward server {url}: HTTP 401 to /health: no token \(.*\); "
+            rf"give the trainer the server's token in {TOKEN_ENV} \(or token=\.\.\. in the "
+            r"address\)$",
+        )
         train_fails_in_one_line(tmp_path, capsys, f"'{url}?token=wrong'", r"HTTP 401 to /health: wrong token")
 
 
@@ -542,9 +598,11 @@ def test_the_server_warns_beyond_loopback_without_a_token_and_reads_its_token(mo
     assert server_token(None) is None
     monkeypatch.setenv(TOKEN_ENV, TOKEN)
     assert server_token(None) == TOKEN and server_token("other") == "other"
-    for args, message in ((["--token", ""], "--token: a token is one or more printable ASCII characters"),
-                          (["--max-images", "0"], "--max-images: must be at least 1, got 0"),
-                          (["--max-body-mb", "-1"], "--max-body-mb: must be a positive number of MB")):  # fmt: skip
+    for args, message in (
+        (["--token", ""], "--token: a token is one or more printable ASCII characters"),
+        (["--max-images", "0"], "--max-images: must be at least 1, got 0"),
+        (["--max-body-mb", "-1"], "--max-body-mb: must be a positive number of MB"),
+    ):
         assert main(["reward-server", "--reward", "ink", "--port", "0", *args]) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and message in err, err
@@ -600,8 +658,11 @@ def test_a_trickling_answer_fails_at_the_deadline_not_per_read():
     with serving(trickling_app("/score")) as url:
         reward = load_remote_reward(f"{url}?timeout=1")
         start = time.perf_counter()
-        with pytest.raises(RewardError, match=rf"^reward server {url}: no complete answer to /score within 1 s; .* "
-                                              r"timeout=SECONDS in the address"):  # fmt: skip
+        with pytest.raises(
+            RewardError,
+            match=rf"^reward server {url}: no complete answer to /score within 1 s; .* "
+            r"timeout=SECONDS in the address",
+        ):
             reward(*images_and_labels(4))
         assert time.perf_counter() - start < 3  # tries are not repeated: the server is still busy with it
 
@@ -609,9 +670,13 @@ def test_a_trickling_answer_fails_at_the_deadline_not_per_read():
 @pytest.mark.parametrize("route", ["/health", "/score"])
 def test_a_trickling_server_is_one_line_naming_the_timeout(tmp_path, capsys, route):
     with serving(trickling_app(route)) as url:
-        train_fails_in_one_line(tmp_path, capsys, f"'{url}?timeout=1'",
-                                rf"reward server {url}: no complete answer to {route} within 1 s; if the server is "
-                                rf"only slow, give it longer with timeout=SECONDS in the address")  # fmt: skip
+        train_fails_in_one_line(
+            tmp_path,
+            capsys,
+            f"'{url}?timeout=1'",
+            rf"reward server {url}: no complete answer to {route} within 1 s; if the server is "
+            rf"only slow, give it longer with timeout=SECONDS in the address",
+        )
 
 
 def test_ctrl_c_while_a_request_hangs_exits_130_at_once(tmp_path):
@@ -638,9 +703,23 @@ def test_ctrl_c_while_a_request_hangs_exits_130_at_once(tmp_path):
 
     with serving(app) as url:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-        process = subprocess.Popen([sys.executable, "-m", "flowdppo", "train", "--no-progress", "--out",
-                                    str(tmp_path / "run"), *TINY, "epochs=1", f"reward.names=[{url}]"],
-                                   stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "flowdppo",
+                "train",
+                "--no-progress",
+                "--out",
+                str(tmp_path / "run"),
+                *TINY,
+                "epochs=1",
+                f"reward.names=[{url}]",
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         try:
             assert arrived.wait(120), "the trainer sent no request"
             process.send_signal(signal.SIGINT)
@@ -668,9 +747,13 @@ def test_loopback_bypasses_proxies_and_a_failure_through_a_proxy_names_it(tmp_pa
         images, labels = images_and_labels(4)
         assert torch.equal(load_remote_reward(url)(images, labels), reward(images, labels))
     assert remote.proxy_of("http://reward-box.invalid:8000") == shown
-    err = train_fails_in_one_line(tmp_path, capsys, "http://reward-box.invalid:8000",
-                                  rf"no answer after 4 tries \(ConnectError.*\) through the proxy {shown} \(from "
-                                  r"HTTP_PROXY / HTTPS_PROXY / ALL_PROXY; add the host to NO_PROXY")  # fmt: skip
+    err = train_fails_in_one_line(
+        tmp_path,
+        capsys,
+        "http://reward-box.invalid:8000",
+        rf"no answer after 4 tries \(ConnectError.*\) through the proxy {shown} \(from "
+        r"HTTP_PROXY / HTTPS_PROXY / ALL_PROXY; add the host to NO_PROXY",
+    )
     assert "pw" not in err
     monkeypatch.setenv("NO_PROXY", "reward-box.invalid")
     assert remote.proxy_of("http://reward-box.invalid:8000") is None
@@ -681,6 +764,9 @@ def test_remote_rewards_are_named_by_the_reward_served_whatever_the_port():
     with serving(make_app(reward, "classifier_prob")) as first, serving(make_app(reward, "classifier_prob")) as second:
         assert first != second
         assert [name for name, _ in load_rewards([first], ("digits",), RewardContext())] == ["remote:classifier_prob"]
-        with pytest.raises(ConfigError, match=rf"reward.names: '{first}' and '{second}' are both the reward "
-                                              r"'remote:classifier_prob'; give each reward once"):  # fmt: skip
+        with pytest.raises(
+            ConfigError,
+            match=rf"reward.names: '{first}' and '{second}' are both the reward "
+            r"'remote:classifier_prob'; give each reward once",
+        ):
             load_rewards([first, second], ("digits",), RewardContext())

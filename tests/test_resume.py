@@ -19,8 +19,16 @@ import torch
 from flowdppo.checkpoint import complete_checkpoints, load_checkpoint
 
 EPOCHS = 6
-RUN = ["prompts_per_epoch=2", "group_size=4", "eval_samples_per_class=2", "eval_every=3", f"epochs={EPOCHS}",
-       "checkpoint_every=1", "keep_checkpoints=2", "optim.minibatch_size=8"]  # fmt: skip
+RUN = [
+    "prompts_per_epoch=2",
+    "group_size=4",
+    "eval_samples_per_class=2",
+    "eval_every=3",
+    f"epochs={EPOCHS}",
+    "checkpoint_every=1",
+    "keep_checkpoints=2",
+    "optim.minibatch_size=8",
+]
 SKIP = ["on_nonfinite=skip", "max_nonfinite_in_a_row=6", "reward.names=[user_rewards:sometimes_nan]"]
 MODES = {"stop": [], "skip": SKIP}  # skip: some rollouts have NaN rewards and are skipped, counted in the rows
 NONDETERMINISTIC = {"time_s"}
@@ -28,8 +36,13 @@ NONDETERMINISTIC = {"time_s"}
 
 def flowdppo_train(*args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}  # the tests' user rewards
-    return subprocess.Popen([sys.executable, "-m", "flowdppo", "train", "--no-progress", *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "flowdppo", "train", "--no-progress", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def finish(process: subprocess.Popen) -> None:

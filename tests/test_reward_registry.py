@@ -11,11 +11,27 @@ from flowdppo.tasks.text_to_image import TextToImageTask
 from flowdppo.tasks.text_to_video import TextToVideoTask
 
 DIGITS = ["classifier_prob", "classifier_logprob", "ink"]
-IMAGE = ["jpeg_compressibility", "jpeg_incompressibility", "clip_score", "pickscore", "aesthetic", "ocr",
-         "vlm_yes_prob", "vlm_yes_prob_default_question", "vlm_ocr", "hpsv2"]  # fmt: skip
+IMAGE = [
+    "jpeg_compressibility",
+    "jpeg_incompressibility",
+    "clip_score",
+    "pickscore",
+    "aesthetic",
+    "ocr",
+    "vlm_yes_prob",
+    "vlm_yes_prob_default_question",
+    "vlm_ocr",
+    "hpsv2",
+]
 VIDEO = ["temporal_consistency"]
-NO_MODEL = ["classifier_prob", "classifier_logprob", "ink", "jpeg_compressibility", "jpeg_incompressibility",
-            "temporal_consistency"]  # fmt: skip
+NO_MODEL = [
+    "classifier_prob",
+    "classifier_logprob",
+    "ink",
+    "jpeg_compressibility",
+    "jpeg_incompressibility",
+    "temporal_consistency",
+]
 
 
 def test_every_built_in_reward_is_registered_once_with_its_kind():
@@ -58,8 +74,9 @@ def test_an_unknown_name_says_the_closest_name_and_the_names_of_the_task(kinds, 
     with pytest.raises(ConfigError) as err:
         load_rewards([typo], kinds, RewardContext())
     message = one_line(err)
-    assert message.startswith(f"reward.names: unknown reward '{typo}' (did you mean {suggestion}?); choose from "
-                              f"{', '.join(valid)}")  # fmt: skip
+    assert message.startswith(
+        f"reward.names: unknown reward '{typo}' (did you mean {suggestion}?); choose from {', '.join(valid)}"
+    )
     assert message.endswith("or give your own as module:function")
     assert not [name for name in invalid if f" {name}," in message or f" {name} " in message]
 
@@ -67,8 +84,10 @@ def test_an_unknown_name_says_the_closest_name_and_the_names_of_the_task(kinds, 
 def test_a_reward_of_another_kind_is_named_as_such():
     with pytest.raises(ConfigError) as err:
         load_rewards(["pickscore"], ("digits",), RewardContext())
-    assert one_line(err).startswith("reward.names: unknown reward 'pickscore' (it is an image reward); choose from "
-                                    "classifier_prob, classifier_logprob, ink")  # fmt: skip
+    assert one_line(err).startswith(
+        "reward.names: unknown reward 'pickscore' (it is an image reward); choose from "
+        "classifier_prob, classifier_logprob, ink"
+    )
 
 
 def test_two_names_of_one_reward_are_refused_and_digits_rewards_share_the_classifier():
@@ -84,5 +103,7 @@ def test_the_digits_task_refuses_a_misspelt_reward_in_one_line(tmp_path, capsys)
     code = main(["train", "--out", str(tmp_path / "run"), "reward.names=[inc]", "epochs=1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
-    assert "reward.names: unknown reward 'inc' (did you mean ink?); choose from classifier_prob, classifier_logprob, " \
-           "ink or give your own as module:function" in err[0]  # fmt: skip
+    assert (
+        "reward.names: unknown reward 'inc' (did you mean ink?); choose from classifier_prob, classifier_logprob, "
+        "ink or give your own as module:function" in err[0]
+    )

@@ -61,8 +61,9 @@ def test_rollout_records_the_sampler_transitions():
     assert traj.latents.shape == (2, 4, 1, 3, 3) and traj.log_probs.shape == (2, 4)
     for t, i in enumerate([1, 2]):
         sigma = sigmas[i].expand(4)
-        step = flow_sde_step(traj.latents[t], toy_velocity(traj.latents[t], sigma, cond), sigmas[i], sigmas[i + 1],
-                             0.7, sigmas[1])  # fmt: skip
+        step = flow_sde_step(
+            traj.latents[t], toy_velocity(traj.latents[t], sigma, cond), sigmas[i], sigmas[i + 1], 0.7, sigmas[1]
+        )
         torch.testing.assert_close(traj.means[t], step.mean)
         torch.testing.assert_close(traj.stds[t], step.std.expand(4))
         torch.testing.assert_close(traj.log_probs[t], log_prob(traj.next_latents[t], step.mean, step.std))
@@ -100,17 +101,36 @@ def test_path_kl_to_base():
     def base(x, sigma, cond):
         return toy_velocity(x, sigma, cond) + 0.1
 
-    same = rollout(toy_velocity, cond, x, sigmas, cfg, [0, 3], generator=torch.Generator().manual_seed(0),
-                   base_velocity=toy_velocity)  # fmt: skip
+    same = rollout(
+        toy_velocity,
+        cond,
+        x,
+        sigmas,
+        cfg,
+        [0, 3],
+        generator=torch.Generator().manual_seed(0),
+        base_velocity=toy_velocity,
+    )
     assert torch.equal(same.kl_to_base, torch.zeros(3))
-    traj = rollout(toy_velocity, cond, x, sigmas, cfg, [0, 3], generator=torch.Generator().manual_seed(0), base_velocity=base)
+    traj = rollout(
+        toy_velocity, cond, x, sigmas, cfg, [0, 3], generator=torch.Generator().manual_seed(0), base_velocity=base
+    )
     for t, i in enumerate([0, 3]):
         torch.testing.assert_close(traj.stds[t], cps_kl_for_constant_velocity_gap(i, sigmas)[1].expand(3))
     expected = sum(cps_kl_for_constant_velocity_gap(i, sigmas)[0] for i in (0, 3))
     torch.testing.assert_close(traj.kl_to_base, expected.expand(3))
     # measured over every stochastic step (ODE steps included), not only the trained ones
-    full = rollout(toy_velocity, cond, x, sigmas, cfg, [0, 3], generator=torch.Generator().manual_seed(0), base_velocity=base,
-                   kl_steps=range(5))  # fmt: skip
+    full = rollout(
+        toy_velocity,
+        cond,
+        x,
+        sigmas,
+        cfg,
+        [0, 3],
+        generator=torch.Generator().manual_seed(0),
+        base_velocity=base,
+        kl_steps=range(5),
+    )
     expected = sum(cps_kl_for_constant_velocity_gap(i, sigmas)[0] for i in range(5))
     torch.testing.assert_close(full.kl_to_base, expected.expand(3))
 
@@ -171,5 +191,6 @@ def test_chunked_velocity_and_custom_schedule():
     assert calls == [2, 2, 1] * 4
     torch.testing.assert_close(parts.final, whole.final, atol=0, rtol=0)
     assert torch.equal(whole.sigmas, sigmas) and torch.equal(whole.sigma, sigmas[[1, 2]])
-    torch.testing.assert_close(sample(toy_velocity, cond, x, sigmas), rollout(toy_velocity, cond, x, sigmas, cfg,
-                               []).final)  # fmt: skip
+    torch.testing.assert_close(
+        sample(toy_velocity, cond, x, sigmas), rollout(toy_velocity, cond, x, sigmas, cfg, []).final
+    )

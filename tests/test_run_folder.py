@@ -11,13 +11,22 @@ import yaml
 
 from flowdppo.cli import main
 
-RUN = ["prompts_per_epoch=2", "group_size=4", "eval_samples_per_class=2", "eval_every=100", "epochs=3",
-       "checkpoint_every=1", "keep_checkpoints=2"]  # fmt: skip
+RUN = [
+    "prompts_per_epoch=2",
+    "group_size=4",
+    "eval_samples_per_class=2",
+    "eval_every=100",
+    "epochs=3",
+    "checkpoint_every=1",
+    "keep_checkpoints=2",
+]
 
 
 def rows(run: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k != "time_s"}
-            for line in (run / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+    return [
+        {k: v for k, v in json.loads(line).items() if k != "time_s"}
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -57,12 +66,15 @@ def test_a_corrupt_newest_checkpoint_is_skipped_for_the_previous_one(finished, t
     assert rows(copy) == rows(finished)  # epoch 2 -> 3 run again, identically
 
 
-@pytest.mark.parametrize("damage,pattern", [
-    (lambda c: (c / "state.json").write_text('{"epoch": -3}'), r"state\.json: no valid epoch"),
-    (lambda c: (c / "rng.json").write_text("{not json"), r"rng\.json: unreadable \(JSONDecodeError"),
-    (lambda c: (c / "optimizer.json").write_text("{}"), r"does not fit this run \(KeyError"),
-    (lambda c: (c / "trainable.safetensors").write_bytes(b"\0" * 64), r"trainable\.safetensors: unreadable"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "damage,pattern",
+    [
+        (lambda c: (c / "state.json").write_text('{"epoch": -3}'), r"state\.json: no valid epoch"),
+        (lambda c: (c / "rng.json").write_text("{not json"), r"rng\.json: unreadable \(JSONDecodeError"),
+        (lambda c: (c / "optimizer.json").write_text("{}"), r"does not fit this run \(KeyError"),
+        (lambda c: (c / "trainable.safetensors").write_bytes(b"\0" * 64), r"trainable\.safetensors: unreadable"),
+    ],
+)
 def test_the_only_checkpoint_damaged_is_one_line_and_changes_nothing(run, capsys, damage, pattern):
     shutil.rmtree(run / "checkpoints" / "epoch_000001", ignore_errors=True)
     (checkpoint,) = (run / "checkpoints").glob("epoch_*")
@@ -82,8 +94,10 @@ def test_a_hand_edited_config_is_refused_on_resume(run, capsys):
     before = snapshot(run)
     assert resume(run) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "config.yaml differs from the config epoch_000002 ran with: optim.lr " \
-                                   "(checkpoint 0.001, now 0.01)" in err, err  # fmt: skip
+    assert (
+        err.count("\n") == 0
+        and "config.yaml differs from the config epoch_000002 ran with: optim.lr (checkpoint 0.001, now 0.01)" in err
+    ), err
     assert snapshot(run) == before
 
 
@@ -158,8 +172,10 @@ def test_a_full_disk_is_one_line_and_the_run_resumes(tmp_path, capsys, monkeypat
     out = tmp_path / "run"
     assert main(["train", "--no-progress", "--out", str(out), *RUN]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"flowdppo: error: No space left on device: {out / 'metrics.jsonl'}; free some space and continue " \
-                  f"with: flowdppo train --resume {out}"  # fmt: skip
+    assert (
+        err == f"flowdppo: error: No space left on device: {out / 'metrics.jsonl'}; free some space and continue "
+        f"with: flowdppo train --resume {out}"
+    )
     assert [r["epoch"] for r in rows(out)] == [0, 1] and not (out / ".lock").exists()
     monkeypatch.setattr(runs.RunFolder, "log", real_log)
     assert resume(out) == 0 and [r["epoch"] for r in rows(out)] == [0, 1, 2]
@@ -193,7 +209,8 @@ def test_export_with_no_check_loads_no_model(finished, tmp_path, monkeypatch):
         out = tmp_path / f"lora{len(source)}"
         assert main(["export", str(finished), "--out", str(out), "--no-check", *source]) == 0
         assert set(load_file(str(out / "pytorch_lora_weights.safetensors"))) == set(
-            load_file(str(finished / "final" / "pytorch_lora_weights.safetensors")))  # fmt: skip
+            load_file(str(finished / "final" / "pytorch_lora_weights.safetensors"))
+        )
 
 
 def test_a_finished_run_extended_is_the_run_asked_for_more_epochs(finished, tmp_path, capsys):
@@ -224,6 +241,8 @@ def test_a_finished_run_extended_is_the_run_asked_for_more_epochs(finished, tmp_
     before = snapshot(run)
     assert main(["train", "--no-progress", "--resume", str(run), "epochs=2"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "flowdppo: error: --resume: epochs=2 is fewer than the run's 3; a run can only be extended: give " \
-                  "epochs >= 3 (or leave it out)"  # fmt: skip
+    assert (
+        err == "flowdppo: error: --resume: epochs=2 is fewer than the run's 3; a run can only be extended: give "
+        "epochs >= 3 (or leave it out)"
+    )
     assert snapshot(run) == before

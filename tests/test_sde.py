@@ -143,9 +143,12 @@ def test_python_float_sigma_keeps_the_latent_dtype():
     x, v = torch.randn(3, 1, 4, 4, dtype=torch.float64), torch.randn(3, 1, 4, 4, dtype=torch.float64)
     sigma, sigma_next = 1 - 3e-8, 0.9  # 1 - 3e-8 rounds to 1.0 in float32
     as_tensors = (torch.tensor(sigma, dtype=torch.float64), torch.tensor(sigma_next, dtype=torch.float64))
-    for step_fn in (lambda a, b: flow_sde_step(x, v, a, b, sigma_stand_in=0.95),
-                    lambda a, b: dance_sde_step(x, v, a, b), lambda a, b: cps_step(x, v, a, b),
-                    lambda a, b: ode_step(x, v, a, b)):  # fmt: skip
+    for step_fn in (
+        lambda a, b: flow_sde_step(x, v, a, b, sigma_stand_in=0.95),
+        lambda a, b: dance_sde_step(x, v, a, b),
+        lambda a, b: cps_step(x, v, a, b),
+        lambda a, b: ode_step(x, v, a, b),
+    ):
         from_floats, from_tensors = step_fn(sigma, sigma_next), step_fn(*as_tensors)
         assert torch.equal(from_floats.mean, from_tensors.mean) and torch.equal(from_floats.std, from_tensors.std)
     step = flow_sde_step(x, v, sigma, sigma_next, sigma_stand_in=0.95)  # sigma < 1: g uses sigma itself

@@ -27,7 +27,6 @@ CALL_KWARGS = {
 }
 
 
-
 def _encode(pipe, family: str, prompts: list[str]) -> list[torch.Tensor]:
     """The per-prompt conditioning tensors of ``encode_prompt`` (sequence embeddings first, then pooled ones)."""
     if family == "sd3":

@@ -13,9 +13,17 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from flowdppo.checkpoint import complete_checkpoints
 from flowdppo.cli import main
 
-RUN = ["prompts_per_epoch=2", "group_size=4", "eval_samples_per_class=2", "optim.minibatch_size=8", "epochs=4",
-       "eval_every=2", "checkpoint_every=2", "logging.backends=[tensorboard,wandb]",
-       "logging.tags=[smoke]"]  # fmt: skip
+RUN = [
+    "prompts_per_epoch=2",
+    "group_size=4",
+    "eval_samples_per_class=2",
+    "optim.minibatch_size=8",
+    "epochs=4",
+    "eval_every=2",
+    "checkpoint_every=2",
+    "logging.backends=[tensorboard,wandb]",
+    "logging.tags=[smoke]",
+]
 
 
 def wandb_records(run_file):
@@ -103,8 +111,9 @@ def test_a_tracker_that_is_not_there_is_one_line(tmp_path, capsys, monkeypatch, 
     import importlib.util
 
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if missing and name == backend
-                        else find_spec(name, *a))  # fmt: skip
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if missing and name == backend else find_spec(name, *a)
+    )
     code = main(["train", "--out", str(tmp_path / "run"), f"logging.backends=[{backend}]"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and expected in err[0] and err[0].startswith("flowdppo: error: logging.backends")
@@ -120,14 +129,29 @@ def test_wandb_online_without_a_login_is_one_line_and_leaves_nothing(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env |= {"HOME": str(tmp_path / "home"), "WANDB_SILENT": "true"}  # no ~/.netrc, no saved W&B settings
     out = tmp_path / "run"
-    done = subprocess.run([sys.executable, "-m", "flowdppo", "train", "--no-progress", "--out", str(out), *RUN[:4],
-                           "epochs=1", "logging.backends=[wandb]"], capture_output=True, text=True, env=env,
-                          timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flowdppo",
+            "train",
+            "--no-progress",
+            "--out",
+            str(out),
+            *RUN[:4],
+            "epochs=1",
+            "logging.backends=[wandb]",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     err = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(err) == 1, done.stderr
-    assert err[0].startswith("flowdppo: error: logging.backends: wandb could not start a run (") and \
-        err[0].endswith("); run `wandb login`, or set WANDB_MODE=offline to log locally and sync later, or remove "
-                        "wandb"), err  # fmt: skip
+    assert err[0].startswith("flowdppo: error: logging.backends: wandb could not start a run (") and err[0].endswith(
+        "); run `wandb login`, or set WANDB_MODE=offline to log locally and sync later, or remove wandb"
+    ), err
     assert not out.exists()
 
 
@@ -136,16 +160,20 @@ def test_a_wandb_install_that_fails_to_import_is_one_line(tmp_path, capsys, monk
 
     broken = tmp_path / "site" / "wandb"
     broken.mkdir(parents=True)
-    (broken / "__init__.py").write_text('raise TypeError("Descriptors cannot be created directly.\\nIf this call '
-                                        'came from a _pb2.py file, your generated code is out of date")\n')
+    (broken / "__init__.py").write_text(
+        'raise TypeError("Descriptors cannot be created directly.\\nIf this call '
+        'came from a _pb2.py file, your generated code is out of date")\n'
+    )
     for name in [m for m in sys.modules if m == "wandb" or m.startswith("wandb.")]:
         monkeypatch.delitem(sys.modules, name)  # restored at teardown
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     code = main(["train", "--out", str(tmp_path / "run"), "logging.backends=[tensorboard, wandb]"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
-    assert err[0] == ("flowdppo: error: logging.backends: wandb is installed but fails to import (TypeError: "
-                      "Descriptors cannot be created directly. If this call came from a _pb2.py file, your generated "
-                      "code is out of date); reinstall it (pip install 'flowdppo[wandb]' --force-reinstall) or remove "
-                      "it")  # fmt: skip
+    assert err[0] == (
+        "flowdppo: error: logging.backends: wandb is installed but fails to import (TypeError: "
+        "Descriptors cannot be created directly. If this call came from a _pb2.py file, your generated "
+        "code is out of date); reinstall it (pip install 'flowdppo[wandb]' --force-reinstall) or remove "
+        "it"
+    )
     assert not (tmp_path / "run").exists()

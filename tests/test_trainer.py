@@ -68,10 +68,16 @@ def test_exported_lora_loads_in_a_stock_pipeline_and_reproduces_the_policy(runs)
     up, _ = runs
     base_dir_policy = load_base_policy()
     pipe = StableDiffusion3Pipeline(
-        transformer=base_dir_policy.transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=None,
-        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
+        transformer=base_dir_policy.transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        text_encoder_3=None,
         tokenizer_3=None,
-    )  # fmt: skip
+    )
     x, sigma, cond = torch.randn(6, 1, 8, 8), torch.rand(6), torch.arange(6)
     before = base_dir_policy.velocity(x, sigma, cond)
     pipe.load_lora_weights(up.path / "final")
@@ -126,8 +132,9 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
     assert "not a run folder" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("method", ["flow_grpo", "flow_cps", "grpo_guard", "flow_dppo_cps", "dance_grpo",
-                                    "diffusion_nft", "awm"])  # fmt: skip
+@pytest.mark.parametrize(
+    "method", ["flow_grpo", "flow_cps", "grpo_guard", "flow_dppo_cps", "dance_grpo", "diffusion_nft", "awm"]
+)
 def test_every_preset_trains(tmp_path, method):
     run = short_run(tmp_path, method, ["epochs=2", "eval_every=2", "optim.inner_epochs=2", "loss.beta=0.01"], method)
     rows = run.rows()
@@ -136,8 +143,15 @@ def test_every_preset_trains(tmp_path, method):
 
 
 def test_full_finetuning_with_accumulation_and_replayed_anchor(tmp_path):
-    overrides = ["epochs=2", "eval_every=2", "optim.lora_rank=0", "optim.grad_accum=2", "optim.anchor=replay",
-                 "loss.beta=0.01", "optim.lr=1e-4"]  # fmt: skip
+    overrides = [
+        "epochs=2",
+        "eval_every=2",
+        "optim.lora_rank=0",
+        "optim.grad_accum=2",
+        "optim.anchor=replay",
+        "loss.beta=0.01",
+        "optim.lr=1e-4",
+    ]
     run = short_run(tmp_path, "full", overrides)
     assert (run.path / "final" / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
     assert run.rows()[-1]["kl_to_base"] > 0 and run.rows()[-1]["ref_kl"] > 0

@@ -15,8 +15,15 @@ from safetensors.torch import load_file, save_file
 import flowdppo.files as files
 from flowdppo.cli import main
 
-RUN = ["prompts_per_epoch=2", "group_size=4", "eval_samples_per_class=2", "eval_every=100", "epochs=2",
-       "checkpoint_every=1", "keep_checkpoints=2"]  # fmt: skip
+RUN = [
+    "prompts_per_epoch=2",
+    "group_size=4",
+    "eval_samples_per_class=2",
+    "eval_every=100",
+    "epochs=2",
+    "checkpoint_every=1",
+    "keep_checkpoints=2",
+]
 ADAPTER = "pytorch_lora_weights.safetensors"
 FULL = OSError(errno.ENOSPC, "No space left on device")
 UMASK = 0o027  # the files of a run made under it: 0o640 (safetensors alone writes 0o600)
@@ -38,8 +45,13 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 def user_files(folder: Path) -> dict[str, bytes]:
     """A user's own files in a folder: next to a run's outputs, inside its folders, and with outputs' names."""
-    made = {"notes.txt": b"my notes", "plots/mine.png": b"my plot", "final/README.md": b"# my model card",
-            "checkpoints/todo.md": b"- more epochs", "tensorboard/mine.txt": b"keep"}  # fmt: skip
+    made = {
+        "notes.txt": b"my notes",
+        "plots/mine.png": b"my plot",
+        "final/README.md": b"# my model card",
+        "checkpoints/todo.md": b"- more epochs",
+        "tensorboard/mine.txt": b"keep",
+    }
     for name, data in made.items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(data)
@@ -84,11 +96,17 @@ def test_a_folder_that_is_not_a_run_is_refused_and_kept(tmp_path, capsys):
     made["metrics.jsonl"] = b"my own metrics\n"
     before = snapshot(out)
     assert train("--out", str(out), *RUN) == 2
-    one_line_error(capsys, r"--out: .*mine is not empty and holds no flowdppo run \(no config\.yaml\); choose a new "
-                           r"or empty folder, or pass --overwrite")  # fmt: skip
+    one_line_error(
+        capsys,
+        r"--out: .*mine is not empty and holds no flowdppo run \(no config\.yaml\); choose a new "
+        r"or empty folder, or pass --overwrite",
+    )
     assert train("--out", str(out), "--overwrite", *RUN) == 2  # a file named as an output, not known to be a run's
-    one_line_error(capsys, r"--overwrite: .*mine/metrics\.jsonl is not a flowdppo run's .*; move it away or choose "
-                           r"another --out")  # fmt: skip
+    one_line_error(
+        capsys,
+        r"--overwrite: .*mine/metrics\.jsonl is not a flowdppo run's .*; move it away or choose "
+        r"another --out",
+    )
     assert snapshot(out) == before
 
 
@@ -103,8 +121,11 @@ def test_overwrite_of_a_folder_that_is_not_a_run_writes_next_to_the_users_files(
 def test_overwrite_of_a_run_replaces_its_outputs_only(run, capsys):
     made = user_files(run)
     assert train("--out", str(run), *RUN, "epochs=1") == 2  # without --overwrite: refused
-    one_line_error(capsys, r"already holds a run; continue it with --resume .*, choose another folder, or pass "
-                           r"--overwrite to replace its outputs \(other files stay\)")  # fmt: skip
+    one_line_error(
+        capsys,
+        r"already holds a run; continue it with --resume .*, choose another folder, or pass "
+        r"--overwrite to replace its outputs \(other files stay\)",
+    )
     assert train("--out", str(run), "--overwrite", *RUN, "epochs=1", "seed=3") == 0
     still_there(run, made)
     # epoch_000002 was the old run's
@@ -127,8 +148,11 @@ def test_out_a_symlink_loop_or_a_dangling_link(finished, tmp_path, capsys):
     (tmp_path / "loop2").symlink_to(loop)
     for out in (loop, loop / "run"):
         assert train("--out", str(out), *RUN) == 2
-        one_line_error(capsys, rf"--out: {re.escape(str(loop))} is a symlink loop; point the link at a folder or "
-                               rf"choose another one")  # fmt: skip
+        one_line_error(
+            capsys,
+            rf"--out: {re.escape(str(loop))} is a symlink loop; point the link at a folder or "
+            rf"choose another one",
+        )
     dangling = tmp_path / "dangling"
     dangling.symlink_to(tmp_path / "gone")
     assert train("--out", str(dangling), *RUN) == 2
@@ -142,8 +166,11 @@ def test_a_file_where_the_run_keeps_a_folder_is_named_on_resume(run, capsys):
     (run / "tensorboard").write_text("my file")
     before = snapshot(run)
     assert train("--resume", str(run), "epochs=3") == 2
-    one_line_error(capsys, r"--resume: .*run/tensorboard is a file where the run keeps its tensorboard/ folder; move "
-                           r"or rename it, then run the command again")  # fmt: skip
+    one_line_error(
+        capsys,
+        r"--resume: .*run/tensorboard is a file where the run keeps its tensorboard/ folder; move "
+        r"or rename it, then run the command again",
+    )
     assert snapshot(run) == before
 
 
@@ -161,8 +188,11 @@ def test_a_full_disk_while_writing_a_checkpoint_keeps_the_previous_one(run, caps
     before = snapshot(run / "checkpoints")
     assert train("--resume", str(run), "epochs=4") == 2
     where = re.escape(str(run / "checkpoints"))
-    one_line_error(capsys, rf"^flowdppo: error: No space left on device: {where}; free some space and continue "
-                           rf"with: flowdppo train --resume {re.escape(str(run))}$")  # fmt: skip
+    one_line_error(
+        capsys,
+        rf"^flowdppo: error: No space left on device: {where}; free some space and continue "
+        rf"with: flowdppo train --resume {re.escape(str(run))}$",
+    )
     assert snapshot(run / "checkpoints") == before  # epoch_000001 and 2 intact, no temporary folder left
     monkeypatch.setattr(checkpoint, "save_file", real_save_file)
     assert train("--resume", str(run)) == 0
@@ -181,8 +211,11 @@ def test_a_full_disk_while_writing_plots_or_final_weights_keeps_the_old_ones(run
     before = snapshot(run)
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", half_then_full)
     assert train("--resume", str(run)) == 2  # the finished run writes its plots again
-    one_line_error(capsys, rf"No space left on device: {re.escape(str(run / 'plots' / 'curves.png'))}; free some "
-                           rf"space and continue with")  # fmt: skip
+    one_line_error(
+        capsys,
+        rf"No space left on device: {re.escape(str(run / 'plots' / 'curves.png'))}; free some "
+        rf"space and continue with",
+    )
     assert before.items() <= snapshot(run).items()  # every file as it was (a new TensorBoard event file added)
     monkeypatch.undo()
 
@@ -203,18 +236,25 @@ def test_export_refuses_an_existing_adapter_and_the_runs_own_final(finished, tmp
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_bytes(data)
     assert main(["export", str(finished), "--out", str(out)]) == 2
-    one_line_error(capsys, rf"--out: {re.escape(str(out / ADAPTER))} already exists; choose another folder, or pass "
-                           rf"--overwrite to replace it")  # fmt: skip
+    one_line_error(
+        capsys,
+        rf"--out: {re.escape(str(out / ADAPTER))} already exists; choose another folder, or pass "
+        rf"--overwrite to replace it",
+    )
     still_there(out, theirs)
     before = snapshot(finished)
     assert main(["export", str(finished), "--out", str(finished / "final"), "--overwrite"]) == 2
-    one_line_error(capsys, r"--out: .*final is the run's own final/ folder, which already holds its adapter; export "
-                           r"to another folder")  # fmt: skip
+    one_line_error(
+        capsys,
+        r"--out: .*final is the run's own final/ folder, which already holds its adapter; export "
+        r"to another folder",
+    )
     assert snapshot(finished) == before
     assert main(["export", str(finished), "--out", str(out), "--overwrite"]) == 0
     assert (out / ADAPTER).read_bytes() == (finished / "final" / ADAPTER).read_bytes()
     assert (out / "README.md").read_bytes() == b"mine" and oct((out / ADAPTER).stat().st_mode & 0o777) == oct(
-        files.file_mode())  # fmt: skip
+        files.file_mode()
+    )
 
 
 def test_a_full_disk_during_export_keeps_the_previous_export(finished, tmp_path, capsys, monkeypatch):
@@ -230,8 +270,11 @@ def test_a_full_disk_during_export_keeps_the_previous_export(finished, tmp_path,
 
     monkeypatch.setattr(evaluate.shutil, "copyfile", copy_half)
     assert main(["export", str(finished), "--out", str(out), "--overwrite"]) == 2
-    one_line_error(capsys, rf"^flowdppo: error: No space left on device: {re.escape(str(out))}; free some space and "
-                           rf"run the same command again$")  # fmt: skip
+    one_line_error(
+        capsys,
+        rf"^flowdppo: error: No space left on device: {re.escape(str(out))}; free some space and "
+        rf"run the same command again$",
+    )
     assert snapshot(out) == before
 
 
@@ -243,8 +286,11 @@ def test_export_of_an_adapter_that_does_not_move_the_velocity_is_one_line(run, t
     save_file({k: v.zero_() if "lora_B" in k else v for k, v in tensors.items()}, str(adapter), metadata=metadata)
     out = tmp_path / "lora"
     assert main(["export", str(run), "--out", str(out)]) == 2  # loaded into a fresh base model: the same velocity
-    one_line_error(capsys, r"export: the adapter for .*lora, loaded into a fresh base model, does not change its "
-                           r"velocity .*; nothing was written \(--no-check skips this check\)")  # fmt: skip
+    one_line_error(
+        capsys,
+        r"export: the adapter for .*lora, loaded into a fresh base model, does not change its "
+        r"velocity .*; nothing was written \(--no-check skips this check\)",
+    )
     assert not out.exists()
     assert main(["export", str(run), "--out", str(out), "--format", "comfyui"]) == 2
     one_line_error(capsys, r"export: the adapter for .*lora is all zeros \(every lora_B is 0\)")

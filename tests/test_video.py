@@ -43,15 +43,15 @@ PROMPTS = ["a red cat", "two dogs on a beach", "a blue house", "a green apple", 
 NEGATIVE = "blurry, static"
 
 
-
 @pytest.fixture(scope="module")
 def wan_dir(tmp_path_factory) -> Path:
     return save_tiny_wan_pipeline(tmp_path_factory.mktemp("pipelines") / "wan")
 
 
 def load_wan(model, **kwargs) -> WanPolicy:
-    return load_pipeline_policy(str(model), HEIGHT, torch.float32, "cpu", families=VIDEO_FAMILIES,
-                                task="text_to_video", **SIZE, **kwargs)  # fmt: skip
+    return load_pipeline_policy(
+        str(model), HEIGHT, torch.float32, "cpu", families=VIDEO_FAMILIES, task="text_to_video", **SIZE, **kwargs
+    )
 
 
 def batch_of(policy, prompts):
@@ -68,9 +68,17 @@ def test_wan_adapter_reproduces_the_pipeline_call_with_cfg(wan_dir):
     noise = torch.randn((2, *policy.latent_shape), generator=torch.Generator().manual_seed(0))
     velocity = lambda x, s, c: policy.velocity(x, s, c, guidance_scale=scale)  # noqa: E731
     ours = policy.decode(sample(velocity, batch_of(policy, prompts), noise, sigmas=policy.sigmas(steps)))
-    theirs = policy.pipeline(prompt=prompts, negative_prompt=[NEGATIVE] * 2, height=HEIGHT, width=WIDTH,
-                             num_frames=FRAMES, num_inference_steps=steps, guidance_scale=scale, latents=noise,
-                             output_type="pt").frames  # fmt: skip
+    theirs = policy.pipeline(
+        prompt=prompts,
+        negative_prompt=[NEGATIVE] * 2,
+        height=HEIGHT,
+        width=WIDTH,
+        num_frames=FRAMES,
+        num_inference_steps=steps,
+        guidance_scale=scale,
+        latents=noise,
+        output_type="pt",
+    ).frames
     assert ours.shape == (2, FRAMES, 3, HEIGHT, WIDTH)
     torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=0)
     assert (ours[0] - ours[1]).abs().max() > 1e-3  # the prompt matters
@@ -85,8 +93,15 @@ def test_wan_schedule_is_the_shipped_unipc_flow_schedule(wan_dir):
     policy = load_wan(wan_dir)
     ours = policy.sigmas(4)
     noise = torch.randn((1, *policy.latent_shape), generator=torch.Generator().manual_seed(0))
-    policy.pipeline(prompt=PROMPTS[:1], height=HEIGHT, width=WIDTH, num_frames=FRAMES, num_inference_steps=4,
-                    latents=noise, output_type="latent")  # fmt: skip
+    policy.pipeline(
+        prompt=PROMPTS[:1],
+        height=HEIGHT,
+        width=WIDTH,
+        num_frames=FRAMES,
+        num_inference_steps=4,
+        latents=noise,
+        output_type="latent",
+    )
     torch.testing.assert_close(ours, policy.pipeline.scheduler.sigmas.float(), atol=1e-6, rtol=0)
     base = torch.linspace(1, 1 / 1000, 5)[:-1]  # linspace(1, 1 / T, K + 1) without its last
     torch.testing.assert_close(ours[:-1], WAN_FLOW_SHIFT * base / (1 + (WAN_FLOW_SHIFT - 1) * base))  # shift 3
@@ -171,8 +186,10 @@ def test_user_video_rewards_get_uint8_videos_and_frame_rewards_floats():
     reward(videos, ["a", "b"], [{}, {}])
     assert seen[0].dtype == torch.uint8 and seen[0].shape == videos.shape
     assert torch.equal(seen[0], (videos * 255).round().to(torch.uint8))
-    assert torch.equal(seen[0][0, 0, 0, 0, :2], torch.tensor([round(255 * float(v)) for v in videos[0, 0, 0, 0, :2]],
-                                                             dtype=torch.uint8))  # fmt: skip
+    assert torch.equal(
+        seen[0][0, 0, 0, 0, :2],
+        torch.tensor([round(255 * float(v)) for v in videos[0, 0, 0, 0, :2]], dtype=torch.uint8),
+    )
     frames = []
     FrameReward(lambda f, p, m: frames.append(f) or f.mean(dim=(1, 2, 3)), "f", 2)(videos, ["a", "b"])
     assert frames[0].dtype == torch.float32 and torch.equal(frames[0], videos[:, [0, 2]].flatten(0, 1))
@@ -187,18 +204,41 @@ def velocity_of(policy, prompts, seed: int = 1):
 def test_train_two_epochs_then_export_loads_in_a_fresh_wan_pipeline(wan_dir, tmp_path):
     model, run, prompts_file = str(wan_dir), tmp_path / "run", tmp_path / "prompts.txt"
     prompts_file.write_text("\n".join(PROMPTS) + "\n")
-    code = main(["train", "--out", str(run), "--no-progress", "task=text_to_video", f"model={model}",
-                 f"prompts={prompts_file}", "eval_prompts=2", f"height={HEIGHT}", f"width={WIDTH}",
-                 f"num_frames={FRAMES}", "epochs=2", "prompts_per_epoch=2", "group_size=2",
-                 "eval_samples_per_class=1", "optim.minibatch_size=4", "optim.lr=1e-2", "sampler.guidance_scale=3.0",
-                 "reward.names=[jpeg_incompressibility,temporal_consistency,user_video_rewards:brightness_and_length]",
-                 "reward.weights=[1, 1, 1]", "reward.video_frames=3", "sampler.num_steps=4",
-                 "sampler.window_range=[0,2]"])  # fmt: skip
+    code = main(
+        [
+            "train",
+            "--out",
+            str(run),
+            "--no-progress",
+            "task=text_to_video",
+            f"model={model}",
+            f"prompts={prompts_file}",
+            "eval_prompts=2",
+            f"height={HEIGHT}",
+            f"width={WIDTH}",
+            f"num_frames={FRAMES}",
+            "epochs=2",
+            "prompts_per_epoch=2",
+            "group_size=2",
+            "eval_samples_per_class=1",
+            "optim.minibatch_size=4",
+            "optim.lr=1e-2",
+            "sampler.guidance_scale=3.0",
+            "reward.names=[jpeg_incompressibility,temporal_consistency,user_video_rewards:brightness_and_length]",
+            "reward.weights=[1, 1, 1]",
+            "reward.video_frames=3",
+            "sampler.num_steps=4",
+            "sampler.window_range=[0,2]",
+        ]
+    )
     assert code == 0
     assert (run / "samples.png").is_file() and (run / "final" / "pytorch_lora_weights.safetensors").is_file()
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert {"reward/temporal_consistency", "eval/jpeg_incompressibility",
-            "eval/user_video_rewards:brightness_and_length"} <= rows[-1].keys()  # fmt: skip
+    assert {
+        "reward/temporal_consistency",
+        "eval/jpeg_incompressibility",
+        "eval/user_video_rewards:brightness_and_length",
+    } <= rows[-1].keys()
     assert read_mp4(run / "samples.mp4").shape == (FRAMES, 2 * HEIGHT + 2, 2 * WIDTH + 2, 3)  # 2 prompts x (base |
     assert not (run / "samples.gif").exists()  # trained), every frame, padded to even sides
 
@@ -227,23 +267,43 @@ def test_train_two_epochs_then_export_loads_in_a_fresh_wan_pipeline(wan_dir, tmp
         (["width=40"], "width: must be a positive multiple of 16"),
         (["height=24"], "height: must be a positive multiple of 16"),
         (["reward.names=[sharpness]"], "unknown reward 'sharpness'"),
-        (["reward.names=[temporal_consistensy]"], "unknown reward 'temporal_consistensy' (did you mean "
-                                                  "temporal_consistency?)"),
+        (
+            ["reward.names=[temporal_consistensy]"],
+            "unknown reward 'temporal_consistensy' (did you mean temporal_consistency?)",
+        ),
         # past the tiny model's rotary table (rope_max_seq_len 32): frames, rows, columns
-        (["num_frames=129"], "num_frames: at most 125 for this model (its position embedding covers 32 patches per "
-                             "axis: rope_max_seq_len 32), got 129"),
+        (
+            ["num_frames=129"],
+            "num_frames: at most 125 for this model (its position embedding covers 32 patches per "
+            "axis: rope_max_seq_len 32), got 129",
+        ),
         (["height=4096"], "height: at most 512 for this model"),
         (["width=1048576"], "width: at most 512 for this model"),
         (["optim.lora_rank=1000000000"], "optim.lora_rank: at most 24 for these layers"),
-        (["sampler.rollout_batch_size=1000000000", "height=512", "width=512", "num_frames=125", "group_size=100000"],
-         "sampler.rollout_batch_size: a rollout call of 1,000,000 samples needs at least"),
+        (
+            ["sampler.rollout_batch_size=1000000000", "height=512", "width=512", "num_frames=125", "group_size=100000"],
+            "sampler.rollout_batch_size: a rollout call of 1,000,000 samples needs at least",
+        ),
     ],
 )
 def test_bad_video_inputs_are_one_line(overrides, message, wan_dir, tmp_path, capsys):
     (tmp_path / "prompts.txt").write_text("a cat\na dog\n")
-    code = main(["train", "--out", str(tmp_path / "run"), "task=text_to_video", f"model={wan_dir}",
-                 f"prompts={tmp_path / 'prompts.txt'}", "eval_prompts=1", f"height={HEIGHT}", f"width={WIDTH}",
-                 f"num_frames={FRAMES}", "reward.names=[temporal_consistency]", *overrides])  # fmt: skip
+    code = main(
+        [
+            "train",
+            "--out",
+            str(tmp_path / "run"),
+            "task=text_to_video",
+            f"model={wan_dir}",
+            f"prompts={tmp_path / 'prompts.txt'}",
+            "eval_prompts=1",
+            f"height={HEIGHT}",
+            f"width={WIDTH}",
+            f"num_frames={FRAMES}",
+            "reward.names=[temporal_consistency]",
+            *overrides,
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0], err
     assert not (tmp_path / "run").exists()
@@ -258,8 +318,19 @@ def test_a_task_on_the_other_kind_of_pipeline_is_one_line(wan_dir, tmp_path, cap
         ("text_to_video", image_dir, "temporal_consistency", "is a StableDiffusion3Pipeline; task=text_to_video"),
         ("text_to_image", wan_dir, "jpeg_incompressibility", "is a WanPipeline; task=text_to_image"),
     ):
-        code = main(["train", "--out", str(tmp_path / "run"), f"task={task}", f"model={model}", "resolution=32",
-                     f"prompts={tmp_path / 'prompts.txt'}", "eval_prompts=1", f"reward.names=[{names}]"])  # fmt: skip
+        code = main(
+            [
+                "train",
+                "--out",
+                str(tmp_path / "run"),
+                f"task={task}",
+                f"model={model}",
+                "resolution=32",
+                f"prompts={tmp_path / 'prompts.txt'}",
+                "eval_prompts=1",
+                f"reward.names=[{names}]",
+            ]
+        )
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and message in err[0], err
 
@@ -268,9 +339,17 @@ def test_config_sizes_reach_the_policy(wan_dir, tmp_path):
     from flowdppo.tasks import task_class
 
     (tmp_path / "prompts.txt").write_text("a cat\na dog\na cow\n")
-    cfg = load_config(overrides=["task=text_to_video", f"model={wan_dir}", f"prompts={tmp_path / 'prompts.txt'}",
-                                 "eval_prompts=1", "resolution=32", "num_frames=9",
-                                 "reward.names=[temporal_consistency]"])  # fmt: skip
+    cfg = load_config(
+        overrides=[
+            "task=text_to_video",
+            f"model={wan_dir}",
+            f"prompts={tmp_path / 'prompts.txt'}",
+            "eval_prompts=1",
+            "resolution=32",
+            "num_frames=9",
+            "reward.names=[temporal_consistency]",
+        ]
+    )
     assert task_class(cfg).policy_class(cfg) is WanPolicy
     task = task_class(cfg)(cfg)
     assert task.latent_shape == (16, 3, 4, 4) and task.policy.shard_units() == list(task.policy.transformer.blocks)

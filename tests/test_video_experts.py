@@ -58,9 +58,18 @@ def ti2v_dir(tmp_path_factory) -> Path:
 
 
 def load_wan(model, height=HEIGHT, width=WIDTH, **kwargs) -> WanPolicy:
-    return load_pipeline_policy(str(model), height, torch.float32, "cpu", families=VIDEO_FAMILIES,
-                                task="text_to_video", height=height, width=width, num_frames=FRAMES,
-                                **kwargs)  # fmt: skip
+    return load_pipeline_policy(
+        str(model),
+        height,
+        torch.float32,
+        "cpu",
+        families=VIDEO_FAMILIES,
+        task="text_to_video",
+        height=height,
+        width=width,
+        num_frames=FRAMES,
+        **kwargs,
+    )
 
 
 def batch_of(policy, prompts):
@@ -89,9 +98,18 @@ def test_two_experts_reproduce_the_pipeline_call_with_cfg(a14b_dir):
     velocity = lambda x, s, c: policy.velocity(x, s, c, guidance_scale=scale)  # noqa: E731
     ours = policy.decode(sample(velocity, batch_of(policy, prompts), noise, sigmas=sigmas))
     assert calls == [1, 3]  # one batched (CFG) call per step
-    theirs = policy.pipeline(prompt=prompts, negative_prompt=[NEGATIVE] * 2, height=HEIGHT, width=WIDTH,
-                             num_frames=FRAMES, num_inference_steps=steps, guidance_scale=scale, guidance_scale_2=2.0,
-                             latents=noise, output_type="pt").frames  # fmt: skip
+    theirs = policy.pipeline(
+        prompt=prompts,
+        negative_prompt=[NEGATIVE] * 2,
+        height=HEIGHT,
+        width=WIDTH,
+        num_frames=FRAMES,
+        num_inference_steps=steps,
+        guidance_scale=scale,
+        guidance_scale_2=2.0,
+        latents=noise,
+        output_type="pt",
+    ).frames
     assert calls == [1 + 2, 3 + 6]  # the pipeline: conditional and unconditional calls
     print(f"two experts vs WanPipeline.__call__: max abs diff {(ours - theirs).abs().max():.2e}")
     torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=0)
@@ -124,12 +142,28 @@ def velocity_at(policy, sigma: float, prompts=PROMPTS[:2], seed: int = 1):
         return policy.velocity(x, torch.full((len(prompts),), sigma), batch_of(policy, prompts))
 
 
-TRAIN = ["task=text_to_video", "eval_prompts=2", f"height={HEIGHT}", f"width={WIDTH}",
-         f"num_frames={FRAMES}", "epochs=2", "prompts_per_epoch=2", "group_size=2", "eval_samples_per_class=1",
-         "optim.minibatch_size=4", "optim.lr=1e-2", "sampler.guidance_scale=3.0", "sampler.guidance_scale_2=2.0",
-         "reward.names=[temporal_consistency,user_video_rewards:brightness_and_length]", "reward.weights=[1, 1]",
-         "sampler.num_steps=4", "sampler.window_mode=all", "sampler.rollout_batch_size=2", "checkpoint_every=1",
-         "loss.beta=0.01"]  # fmt: skip
+TRAIN = [
+    "task=text_to_video",
+    "eval_prompts=2",
+    f"height={HEIGHT}",
+    f"width={WIDTH}",
+    f"num_frames={FRAMES}",
+    "epochs=2",
+    "prompts_per_epoch=2",
+    "group_size=2",
+    "eval_samples_per_class=1",
+    "optim.minibatch_size=4",
+    "optim.lr=1e-2",
+    "sampler.guidance_scale=3.0",
+    "sampler.guidance_scale_2=2.0",
+    "reward.names=[temporal_consistency,user_video_rewards:brightness_and_length]",
+    "reward.weights=[1, 1]",
+    "sampler.num_steps=4",
+    "sampler.window_mode=all",
+    "sampler.rollout_batch_size=2",
+    "checkpoint_every=1",
+    "loss.beta=0.01",
+]
 
 
 def train_args(model, run, tmp_path, *extra):
@@ -152,8 +186,7 @@ def test_train_both_experts_then_export_loads_into_both(a14b_dir, tmp_path, monk
     assert len(rows) == 2 and rows[-1]["trained_steps"] == [0, 1, 2, 3]
     assert (run / "samples.mp4").is_file()
     final = run / "final"
-    assert sorted(p.name for p in final.glob("*.safetensors")) == [lora_file("transformer"),
-                                                                   lora_file("transformer_2")]  # fmt: skip
+    assert sorted(p.name for p in final.glob("*.safetensors")) == [lora_file("transformer"), lora_file("transformer_2")]
 
     trained = load_wan(a14b_dir)
     make_trainable(trained, 8, 16.0)
@@ -177,8 +210,7 @@ def test_train_both_experts_then_export_loads_into_both(a14b_dir, tmp_path, monk
         for sigma in (HIGH, LOW):
             diff = (velocity_at(exported, sigma) - velocity_at(trained, sigma)).abs().max()
             print(f"export {source or 'final'} sigma {sigma}: max abs diff {diff:.2e}")
-            torch.testing.assert_close(velocity_at(exported, sigma), velocity_at(trained, sigma), atol=1e-6,
-                                       rtol=1e-5)  # fmt: skip
+            torch.testing.assert_close(velocity_at(exported, sigma), velocity_at(trained, sigma), atol=1e-6, rtol=1e-5)
 
     assert main(["export", str(run), "--out", str(tmp_path / "comfy"), "--format", "comfyui"]) == 0
     comfy = {p.name: load_file(str(p)) for p in (tmp_path / "comfy").iterdir()}
@@ -243,13 +275,22 @@ def test_ti2v_reproduces_the_pipeline_call_with_cfg(ti2v_dir):
     prompts, steps, scale = PROMPTS[:2], 3, 4.0
     noise = torch.randn((2, *policy.latent_shape), generator=torch.Generator().manual_seed(0))
     timesteps = []  # what each transformer call gets: one timestep per video token
-    policy.transformer.register_forward_pre_hook(lambda _, args, kwargs: timesteps.append(kwargs["timestep"]),
-                                                 with_kwargs=True)  # fmt: skip
+    policy.transformer.register_forward_pre_hook(
+        lambda _, args, kwargs: timesteps.append(kwargs["timestep"]), with_kwargs=True
+    )
     velocity = lambda x, s, c: policy.velocity(x, s, c, guidance_scale=scale)  # noqa: E731
     ours = policy.decode(sample(velocity, batch_of(policy, prompts), noise, sigmas=policy.sigmas(steps)))
-    theirs = policy.pipeline(prompt=prompts, negative_prompt=[NEGATIVE] * 2, height=height, width=width,
-                             num_frames=FRAMES, num_inference_steps=steps, guidance_scale=scale, latents=noise,
-                             output_type="pt").frames  # fmt: skip
+    theirs = policy.pipeline(
+        prompt=prompts,
+        negative_prompt=[NEGATIVE] * 2,
+        height=height,
+        width=width,
+        num_frames=FRAMES,
+        num_inference_steps=steps,
+        guidance_scale=scale,
+        latents=noise,
+        output_type="pt",
+    ).frames
     assert [tuple(t.shape) for t in timesteps] == [(4, 12)] * steps + [(2, 12)] * (2 * steps)  # CFG batched / not
     for k in range(steps):
         torch.testing.assert_close(timesteps[k][:2], timesteps[steps + 2 * k])
@@ -292,8 +333,9 @@ def test_vae_slicing_and_tiling_reach_the_wan_vae(a14b_dir, monkeypatch):
     latents = torch.randn((2, *policy.latent_shape), generator=torch.Generator().manual_seed(4))
     tiled = []
     tiled_decode = type(policy.vae).tiled_decode
-    monkeypatch.setattr(type(policy.vae), "tiled_decode", lambda self, z, **k: tiled.append(z.shape[0])
-                        or tiled_decode(self, z, **k))  # fmt: skip
+    monkeypatch.setattr(
+        type(policy.vae), "tiled_decode", lambda self, z, **k: tiled.append(z.shape[0]) or tiled_decode(self, z, **k)
+    )
     policy.vae.tile_sample_min_height = policy.vae.tile_sample_min_width = 16  # tiles smaller than the video
     policy.vae.tile_sample_stride_height = policy.vae.tile_sample_stride_width = 8
     videos = policy.decode(latents)

@@ -40,11 +40,7 @@ PIXELS = 4 * 28 * 28  # every image becomes 2 x 2 merged patches: 4 image tokens
 
 def chat(question: str) -> str:
     """The chat text written out by hand (what the template must render)."""
-    return (
-        f"<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{question}<|im_end|>\n"
-        "<|im_start|>assistant\n"
-    )
-
+    return f"<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n"
 
 
 @pytest.fixture(scope="module")
@@ -327,10 +323,26 @@ def test_train_with_prompts_without_questions_exits_2_with_one_line(vlm_dir, tmp
     records = [{"prompt": "a red cat", "questions": ["Is there a cat?"]}, {"prompt": "a dog"}] * 2
     prompts.write_text("\n".join(json.dumps(r) for r in records) + "\n")
     capsys.readouterr()  # the saving's progress bars
-    code = main(["train", "--out", str(tmp_path / "run"), "--no-progress", "task=text_to_image", f"model={model}",
-                 f"prompts={prompts}", "eval_prompts=0", "resolution=32", "epochs=1", "prompts_per_epoch=4",
-                 "group_size=2", "optim.minibatch_size=4", "sampler.num_steps=2", "sampler.window_range=[0,1]",
-                 f"reward.names=[vlm_yes_prob@{vlm_dir}]"])  # fmt: skip
+    code = main(
+        [
+            "train",
+            "--out",
+            str(tmp_path / "run"),
+            "--no-progress",
+            "task=text_to_image",
+            f"model={model}",
+            f"prompts={prompts}",
+            "eval_prompts=0",
+            "resolution=32",
+            "epochs=1",
+            "prompts_per_epoch=4",
+            "group_size=2",
+            "optim.minibatch_size=4",
+            "sampler.num_steps=2",
+            "sampler.window_range=[0,1]",
+            f"reward.names=[vlm_yes_prob@{vlm_dir}]",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith("flowdppo: error: reward 'vlm_yes_prob': prompt 'a dog' has no 'questions'")

@@ -61,25 +61,43 @@ def _build_wan(layout: str = "wan21"):
     if layout == "wan22_ti2v":
         # TI2V-5B's VAE: z 48, residual blocks, pixels patchified 2x2 (12 channels in and out), 16x spatial
         gen = torch.Generator().manual_seed(1)
-        vae = AutoencoderKLWan(base_dim=8, decoder_base_dim=8, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
-                               temperal_downsample=[False, True, True], is_residual=True, in_channels=12,
-                               out_channels=12, patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4,
-                               latents_mean=(torch.randn(48, generator=gen) * 0.3).tolist(),
-                               latents_std=(torch.rand(48, generator=gen) + 0.5).tolist()).eval()  # fmt: skip
+        vae = AutoencoderKLWan(
+            base_dim=8,
+            decoder_base_dim=8,
+            z_dim=48,
+            dim_mult=[1, 2, 4, 4],
+            num_res_blocks=1,
+            temperal_downsample=[False, True, True],
+            is_residual=True,
+            in_channels=12,
+            out_channels=12,
+            patch_size=2,
+            scale_factor_spatial=16,
+            scale_factor_temporal=4,
+            latents_mean=(torch.randn(48, generator=gen) * 0.3).tolist(),
+            latents_std=(torch.rand(48, generator=gen) + 0.5).tolist(),
+        ).eval()
         transformer, channels, shift = _transformer(48), 48, TI2V_FLOW_SHIFT
     else:
         # latents_mean / latents_std default to the real Wan 2.1 statistics
-        vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
-                               temperal_downsample=[False, True, True]).eval()  # fmt: skip
+        vae = AutoencoderKLWan(
+            base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1, temperal_downsample=[False, True, True]
+        ).eval()
         transformer, channels, shift = _transformer(16), 16, WAN_FLOW_SHIFT
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift,
-                                        num_train_timesteps=1000)  # fmt: skip
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift, num_train_timesteps=1000
+    )
     two = layout == "wan22_a14b"
-    return WanPipeline(tokenizer=tokenizer, text_encoder=_t5_encoder(tokenizer, TEXT_DIM, umt5=True), vae=vae,
-                       scheduler=scheduler, transformer=transformer,
-                       transformer_2=_transformer(channels) if two else None,
-                       boundary_ratio=A14B_BOUNDARY if two else None,
-                       expand_timesteps=layout == "wan22_ti2v")  # fmt: skip
+    return WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=_t5_encoder(tokenizer, TEXT_DIM, umt5=True),
+        vae=vae,
+        scheduler=scheduler,
+        transformer=transformer,
+        transformer_2=_transformer(channels) if two else None,
+        boundary_ratio=A14B_BOUNDARY if two else None,
+        expand_timesteps=layout == "wan22_ti2v",
+    )
 
 
 def build_tiny_wan_pipeline(layout: str = "wan21", seed: int = 0):

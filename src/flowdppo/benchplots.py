@@ -32,8 +32,11 @@ def plot_frontier(results: dict, path: Path) -> None:
     for label, arm in results["arms"].items():
         kl, reward = np.mean([eval_points(rec) for rec in _records(arm)], 0)
         ax.plot(kl, reward, marker="o", ms=3, label=label)
-    ax.set(xlabel="path KL to base (estimators.eval_points)", ylabel="eval reward (p of prompted digit)",
-           title="reward vs KL to base")
+    ax.set(
+        xlabel="path KL to base (estimators.eval_points)",
+        ylabel="eval reward (p of prompted digit)",
+        title="reward vs KL to base",
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -70,8 +73,14 @@ def plot_inner_epochs(results: dict, path: Path) -> None:
                 m, h = mean_ci(finals)
                 xs.append(i), means.append(m), halves.append(h)
         ax.errorbar(xs, means, yerr=halves, marker="o", capsize=3, label=method)
-    ax.set(xscale="log", xticks=[1, 2, 4], xticklabels=["1", "2", "4"], xlabel="inner epochs",
-           ylabel="final eval reward", title="stability with several passes over a rollout")  # fmt: skip
+    ax.set(
+        xscale="log",
+        xticks=[1, 2, 4],
+        xticklabels=["1", "2", "4"],
+        xlabel="inner epochs",
+        ylabel="final eval reward",
+        title="stability with several passes over a rollout",
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -86,8 +95,9 @@ def render_all(results: dict, out: Path) -> list[str]:
     plot_vs_epoch(results, ["reward_mean", "kl_to_base", "masked_fraction"], out / "curves.png")
     plot_vs_epoch(results, ["eval/reward", "eval/fid", "eval/diversity"], out / "ood.png")
     if "eval_heldout/accuracy" in _records(next(iter(results["arms"].values())))[0]["base"]:
-        plot_vs_epoch(results, ["eval_heldout/accuracy", "eval_heldout/fid", "eval_heldout/diversity"],
-                      out / "heldout.png")  # fmt: skip
+        plot_vs_epoch(
+            results, ["eval_heldout/accuracy", "eval_heldout/fid", "eval_heldout/diversity"], out / "heldout.png"
+        )
         names.append("heldout.png")
     if any("dim_kl_p90" in r for arm in results["arms"].values() for rec in _records(arm) for r in rec["rows"]):
         mechanism = ["dim_kl_p90", "masked_fraction_pos_adv", "masked_fraction_neg_adv", "first_moved_log_ratio_std"]

@@ -83,9 +83,16 @@ def trained_state(policy: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[
 
 
 def save_checkpoint(
-    directory: Path, policy: nn.Module, optimizer: torch.optim.Optimizer, rng: torch.Generator, epoch: int,
-    keep: int, write: bool = True, algorithm=None, extra_state: dict | None = None,
-) -> None:  # fmt: skip
+    directory: Path,
+    policy: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    rng: torch.Generator,
+    epoch: int,
+    keep: int,
+    write: bool = True,
+    algorithm=None,
+    extra_state: dict | None = None,
+) -> None:
     """Write the checkpoint of ``epoch`` atomically and keep only the newest ``keep`` checkpoints.
 
     With a sharded policy every process calls it (the state is gathered) and only ``write`` ones write.
@@ -138,8 +145,10 @@ def load_checkpoint(
     if not isinstance(state, dict) or not isinstance(state.get("epoch"), int) or state["epoch"] < 1:
         raise CheckpointError(f"{directory / STATE_FILE}: no valid epoch (a positive integer)")
     weights = read_tensors(directory / "trainable.safetensors")
-    optimizer_tensors, optimizer_rest = read_tensors(directory / "optimizer.safetensors"), read_json(
-        directory / "optimizer.json")  # fmt: skip
+    optimizer_tensors, optimizer_rest = (
+        read_tensors(directory / "optimizer.safetensors"),
+        read_json(directory / "optimizer.json"),
+    )
     rng_state = read_tensors(directory / "rng.safetensors"), read_json(directory / "rng.json")
     algorithm_file = directory / ALGORITHM_FILE
     algorithm_state = read_tensors(algorithm_file) if algorithm_file.is_file() else None

@@ -79,8 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev = commands.add_parser("eval", help="in-domain and out-of-domain measures of a run vs the base")
     ev.add_argument("run_dir", nargs="?", help="the run folder (not with --report)")
     ev.add_argument("--per-class", type=int, default=None, help="digits and held-out prompts: samples each (50)")
-    ev.add_argument("--prompts", metavar="FILE", help="text_to_image: the pinned protocol on this prompt file "
-                    "(.txt or .jsonl): base vs trained from the same per-prompt noise, bootstrap CIs")  # fmt: skip
+    ev.add_argument(
+        "--prompts",
+        metavar="FILE",
+        help="text_to_image: the pinned protocol on this prompt file "
+        "(.txt or .jsonl): base vs trained from the same per-prompt noise, bootstrap CIs",
+    )
     ev.add_argument("--rewards", metavar="R1,R2", help="with --prompts: rewards to score (default: the run's)")
     ev.add_argument("--samples-per-prompt", type=int, default=None, help="with --prompts: samples per prompt (4)")
     ev.add_argument("--seed", type=int, default=None, help="with --prompts: the noise seed (0)")
@@ -91,27 +95,44 @@ def build_parser() -> argparse.ArgumentParser:
     exp = commands.add_parser("export", help="write a run's LoRA adapter for pipeline.load_lora_weights or ComfyUI")
     exp.add_argument("run_dir")
     exp.add_argument("--out", required=True, help="folder for the adapter file")
-    exp.add_argument("--format", default="diffusers",
-                     help="diffusers (pytorch_lora_weights.safetensors, default) or comfyui (comfyui_lora.safetensors, "
-                          "with the alpha tensors ComfyUI scales by)")  # fmt: skip
+    exp.add_argument(
+        "--format",
+        default="diffusers",
+        help="diffusers (pytorch_lora_weights.safetensors, default) or comfyui (comfyui_lora.safetensors, "
+        "with the alpha tensors ComfyUI scales by)",
+    )
     exp.add_argument("--checkpoint", action="store_true", help="from the newest checkpoint instead of final/")
     exp.add_argument("--overwrite", action="store_true", help="replace an adapter file already in --out")
-    exp.add_argument("--no-check", action="store_true",
-                     help="skip the check that the adapter, loaded into a fresh base model, changes its velocity "
-                          "(it loads the base model; a ComfyUI export is checked for a nonzero update)")  # fmt: skip
+    exp.add_argument(
+        "--no-check",
+        action="store_true",
+        help="skip the check that the adapter, loaded into a fresh base model, changes its velocity "
+        "(it loads the base model; a ComfyUI export is checked for a nonzero update)",
+    )
     exp.set_defaults(func=export_command)
 
     cmp = commands.add_parser("compare", help="DigitsBench: every method x seed, with a report")
-    cmp.add_argument("--preset", default="single", help="single, multi, epochs, threshold, calib, dim64, dim1024, "
-                     "dim4096, stress, heldout, confirm, matched or smoke (see flowdppo.compare.preset_arms)")
-    cmp.add_argument("--probe-only", action="store_true",
-                     help="only the preset's short regime probe: each baseline setting's p90 of dim*D, clipping "
-                          "asymmetry and ratio bias/noise at its latent size")
+    cmp.add_argument(
+        "--preset",
+        default="single",
+        help="single, multi, epochs, threshold, calib, dim64, dim1024, "
+        "dim4096, stress, heldout, confirm, matched or smoke (see flowdppo.compare.preset_arms)",
+    )
+    cmp.add_argument(
+        "--probe-only",
+        action="store_true",
+        help="only the preset's short regime probe: each baseline setting's p90 of dim*D, clipping "
+        "asymmetry and ratio bias/noise at its latent size",
+    )
     cmp.add_argument("--methods", help="comma-separated methods, any registered preset (default: all of them)")
     cmp.add_argument("--seeds", type=int, default=5)
-    cmp.add_argument("--seed-offset", type=int, default=None,
-                     help="first seed (seeds N, N+1, ...; default: the one results.json recorded, else the preset's "
-                          "pre-registered one, else 0), so a confirmation never reuses seeds that informed a choice")
+    cmp.add_argument(
+        "--seed-offset",
+        type=int,
+        default=None,
+        help="first seed (seeds N, N+1, ...; default: the one results.json recorded, else the preset's "
+        "pre-registered one, else 0), so a confirmation never reuses seeds that informed a choice",
+    )
     cmp.add_argument("--jobs", type=int, default=None, help="parallel runs (default: the number of cores)")
     cmp.add_argument("--out", help="report folder (default runs/compare-PRESET)")
     cmp.add_argument("--report-only", metavar="DIR", help="re-render REPORT.md from DIR/results.json")
@@ -132,9 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--out", required=True)
     pre.add_argument("--steps", type=int, default=2000)
     pre.add_argument("--seed", type=int, default=0)
-    pre.add_argument("--upsample", type=int, default=1, choices=UPSAMPLE_FACTORS,
-                     help="the base of digits.upsample=U (default 1: the 8x8 base; the shipped U = 4, 8 bases took "
-                     "--steps 6000); train with model=OUT")
+    pre.add_argument(
+        "--upsample",
+        type=int,
+        default=1,
+        choices=UPSAMPLE_FACTORS,
+        help="the base of digits.upsample=U (default 1: the 8x8 base; the shipped U = 4, 8 bases took "
+        "--steps 6000); train with model=OUT",
+    )
     pre.set_defaults(func=digits_pretrain_command)
     clf = digits_commands.add_parser("classifier", help="train the reward classifier")
     clf.add_argument("--out", required=True)
@@ -142,17 +168,32 @@ def build_parser() -> argparse.ArgumentParser:
     clf.set_defaults(func=digits_classifier_command)
 
     srv = commands.add_parser("reward-server", help="serve a reward over HTTP, for reward.names=[http://HOST:PORT]")
-    srv.add_argument("--reward", required=True, metavar="NAME[@PATH]",
-                     help="a digits or image reward (name or name@model_path) or module:function")  # fmt: skip
+    srv.add_argument(
+        "--reward",
+        required=True,
+        metavar="NAME[@PATH]",
+        help="a digits or image reward (name or name@model_path) or module:function",
+    )
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     srv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: a free one)")
     srv.add_argument("--device", help="where the reward runs (default cuda when available, else cpu)")
-    srv.add_argument("--token", help="require Authorization: Bearer TOKEN (default: $FLOWDPPO_REWARD_TOKEN, which "
-                     "keeps it out of the process list; the trainer reads the same variable)")  # fmt: skip
-    srv.add_argument("--max-images", type=int, default=DEFAULT_MAX_IMAGES,
-                     help=f"images per request at most (default {DEFAULT_MAX_IMAGES})")  # fmt: skip
-    srv.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_MB,
-                     help=f"request body size at most, in MB (default {DEFAULT_MAX_BODY_MB:g})")  # fmt: skip
+    srv.add_argument(
+        "--token",
+        help="require Authorization: Bearer TOKEN (default: $FLOWDPPO_REWARD_TOKEN, which "
+        "keeps it out of the process list; the trainer reads the same variable)",
+    )
+    srv.add_argument(
+        "--max-images",
+        type=int,
+        default=DEFAULT_MAX_IMAGES,
+        help=f"images per request at most (default {DEFAULT_MAX_IMAGES})",
+    )
+    srv.add_argument(
+        "--max-body-mb",
+        type=float,
+        default=DEFAULT_MAX_BODY_MB,
+        help=f"request body size at most, in MB (default {DEFAULT_MAX_BODY_MB:g})",
+    )
     srv.set_defaults(func=reward_server_command)
     return parser
 
@@ -216,8 +257,7 @@ def _one_line(err: BaseException) -> str:
 
 def _message(err: BaseException) -> str:
     if isinstance(err, (MemoryError, torch.cuda.OutOfMemoryError)) or _cpu_out_of_memory(err):
-        return ("out of memory; reduce group_size, prompts_per_epoch, optim.minibatch_size or "
-                "sampler.rollout_batch_size")
+        return "out of memory; reduce group_size, prompts_per_epoch, optim.minibatch_size or sampler.rollout_batch_size"
     if isinstance(err, OSError) and not isinstance(err, FlowDPPOError):
         where = f": {err.filename}" if err.filename else ""
         return f"{err.strerror or err}{where}"

@@ -46,8 +46,10 @@ def _print_summary(path: Path, per_class: int) -> None:
     print(f"  rollout reward   first epoch {rows[0]['reward_mean']:.3f} -> last epoch {last['reward_mean']:.3f}")
     unit = "class" if "eval/accuracy" in base else "held-out prompt"
     if base:
-        print(f"  evaluation       {per_class} samples per {unit} (`flowdppo eval {path}` uses {EVAL_PER_CLASS}, "
-              "less noisy)")
+        print(
+            f"  evaluation       {per_class} samples per {unit} (`flowdppo eval {path}` uses {EVAL_PER_CLASS}, "
+            "less noisy)"
+        )
     for key in ("eval/accuracy", "eval/fid") if "eval/accuracy" in base else base:
         print(f"  {key:<16} base {base[key]:.3f} -> trained {last[key]:.3f}")
     print(f"  path KL to base  {last['kl_to_base']:.3e}")
@@ -63,8 +65,12 @@ def eval_command(args: argparse.Namespace) -> int:
         raise ConfigError("eval: give a run folder (flowdppo eval RUN ...) or --report FILE.json")
     if args.prompts is not None:
         return _eval_protocol(args)
-    given = {"--rewards": args.rewards, "--samples-per-prompt": args.samples_per_prompt, "--seed": args.seed,
-             "--out": args.out}  # fmt: skip
+    given = {
+        "--rewards": args.rewards,
+        "--samples-per-prompt": args.samples_per_prompt,
+        "--seed": args.seed,
+        "--out": args.out,
+    }
     for flag, value in given.items():
         if value is not None:
             raise ConfigError(f"{flag}: only with --prompts FILE (the text-to-image protocol)")
@@ -91,8 +97,9 @@ def _eval_protocol(args: argparse.Namespace) -> int:
     per_prompt = DEFAULT_SAMPLES_PER_PROMPT if args.samples_per_prompt is None else args.samples_per_prompt
     _positive(samples_per_prompt=per_prompt)
     run_dir, prompts = Path(args.run_dir), Path(args.prompts)
-    result = evaluate_protocol(run_dir, prompts, parse_reward_names(args.rewards), per_prompt,
-                               DEFAULT_SEED if args.seed is None else args.seed)  # fmt: skip
+    result = evaluate_protocol(
+        run_dir, prompts, parse_reward_names(args.rewards), per_prompt, DEFAULT_SEED if args.seed is None else args.seed
+    )
     out = write_result(result, Path(args.out) if args.out else run_dir / "eval" / f"{prompts.stem}.json")
     print(format_table(result))
     print(f"wrote {out}")
@@ -112,8 +119,9 @@ def _eval_report(args: argparse.Namespace) -> int:
 def export_command(args: argparse.Namespace) -> int:
     from flowdppo.evaluate import export_lora
 
-    written = export_lora(Path(args.run_dir), Path(args.out), args.checkpoint, args.format, args.overwrite,
-                          check=not args.no_check)  # fmt: skip
+    written = export_lora(
+        Path(args.run_dir), Path(args.out), args.checkpoint, args.format, args.overwrite, check=not args.no_check
+    )
     print(f"wrote {written}")
     return 0
 
@@ -134,30 +142,53 @@ def compare_command(args: argparse.Namespace) -> int:
             results = json.loads((out / "results.json").read_text())
             done = sum(len(arm["seeds"]) for arm in results["arms"].values())
             planned = len(results["arms"]) * results["seeds"]
-            resume = " ".join(["flowdppo compare --preset", results["preset"], "--seeds", str(results["seeds"]),
-                               "--out", str(out), *results["overrides"]])  # fmt: skip
+            resume = " ".join(
+                [
+                    "flowdppo compare --preset",
+                    results["preset"],
+                    "--seeds",
+                    str(results["seeds"]),
+                    "--out",
+                    str(out),
+                    *results["overrides"],
+                ]
+            )
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise ConfigError(f"--report-only: {out / 'results.json'} is not a compare results file ({err!r})") from err
         if done < planned:
-            raise ConfigError(f"--report-only: {out} holds {done} of {planned} runs; "
-                              f"finish it with `{resume}` (and the same --methods)")  # fmt: skip
+            raise ConfigError(
+                f"--report-only: {out} holds {done} of {planned} runs; "
+                f"finish it with `{resume}` (and the same --methods)"
+            )
         print(f"wrote {render_report(out)}")
         return 0
     _positive(seeds=args.seeds, jobs=args.jobs if args.jobs is not None else 1)
     if args.preset not in BENCH_PRESETS:
-        raise ConfigError(f"--preset: unknown preset {shown(args.preset)}{did_you_mean(args.preset, BENCH_PRESETS)}; "
-                          f"choose from {', '.join(BENCH_PRESETS)}")
+        raise ConfigError(
+            f"--preset: unknown preset {shown(args.preset)}{did_you_mean(args.preset, BENCH_PRESETS)}; "
+            f"choose from {', '.join(BENCH_PRESETS)}"
+        )
     if args.probe_only:
         print(probe_line(run_probe(args.preset, args.overrides, Path(args.out or f"runs/probe-{args.preset}"))))
         return 0
     methods = tuple(args.methods.split(",")) if args.methods else METHODS
     unknown = [m for m in methods if m not in PRESETS]
     if unknown:
-        raise ConfigError(f"--methods: unknown method {shown(unknown[0])}{did_you_mean(unknown[0], PRESETS)}; "
-                          f"choose from {', '.join(PRESETS)}")
+        raise ConfigError(
+            f"--methods: unknown method {shown(unknown[0])}{did_you_mean(unknown[0], PRESETS)}; "
+            f"choose from {', '.join(PRESETS)}"
+        )
     out = Path(args.out or f"runs/compare-{args.preset}")
-    run_compare(args.preset, out, args.seeds, methods, args.overrides, args.jobs, [Path(d) for d in args.reuse],
-                args.seed_offset)
+    run_compare(
+        args.preset,
+        out,
+        args.seeds,
+        methods,
+        args.overrides,
+        args.jobs,
+        [Path(d) for d in args.reuse],
+        args.seed_offset,
+    )
     print(f"report: {out / 'REPORT.md'}")
     return 0
 

@@ -27,8 +27,21 @@ STRESS = ["optim.lr=3e-3", "optim.inner_epochs=4"]  # 3x the learning rate, 4 pa
 CLAIM_LEVEL = est.CLAIM_FRACTION  # the level the claim rows read measures at a matched reward at
 REGIME = ["optim.lr=3e-3", "optim.inner_epochs=1", "epochs=40"]  # with dim 4,096: where the probe's criterion is met
 HELDOUT = ["digits.classes=[0,1,2,3,4]"]  # trained on 0-4; 5-9 held out
-BENCH_PRESETS = ("single", "multi", "epochs", "threshold", "calib", "dim64", "dim1024", "dim4096", "stress", "heldout",
-                 "confirm", "matched", "smoke")  # fmt: skip
+BENCH_PRESETS = (
+    "single",
+    "multi",
+    "epochs",
+    "threshold",
+    "calib",
+    "dim64",
+    "dim1024",
+    "dim4096",
+    "stress",
+    "heldout",
+    "confirm",
+    "matched",
+    "smoke",
+)
 
 
 @dataclass
@@ -53,17 +66,30 @@ class Plan:
 NO_DIFFERENCE = (0.8, 1.25)  # a "no difference" needs the KL ratio's CI inside these
 MATCHED_REWARD = 0.02  # a pair is matched in reward when its reward difference's CI lies within +- this
 PLANS = {
-    "confirm": Plan(40, 5000, (("c", 1e-5, "flow_grpo", 1e-4),), (
-        f"claim 1 holds on this task if the upper end of the CI of the per-seed matched-reward KL ratio (each seed's "
-        f"level {CLAIM_LEVEL}) is below 1;", "the paper's >= 2x saving is refuted if its lower end is above 0.5;",
-        f"\"no difference\" needs the CI inside [{NO_DIFFERENCE[0]}, {NO_DIFFERENCE[1]}].")),
-    "matched": Plan(20, 6000, (("grpo", 1e-5, "flow_grpo", 5e-5), ("guard", 1e-9, "grpo_guard", 2e-6)), (
-        f"a pair counts as matched only if the 95% CI of its reward difference (Flow-DPPO minus the baseline, "
-        f"per seed the mean over the evaluation epochs) lies within +-{MATCHED_REWARD};",
-        "for a matched pair claim 1 holds if the upper end of the CI of its same-epoch KL ratio is below 1, and does "
-        "not hold if the lower end is above 1 (the per-seed matched-reward ratio is shown beside it);",
-        "an unmatched pair's ratios are reported, not read as claim 1: they compare step sizes.")),
-}  # fmt: skip
+    "confirm": Plan(
+        40,
+        5000,
+        (("c", 1e-5, "flow_grpo", 1e-4),),
+        (
+            f"claim 1 holds on this task if the upper end of the CI of the per-seed matched-reward KL ratio (each "
+            f"seed's level {CLAIM_LEVEL}) is below 1;",
+            "the paper's >= 2x saving is refuted if its lower end is above 0.5;",
+            f'"no difference" needs the CI inside [{NO_DIFFERENCE[0]}, {NO_DIFFERENCE[1]}].',
+        ),
+    ),
+    "matched": Plan(
+        20,
+        6000,
+        (("grpo", 1e-5, "flow_grpo", 5e-5), ("guard", 1e-9, "grpo_guard", 2e-6)),
+        (
+            f"a pair counts as matched only if the 95% CI of its reward difference (Flow-DPPO minus the baseline, "
+            f"per seed the mean over the evaluation epochs) lies within +-{MATCHED_REWARD};",
+            "for a matched pair claim 1 holds if the upper end of the CI of its same-epoch KL ratio is below 1, and "
+            "does not hold if the lower end is above 1 (the per-seed matched-reward ratio is shown beside it);",
+            "an unmatched pair's ratios are reported, not read as claim 1: they compare step sizes.",
+        ),
+    ),
+}
 
 
 def kl_in_flow_sde(method: str) -> list[str]:
@@ -72,8 +98,9 @@ def kl_in_flow_sde(method: str) -> list[str]:
     from flowdppo.config import load_config
 
     sampler = load_config(method).sampler
-    return [] if sampler.kind in ("flow_sde", "cps") or sampler.kl_kernel != "rollout" else [
-        "sampler.kl_kernel=flow_sde"]  # fmt: skip
+    return (
+        [] if sampler.kind in ("flow_sde", "cps") or sampler.kl_kernel != "rollout" else ["sampler.kl_kernel=flow_sde"]
+    )
 
 
 def at_dim(dim: int) -> list[str]:
@@ -95,7 +122,8 @@ def preset_arms(preset: str, methods: tuple[str, ...] = METHODS) -> list[Arm]:
     if preset == "calib":  # dim 64: the baselines' constants swept, next to Flow-DPPO and the unconstrained control
         sweep = [("flow_grpo", e) for e in (3e-4, 1e-3, 3e-3)] + [("grpo_guard", e) for e in (5e-5, 2e-4)]
         return [Arm(m, m, [], "calib") for m in ("flow_dppo", est.CONTROL)] + [
-            Arm(f"{m}/eps{e:g}", m, [f"loss.clip_range={e:g}"], "calib") for m, e in sweep]  # fmt: skip
+            Arm(f"{m}/eps{e:g}", m, [f"loss.clip_range={e:g}"], "calib") for m, e in sweep
+        ]
     if preset in ("dim64", "dim1024", "dim4096"):  # the public constants at one latent size, every method
         return [Arm(m, m, preset_common(preset) + kl_in_flow_sde(m), "dim") for m in (*methods, est.CONTROL)]
     if preset == "heldout":  # forgetting: trained on digits 0-4, measured on 5-9 at matched in-domain reward
@@ -104,29 +132,47 @@ def preset_arms(preset: str, methods: tuple[str, ...] = METHODS) -> list[Arm]:
         eps = 1e-4 * SD35_LATENT_DIM / 4096
         common = preset_common(preset)
         arms = [Arm(m, m, common, "I4") for m in ("flow_dppo", est.CONTROL)]
-        arms += [Arm(f"flow_grpo/eps{e:g}", "flow_grpo", [*common, f"loss.clip_range={e:g}"], "I4")
-                 for e in (1e-4, eps)]  # fmt: skip
-        return arms + [Arm(f"{m}/half-I2", m, [*common, HALF_EPOCHS, "optim.inner_epochs=2"], "half-I2")
-                       for m in ("flow_dppo", "flow_grpo")]  # fmt: skip
+        arms += [
+            Arm(f"flow_grpo/eps{e:g}", "flow_grpo", [*common, f"loss.clip_range={e:g}"], "I4") for e in (1e-4, eps)
+        ]
+        return arms + [
+            Arm(f"{m}/half-I2", m, [*common, HALF_EPOCHS, "optim.inner_epochs=2"], "half-I2")
+            for m in ("flow_dppo", "flow_grpo")
+        ]
     if preset in PLANS:  # the pre-registered pairs, in the probe's regime, on fresh seeds
         common = preset_common(preset)
-        return [arm for group, tau, base, eps in PLANS[preset].pairs for arm in (
-            Arm(f"flow_dppo/tau{tau:g}", "flow_dppo", [*common, f"loss.kl_mask_threshold={tau:g}"], group),
-            Arm(f"{base}/eps{eps:g}", base, [*common, f"loss.clip_range={eps:g}"], group))]  # fmt: skip
+        return [
+            arm
+            for group, tau, base, eps in PLANS[preset].pairs
+            for arm in (
+                Arm(f"flow_dppo/tau{tau:g}", "flow_dppo", [*common, f"loss.kl_mask_threshold={tau:g}"], group),
+                Arm(f"{base}/eps{eps:g}", base, [*common, f"loss.clip_range={eps:g}"], group),
+            )
+        ]
     if preset == "single":  # claims 1 and 2
         return [Arm(m, m, kl_in_flow_sde(m)) for m in methods]
     if preset == "multi":  # claim 3: two competing rewards
         rewards = ["reward.names=[classifier_prob, ink]", "reward.weights=[1.0, 1.0]"]
-        return [Arm(f"{m}/{agg}", m, kl_in_flow_sde(m) + rewards + [f"reward.aggregation={agg}"], agg)
-                for agg in ("sum", "gdpo") for m in methods]  # fmt: skip
+        return [
+            Arm(f"{m}/{agg}", m, kl_in_flow_sde(m) + rewards + [f"reward.aggregation={agg}"], agg)
+            for agg in ("sum", "gdpo")
+            for m in methods
+        ]
     if preset == "epochs":  # claim 4: inner epochs at equal rollouts, and half the rollouts x 2 passes
-        arms = [Arm(f"{m}/I{i}", m, kl_in_flow_sde(m) + [f"optim.inner_epochs={i}"], f"I{i}") for i in (1, 2, 4)
-                for m in methods]  # fmt: skip
-        return arms + [Arm(f"{m}/half-I2", m, kl_in_flow_sde(m) + [HALF_EPOCHS, "optim.inner_epochs=2"], "half-I2")
-                       for m in methods]  # fmt: skip
+        arms = [
+            Arm(f"{m}/I{i}", m, kl_in_flow_sde(m) + [f"optim.inner_epochs={i}"], f"I{i}")
+            for i in (1, 2, 4)
+            for m in methods
+        ]
+        return arms + [
+            Arm(f"{m}/half-I2", m, kl_in_flow_sde(m) + [HALF_EPOCHS, "optim.inner_epochs=2"], "half-I2")
+            for m in methods
+        ]
     if preset == "threshold":  # the mask threshold a decade either side of the default
-        return [Arm(f"flow_dppo/tau{t:g}", "flow_dppo", [f"loss.kl_mask_threshold={t:g}"], "tau")
-                for t in (1e-6, 3e-6, 1e-5, 3e-5, 1e-4)]  # fmt: skip
+        return [
+            Arm(f"flow_dppo/tau{t:g}", "flow_dppo", [f"loss.kl_mask_threshold={t:g}"], "tau")
+            for t in (1e-6, 3e-6, 1e-5, 3e-5, 1e-4)
+        ]
     if preset == "smoke":  # what CI runs
         return [Arm(m, m, kl_in_flow_sde(m)) for m in methods]
     raise ValueError(f"preset must be one of {', '.join(BENCH_PRESETS)}; got {preset!r}")

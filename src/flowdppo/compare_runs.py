@@ -17,8 +17,15 @@ from flowdppo.compare import METHODS, PLANS, PROBE_SEEDS, PROBED, Arm, preset_ar
 from flowdppo.compare_report import probe_line, render_plan, render_report
 from flowdppo.errors import ConfigError
 
-MECHANISM = ("masked_fraction_pos_adv", "masked_fraction_neg_adv", "dim_kl_p50", "dim_kl_p90", "dim_kl_p99",
-             "first_moved_log_ratio_mean", "first_moved_log_ratio_std")  # the trust tests' mechanism, per update
+MECHANISM = (
+    "masked_fraction_pos_adv",
+    "masked_fraction_neg_adv",
+    "dim_kl_p50",
+    "dim_kl_p90",
+    "dim_kl_p99",
+    "first_moved_log_ratio_mean",
+    "first_moved_log_ratio_std",
+)  # the trust tests' mechanism, per update
 KEPT = ("epoch", "reward_mean", "kl_to_base", "masked_fraction", "ratio_mean", "kl_max", "time_s", *MECHANISM)
 
 
@@ -32,8 +39,10 @@ def _run_one(method: str, overrides: list[str], path: str) -> dict:
     torch.set_num_threads(1)
     start = time.perf_counter()
     run = train(load_config(method, overrides=overrides), Path(path), overwrite=True, progress=False)
-    rows = [{k: v for k, v in r.items() if k in KEPT or k.startswith(("eval/", "eval_heldout/", "reward/"))}
-            for r in run.rows()]
+    rows = [
+        {k: v for k, v in r.items() if k in KEPT or k.startswith(("eval/", "eval_heldout/", "reward/"))}
+        for r in run.rows()
+    ]
     return {"base": run.load_json("base_eval.json"), "rows": rows, "wall_s": time.perf_counter() - start}
 
 
@@ -82,14 +91,24 @@ def seed_offset_of(preset: str, results: dict, seed_offset: int | None, out: Pat
     if seed_offset is not None and seed_offset < 0:
         raise ConfigError(f"--seed-offset: must be >= 0, got {seed_offset}")
     if None not in (seed_offset, recorded) and seed_offset != recorded:
-        raise ConfigError(f"--seed-offset: {out} holds runs from seed {recorded}; pass --seed-offset {recorded} to "
-                          "finish it, or give another --out")  # fmt: skip
+        raise ConfigError(
+            f"--seed-offset: {out} holds runs from seed {recorded}; pass --seed-offset {recorded} to "
+            "finish it, or give another --out"
+        )
     planned = PLANS[preset].seed_offset if preset in PLANS else 0
     return next(o for o in (seed_offset, recorded, planned) if o is not None)
 
 
-def run_compare(preset: str, out: Path, seeds: int, methods: tuple[str, ...], overrides: list[str],
-                jobs: int | None = None, reuse: list[Path] | None = None, seed_offset: int | None = None) -> dict:
+def run_compare(
+    preset: str,
+    out: Path,
+    seeds: int,
+    methods: tuple[str, ...],
+    overrides: list[str],
+    jobs: int | None = None,
+    reuse: list[Path] | None = None,
+    seed_offset: int | None = None,
+) -> dict:
     """Train every arm x seed (seeds ``seed_offset`` on; skipping runs already in ``results.json`` or, with the
     same resolved config, in the ``reuse`` reports), save results, render the report."""
     from flowdppo.config import load_config
@@ -110,8 +129,9 @@ def run_compare(preset: str, out: Path, seeds: int, methods: tuple[str, ...], ov
     reusable = reusable_runs(reuse or [])
     todo = []
     for arm in arms:
-        entry = results["arms"].setdefault(arm.label, {"method": arm.method, "overrides": arm.overrides,
-                                                        "group": arm.group, "seeds": {}})  # fmt: skip
+        entry = results["arms"].setdefault(
+            arm.label, {"method": arm.method, "overrides": arm.overrides, "group": arm.group, "seeds": {}}
+        )
         for seed in range(offset, offset + seeds):
             key = _config_key(arm.method, run_overrides(arm, overrides, seed)) if reusable else None
             if str(seed) in entry["seeds"]:
@@ -127,10 +147,14 @@ def run_compare(preset: str, out: Path, seeds: int, methods: tuple[str, ...], ov
     start = time.perf_counter()
     with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
         futures = {
-            pool.submit(_run_one, arm.method, run_overrides(arm, overrides, seed),
-                        str(out / "runs" / arm.label.replace("/", "_") / f"seed{seed}")): (arm, seed)
+            pool.submit(
+                _run_one,
+                arm.method,
+                run_overrides(arm, overrides, seed),
+                str(out / "runs" / arm.label.replace("/", "_") / f"seed{seed}"),
+            ): (arm, seed)
             for arm, seed in todo
-        }  # fmt: skip
+        }
         for future in tqdm(as_completed(futures), total=len(futures), desc=f"compare {preset}"):
             arm, seed = futures[future]
             results["arms"][arm.label]["seeds"][str(seed)] = future.result()

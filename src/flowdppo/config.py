@@ -24,8 +24,12 @@ from flowdppo.files import write_text_atomic
 from flowdppo.overrides import build, flatten_keys, merge, parse_overrides, read_yaml, read_yaml_file, to_dict
 from flowdppo.settings import ALGORITHMS, PRESETS, SECTIONS, TASKS, Section, require, require_choice
 
-LARGEST = {"group_size": 100_000, "prompts_per_epoch": 100_000, "epochs": 10_000_000,
-           "eval_samples_per_class": 100_000}  # fmt: skip  # beyond: a typo, not a run
+LARGEST = {
+    "group_size": 100_000,
+    "prompts_per_epoch": 100_000,
+    "epochs": 10_000_000,
+    "eval_samples_per_class": 100_000,
+}  # beyond: a typo, not a run
 LARGEST_BATCH = 10_000_000
 MAX_INNER_EPOCHS = 10_000
 PRECISIONS = ("float32", "bfloat16", "float16")
@@ -80,11 +84,15 @@ class OptimConfig(Section):
         if self.inner_epochs > MAX_INNER_EPOCHS:
             raise ConfigError(f"{prefix}inner_epochs: at most {MAX_INNER_EPOCHS:,}, got {self.inner_epochs:,}")
         if self.lora_rank > 0 and self.lora_alpha == 0:
-            raise ConfigError(f"{prefix}lora_alpha: must not be 0 with LoRA (the update is alpha / rank x B A, so the "
-                              f"policy could never move); the usual choice is 2 x {prefix}lora_rank")
+            raise ConfigError(
+                f"{prefix}lora_alpha: must not be 0 with LoRA (the update is alpha / rank x B A, so the "
+                f"policy could never move); the usual choice is 2 x {prefix}lora_rank"
+            )
         if self.fsdp and self.lora_rank > 0:
-            raise ConfigError(f"{prefix}fsdp: shards the full transformer, for full fine-tuning only; set "
-                              f"{prefix}lora_rank=0 (got {self.lora_rank})")
+            raise ConfigError(
+                f"{prefix}fsdp: shards the full transformer, for full fine-tuning only; set "
+                f"{prefix}lora_rank=0 (got {self.lora_rank})"
+            )
 
 
 @dataclass
@@ -141,8 +149,11 @@ def train_config_type() -> type:
     version = settings.version()
     if version not in _composed:
         sections = {"optim": OptimConfig, **SECTIONS}
-        cls = make_dataclass("TrainConfig", [(name, section, field(default_factory=section))
-                                             for name, section in sections.items()], bases=(RunConfig,))  # fmt: skip
+        cls = make_dataclass(
+            "TrainConfig",
+            [(name, section, field(default_factory=section)) for name, section in sections.items()],
+            bases=(RunConfig,),
+        )
         cls.__module__ = __name__
         cls.__doc__ = "The resolved configuration of a run: the run's keys and every part's section."
         _composed.clear()
@@ -179,10 +190,23 @@ def validate(cfg: Any) -> Any:
         if getattr(cfg, key) > most:
             raise ConfigError(f"{key}: at most {most:,}, got {getattr(cfg, key):,}")
     if cfg.prompts_per_epoch * cfg.group_size > LARGEST_BATCH:
-        raise ConfigError(f"prompts_per_epoch x group_size: at most {LARGEST_BATCH:,} samples per rollout, got "
-                          f"{cfg.prompts_per_epoch * cfg.group_size:,}")
-    require(cfg, "", "> 0", "epochs", "prompts_per_epoch", "eval_samples_per_class", "checkpoint_every",
-            "keep_checkpoints", "eval_every", "consistency_tolerance", "max_nonfinite_in_a_row")  # fmt: skip
+        raise ConfigError(
+            f"prompts_per_epoch x group_size: at most {LARGEST_BATCH:,} samples per rollout, got "
+            f"{cfg.prompts_per_epoch * cfg.group_size:,}"
+        )
+    require(
+        cfg,
+        "",
+        "> 0",
+        "epochs",
+        "prompts_per_epoch",
+        "eval_samples_per_class",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "eval_every",
+        "consistency_tolerance",
+        "max_nonfinite_in_a_row",
+    )
     require(cfg, "", ">= 0", "stall_epochs")
     if cfg.group_size < 2:
         raise ConfigError(f"group_size: must be >= 2 (group-relative advantages need a group), got {cfg.group_size}")
@@ -208,11 +232,15 @@ def check_given_keys(cfg: Any, given: dict) -> None:
     for key in given:
         section = key.split(".")[0]
         if section in owned and not any(key == r or key.startswith(r) for r in reads):
-            raise ConfigError(f"{key}: the {cfg.algorithm} algorithm does not use it (it reads "
-                              f"{', '.join(r + '*' if r.endswith('.') else r for r in reads)}); remove it")
+            raise ConfigError(
+                f"{key}: the {cfg.algorithm} algorithm does not use it (it reads "
+                f"{', '.join(r + '*' if r.endswith('.') else r for r in reads)}); remove it"
+            )
         if section in TASKS and section != cfg.task:
-            raise ConfigError(f"{key}: an option of the {section} task; task {cfg.task} does not read it (set "
-                              f"task={section}, or use {cfg.task}.* options)")
+            raise ConfigError(
+                f"{key}: an option of the {section} task; task {cfg.task} does not read it (set "
+                f"task={section}, or use {cfg.task}.* options)"
+            )
 
 
 def upgrade_keys(tree: dict) -> dict:
@@ -237,8 +265,9 @@ def load_config(
     tree = merge(upgrade_keys(read_yaml(config_file)), upgrade_keys(parse_overrides(overrides or [])))
     method = method or tree.get("method", "flow_dppo")
     if not isinstance(method, str) or method not in PRESETS:
-        raise ConfigError(f"method: must be one of {', '.join(PRESETS)}; got {shown(method)}"
-                          f"{did_you_mean(method, PRESETS)}")
+        raise ConfigError(
+            f"method: must be one of {', '.join(PRESETS)}; got {shown(method)}{did_you_mean(method, PRESETS)}"
+        )
     user = {k: v for k, v in tree.items() if k != "method"}
     cfg = validate(build(train_config_type(), merge(merge({"method": method}, PRESETS[method]), user)))
     check_given_keys(cfg, flatten_keys(user))
@@ -249,8 +278,9 @@ def resume_config(
     saved: dict, method: str | None = None, config_file: str | Path | None = None, overrides: list[str] | None = None
 ) -> Any:
     """A run's saved config with what the command line gives on top (a resumed run refuses any change)."""
-    tree = merge(merge(upgrade_keys(saved), upgrade_keys(read_yaml(config_file))),
-                 upgrade_keys(parse_overrides(overrides or [])))  # fmt: skip
+    tree = merge(
+        merge(upgrade_keys(saved), upgrade_keys(read_yaml(config_file))), upgrade_keys(parse_overrides(overrides or []))
+    )
     return config_from_dict(tree if method is None else {**tree, "method": method})
 
 
@@ -274,5 +304,16 @@ def save_config(cfg: Any, path: Path) -> None:
     write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-__all__ = ["ConfigError", "PRESETS", "RunConfig", "OptimConfig", "config_from_dict", "load_config", "resume_config",
-           "save_config", "task_options", "to_dict", "train_config_type"]  # fmt: skip
+__all__ = [
+    "ConfigError",
+    "PRESETS",
+    "RunConfig",
+    "OptimConfig",
+    "config_from_dict",
+    "load_config",
+    "resume_config",
+    "save_config",
+    "task_options",
+    "to_dict",
+    "train_config_type",
+]

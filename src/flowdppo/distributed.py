@@ -63,8 +63,10 @@ class Distributed:
         except RuntimeError as err:
             raise ConfigError(f"device: {name!r} is not a device name (cpu, cuda, cuda:1, mps, ...)") from err
         if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-            raise ConfigError(f"device: {name} is not available on this machine (CUDA devices: "
-                              f"{torch.cuda.device_count()}); use device=cpu")
+            raise ConfigError(
+                f"device: {name} is not available on this machine (CUDA devices: "
+                f"{torch.cuda.device_count()}); use device=cpu"
+            )
         if device.type == "mps" and not torch.backends.mps.is_available():
             raise ConfigError(f"device: {name} is not available on this machine; use device=cpu")
         if device.type not in ("cpu", "cuda", "mps"):
@@ -130,8 +132,9 @@ class Distributed:
             return self.shard(policy)
         device_ids = [self.local_rank] if next(policy.parameters()).is_cuda else None
         # two experts: a mini-batch may reach only one of them (and another process the other)
-        return nn.parallel.DistributedDataParallel(policy, device_ids=device_ids,
-                                                   find_unused_parameters=len(experts(policy)) > 1)  # fmt: skip
+        return nn.parallel.DistributedDataParallel(
+            policy, device_ids=device_ids, find_unused_parameters=len(experts(policy)) > 1
+        )
 
     def wrap_frozen(self, module: nn.Module | None, fsdp: bool = False) -> nn.Module | None:
         """A frozen module (the reference policy): sharded like the policy with ``fsdp``, else as it is."""
@@ -149,9 +152,12 @@ class Distributed:
         if torch.torch_version.TorchVersion(torch.__version__) < (2, 7):
             raise ConfigError(f"optim.fsdp: needs torch >= 2.7 (fully_shard, ignored_params), not {torch.__version__}")
         if len(experts(policy)) > 1:
-            raise ConfigError("optim.fsdp: not supported for a two-expert model (each process may run a different "
-                              "expert, and sharded forwards must match); train it with LoRA (DDP)")  # fmt: skip
+            raise ConfigError(
+                "optim.fsdp: not supported for a two-expert model (each process may run a different "
+                "expert, and sharded forwards must match); train it with LoRA (DDP)"
+            )
         from torch.distributed.fsdp import fully_shard
+
         for block in policy.shard_units():
             fully_shard(block)
         # the root too (every transformer parameter is sharded between calls); frozen parts outside the
@@ -218,8 +224,9 @@ def gather_full_state(policy: nn.Module, optimizer: torch.optim.Optimizer) -> tu
     return weights, _renamed(by_name, index)
 
 
-def load_full_state(policy: nn.Module, optimizer: torch.optim.Optimizer, weights: dict[str, Tensor],
-                    optimizer_state: dict) -> None:  # fmt: skip
+def load_full_state(
+    policy: nn.Module, optimizer: torch.optim.Optimizer, weights: dict[str, Tensor], optimizer_state: dict
+) -> None:
     """The inverse of ``gather_full_state``: every process passes the full state and keeps its shards."""
     set_model_state_dict(policy.transformer, weights, options=StateDictOptions(full_state_dict=True))
     fqn = {param: name for name, param in policy.named_parameters()}

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from flowdppo.frontier import kl_at_reward, mean_ci, reward_at_kl, value_at_reward, verdict
+from flowdppo.frontier import kl_at_reward, mean_ci, reward_at_kl, value_at_reward
 
 CLAIM_FRACTION = 0.7  # the matched reward: this fraction of the way from a seed's base to its lower arm's best
 MIN_PAIRS = 5  # a CI on fewer pairs reads n/a
@@ -141,8 +141,12 @@ def run_measures(record: dict) -> dict[str, float]:
     measures["gain per epoch"] = gain / len(rows)
     measures["gain per min"] = gain / (sum(r.get("time_s", math.nan) for r in rows) / 60)
     if any("dim_kl_p90" in r for r in rows):  # the mechanism, averaged over epochs (runs recorded before: absent)
-        for key, name in (("masked_fraction_pos_adv", "masked A>0"), ("masked_fraction_neg_adv", "masked A<0"),
-                          ("dim_kl_p90", "p90 dim*D"), ("first_moved_log_ratio_std", "log rho std")):
+        for key, name in (
+            ("masked_fraction_pos_adv", "masked A>0"),
+            ("masked_fraction_neg_adv", "masked A<0"),
+            ("dim_kl_p90", "p90 dim*D"),
+            ("first_moved_log_ratio_std", "log rho std"),
+        ):
             measures[name] = float(np.mean([r.get(key, math.nan) for r in rows]))
     reward_keys = sorted(k for k in rows[0] if k.startswith("reward/"))
     if len(reward_keys) > 1:  # per-reward gain: mean of the last 5 epochs minus the first epoch
@@ -158,20 +162,32 @@ def regime_measures(runs: list[list[dict]]) -> dict:
     averaged); whether the weak criterion is ``met`` (p90 >= 0.1, dropped A<0 at least twice A>0); epochs per
     run and runs (``seeds``)."""
     rows = [r for run in runs for r in run]
-    out = {key: mean_ci([r.get(key, math.nan) for r in rows])[0]  # NaN-free mean, NaN when none
-           for key in ("dim_kl_p90", "masked_fraction_pos_adv", "masked_fraction_neg_adv")}  # fmt: skip
-    out["bias_noise"] = mean_ci([abs(r["first_moved_log_ratio_mean"]) / r["first_moved_log_ratio_std"] for r in rows
-                                 if r.get("first_moved_log_ratio_std", 0) > 0])[0]  # fmt: skip
-    out["met"] = bool(out["dim_kl_p90"] >= 0.1 and out["masked_fraction_neg_adv"] > 0
-                      and out["masked_fraction_neg_adv"] >= 2 * out["masked_fraction_pos_adv"])  # fmt: skip
+    out = {
+        key: mean_ci([r.get(key, math.nan) for r in rows])[0]  # NaN-free mean, NaN when none
+        for key in ("dim_kl_p90", "masked_fraction_pos_adv", "masked_fraction_neg_adv")
+    }
+    out["bias_noise"] = mean_ci(
+        [
+            abs(r["first_moved_log_ratio_mean"]) / r["first_moved_log_ratio_std"]
+            for r in rows
+            if r.get("first_moved_log_ratio_std", 0) > 0
+        ]
+    )[0]
+    out["met"] = bool(
+        out["dim_kl_p90"] >= 0.1
+        and out["masked_fraction_neg_adv"] > 0
+        and out["masked_fraction_neg_adv"] >= 2 * out["masked_fraction_pos_adv"]
+    )
     return out | {"epochs": len(rows) // len(runs), "seeds": len(runs)}
 
 
 def mechanism_means(arm: dict) -> tuple[float, float, float]:
     """An arm's p90 of ``dim * D`` and dropped fractions for ``A > 0`` and ``A < 0``, over its updates and seeds."""
     rows = [r for rec in arm["seeds"].values() for r in rec["rows"]]
-    return tuple(float(np.mean([r.get(k, math.nan) for r in rows]))
-                 for k in ("dim_kl_p90", "masked_fraction_pos_adv", "masked_fraction_neg_adv"))  # fmt: skip
+    return tuple(
+        float(np.mean([r.get(k, math.nan) for r in rows]))
+        for k in ("dim_kl_p90", "masked_fraction_pos_adv", "masked_fraction_neg_adv")
+    )
 
 
 def claim_methods() -> set[str]:
@@ -205,8 +221,9 @@ def arm_table(results: dict) -> tuple[list[str], dict[str, dict[str, list[float]
             for key in FORGETTING:  # at the same in-domain reward (held-out digits: with digits.classes)
                 if key in rec["base"]:
                     name = forgetting_name(key)
-                    m[f"{name} at reward {target_reward:.3f}"] = value_at_reward(reward, eval_points(rec, key)[1],
-                                                                                 target_reward)  # fmt: skip
+                    m[f"{name} at reward {target_reward:.3f}"] = value_at_reward(
+                        reward, eval_points(rec, key)[1], target_reward
+                    )
             per_seed.append(m)
     columns = list(dict.fromkeys(k for per_seed in per_arm.values() for m in per_seed for k in m))  # arms may lack some
     table = {label: {k: [m.get(k, math.nan) for m in per_seed] for k in columns} for label, per_seed in per_arm.items()}
@@ -217,9 +234,14 @@ def claim_pairs(results: dict) -> list[tuple[str, str]]:
     """(DPPO arm, baseline arm) labels compared in the claims: same group, the baseline's method one of
     ``BASELINES_OF`` the arm's (the one-pass arms of ``epochs`` are its reference, not a claim)."""
     arms = results["arms"]
-    return [(label, other) for label, arm in arms.items() for other, base in arms.items()
-            if base["group"] == arm["group"] and base["method"] in BASELINES_OF.get(arm["method"], ())
-            and not (results["preset"] == "epochs" and arm["group"] == "I1")]  # fmt: skip
+    return [
+        (label, other)
+        for label, arm in arms.items()
+        for other, base in arms.items()
+        if base["group"] == arm["group"]
+        and base["method"] in BASELINES_OF.get(arm["method"], ())
+        and not (results["preset"] == "epochs" and arm["group"] == "I1")
+    ]
 
 
 def pair_curves(results: dict, label: str, base_label: str) -> list[tuple[Curve, Curve]]:
@@ -231,8 +253,12 @@ def pair_curves(results: dict, label: str, base_label: str) -> list[tuple[Curve,
 # ---------------------------------------------------------------- per-seed estimators of a pair
 
 
-def summarise(values: list[float], whys: list[str], rewards: list[float] | None = None,
-              arms: list[tuple[float, float]] | None = None) -> Summary:  # fmt: skip
+def summarise(
+    values: list[float],
+    whys: list[str],
+    rewards: list[float] | None = None,
+    arms: list[tuple[float, float]] | None = None,
+) -> Summary:
     """``Summary`` of per-seed ``values``; ``whys[s]`` says why seed ``s`` is left out ("" when it is compared).
     ``rewards``: its reward differences, ``arms``: the two arms' values, per seed."""
     from scipy.stats import wilcoxon
@@ -249,7 +275,8 @@ def summarise(values: list[float], whys: list[str], rewards: list[float] | None 
     why = ""
     if len(v) < MIN_PAIRS:
         why = f"{len(v)} pairs (needs {MIN_PAIRS})" + "".join(
-            f"; {n} seed{'s' * (n != 1)}: {reason}" for reason, n in left_out.items())
+            f"; {n} seed{'s' * (n != 1)}: {reason}" for reason, n in left_out.items()
+        )
     return Summary(mean, half, tuple(v), len(values), sum(x < 0 for x in v), p, means, reward, why, left_out)
 
 
@@ -279,8 +306,9 @@ def seed_level(a: Curve, b: Curve, fraction: float = CLAIM_FRACTION) -> tuple[fl
     return float(a.reward[0] + fraction * gain), gain
 
 
-def at_matched_reward(a: Curve, b: Curve, name: str = "KL", fraction: float = CLAIM_FRACTION,
-                      noise: float = math.nan) -> tuple[float, float, float, str]:  # fmt: skip
+def at_matched_reward(
+    a: Curve, b: Curve, name: str = "KL", fraction: float = CLAIM_FRACTION, noise: float = math.nan
+) -> tuple[float, float, float, str]:
     """One seed at its own matched reward: (its level, ``name`` of arm a there, of arm b, why it is left out:
     "" when compared)."""
     level, gain = seed_level(a, b, fraction)
@@ -298,8 +326,9 @@ def at_matched_reward(a: Curve, b: Curve, name: str = "KL", fraction: float = CL
     return level, va, vb, why
 
 
-def matched_reward(pairs: list[tuple[Curve, Curve]], name: str = "KL", fraction: float = CLAIM_FRACTION,
-                   ratio: bool = True) -> Summary:  # fmt: skip
+def matched_reward(
+    pairs: list[tuple[Curve, Curve]], name: str = "KL", fraction: float = CLAIM_FRACTION, ratio: bool = True
+) -> Summary:
     """``name`` at each seed's matched reward: log ratios a / b (``ratio``) or differences a - b, summarised."""
     noise = eval_noise(pairs)
     seeds = [at_matched_reward(a, b, name, fraction, noise) for a, b in pairs]
@@ -314,8 +343,7 @@ def same_epochs(a: Curve, b: Curve) -> tuple[float, float, str]:
     ia, ib = ia + 1, ib + 1
     spent = (a.kl[ia] > 0) & (b.kl[ib] > 0)
     if not spent.any():
-        return math.nan, math.nan, "no common evaluation with KL" if len(common) else (
-            "no common evaluation")  # fmt: skip
+        return math.nan, math.nan, "no common evaluation with KL" if len(common) else ("no common evaluation")
     ia, ib = ia[spent], ib[spent]
     return float(np.mean(np.log(a.kl[ia] / b.kl[ib]))), float(np.mean(a.reward[ia] - b.reward[ib])), ""
 
@@ -338,61 +366,8 @@ def reward_at_matched_kl(pairs: list[tuple[Curve, Curve]]) -> Summary:
     (where both frontiers are measured), summarised."""
     budgets = [min(a.kl.max(), b.kl.max()) for a, b in pairs]
     whys = ["" if k > 0 else "no KL spent" for k in budgets]
-    values = [reward_at_kl(a.kl, a.reward, k) - reward_at_kl(b.kl, b.reward, k) if k > 0 else math.nan
-              for (a, b), k in zip(pairs, budgets, strict=True)]  # fmt: skip
+    values = [
+        reward_at_kl(a.kl, a.reward, k) - reward_at_kl(b.kl, b.reward, k) if k > 0 else math.nan
+        for (a, b), k in zip(pairs, budgets, strict=True)
+    ]
     return summarise(values, whys)
-
-
-def ratio_reading(summary: Summary) -> str:
-    """"less KL" if the ratio's CI lies below 1, "more KL" if above, else "no difference shown", with "at higher
-    (lower) reward" where the reward difference's CI excludes 0; n/a with why."""
-    if summary.why:
-        return f"n/a: {summary.why}"
-    _, lo, hi = summary.ratio
-    (reward, half), reading = summary.reward, "less KL" if hi < 1 else "more KL" if lo > 1 else "no difference shown"
-    return reading + (f", at {'higher' if reward > 0 else 'lower'} reward" if abs(reward) > half else "")
-
-
-def num(value: float, spec: str = ".3g") -> str:
-    """``value`` formatted, "n/a" for NaN."""
-    return "n/a" if math.isnan(value) else format(value, spec)
-
-
-def ratio_cells(summary: Summary) -> tuple[str, str]:
-    """("ratio [lo, hi]", "ratio < lo or > hi"): the ratio's CI and what it rules out; n/a when n/a."""
-    if summary.why:
-        return "n/a", "n/a"
-    ratio, lo, hi = summary.ratio
-    return f"{ratio:.2f} [{lo:.2f}, {hi:.2f}]", f"ratio < {lo:.2f} or > {hi:.2f}"
-
-
-def equivalence_margin(differences: list[float], reference: list[float] | None = None) -> str:
-    """What the 95% CI of the paired differences rules out: any difference larger than ``m = max(|lo|, |hi|)``
-    in size, also given relative to the baseline's mean ``reference``."""
-    mean, half = mean_ci(differences)
-    if math.isnan(mean):
-        return "n/a"
-    margin = max(abs(mean - half), abs(mean + half))
-    ref = abs(mean_ci(reference)[0]) if reference else math.nan
-    relative = f" ({100 * margin / ref:.0f}% of the baseline)" if ref > 0 else ""
-    return f"\\|d\\| > {margin:.3g}{relative}"
-
-
-def fmt(mean: float, half: float) -> str:
-    """``mean ± half`` with 3 decimals (2 significant digits in e-notation below 0.01); n/a for NaN."""
-    if math.isnan(mean):
-        return "n/a"
-    digits = 3 if abs(mean) >= 1e-2 or mean == 0 else 2
-    style = "f" if abs(mean) >= 1e-2 or mean == 0 else "e"
-    return f"{mean:.{digits}{style}} ± {half:.{digits}{style}}"
-
-
-def cells(summary: Summary, better: str, ratio: bool = False, reference: list[float] | None = None) -> dict:
-    """A paired row's cells: pairs behind the CI, the difference (or ratio) with its CI, the verdict, what the CI
-    rules out; n/a (and why) with fewer than ``MIN_PAIRS`` pairs."""
-    row = {"pairs": f"{summary.pairs} of {summary.seeds}"}
-    if summary.why:
-        return row | {"difference": "n/a", "verdict": f"n/a: {summary.why}", "margin": "n/a"}
-    difference, margin = ratio_cells(summary) if ratio else (fmt(summary.mean, summary.half),
-                                                             equivalence_margin(list(summary.values), reference))
-    return row | {"difference": difference, "verdict": verdict(list(summary.values), better), "margin": margin}

@@ -43,8 +43,10 @@ def load_trained_policy(run_dir: Path, task):
         except ConfigError:
             raise
         except Exception as err:  # safetensors / peft errors on a truncated or damaged file
-            raise ConfigError(f"{final}/{LORA_FILE}: unreadable ({type(err).__name__}: "
-                              f"{' '.join(str(err).split())}); export from a checkpoint with --checkpoint") from err
+            raise ConfigError(
+                f"{final}/{LORA_FILE}: unreadable ({type(err).__name__}: "
+                f"{' '.join(str(err).split())}); export from a checkpoint with --checkpoint"
+            ) from err
         return task.policy
     if final.is_dir():
         return task.load_policy(str(final))
@@ -71,8 +73,14 @@ def evaluate_run(run_dir: Path, per_class: int = 50) -> dict[str, dict[str, floa
 EXPORT_FORMATS = ("diffusers", "comfyui")
 
 
-def export_lora(run_dir: Path, out: Path, from_checkpoint: bool = False, fmt: str = "diffusers",
-                overwrite: bool = False, check: bool = True) -> Path:  # fmt: skip
+def export_lora(
+    run_dir: Path,
+    out: Path,
+    from_checkpoint: bool = False,
+    fmt: str = "diffusers",
+    overwrite: bool = False,
+    check: bool = True,
+) -> Path:
     """Write the run's LoRA adapter (``final/``, or the newest checkpoint) without loading the model; returns what
     was written (the first file, with two experts).
 
@@ -99,8 +107,9 @@ def export_lora(run_dir: Path, out: Path, from_checkpoint: bool = False, fmt: st
     base = COMFYUI_FILE if fmt == "comfyui" else LORA_FILE
     check_folder_path(out, "--out")
     if out.resolve() == (run_dir / "final").resolve():
-        raise ConfigError(f"--out: {out} is the run's own final/ folder, which already holds its adapter; export to "
-                          f"another folder")
+        raise ConfigError(
+            f"--out: {out} is the run's own final/ folder, which already holds its adapter; export to another folder"
+        )
     if from_checkpoint:
         found = complete_checkpoints(run_dir / "checkpoints")
         if not found:
@@ -112,8 +121,10 @@ def export_lora(run_dir: Path, out: Path, from_checkpoint: bool = False, fmt: st
     else:
         adapters = lora_files(run_dir / "final")
         if not adapters:
-            raise ConfigError(f"{run_dir} has no final adapter ({run_dir / 'final' / LORA_FILE}): did the run "
-                              f"finish? (or use --checkpoint)")  # fmt: skip
+            raise ConfigError(
+                f"{run_dir} has no final adapter ({run_dir / 'final' / LORA_FILE}): did the run "
+                f"finish? (or use --checkpoint)"
+            )
         per_expert = {}
         for name, adapter in adapters.items():
             try:
@@ -123,8 +134,9 @@ def export_lora(run_dir: Path, out: Path, from_checkpoint: bool = False, fmt: st
             per_expert[name] = {k.removeprefix(PREFIX): v for k, v in final.items()}
     existing = [out / lora_file(name, base) for name in per_expert if (out / lora_file(name, base)).exists()]
     if existing and not overwrite:
-        raise ConfigError(f"--out: {existing[0]} already exists; choose another folder, or pass --overwrite to "
-                          f"replace it")
+        raise ConfigError(
+            f"--out: {existing[0]} already exists; choose another folder, or pass --overwrite to replace it"
+        )
     # ComfyUI's keys follow the family (model_index.json, no weights): every module is named before a file is written
     names = comfyui_names(task_class(cfg).policy_class(cfg)) if fmt == "comfyui" else None
     with staged(out) as tmp:  # nothing in out changes unless every file is written (and checked)
@@ -136,9 +148,12 @@ def export_lora(run_dir: Path, out: Path, from_checkpoint: bool = False, fmt: st
                 shutil.copyfile(adapters[name], tmp / adapters[name].name)
             else:
                 pipeline_class = task_class(cfg).policy_class(cfg).pipeline_class
-                pipeline_class.save_lora_weights(tmp, transformer_lora_layers=weights, weight_name=lora_file(name),
-                                                 transformer_lora_adapter_metadata=adapter_metadata(
-                                                     weights, optim.lora_rank, optim.lora_alpha))  # fmt: skip
+                pipeline_class.save_lora_weights(
+                    tmp,
+                    transformer_lora_layers=weights,
+                    weight_name=lora_file(name),
+                    transformer_lora_adapter_metadata=adapter_metadata(weights, optim.lora_rank, optim.lora_alpha),
+                )
         if check and fmt == "comfyui":
             check_nonzero_update(per_expert, out)
         elif check:
@@ -152,8 +167,10 @@ NO_CHECK = "--no-check skips this check"
 def check_nonzero_update(per_expert: dict[str, dict[str, torch.Tensor]], out: Path) -> None:
     """Some module's LoRA update ``B A`` is nonzero (else the adapter changes nothing)."""
     if not any(bool(w.ne(0).any()) for weights in per_expert.values() for k, w in weights.items() if "lora_B" in k):
-        raise ConfigError(f"export: the adapter for {out} is all zeros (every lora_B is 0) and would change nothing; "
-                          f"export a trained run or a later checkpoint ({NO_CHECK})")
+        raise ConfigError(
+            f"export: the adapter for {out} is all zeros (every lora_B is 0) and would change nothing; "
+            f"export a trained run or a later checkpoint ({NO_CHECK})"
+        )
 
 
 @torch.no_grad()
@@ -175,9 +192,13 @@ def check_adapter_moves_velocity(run_dir: Path, adapter_dir: Path, out: Path) ->
     try:
         load_lora_adapter(task.policy, adapter_dir, cfg.optim)
     except Exception as err:  # peft / diffusers refuse a file that does not fit the model
-        raise ConfigError(f"export: the adapter for {out} does not load into the run's base model "
-                          f"({type(err).__name__}: {' '.join(str(err).split())}); {NO_CHECK}") from err
+        raise ConfigError(
+            f"export: the adapter for {out} does not load into the run's base model "
+            f"({type(err).__name__}: {' '.join(str(err).split())}); {NO_CHECK}"
+        ) from err
     if all(torch.equal(velocity(x, sigma, cond), v) for sigma, v in zip(levels, base, strict=True)):
-        raise ConfigError(f"export: the adapter for {out}, loaded into a fresh base model, does not change its "
-                          f"velocity (an untrained or zero adapter, or one whose modules the model does not have); "
-                          f"nothing was written ({NO_CHECK})")
+        raise ConfigError(
+            f"export: the adapter for {out}, loaded into a fresh base model, does not change its "
+            f"velocity (an untrained or zero adapter, or one whose modules the model does not have); "
+            f"nothing was written ({NO_CHECK})"
+        )

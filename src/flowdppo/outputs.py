@@ -17,15 +17,26 @@ from pathlib import Path
 
 from flowdppo.files import TMP_PREFIX, remove
 
-OUTPUT_FILES = ("config.yaml", "metrics.jsonl", "base_eval.json", "samples.png", "samples.mp4", "samples.gif",
-                "wandb_id")  # fmt: skip
+OUTPUT_FILES = (
+    "config.yaml",
+    "metrics.jsonl",
+    "base_eval.json",
+    "samples.png",
+    "samples.mp4",
+    "samples.gif",
+    "wandb_id",
+)
 OUTPUT_FOLDERS = {
     "checkpoints": (r"epoch_\d+",),
     "tensorboard": (r"events\.out\.tfevents\..+",),
     "plots": (r"curves\.png", r"per_step\.png"),
     # a LoRA adapter per expert; a fully fine-tuned digits policy; a pipeline (its components: model_index.json)
-    "final": (r"pytorch_lora_weights(_\w+)?\.safetensors", r"transformer(_2)?", r"prompt_embeddings\.safetensors",
-              r"model_index\.json"),  # fmt: skip
+    "final": (
+        r"pytorch_lora_weights(_\w+)?\.safetensors",
+        r"transformer(_2)?",
+        r"prompt_embeddings\.safetensors",
+        r"model_index\.json",
+    ),
     "wandb": (r"(offline-)?run-.+", r"latest-run", r"debug(-internal|-cli\..+)?\.log"),
 }
 
@@ -43,8 +54,10 @@ def output_entries(path: Path) -> list[Path]:
 def leftovers(path: Path) -> list[Path]:
     """What interrupted writes and deletions leave: ``.tmp-*`` (``flowdppo.files``), ``checkpoints/.del-*``."""
     folders = [path, *(path / name for name in OUTPUT_FOLDERS if (path / name).is_dir())]
-    return [*(p for folder in folders for p in sorted(folder.glob(f"{TMP_PREFIX}*"))),
-            *sorted((path / "checkpoints").glob(".del-*"))]  # fmt: skip
+    return [
+        *(p for folder in folders for p in sorted(folder.glob(f"{TMP_PREFIX}*"))),
+        *sorted((path / "checkpoints").glob(".del-*")),
+    ]
 
 
 def _components(final: Path) -> list[str]:

@@ -70,8 +70,10 @@ def load_yaml_text(text: str, where: str) -> Any:
     try:
         return yaml.load(text, Loader=NoAliasLoader)  # a SafeLoader: no Python objects
     except AliasRefused as err:
-        raise ConfigError(f"{where}: YAML aliases are not accepted (*{cut(err.anchor, 40)} at line "
-                          f"{err.mark.line + 1}, column {err.mark.column + 1}); write the value out") from err
+        raise ConfigError(
+            f"{where}: YAML aliases are not accepted (*{cut(err.anchor, 40)} at line "
+            f"{err.mark.line + 1}, column {err.mark.column + 1}); write the value out"
+        ) from err
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

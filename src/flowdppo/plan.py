@@ -134,24 +134,40 @@ def make_plan(cfg, variants: bool = True) -> Plan:
 
     ``variants``: also measure the settings ``fitting_options`` may suggest (bfloat16, LoRA)."""
     if cfg.task != "text_to_image":
-        raise ConfigError(f"plan: plans task=text_to_image recipes (a diffusers pipeline in model=); the {cfg.task} "
-                          "task's model is tiny and trains on a CPU")  # fmt: skip
+        raise ConfigError(
+            f"plan: plans task=text_to_image recipes (a diffusers pipeline in model=); the {cfg.task} "
+            "task's model is tiny and trains on a CPU"
+        )
     if not cfg.model:
         raise ConfigError("model: the text_to_image task needs a diffusers pipeline folder or hub id")
-    recipe = Recipe(cfg.precision, cfg.optim.lora_rank, cfg.optim.minibatch_size, cfg.optim.gradient_checkpointing,
-                    getattr(cfg, "text_encoders", "keep"))  # fmt: skip
+    recipe = Recipe(
+        cfg.precision,
+        cfg.optim.lora_rank,
+        cfg.optim.minibatch_size,
+        cfg.optim.gradient_checkpointing,
+        getattr(cfg, "text_encoders", "keep"),
+    )
     prompt = plan_prompt(cfg)
     measured: dict[tuple[str, int], tuple[ActivationBytes, ActivationBytes]] = {}
     policy = meta_policy(cfg, DTYPES[recipe.precision])
     largest = max(GPU_SIZES_GB)  # one sample beyond the largest GPU planned: refused before its position tables
-    problem = sample_error(policy, policy.guides(cfg.sampler.guidance_scale), usable_bytes(largest),
-                           f"the largest GPU planned ({largest} GB)")  # fmt: skip
+    problem = sample_error(
+        policy,
+        policy.guides(cfg.sampler.guidance_scale),
+        usable_bytes(largest),
+        f"the largest GPU planned ({largest} GB)",
+    )
     if problem:
         raise ConfigError(problem)
     pipeline = policy.pipeline
     components = [
-        Component(name, type(module).__name__, parameter_count(module), DTYPES[cfg.precision],
-                  name in text_encoder_names(pipeline))  # fmt: skip
+        Component(
+            name,
+            type(module).__name__,
+            parameter_count(module),
+            DTYPES[cfg.precision],
+            name in text_encoder_names(pipeline),
+        )
         for name, module in sorted(pipeline.components.items(), key=lambda item: component_order(item[0]))
         if isinstance(module, nn.Module)
     ]
@@ -202,8 +218,11 @@ def estimate(plan: Plan, recipe: Recipe) -> Estimate:
     Activations scale linearly from the measured mini-batch to ``recipe.minibatch_size``."""
     full = recipe.lora_rank == 0
     dtype = DTYPES[recipe.precision]
-    weights = sum(c.params * (4 if full and c.name == "transformer" else dtype.itemsize)
-                  for c in plan.components if not c.text_encoder or recipe.text_encoders == "keep")  # fmt: skip
+    weights = sum(
+        c.params * (4 if full and c.name == "transformer" else dtype.itemsize)
+        for c in plan.components
+        if not c.text_encoder or recipe.text_encoders == "keep"
+    )
     offloaded = recipe.text_encoders == "offload"
     encoding = sum(c.params * dtype.itemsize for c in plan.components if c.text_encoder and offloaded)
     trainable = plan.trainable[recipe.lora_rank]
@@ -278,8 +297,11 @@ def format_plan(plan: Plan) -> str:
     rows.append(("trainable", what, f"{plan.trainable[recipe.lora_rank]:,}", "float32", ""))
     lines += table(rows)
     guided = " x 2 (guidance: the unconditional branch is trained through too)" if plan.rows_per_element == 2 else ""
-    lines += ["", f"peak GPU memory of one process: precision {recipe.precision}, optim.minibatch_size "
-              f"{recipe.minibatch_size}{guided}"]  # fmt: skip
+    lines += [
+        "",
+        f"peak GPU memory of one process: precision {recipe.precision}, optim.minibatch_size "
+        f"{recipe.minibatch_size}{guided}",
+    ]
     without = estimate(plan, replace(recipe, gradient_checkpointing=False))
     with_ = estimate(plan, replace(recipe, gradient_checkpointing=True))
     copies = "reference transformer (full fine-tuning)" if recipe.lora_rank == 0 else ""
@@ -294,8 +316,13 @@ def format_plan(plan: Plan) -> str:
     rows.append(("activations (measured)", human_bytes(without.activations), human_bytes(with_.activations)))
     if without.encoding:
         rows.append(("offloaded text encoders (encoding)", human_bytes(without.encoding), human_bytes(with_.encoding)))
-    rows.append(("peak" if not without.encoding else "peak (max of activations, encoding)",
-                 human_bytes(without.total), human_bytes(with_.total)))  # fmt: skip
+    rows.append(
+        (
+            "peak" if not without.encoding else "peak (max of activations, encoding)",
+            human_bytes(without.total),
+            human_bytes(with_.total),
+        )
+    )
     lines += table(rows)
     current = "gradient checkpointing" if recipe.gradient_checkpointing else "no checkpointing"
     lines += ["", f"the recipe runs with {current}; on one GPU ({RESERVED_GIB} GiB kept for the CUDA context):"]
@@ -306,5 +333,7 @@ def format_plan(plan: Plan) -> str:
 def table(rows: list[tuple[str, ...]]) -> list[str]:
     """Rows of cells, the first column left-aligned, the others right-aligned."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  ".join([row[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True))])
-            .rstrip() for row in rows]  # fmt: skip
+    return [
+        "  ".join([row[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True))]).rstrip()
+        for row in rows
+    ]

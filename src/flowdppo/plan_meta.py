@@ -116,8 +116,9 @@ class GPUAttention(TorchFunctionMode):
         return efficient_attention(*args, **kwargs)
 
 
-def efficient_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                        enable_gqa=False):  # fmt: skip
+def efficient_attention(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
+):
     """``F.scaled_dot_product_attention`` through ``aten._scaled_dot_product_efficient_attention``."""
     q, k, v = query, key, value
     if enable_gqa and k.shape[-3] != q.shape[-3]:

@@ -98,8 +98,12 @@ class EmbeddingCache:
     (a model that trims padding) are right-padded with zeros when stacked.
     """
 
-    def __init__(self, encode: Callable[[list[str]], dict[str, Tensor]], max_mb: float = 4096.0,
-                 spill_dir: str | Path | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        encode: Callable[[list[str]], dict[str, Tensor]],
+        max_mb: float = 4096.0,
+        spill_dir: str | Path | None = None,
+    ) -> None:
         self.encode, self.max_bytes = encode, max_mb * 2**20
         self.entries: OrderedDict[str, dict[str, Tensor]] = OrderedDict()
         self.bytes = 0

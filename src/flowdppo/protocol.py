@@ -117,8 +117,11 @@ def folder_fingerprint(folder: Path) -> dict:
         else:
             content = sha256_file(path)
         digest.update(f"{path.relative_to(folder).as_posix()}\0{content}\n".encode())
-    return {"sha256": digest.hexdigest(), "files": len(files),
-            "weights": "hub blob ids (content sha256)" if blobs else "file bytes"}  # fmt: skip
+    return {
+        "sha256": digest.hexdigest(),
+        "files": len(files),
+        "weights": "hub blob ids (content sha256)" if blobs else "file bytes",
+    }
 
 
 def model_fingerprint(model: str) -> dict:
@@ -151,8 +154,12 @@ def library_versions() -> dict[str, str]:
 
     import flowdppo
 
-    return {"flowdppo": flowdppo.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "python": platform.python_version()}  # fmt: skip
+    return {
+        "flowdppo": flowdppo.__version__,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "python": platform.python_version(),
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -189,9 +196,14 @@ def check_reward_names(names: list[str]) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def evaluate_protocol(run_dir: Path, prompts_file: Path, reward_names: list[str] | None = None,
-                      samples_per_prompt: int = DEFAULT_SAMPLES_PER_PROMPT, seed: int = DEFAULT_SEED,
-                      progress: bool = True) -> dict:  # fmt: skip
+def evaluate_protocol(
+    run_dir: Path,
+    prompts_file: Path,
+    reward_names: list[str] | None = None,
+    samples_per_prompt: int = DEFAULT_SAMPLES_PER_PROMPT,
+    seed: int = DEFAULT_SEED,
+    progress: bool = True,
+) -> dict:
     """Sample the base and the trained policy of the text-to-image run ``run_dir`` on every prompt of
     ``prompts_file`` (``samples_per_prompt`` each, noise by ``sample_noise``), score them with ``reward_names``
     (default: the run's rewards) and return the result: the protocol, the prompts, every sample's scores
@@ -219,8 +231,7 @@ def evaluate_protocol(run_dir: Path, prompts_file: Path, reward_names: list[str]
 
     # the run's settings, its prompts replaced by the file (all of it "training" records, none held out)
     options = replace(task_options(cfg), prompts=str(prompts_file), eval_prompts=0)
-    eval_cfg = replace(cfg, **{cfg.task: options},
-                       reward=replace(cfg.reward, names=names, weights=[1.0] * len(names)))  # fmt: skip
+    eval_cfg = replace(cfg, **{cfg.task: options}, reward=replace(cfg.reward, names=names, weights=[1.0] * len(names)))
     device = Distributed().device(cfg.device)
     task = load_task(eval_cfg, device)
     trained = load_trained_policy(run_dir, task)
@@ -260,15 +271,25 @@ def evaluate_protocol(run_dir: Path, prompts_file: Path, reward_names: list[str]
         "device": str(device),
         "versions": library_versions(),
     }
-    seeds = [[sample_seed(seed, texts[i], occ, k) for k in range(samples_per_prompt)]
-             for i, occ in enumerate(occurrences(texts))]  # fmt: skip
-    return {"format": RESULT_FORMAT, "run": str(run_dir), "protocol": protocol, "prompts": texts,
-            "sample_seeds": seeds, "scores": scores, "summary": summarize(scores, names)}  # fmt: skip
+    seeds = [
+        [sample_seed(seed, texts[i], occ, k) for k in range(samples_per_prompt)]
+        for i, occ in enumerate(occurrences(texts))
+    ]
+    return {
+        "format": RESULT_FORMAT,
+        "run": str(run_dir),
+        "protocol": protocol,
+        "prompts": texts,
+        "sample_seeds": seeds,
+        "scores": scores,
+        "summary": summarize(scores, names),
+    }
 
 
 @torch.no_grad()
-def sample_scores(task, records: list[dict], velocities: dict, per_prompt: int, seed: int,
-                  progress: bool = False) -> dict[str, dict[str, list[list[float]]]]:  # fmt: skip
+def sample_scores(
+    task, records: list[dict], velocities: dict, per_prompt: int, seed: int, progress: bool = False
+) -> dict[str, dict[str, list[list[float]]]]:
     """``{policy: {reward: [[score of sample k] for each prompt]}}``: every policy from the same noise, a chunk of
     samples at a time (images are scored and dropped, so memory does not grow with the prompt file)."""
     from flowdppo.prompts import make_batch
@@ -276,8 +297,9 @@ def sample_scores(task, records: list[dict], velocities: dict, per_prompt: int, 
 
     texts = [r["prompt"] for r in records]
     plan = sample_plan(texts, per_prompt)
-    scores = {policy: {name: [[0.0] * per_prompt for _ in records] for name, _ in task.rewards}
-              for policy in velocities}  # fmt: skip
+    scores = {
+        policy: {name: [[0.0] * per_prompt for _ in records] for name, _ in task.rewards} for policy in velocities
+    }
     chunk = task.cfg.sampler.rollout_batch_size or SAMPLE_CHUNK
     bar = tqdm(total=len(plan) * len(velocities), desc="eval", unit="image", disable=not progress)
     for start in range(0, len(plan), chunk):

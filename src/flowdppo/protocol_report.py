@@ -85,8 +85,14 @@ def format_table(result: dict) -> str:
     for name, stats in result["summary"].items():
         mark = " *" if excludes_zero(stats["difference"]) else ""
         decimals = row_decimals(stats["difference"])
-        rows.append((name, format_interval(stats["base"], decimals), format_interval(stats["trained"], decimals),
-                     format_interval(stats["difference"], decimals, signed=True) + mark))  # fmt: skip
+        rows.append(
+            (
+                name,
+                format_interval(stats["base"], decimals),
+                format_interval(stats["trained"], decimals),
+                format_interval(stats["difference"], decimals, signed=True) + mark,
+            )
+        )
     widths = [max(len(row[c]) for row in rows) for c in range(4)]
     lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
     lines.append("* the difference's CI excludes 0")

@@ -36,8 +36,12 @@ def bootstrap_mean_ci(
         raise ValueError(f"bootstrap_mean_ci: confidence in (0, 1) and resamples >= 1, got {confidence}, {resamples}")
     rng = np.random.default_rng(seed)
     n = values.size
-    means = np.concatenate([values[rng.integers(0, n, size=(min(chunk, resamples - start), n))].mean(axis=1)
-                            for start in range(0, resamples, chunk)])  # fmt: skip
+    means = np.concatenate(
+        [
+            values[rng.integers(0, n, size=(min(chunk, resamples - start), n))].mean(axis=1)
+            for start in range(0, resamples, chunk)
+        ]
+    )
     alpha = 1 - confidence
     low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
     return {"mean": float(values.mean()), "low": float(low), "high": float(high)}
@@ -48,9 +52,13 @@ def per_prompt_means(scores: list[list[float]]) -> np.ndarray:
     return np.asarray(scores, dtype=np.float64).mean(axis=1)
 
 
-def summarize(scores: dict[str, dict[str, list[list[float]]]], reward_names: list[str],
-              resamples: int = BOOTSTRAP_RESAMPLES, confidence: float = BOOTSTRAP_CONFIDENCE,
-              seed: int = BOOTSTRAP_SEED) -> dict[str, dict[str, dict[str, float]]]:  # fmt: skip
+def summarize(
+    scores: dict[str, dict[str, list[list[float]]]],
+    reward_names: list[str],
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    confidence: float = BOOTSTRAP_CONFIDENCE,
+    seed: int = BOOTSTRAP_SEED,
+) -> dict[str, dict[str, dict[str, float]]]:
     """Per reward: base, trained and ``difference`` (trained - base, paired by prompt), each a bootstrap CI of the
     mean over prompts of the per-prompt means."""
     ci = partial(bootstrap_mean_ci, resamples=resamples, confidence=confidence, seed=seed)

@@ -76,8 +76,15 @@ def in_chunks(velocity: VelocityFn, size: int) -> VelocityFn:
     return chunked
 
 
-def initial_noise(generator: torch.Generator, cfg: SamplerConfig, num_prompts: int, group_size: int, rows: slice,
-                  shape: tuple[int, ...], device) -> Tensor:  # fmt: skip
+def initial_noise(
+    generator: torch.Generator,
+    cfg: SamplerConfig,
+    num_prompts: int,
+    group_size: int,
+    rows: slice,
+    shape: tuple[int, ...],
+    device,
+) -> Tensor:
     """This process's ``rows`` of the global batch's starting noise ``(P * G, *shape)``; with
     ``group_shared_noise`` every sample of a group starts from the same noise (DanceGRPO)."""
     if cfg.group_shared_noise:
@@ -160,8 +167,9 @@ def sample(velocity: VelocityFn, cond: Any, x: Tensor, sigmas: Tensor) -> Tensor
 
 
 @torch.no_grad()
-def sample_with_path_kl(velocity: VelocityFn, base_velocity: VelocityFn, cond: Any, x: Tensor, sigmas: Tensor,
-                        kernel: str = "flow_sde") -> tuple[Tensor, Tensor]:  # fmt: skip
+def sample_with_path_kl(
+    velocity: VelocityFn, base_velocity: VelocityFn, cond: Any, x: Tensor, sigmas: Tensor, kernel: str = "flow_sde"
+) -> tuple[Tensor, Tensor]:
     """``sample`` (plain Euler from ``x``), and along the same path the KL to the base in one stochastic
     ``kernel`` at its default ``eta``: ``sum_t D(mu_theta(x_t), mu_base(x_t))`` over the kernel's stochastic
     steps, ``D`` the mean-reduced per-step KL (``gaussian_kl``). -> (samples (B, ...), path KL (B,)).
@@ -178,8 +186,9 @@ def sample_with_path_kl(velocity: VelocityFn, base_velocity: VelocityFn, cond: A
         v = velocity(x, sigma, cond)
         if i in measured:
             ours = sampler.step(x, v, sigmas[i], sigmas[i + 1], sampler.default_eta, sigmas[1])
-            base = sampler.step(x, base_velocity(x, sigma, cond), sigmas[i], sigmas[i + 1], sampler.default_eta,
-                                sigmas[1])  # fmt: skip
+            base = sampler.step(
+                x, base_velocity(x, sigma, cond), sigmas[i], sigmas[i + 1], sampler.default_eta, sigmas[1]
+            )
             kl += gaussian_kl(ours.mean, base.mean, ours.std)
         x = ode_step(x, v, sigmas[i], sigmas[i + 1]).mean
     return x, kl

@@ -48,8 +48,9 @@ EVAL_PREFIXES = ("eval/", "eval_heldout/")  # the keys a task's evaluate() adds 
 class RunFolder:
     """Everything a run writes, in one folder. Only the writer (process 0) writes; every process reads."""
 
-    def __init__(self, path: Path, cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
-                 writer: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self, path: Path, cfg: TrainConfig, resume: bool = False, overwrite: bool = False, writer: bool = True
+    ) -> None:
         """Check that ``path`` may hold this run (``create`` then writes it)."""
         self.path, self.cfg, self.resume, self.is_writer = path, cfg, resume, writer
         flag = "--resume" if resume else "--out"
@@ -61,8 +62,10 @@ class RunFolder:
             # keys added to the library since the run started take their defaults (they did not exist then)
             saved = flatten_keys(to_dict(config_from_dict(saved_config(path, "--resume"))))
             if cfg.epochs < saved["epochs"]:
-                raise ConfigError(f"--resume: epochs={cfg.epochs} is fewer than the run's {saved['epochs']}; a run "
-                                  f"can only be extended: give epochs >= {saved['epochs']} (or leave it out)")
+                raise ConfigError(
+                    f"--resume: epochs={cfg.epochs} is fewer than the run's {saved['epochs']}; a run "
+                    f"can only be extended: give epochs >= {saved['epochs']} (or leave it out)"
+                )
             wanted = flatten_keys(to_dict(cfg))
             changed = sorted(k for k in wanted.keys() | saved.keys() if saved.get(k) != wanted.get(k) and k != "epochs")
             if changed:
@@ -72,8 +75,10 @@ class RunFolder:
             check_new_run_folder(path, overwrite)
         misplaced = misplaced_files(path)
         if misplaced:
-            raise ConfigError(f"{flag}: {misplaced[0]} is a file where the run keeps its {misplaced[0].name}/ "
-                              f"folder; move or rename it, then run the command again")
+            raise ConfigError(
+                f"{flag}: {misplaced[0]} is a file where the run keeps its {misplaced[0].name}/ "
+                f"folder; move or rename it, then run the command again"
+            )
         self.trackers: list = []
 
     def create(self) -> None:
@@ -92,11 +97,14 @@ class RunFolder:
                 remove_outputs(self.path)
                 save_config(self.cfg, self.path / CONFIG_FILE)  # a resumed run's, once its checkpoint is read
         except PermissionError as err:
-            raise ConfigError(f"{flag}: cannot write in {self.path} ({err.strerror}); choose a writable "
-                              f"folder") from err
+            raise ConfigError(
+                f"{flag}: cannot write in {self.path} ({err.strerror}); choose a writable folder"
+            ) from err
         except (FileExistsError, NotADirectoryError) as err:
-            raise ConfigError(f"{flag}: cannot make the run folder {self.path} ({err.strerror}: {err.filename}); "
-                              f"choose another folder") from err
+            raise ConfigError(
+                f"{flag}: cannot make the run folder {self.path} ({err.strerror}: {err.filename}); "
+                f"choose another folder"
+            ) from err
 
     def close(self, failed: bool) -> None:
         """Release the lock. A run that failed before finishing its first epoch leaves nothing behind: the
@@ -148,22 +156,34 @@ class RunFolder:
         changed = sorted(k for k in saved.keys() & now.keys() - extended if saved[k] != now[k])
         if changed:
             shown = ", ".join(f"{k} (checkpoint {saved[k]!r}, now {now[k]!r})" for k in changed[:3])
-            raise ConfigError(f"--resume: {self.path / CONFIG_FILE} differs from the config {directory.name} ran "
-                              f"with: {shown}; restore it, or start a new run to change it")
+            raise ConfigError(
+                f"--resume: {self.path / CONFIG_FILE} differs from the config {directory.name} ran "
+                f"with: {shown}; restore it, or start a new run to change it"
+            )
 
     def save_json(self, name: str, data: dict) -> None:
         if self.is_writer:
             write_text_atomic(self.path / name, json.dumps(data, indent=2) + "\n")
 
-    def save_checkpoint(self, epoch: int, policy: nn.Module, optimizer, rng, algorithm=None,
-                        extra_state: dict | None = None) -> None:  # fmt: skip
+    def save_checkpoint(
+        self, epoch: int, policy: nn.Module, optimizer, rng, algorithm=None, extra_state: dict | None = None
+    ) -> None:
         """The state after ``epoch`` epochs, under ``checkpoints/`` (the newest ``keep_checkpoints`` kept), with
         the config it ran with and ``extra_state`` in its ``state.json``.
 
         Every process calls it: a sharded policy's state is gathered first."""
         state = {"config": to_dict(self.cfg), **(extra_state or {})}
-        save_checkpoint(self.checkpoint_dir(epoch), policy, optimizer, rng, epoch, self.cfg.keep_checkpoints,
-                        write=self.is_writer, algorithm=algorithm, extra_state=state)  # fmt: skip
+        save_checkpoint(
+            self.checkpoint_dir(epoch),
+            policy,
+            optimizer,
+            rng,
+            epoch,
+            self.cfg.keep_checkpoints,
+            write=self.is_writer,
+            algorithm=algorithm,
+            extra_state=state,
+        )
 
     def load_json(self, name: str) -> dict:
         return json.loads((self.path / name).read_text())
@@ -236,8 +256,10 @@ def evaluates(epoch: int, cfg: TrainConfig) -> bool:
 def as_asked(rows: list[dict], cfg: TrainConfig) -> list[dict]:
     """The rows as a run asked for ``cfg.epochs`` from the start writes them: the evaluation a shorter run made at
     its last epoch (not one of ``evaluates``) is dropped from that row."""
-    return [row if evaluates(row["epoch"], cfg) else {k: v for k, v in row.items() if not k.startswith(EVAL_PREFIXES)}
-            for row in rows]  # fmt: skip
+    return [
+        row if evaluates(row["epoch"], cfg) else {k: v for k, v in row.items() if not k.startswith(EVAL_PREFIXES)}
+        for row in rows
+    ]
 
 
 def check_folder_path(path: Path, flag: str) -> None:
@@ -247,13 +269,16 @@ def check_folder_path(path: Path, flag: str) -> None:
             folder.stat()
         except FileNotFoundError:
             if folder.is_symlink():
-                raise ConfigError(f"{flag}: {folder} is a link to {os.readlink(folder)}, which does not exist; "
-                                  f"create that folder or choose another one") from None
+                raise ConfigError(
+                    f"{flag}: {folder} is a link to {os.readlink(folder)}, which does not exist; "
+                    f"create that folder or choose another one"
+                ) from None
             return
         except OSError as err:
             if err.errno == errno.ELOOP:
-                raise ConfigError(f"{flag}: {folder} is a symlink loop; point the link at a folder or choose "
-                                  f"another one") from None
+                raise ConfigError(
+                    f"{flag}: {folder} is a symlink loop; point the link at a folder or choose another one"
+                ) from None
             raise
         if not folder.is_dir():
             raise ConfigError(f"{flag}: {folder} is a file, not a folder; choose another run folder")
@@ -266,16 +291,22 @@ def check_new_run_folder(path: Path, overwrite: bool) -> None:
         return
     if (path / CONFIG_FILE).is_file():
         if not overwrite:
-            raise ConfigError(f"--out: {path} already holds a run; continue it with --resume {path}, choose another "
-                              f"folder, or pass --overwrite to replace its outputs (other files stay)")
+            raise ConfigError(
+                f"--out: {path} already holds a run; continue it with --resume {path}, choose another "
+                f"folder, or pass --overwrite to replace its outputs (other files stay)"
+            )
         return
     if not overwrite:
-        raise ConfigError(f"--out: {path} is not empty and holds no flowdppo run (no {CONFIG_FILE}); choose a new or "
-                          f"empty folder, or pass --overwrite to write the run next to its files (none is deleted)")
+        raise ConfigError(
+            f"--out: {path} is not empty and holds no flowdppo run (no {CONFIG_FILE}); choose a new or "
+            f"empty folder, or pass --overwrite to write the run next to its files (none is deleted)"
+        )
     taken = output_entries(path)
     if taken:
-        raise ConfigError(f"--overwrite: {taken[0]} is not a flowdppo run's (no {CONFIG_FILE} in {path}) but has the "
-                          f"name of a file the run writes; move it away or choose another --out")
+        raise ConfigError(
+            f"--overwrite: {taken[0]} is not a flowdppo run's (no {CONFIG_FILE} in {path}) but has the "
+            f"name of a file the run writes; move it away or choose another --out"
+        )
 
 
 def take_lock(lock: Path) -> bool:
@@ -297,8 +328,10 @@ def check_not_in_use(lock: Path) -> None:
     """A ``lock`` held by a live process: the folder is another run's now."""
     holder = _lock_holder(lock) if lock.is_file() else None
     if holder is not None and _alive(holder):
-        raise ConfigError(f"--out: {lock.parent} is in use by another run (process {holder}); wait for it "
-                          f"or choose another folder (remove {lock} if that process is gone)")
+        raise ConfigError(
+            f"--out: {lock.parent} is in use by another run (process {holder}); wait for it "
+            f"or choose another folder (remove {lock} if that process is gone)"
+        )
 
 
 def _lock_holder(lock: Path) -> int | None:

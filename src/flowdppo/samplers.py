@@ -23,8 +23,9 @@ from flowdppo.settings import Section, register_section, require, require_choice
 
 
 class Kernel(Protocol):
-    def __call__(self, x: Tensor, v: Tensor, sigma: Tensor, sigma_next: Tensor, eta: float,
-                 sigma_stand_in: Tensor) -> Transition: ...  # fmt: skip
+    def __call__(
+        self, x: Tensor, v: Tensor, sigma: Tensor, sigma_next: Tensor, eta: float, sigma_stand_in: Tensor
+    ) -> Transition: ...
 
 
 def _flow_sde(x, v, sigma, sigma_next, eta, sigma_stand_in):
@@ -62,8 +63,9 @@ class Sampler:
     noiseless_last_step: bool = False
     logprob_conventions: tuple[str, ...] = ("gaussian",)
 
-    def step(self, x: Tensor, v: Tensor, sigma: Tensor, sigma_next: Tensor, eta: float,
-             sigma_stand_in: Tensor) -> Transition:  # fmt: skip
+    def step(
+        self, x: Tensor, v: Tensor, sigma: Tensor, sigma_next: Tensor, eta: float, sigma_stand_in: Tensor
+    ) -> Transition:
         """One transition from ``sigma`` to ``sigma_next`` (``sigma_stand_in``: the schedule's ``sigmas[1]``)."""
         return self.kernel(x, v, sigma, sigma_next, eta, sigma_stand_in)
 
@@ -133,8 +135,10 @@ def window_error(cfg: SamplerConfig) -> str | None:
         return None
     top = hi - 1 + (cfg.window_size - 1 if cfg.window_mode in ("window", "progressive") else 0)
     if top > steps[-1] or (cfg.window_mode == "random" and cfg.window_size > hi - lo):
-        return (f"sampler.window_size/window_range: {cfg.window_mode} of {cfg.window_size} in [{lo}, {hi}) does not "
-                f"fit the {cfg.num_steps}-step schedule of {cfg.kind} (last stochastic step {steps[-1]})")
+        return (
+            f"sampler.window_size/window_range: {cfg.window_mode} of {cfg.window_size} in [{lo}, {hi}) does not "
+            f"fit the {cfg.num_steps}-step schedule of {cfg.kind} (last stochastic step {steps[-1]})"
+        )
     return None
 
 
@@ -198,12 +202,22 @@ class SamplerConfig(Section):
         if not problem and self.logprob_convention not in sampler.logprob_conventions:
             problem = f"sampler.logprob_convention {self.logprob_convention} needs sampler.kind cps"
         if not problem and self.kl_kernel == "rollout" and not sampler.stochastic:
-            problem = ("sampler.kl_kernel: an ode rollout has no stochastic kernel to measure the path KL to the base "
-                       "in; set sampler.kl_kernel=flow_sde (or cps, dance_sde)")
+            problem = (
+                "sampler.kl_kernel: an ode rollout has no stochastic kernel to measure the path KL to the base "
+                "in; set sampler.kl_kernel=flow_sde (or cps, dance_sde)"
+            )
         return problem
 
 
 register_section("sampler", SamplerConfig)
 
-__all__ = ["SAMPLERS", "WINDOW_MODES", "Sampler", "SamplerConfig", "get_sampler", "measure_sampler", "trained_steps",
-           "window_error"]  # fmt: skip
+__all__ = [
+    "SAMPLERS",
+    "WINDOW_MODES",
+    "Sampler",
+    "SamplerConfig",
+    "get_sampler",
+    "measure_sampler",
+    "trained_steps",
+    "window_error",
+]

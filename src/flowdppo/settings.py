@@ -53,8 +53,10 @@ def require_choice(section: Any, prefix: str, key: str, allowed: tuple | list) -
     """``key`` must be one of ``allowed``."""
     value = getattr(section, key)
     if value not in allowed:
-        raise ConfigError(f"{prefix}{key}: must be one of {', '.join(map(str, allowed))}; got {shown(value)}"
-                          f"{did_you_mean(value, allowed)}")
+        raise ConfigError(
+            f"{prefix}{key}: must be one of {', '.join(map(str, allowed))}; got {shown(value)}"
+            f"{did_you_mean(value, allowed)}"
+        )
 
 
 def _register(registry: dict, name: str, value: Any, what: str) -> None:
@@ -104,8 +106,9 @@ def load_plugins(value: str | None = None) -> None:
         try:
             importlib.import_module(module)
         except ImportError as err:
-            PLUGIN_ERRORS.append(f"{PLUGINS_VARIABLE}: cannot import {module!r} ({err}); fix the module name or "
-                                 f"PYTHONPATH")  # fmt: skip
+            PLUGIN_ERRORS.append(
+                f"{PLUGINS_VARIABLE}: cannot import {module!r} ({err}); fix the module name or PYTHONPATH"
+            )
 
 
 def check_plugins() -> None:
@@ -114,5 +117,16 @@ def check_plugins() -> None:
         raise ConfigError(PLUGIN_ERRORS[0])
 
 
-__all__ = ["ALGORITHMS", "PRESETS", "SECTIONS", "TASKS", "Section", "load_plugins", "register_algorithms",
-           "register_section", "register_task", "require", "require_choice"]  # fmt: skip
+__all__ = [
+    "ALGORITHMS",
+    "PRESETS",
+    "SECTIONS",
+    "TASKS",
+    "Section",
+    "load_plugins",
+    "register_algorithms",
+    "register_section",
+    "register_task",
+    "require",
+    "require_choice",
+]

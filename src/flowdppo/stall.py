@@ -29,11 +29,15 @@ def stall_reason(rewards: Tensor, group_ids: Tensor, update_metrics: dict[str, f
     """Why this epoch had nothing to learn from ("" if it had): equal rewards in every group, or a zero gradient."""
     if equal_within_groups(rewards, group_ids):
         value = float(rewards.mean())
-        return (f"every group's rewards are equal (mean {value:.4g}): no advantage signal; use a reward that tells "
-                "the samples of a prompt apart (reward.names) or larger groups (group_size)")
+        return (
+            f"every group's rewards are equal (mean {value:.4g}): no advantage signal; use a reward that tells "
+            "the samples of a prompt apart (reward.names) or larger groups (group_size)"
+        )
     if update_metrics.get("grad_norm", 1.0) == 0:
-        return ("the gradient norm is 0: the update did not move the policy; check optim.lora_alpha, "
-                "optim.lora_target_modules and the loss settings")
+        return (
+            "the gradient norm is 0: the update did not move the policy; check optim.lora_alpha, "
+            "optim.lora_target_modules and the loss settings"
+        )
     return ""
 
 
@@ -50,8 +54,12 @@ class StallWatch:
             return
         self.in_a_row += 1
         if self.in_a_row >= self.limit:
-            raise StallError(f"nothing to learn for {self.in_a_row} epochs in a row (up to epoch {epoch}): {reason} "
-                             "(stall_epochs=0 trains on regardless)")
+            raise StallError(
+                f"nothing to learn for {self.in_a_row} epochs in a row (up to epoch {epoch}): {reason} "
+                "(stall_epochs=0 trains on regardless)"
+            )
         if self.in_a_row == 1:
-            tqdm.write(f"flowdppo: warning: nothing to learn at epoch {epoch}: {reason}; the run stops after "
-                       f"{self.limit} such epochs in a row (stall_epochs)")
+            tqdm.write(
+                f"flowdppo: warning: nothing to learn at epoch {epoch}: {reason}; the run stops after "
+                f"{self.limit} such epochs in a row (stall_epochs)"
+            )

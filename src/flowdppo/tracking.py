@@ -68,13 +68,21 @@ class WandbTracker:
             write_text_atomic(id_file, secrets.token_hex(4))  # a W&B run id: lowercase letters and digits
         log = cfg.logging
         try:
-            self.run = wandb.init(project=log.project, name=log.run_name or run_path.name, tags=list(log.tags),
-                                  config=to_dict(cfg), id=id_file.read_text().strip(), resume="allow",
-                                  dir=str(run_path))  # fmt: skip
+            self.run = wandb.init(
+                project=log.project,
+                name=log.run_name or run_path.name,
+                tags=list(log.tags),
+                config=to_dict(cfg),
+                id=id_file.read_text().strip(),
+                resume="allow",
+                dir=str(run_path),
+            )
         except (wandb.errors.Error, TimeoutError) as err:  # UsageError (no API key), CommError (no server), ...
             first = cut(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
-            raise ConfigError(f"logging.backends: wandb could not start a run ({first}); run `wandb login`, or "
-                              "set WANDB_MODE=offline to log locally and sync later, or remove wandb") from err
+            raise ConfigError(
+                f"logging.backends: wandb could not start a run ({first}); run `wandb login`, or "
+                "set WANDB_MODE=offline to log locally and sync later, or remove wandb"
+            ) from err
 
     def log(self, row: dict) -> None:
         self.run.log(scalars(row), step=row["epoch"])
@@ -82,8 +90,9 @@ class WandbTracker:
     def log_images(self, grids: dict[str, np.ndarray], epoch: int) -> None:
         from flowdppo.plots import grid_mosaic
 
-        self.run.log({f"samples/{name}": self.wandb.Image(grid_mosaic(grid)) for name, grid in grids.items()},
-                     step=epoch)  # fmt: skip
+        self.run.log(
+            {f"samples/{name}": self.wandb.Image(grid_mosaic(grid)) for name, grid in grids.items()}, step=epoch
+        )
 
     def close(self) -> None:
         self.run.finish()
@@ -98,9 +107,11 @@ def import_wandb():
     try:
         import wandb
     except Exception as err:  # ImportError, or whatever a broken install raises (protobuf's TypeError, ...)
-        raise ConfigError(f"logging.backends: wandb is installed but fails to import ({type(err).__name__}: "
-                          f"{cut(' '.join(str(err).split()))}); reinstall it ({INSTALL['wandb']} --force-reinstall) "
-                          "or remove it") from err
+        raise ConfigError(
+            f"logging.backends: wandb is installed but fails to import ({type(err).__name__}: "
+            f"{cut(' '.join(str(err).split()))}); reinstall it ({INSTALL['wandb']} --force-reinstall) "
+            "or remove it"
+        ) from err
     return wandb
 
 
@@ -108,8 +119,10 @@ def check_backends(backends: list[str]) -> None:
     """Known names whose library is installed and imports; otherwise one line saying what to do."""
     for name in backends:
         if name not in TRACKERS:
-            raise ConfigError(f"logging.backends: unknown backend {shown(name)}{did_you_mean(name, BACKENDS)}; choose "
-                              f"from {', '.join(BACKENDS)}")
+            raise ConfigError(
+                f"logging.backends: unknown backend {shown(name)}{did_you_mean(name, BACKENDS)}; choose "
+                f"from {', '.join(BACKENDS)}"
+            )
         if name in INSTALL and importlib.util.find_spec(name) is None:
             raise ConfigError(f"logging.backends: {name} is not installed; {INSTALL[name]} (or remove it)")
         if name == "wandb":

@@ -61,13 +61,24 @@ def run_training(cfg: TrainConfig, run: RunFolder, dist: Distributed, resume: bo
     task = load_task(cfg, device)  # the base policy and the rewards, loaded
     policy = task.policy
     if hasattr(policy, "tokens"):  # a pipeline's: sizes checked against the memory free (before any sample)
-        problem = memory_error(policy, cfg.sampler.guidance_scale, global_batch // dist.world_size,
-                               cfg.sampler.rollout_batch_size, cfg.optim.minibatch_size // dist.world_size,
-                               dist.world_size)  # fmt: skip
+        problem = memory_error(
+            policy,
+            cfg.sampler.guidance_scale,
+            global_batch // dist.world_size,
+            cfg.sampler.rollout_batch_size,
+            cfg.optim.minibatch_size // dist.world_size,
+            dist.world_size,
+        )
         if problem:
             raise ConfigError(problem)
-    make_trainable(policy, cfg.optim.lora_rank, cfg.optim.lora_alpha, cfg.optim.lora_target_modules,
-                   cfg.optim.lora_text_stream, cfg.optim.trained_experts)  # fmt: skip
+    make_trainable(
+        policy,
+        cfg.optim.lora_rank,
+        cfg.optim.lora_alpha,
+        cfg.optim.lora_target_modules,
+        cfg.optim.lora_text_stream,
+        cfg.optim.trained_experts,
+    )
     if cfg.optim.gradient_checkpointing:
         policy.enable_gradient_checkpointing()
     if cfg.optim.compile:
@@ -97,8 +108,13 @@ def run_training(cfg: TrainConfig, run: RunFolder, dist: Distributed, resume: bo
         run.save_json("base_eval.json", task.evaluate(base_velocity, cfg.eval_samples_per_class))
         run.log_images({"base": task.sample_grid(base_velocity)}, 0)
 
-    bar = tqdm(range(start_epoch, cfg.epochs), desc=f"{cfg.method}", disable=not (progress and dist.is_main),
-               initial=start_epoch, total=cfg.epochs)  # fmt: skip
+    bar = tqdm(
+        range(start_epoch, cfg.epochs),
+        desc=f"{cfg.method}",
+        disable=not (progress and dist.is_main),
+        initial=start_epoch,
+        total=cfg.epochs,
+    )
     for epoch in bar:
         t0 = time.perf_counter()
         rng_at_start = rng.get_state()  # checkpointed if this epoch's reward fails
@@ -109,8 +125,19 @@ def run_training(cfg: TrainConfig, run: RunFolder, dist: Distributed, resume: bo
         kl_steps = measured_steps if cfg.sampler.kl_to_base_steps == "all" else steps
         prompts = cond[rows]
         with algorithm.sampling_weights(policy):  # the current weights, or the algorithm's sampling policy
-            traj = rollout(velocity, prompts, noise, sigmas, cfg.sampler, steps, generator=rng,
-                           base_velocity=base_velocity, kl_steps=kl_steps, global_batch=global_batch, rows=rows)
+            traj = rollout(
+                velocity,
+                prompts,
+                noise,
+                sigmas,
+                cfg.sampler,
+                steps,
+                generator=rng,
+                base_velocity=base_velocity,
+                kl_steps=kl_steps,
+                global_batch=global_batch,
+                rows=rows,
+            )
         # 2. rewards of the whole batch (gathered) and group-relative advantages
         images = (policy.decode(part) for part in traj.final.split(chunk or len(traj.final)))  # decoded as scored
         try:
@@ -124,8 +151,17 @@ def run_training(cfg: TrainConfig, run: RunFolder, dist: Distributed, resume: bo
         update_metrics = {}
         if guard.ok(f"epoch {epoch} (rollout)", reward=rewards, advantage=advantages):
             # 3. the algorithm's update: inner epochs over shuffled mini-batches of training elements
-            update_metrics = algorithm.update(trained_policy, optimizer, traj, advantages[rows], rng, base_velocity,
-                                              epoch=epoch, guard=guard, dist=dist)
+            update_metrics = algorithm.update(
+                trained_policy,
+                optimizer,
+                traj,
+                advantages[rows],
+                rng,
+                base_velocity,
+                epoch=epoch,
+                guard=guard,
+                dist=dist,
+            )
         # 4. log, evaluate, checkpoint (process 0 writes)
         row = {
             "epoch": epoch,
@@ -153,7 +189,11 @@ def run_training(cfg: TrainConfig, run: RunFolder, dist: Distributed, resume: bo
 
 
 def rewards_and_advantages(
-    reward_fns: list, images: Iterable[Tensor] | Tensor, prompts: Any, group_ids: Tensor, reward_cfg: RewardConfig,
+    reward_fns: list,
+    images: Iterable[Tensor] | Tensor,
+    prompts: Any,
+    group_ids: Tensor,
+    reward_cfg: RewardConfig,
     dist: Distributed,
 ) -> tuple[Tensor, Tensor]:
     """Score this process's ``images`` (a tensor or its chunks as they are decoded: a remote reward scores a chunk

@@ -13,11 +13,13 @@ from flowdppo.algorithms.diffusion_nft import DiffusionNFT
 from flowdppo.algorithms.policy_gradient import PolicyGradient
 from flowdppo.settings import ALGORITHMS, register_algorithms
 
-register_algorithms({
-    "policy_gradient": PolicyGradient,
-    "diffusion_nft": DiffusionNFT,
-    "awm": AWM,
-})  # fmt: skip
+register_algorithms(
+    {
+        "policy_gradient": PolicyGradient,
+        "diffusion_nft": DiffusionNFT,
+        "awm": AWM,
+    }
+)
 
 
 def get_algorithm(cfg) -> Algorithm:

@@ -45,8 +45,9 @@ WEIGHTINGS = ("ghuber", "uniform", "t")
 HUBER_DELTA = 1e-10
 
 
-def matching_log_prob(v: Tensor, target: Tensor, sigma: Tensor, weighting: str = "ghuber",
-                      huber_p: float = 0.25) -> Tensor:  # fmt: skip
+def matching_log_prob(
+    v: Tensor, target: Tensor, sigma: Tensor, weighting: str = "ghuber", huber_p: float = 0.25
+) -> Tensor:
     """AWM's per-sample log-prob surrogate from ``mse = mean((v - target)^2)`` -> (E,), float64.
 
     ``uniform``: ``-mse``; ``t``: ``-s mse``; ``ghuber``: ``-s ((mse + d)^p - d^p) / p`` with ``d = 1e-10``.
@@ -93,7 +94,6 @@ class AWMConfig(Section):
             raise ConfigError(problem)
 
 
-
 class AWM(LikelihoodFree):
     name = "awm"
     reads = ("awm.", "loss.beta")
@@ -107,8 +107,9 @@ class AWM(LikelihoodFree):
     def slow_decay(self) -> tuple[float, float]:
         return self.cfg.awm.ema_decay_rate, self.cfg.awm.ema_decay_max
 
-    def elements(self, traj: Trajectory, advantages: Tensor, policy: nn.Module, rng: torch.Generator,
-                 dist: Distributed) -> Elements:  # fmt: skip
+    def elements(
+        self, traj: Trajectory, advantages: Tensor, policy: nn.Module, rng: torch.Generator, dist: Distributed
+    ) -> Elements:
         awm = self.cfg.awm
         elements = noised_elements(traj, advantages, awm.timesteps, awm.train_timesteps, rng, dist)
         data = elements.data
@@ -122,8 +123,9 @@ class AWM(LikelihoodFree):
     def log_prob(self, v: Tensor, target: Tensor, sigma: Tensor) -> Tensor:
         return matching_log_prob(v, target, sigma, self.cfg.awm.weighting, self.cfg.awm.huber_p)
 
-    def loss(self, velocity, base_velocity, mb: dict[str, Tensor], cond: Any, first: bool,
-             dist: Distributed) -> tuple[Tensor, dict[str, Tensor]]:  # fmt: skip
+    def loss(
+        self, velocity, base_velocity, mb: dict[str, Tensor], cond: Any, first: bool, dist: Distributed
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         awm = self.cfg.awm
         v = velocity(mb["noised"], mb["sigma"], cond)
         log_ratio = self.log_prob(v, mb["eps"] - mb["x0"], mb["sigma"]) - mb["log_probs"]
@@ -133,8 +135,13 @@ class AWM(LikelihoodFree):
         per_element, clipped = ppo_clip(log_ratio, advantages, awm.clip_range)
         loss = per_element.mean().float()
         rho = log_ratio.detach().exp()
-        metrics = {"policy_loss": loss.detach(), "ratio_mean": rho.mean(), "ratio_max": rho.max(),
-                   "ratio_min": rho.min(), "masked_fraction": clipped.float().mean()}  # fmt: skip
+        metrics = {
+            "policy_loss": loss.detach(),
+            "ratio_mean": rho.mean(),
+            "ratio_max": rho.max(),
+            "ratio_min": rho.min(),
+            "masked_fraction": clipped.float().mean(),
+        }
         loss = with_reference_kl(loss, metrics, self.cfg.loss.beta, lambda: velocity_kl(v, base_velocity, mb, cond))
         if awm.ema_kl > 0:
             ema_kl = mean_squared(v, mb["v_ema"]).mean()
@@ -147,5 +154,7 @@ def check_unit_ratio(log_ratio: Tensor, tolerance: float, epoch: int, dist: Dist
     """Before any update the ratio to the rollout policy is 1 (same weights, same noised samples)."""
     worst = float(log_ratio.abs().max())
     if dist.any(worst > tolerance, log_ratio.device):
-        raise ConsistencyError(f"epoch {epoch}: the policy's matching log-prob differs from the rollout policy's "
-                               f"before any update (max |log rho| {worst:.3g}, tolerance {tolerance:g})")
+        raise ConsistencyError(
+            f"epoch {epoch}: the policy's matching log-prob differs from the rollout policy's "
+            f"before any update (max |log rho| {worst:.3g}, tolerance {tolerance:g})"
+        )

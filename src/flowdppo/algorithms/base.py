@@ -83,12 +83,14 @@ class Algorithm:
         return None
 
     # ---- what a subclass writes
-    def elements(self, traj: Trajectory, advantages: Tensor, policy: nn.Module, rng: torch.Generator,
-                 dist: Distributed) -> Elements:  # fmt: skip
+    def elements(
+        self, traj: Trajectory, advantages: Tensor, policy: nn.Module, rng: torch.Generator, dist: Distributed
+    ) -> Elements:
         raise NotImplementedError
 
-    def loss(self, velocity, base_velocity, mb: dict[str, Tensor], cond: Any, first: bool,
-             dist: Distributed) -> tuple[Tensor, dict[str, Tensor]]:  # fmt: skip
+    def loss(
+        self, velocity, base_velocity, mb: dict[str, Tensor], cond: Any, first: bool, dist: Distributed
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Mean loss of a mini-batch and its metrics (detached 0-d tensors); ``first``: the rollout's first
         mini-batch, before any update. Optional per-element values (1-d, one per element of the mini-batch)
         go under ``ELEMENT_DIM_KL`` / ``ELEMENT_LOG_RATIO``; ``update`` turns them into ``mechanism_metrics``."""
@@ -113,9 +115,19 @@ class Algorithm:
         pass
 
     # ---- the shared loop
-    def update(self, policy: nn.Module, optimizer: torch.optim.Optimizer, traj: Trajectory, advantages: Tensor,
-               rng: torch.Generator, base_velocity, *, epoch: int, guard: NonFiniteGuard | None = None,
-               dist: Distributed | None = None) -> dict[str, float]:  # fmt: skip
+    def update(
+        self,
+        policy: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        traj: Trajectory,
+        advantages: Tensor,
+        rng: torch.Generator,
+        base_velocity,
+        *,
+        epoch: int,
+        guard: NonFiniteGuard | None = None,
+        dist: Distributed | None = None,
+    ) -> dict[str, float]:
         """``inner_epochs`` passes over the rollout's elements in shuffled mini-batches; returns mean metrics.
 
         ``policy`` may be wrapped in DDP or sharded by FSDP (its ``forward`` is the velocity): each process then

@@ -57,8 +57,16 @@ def x0_error(noised: Tensor, sigma: Tensor, velocity: Tensor, x0: Tensor) -> Ten
     return error.pow(2).mean(dim=1) / weight
 
 
-def nft_loss(v: Tensor, v_old: Tensor, noised: Tensor, sigma: Tensor, x0: Tensor, advantages: Tensor, b: float,
-             adv_clip_max: float) -> tuple[Tensor, Tensor]:  # fmt: skip
+def nft_loss(
+    v: Tensor,
+    v_old: Tensor,
+    noised: Tensor,
+    sigma: Tensor,
+    x0: Tensor,
+    advantages: Tensor,
+    b: float,
+    adv_clip_max: float,
+) -> tuple[Tensor, Tensor]:
     """Per-element DiffusionNFT loss ``(r L(v+) + (1 - r) L(v-)) / b`` and the optimality weight ``r``. (E,)"""
     v_old = v_old.detach()
     positive, negative = b * v + (1 - b) * v_old, (1 + b) * v_old - b * v
@@ -87,13 +95,13 @@ class NFTConfig(Section):
     def check(self, prefix: str = "nft.") -> None:
         require_choice(self, prefix, "timesteps", TIMESTEP_MODES)
         if not self.b > 0:
-            raise ConfigError(f"{prefix}b: must be > 0 (it divides the loss; the public recipes use 1.0 or 0.1), "
-                              f"got {self.b}")
+            raise ConfigError(
+                f"{prefix}b: must be > 0 (it divides the loss; the public recipes use 1.0 or 0.1), got {self.b}"
+            )
         require(self, prefix, "> 0", "adv_clip_max", "train_timesteps")
         require(self, prefix, ">= 0", "old_decay_rate")
         if problem := decay_error(f"{prefix}old_decay_max", self.old_decay_max):
             raise ConfigError(problem)
-
 
 
 class DiffusionNFT(LikelihoodFree):
@@ -112,8 +120,9 @@ class DiffusionNFT(LikelihoodFree):
     def sampling_weights(self, policy: nn.Module):
         return self.slow.swapped_in(policy)  # rollouts run the old policy
 
-    def elements(self, traj: Trajectory, advantages: Tensor, policy: nn.Module, rng: torch.Generator,
-                 dist: Distributed) -> Elements:  # fmt: skip
+    def elements(
+        self, traj: Trajectory, advantages: Tensor, policy: nn.Module, rng: torch.Generator, dist: Distributed
+    ) -> Elements:
         nft = self.cfg.nft
         elements = noised_elements(traj, advantages, nft.timesteps, nft.train_timesteps, rng, dist)
         self.on_policy = self.slow.equals(policy)
@@ -121,17 +130,30 @@ class DiffusionNFT(LikelihoodFree):
             elements.data["v_old"] = velocities(policy, elements, traj.cond, self.cfg)
         return elements
 
-    def loss(self, velocity, base_velocity, mb: dict[str, Tensor], cond: Any, first: bool,
-             dist: Distributed) -> tuple[Tensor, dict[str, Tensor]]:  # fmt: skip
+    def loss(
+        self, velocity, base_velocity, mb: dict[str, Tensor], cond: Any, first: bool, dist: Distributed
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         v = velocity(mb["noised"], mb["sigma"], cond)
         drift = mean_squared(v.detach(), mb["v_old"])
         if first and self.on_policy:
             check_same_velocity(drift, self.cfg.consistency_tolerance, self.epoch, dist)
-        per_element, r = nft_loss(v, mb["v_old"], mb["noised"], mb["sigma"], mb["x0"], mb["advantages"],
-                                  self.cfg.nft.b, self.cfg.nft.adv_clip_max)  # fmt: skip
+        per_element, r = nft_loss(
+            v,
+            mb["v_old"],
+            mb["noised"],
+            mb["sigma"],
+            mb["x0"],
+            mb["advantages"],
+            self.cfg.nft.b,
+            self.cfg.nft.adv_clip_max,
+        )
         loss = per_element.mean()
-        metrics = {"policy_loss": loss.detach(), "optimality_weight": r.mean(), "velocity_drift": drift.mean(),
-                   "velocity_drift_max": drift.max()}  # fmt: skip
+        metrics = {
+            "policy_loss": loss.detach(),
+            "optimality_weight": r.mean(),
+            "velocity_drift": drift.mean(),
+            "velocity_drift_max": drift.max(),
+        }
         loss = with_reference_kl(loss, metrics, self.cfg.loss.beta, lambda: velocity_kl(v, base_velocity, mb, cond))
         return loss, metrics
 
@@ -140,5 +162,7 @@ def check_same_velocity(drift: Tensor, tolerance: float, epoch: int, dist: Distr
     """Before any update, with the sampling policy equal to the current one, ``v == v_old``."""
     worst = float(drift.max())
     if dist.any(worst > tolerance, drift.device):
-        raise ConsistencyError(f"epoch {epoch}: the trained policy's velocity differs from the sampling policy's "
-                               f"before any update (max mean squared difference {worst:.3g}, tolerance {tolerance:g})")
+        raise ConsistencyError(
+            f"epoch {epoch}: the trained policy's velocity differs from the sampling policy's "
+            f"before any update (max mean squared difference {worst:.3g}, tolerance {tolerance:g})"
+        )

@@ -53,8 +53,9 @@ def timesteps_error(section: str, mode: str, n: int, num_steps: int) -> str | No
     """Why ``n`` training levels cannot be drawn with ``mode`` from a ``num_steps`` schedule, or None."""
     most = {"schedule": num_steps, "stratified": num_steps - 1}.get(mode)
     if most is not None and n > most:
-        return (f"{section}.train_timesteps: {mode} draws at most {most} levels from a {num_steps}-step schedule, "
-                f"got {n}")
+        return (
+            f"{section}.train_timesteps: {mode} draws at most {most} levels from a {num_steps}-step schedule, got {n}"
+        )
     return None
 
 
@@ -62,13 +63,16 @@ def decay_error(key: str, decay_max: float) -> str | None:
     """Why the upper bound of a slow copy's decay is outside [0, 1], or None: ``w_slow <- d w_slow + (1 - d) w`` with
     ``d > 1`` moves the copy away from the trained weights, growing without bound."""
     if not 0 <= decay_max <= 1:
-        return (f"{key}: must be in [0, 1] (the slow copy is d w_slow + (1 - d) w; above 1 it runs away from the "
-                f"trained weights), got {decay_max}")
+        return (
+            f"{key}: must be in [0, 1] (the slow copy is d w_slow + (1 - d) w; above 1 it runs away from the "
+            f"trained weights), got {decay_max}"
+        )
     return None
 
 
-def noised_elements(traj: Trajectory, advantages: Tensor, mode: str, n: int, rng: torch.Generator,
-                    dist: Distributed) -> Elements:  # fmt: skip
+def noised_elements(
+    traj: Trajectory, advantages: Tensor, mode: str, n: int, rng: torch.Generator, dist: Distributed
+) -> Elements:
     """``n`` forward-noised copies of each final sample: element ``e = t * B + b`` holds ``x0`` (sample
     ``b``), ``eps``, ``sigma = s`` and ``noised = (1 - s) x0 + s eps``. The levels and the noise are drawn
     for the global batch from ``rng`` (alike on every process) and sliced to this process's rows."""
@@ -81,8 +85,14 @@ def noised_elements(traj: Trajectory, advantages: Tensor, mode: str, n: int, rng
     sample = torch.arange(b, device=x0.device).repeat(n)
     s = sigma.flatten().view(-1, *([1] * (x0.ndim - 1)))
     x0_rep = x0[sample]
-    data = {"x0": x0_rep, "eps": eps, "sigma": sigma.flatten(), "noised": (1 - s) * x0_rep + s * eps,
-            "advantages": advantages[sample], "sample": sample}  # fmt: skip
+    data = {
+        "x0": x0_rep,
+        "eps": eps,
+        "sigma": sigma.flatten(),
+        "noised": (1 - s) * x0_rep + s * eps,
+        "advantages": advantages[sample],
+        "sample": sample,
+    }
     return Elements(data, n, b)
 
 

@@ -68,14 +68,18 @@ class PolicyGradient(Algorithm):
     presets = {
         "flow_dppo": {"sampler": SDE, "loss": {"loss_mode": "flow_dppo"}},
         "flow_grpo": {"sampler": SDE, "loss": {"loss_mode": "flow_grpo", "clip_range": 1e-4}},
-        "flow_cps": {"sampler": {"kind": "cps", "eta": 0.8, "logprob_convention": "cps"},
-                     "loss": {"loss_mode": "flow_cps", "clip_range": 1e-4}},
+        "flow_cps": {
+            "sampler": {"kind": "cps", "eta": 0.8, "logprob_convention": "cps"},
+            "loss": {"loss_mode": "flow_cps", "clip_range": 1e-4},
+        },
         "grpo_guard": {"sampler": SDE, "loss": {"loss_mode": "grpo_guard", "clip_range": 2e-6}},
         "flow_dppo_cps": {"sampler": {"kind": "cps", "eta": 0.8}, "loss": {"loss_mode": "flow_dppo"}},
         "unconstrained": {"sampler": SDE, "loss": {"loss_mode": "unconstrained"}},  # -A rho, no trust test: a control
-        "dance_grpo": {"sampler": {"kind": "dance_sde", "eta": 0.3, "group_shared_noise": True},
-                       "loss": {"loss_mode": "flow_grpo", "clip_range": 1e-4}},
-    }  # fmt: skip
+        "dance_grpo": {
+            "sampler": {"kind": "dance_sde", "eta": 0.3, "group_shared_noise": True},
+            "loss": {"loss_mode": "flow_grpo", "clip_range": 1e-4},
+        },
+    }
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
@@ -86,39 +90,53 @@ class PolicyGradient(Algorithm):
     def config_error(cls, cfg) -> str | None:
         s, loss = cfg.sampler, get_loss(cfg.loss.loss_mode)
         if not get_sampler(s.kind).stochastic:
-            return (f"sampler.kind: {cfg.loss.loss_mode} trains per-step log-probabilities, which an {s.kind} sampler "
-                    "does not have; use flow_sde, cps or dance_sde (or a likelihood-free method: diffusion_nft, awm)")
+            return (
+                f"sampler.kind: {cfg.loss.loss_mode} trains per-step log-probabilities, which an {s.kind} sampler "
+                "does not have; use flow_sde, cps or dance_sde (or a likelihood-free method: diffusion_nft, awm)"
+            )
         if loss.samplers and s.kind not in loss.samplers:
             return f"loss.loss_mode {cfg.loss.loss_mode} needs sampler.kind {' or '.join(loss.samplers)}, got {s.kind}"
         if s.logprob_convention not in loss.logprob_conventions:
-            return (f"loss.loss_mode {cfg.loss.loss_mode} needs sampler.logprob_convention "
-                    f"{' or '.join(loss.logprob_conventions)} (got {s.logprob_convention})")
+            return (
+                f"loss.loss_mode {cfg.loss.loss_mode} needs sampler.logprob_convention "
+                f"{' or '.join(loss.logprob_conventions)} (got {s.logprob_convention})"
+            )
         return None
 
-    def elements(self, traj: Trajectory, advantages: Tensor, policy: nn.Module, rng: torch.Generator,
-                 dist: Distributed) -> Elements:  # fmt: skip
+    def elements(
+        self, traj: Trajectory, advantages: Tensor, policy: nn.Module, rng: torch.Generator, dist: Distributed
+    ) -> Elements:
         """The trained steps as elements (``flat_steps``) with the anchor and the advantages."""
         if self.cfg.optim.anchor == "replay":
             traj = replay_anchor(policy, traj, self.cfg)
         self.sigma_stand_in = traj.sigmas[1]  # caps the Flow-SDE std of a step from sigma = 1
         t, b = traj.log_probs.shape
         data = flat_steps(traj)
-        data.update({
-            "means": traj.means.flatten(0, 1),
-            "stds": traj.stds.flatten(),
-            "log_probs": traj.log_probs.flatten(),
-            "step_index": traj.step_index.repeat_interleave(b),
-            "advantages": advantages[data["sample"]],
-        })  # fmt: skip
+        data.update(
+            {
+                "means": traj.means.flatten(0, 1),
+                "stds": traj.stds.flatten(),
+                "log_probs": traj.log_probs.flatten(),
+                "step_index": traj.step_index.repeat_interleave(b),
+                "advantages": advantages[data["sample"]],
+            }
+        )
         return Elements(data, t, b)
 
-    def loss(self, velocity, base_velocity, mb: dict[str, Tensor], cond: Any, first: bool,
-             dist: Distributed) -> tuple[Tensor, dict[str, Tensor]]:  # fmt: skip
+    def loss(
+        self, velocity, base_velocity, mb: dict[str, Tensor], cond: Any, first: bool, dist: Distributed
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         mean_new, logp_new = replay_step(velocity, mb, cond, self.cfg, self.sigma_stand_in)
         batch = StepBatch(
-            logp_new=logp_new, logp_old=mb["log_probs"], advantages=mb["advantages"], mean_new=mean_new,
-            mean_old=mb["means"], std=mb["stds"], dt=mb["sigma_next"] - mb["sigma"], step_index=mb["step_index"],
-        )  # fmt: skip
+            logp_new=logp_new,
+            logp_old=mb["log_probs"],
+            advantages=mb["advantages"],
+            mean_new=mean_new,
+            mean_old=mb["means"],
+            std=mb["stds"],
+            dt=mb["sigma_next"] - mb["sigma"],
+            step_index=mb["step_index"],
+        )
         if first:
             check_consistency(batch, self.cfg.consistency_tolerance, self.epoch, dist)
         per_element, metrics = self.loss_fn(batch)

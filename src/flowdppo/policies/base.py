@@ -63,8 +63,9 @@ class PipelinePolicy(nn.Module):
             self.vae.enable_tiling()
         if vae_slicing:
             if not hasattr(self.vae, "enable_slicing"):
-                raise ConfigError(f"vae_slicing: the {type(self.vae).__name__} of this model cannot decode one "
-                                  f"sample at a time")  # fmt: skip
+                raise ConfigError(
+                    f"vae_slicing: the {type(self.vae).__name__} of this model cannot decode one sample at a time"
+                )
             self.vae.enable_slicing()
         if attention_backend:
             try:
@@ -79,8 +80,9 @@ class PipelinePolicy(nn.Module):
         multiple = pipeline.vae_scale_factor * 2
         if resolution <= 0 or resolution % multiple:
             raise ConfigError(f"resolution: must be a positive multiple of {multiple} for this model, got {resolution}")
-        error = positions_error(pipeline.transformer, "resolution", resolution, resolution // multiple,
-                                lambda patches: patches * multiple)  # fmt: skip
+        error = positions_error(
+            pipeline.transformer, "resolution", resolution, resolution // multiple, lambda patches: patches * multiple
+        )
         if error:
             raise ConfigError(error)
         self.resolution = resolution
@@ -138,8 +140,9 @@ class PipelinePolicy(nn.Module):
         (freed text encoders are read again from the source, on the CPU)."""
         pipeline = self.pipeline
         if self.freed:
-            pipeline = self.pipeline_class.from_pretrained(self.source, **self.experts, vae=self.vae,
-                                                           dtype=self.dtype, use_safetensors=True)  # fmt: skip
+            pipeline = self.pipeline_class.from_pretrained(
+                self.source, **self.experts, vae=self.vae, dtype=self.dtype, use_safetensors=True
+            )
         pipeline.save_pretrained(directory)
 
     # ---- what each family defines -------------------------------------------------------------
@@ -165,8 +168,10 @@ class PipelinePolicy(nn.Module):
     def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
         """``{name: (n, ...)}`` embeddings of ``prompts``; offloaded text encoders visit the device meanwhile."""
         if self.freed:
-            raise RuntimeError(f"text_encoders=free: cannot encode {prompts[:1]}, the encoders were dropped after "
-                               f"every prompt of the run was encoded")
+            raise RuntimeError(
+                f"text_encoders=free: cannot encode {prompts[:1]}, the encoders were dropped after "
+                f"every prompt of the run was encoded"
+            )
         names = text_encoder_names(self.pipeline)
         if self.text_encoders != "offload":
             return self.encode_text(prompts)
@@ -191,8 +196,10 @@ class PipelinePolicy(nn.Module):
         try:
             scheduler.set_timesteps(**self.schedule_kwargs(num_steps), device="cpu")
         except OverflowError as err:  # math.exp of a shift mu linear in the token count
-            raise ConfigError(f"resolution: {self.tokens:,} image tokens shift the schedule beyond what the scheduler "
-                              f"computes ({err}); use a smaller resolution") from err
+            raise ConfigError(
+                f"resolution: {self.tokens:,} image tokens shift the schedule beyond what the scheduler "
+                f"computes ({err}); use a smaller resolution"
+            ) from err
         return scheduler.sigmas.float().cpu()
 
     def unpack(self, latents: Tensor) -> Tensor:

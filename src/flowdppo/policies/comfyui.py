@@ -65,9 +65,11 @@ class ComfyUINames:
             match = re.fullmatch(re.escape(diffusers).replace(r"\*", r"(\d+)"), module)
             if match:
                 return self.prefix + comfy.replace("*", match.group(1) if match.groups() else "")
-        raise ConfigError(f"--format comfyui: the adapter's module {module!r} has no name in ComfyUI's "
-                          f"{self.model} model; export --format diffusers, or train without it "
-                          f"(optim.lora_target_modules)")  # fmt: skip
+        raise ConfigError(
+            f"--format comfyui: the adapter's module {module!r} has no name in ComfyUI's "
+            f"{self.model} model; export --format diffusers, or train without it "
+            f"(optim.lora_target_modules)"
+        )
 
 
 DIFFUSERS_NAMES = ComfyUINames("diffusers-named", "transformer.")  # SD3 / SD3.5, FLUX.1, FLUX.2, Qwen-Image

@@ -92,4 +92,3 @@ class Flux2KleinPolicy(PackedLatentPolicy):
         bn = self.vae.bn
         std = torch.sqrt(bn.running_var + self.vae.config.batch_norm_eps).view(1, -1, 1, 1).to(patches)
         return self.pipeline._unpatchify_latents(patches * std + bn.running_mean.view(1, -1, 1, 1).to(patches))
-

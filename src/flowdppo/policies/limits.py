@@ -55,16 +55,19 @@ def position_limit(transformer: nn.Module) -> tuple[int, str] | None:
     return None
 
 
-def positions_error(transformer: nn.Module, option: str, value: int, patches: int,
-                    largest: Callable[[int], int]) -> str:  # fmt: skip
-    """"" if ``patches`` (``option = value`` in patches along one axis) fits the position embedding; else the line
+def positions_error(
+    transformer: nn.Module, option: str, value: int, patches: int, largest: Callable[[int], int]
+) -> str:
+    """ "" if ``patches`` (``option = value`` in patches along one axis) fits the position embedding; else the line
     naming ``option`` and its largest value, ``largest(most patches)``."""
     limit = position_limit(transformer)
     if limit is None or patches <= limit[0]:
         return ""
     most, source = limit
-    return (f"{option}: at most {largest(most):,} for this model (its position embedding covers {most:,} patches per "
-            f"axis: {source}), got {value:,}")
+    return (
+        f"{option}: at most {largest(most):,} for this model (its position embedding covers {most:,} patches per "
+        f"axis: {source}), got {value:,}"
+    )
 
 
 # ---- memory --------------------------------------------------------------------------------------------------------
@@ -97,18 +100,21 @@ def size_options(policy) -> str:
 
 
 def sample_error(policy, guided: bool, budget: int, where: str) -> str:
-    """"" if one sample fits in ``budget`` bytes (``where``: what they are); else the line naming the size options."""
+    """ "" if one sample fits in ``budget`` bytes (``where``: what they are); else the line naming the size options."""
     forward, train, pixels = sample_bytes(policy)
     need = max((1 + guided) * train, (1 + guided) * forward, pixels)
     if need <= budget:
         return ""
-    return (f"{size_options(policy)}: one sample ({policy.tokens:,} tokens) needs at least {human_bytes(need)}, more "
-            f"than the {human_bytes(budget)} of {where}; make it smaller")
+    return (
+        f"{size_options(policy)}: one sample ({policy.tokens:,} tokens) needs at least {human_bytes(need)}, more "
+        f"than the {human_bytes(budget)} of {where}; make it smaller"
+    )
 
 
-def memory_error(policy, guidance_scale: float, rows: int, rollout_batch_size: int, minibatch: int,
-                 processes: int = 1) -> str:  # fmt: skip
-    """"" if one sample, a rollout call of ``rollout_batch_size`` (0: all ``rows`` of this process) and a mini-batch
+def memory_error(
+    policy, guidance_scale: float, rows: int, rollout_batch_size: int, minibatch: int, processes: int = 1
+) -> str:
+    """ "" if one sample, a rollout call of ``rollout_batch_size`` (0: all ``rows`` of this process) and a mini-batch
     of ``minibatch`` elements (this process's share of ``optim.minibatch_size``, at least ``min(minibatch, rows)``)
     fit in the memory free on the policy's device; else the line naming the option to change and a value that fits
     the bound."""
@@ -124,13 +130,17 @@ def memory_error(policy, guidance_scale: float, rows: int, rollout_batch_size: i
     per_sample = max((1 + guided) * forward, pixels)
     chunk = min(rollout_batch_size or rows, rows)
     if chunk * per_sample > budget:
-        return (f"sampler.rollout_batch_size: a rollout call of {chunk:,} samples needs at least "
-                f"{human_bytes(chunk * per_sample)}, more than the {human_bytes(budget)} of {where}; set "
-                f"sampler.rollout_batch_size={budget // per_sample} or less")
+        return (
+            f"sampler.rollout_batch_size: a rollout call of {chunk:,} samples needs at least "
+            f"{human_bytes(chunk * per_sample)}, more than the {human_bytes(budget)} of {where}; set "
+            f"sampler.rollout_batch_size={budget // per_sample} or less"
+        )
     elements = min(minibatch, rows)  # a rollout holds at least one element per sample
     per_element = (1 + guided) * train
     if elements * per_element > budget:
-        return (f"optim.minibatch_size: a mini-batch of {elements:,} elements needs at least "
-                f"{human_bytes(elements * per_element)}, more than the {human_bytes(budget)} of {where}; set "
-                f"optim.minibatch_size={budget // per_element * processes} or less")
+        return (
+            f"optim.minibatch_size: a mini-batch of {elements:,} elements needs at least "
+            f"{human_bytes(elements * per_element)}, more than the {human_bytes(budget)} of {where}; set "
+            f"optim.minibatch_size={budget // per_element * processes} or less"
+        )
     return ""

@@ -51,8 +51,10 @@ def chosen_experts(policy: nn.Module, names: tuple[str, ...] | list[str] = ()) -
     every = experts(policy)
     unknown = [name for name in names if name not in every]
     if unknown:
-        raise ConfigError(f"optim.trained_experts: {shown(unknown[0])} is not an expert of this model"
-                          f"{did_you_mean(unknown[0], every)}; it has {', '.join(every)}")  # fmt: skip
+        raise ConfigError(
+            f"optim.trained_experts: {shown(unknown[0])} is not an expert of this model"
+            f"{did_you_mean(unknown[0], every)}; it has {', '.join(every)}"
+        )
     return {name: module for name, module in every.items() if not names or name in names}
 
 
@@ -75,14 +77,21 @@ def make_trainable(
     policy.requires_grad_(False)
     for module in chosen_experts(policy, trained_experts).values():
         if lora_rank > 0:
-            add_lora(module, lora_rank, lora_alpha, tuple(target_modules) or lora_targets(policy, text_stream),
-                     bool(target_modules))  # fmt: skip
+            add_lora(
+                module,
+                lora_rank,
+                lora_alpha,
+                tuple(target_modules) or lora_targets(policy, text_stream),
+                bool(target_modules),
+            )
         else:
             module.requires_grad_(True)
         cast_training_params(module, torch.float32)
     if not any(p.numel() for p in trainable_parameters(policy)):
-        raise ConfigError("optim: these settings leave no parameter to train (optim.lora_rank, "
-                          "optim.lora_target_modules, optim.trained_experts); the policy could never move")
+        raise ConfigError(
+            "optim: these settings leave no parameter to train (optim.lora_rank, "
+            "optim.lora_target_modules, optim.trained_experts); the policy could never move"
+        )
 
 
 def layer_sides(layer: nn.Module) -> tuple[int, int] | None:
@@ -108,14 +117,18 @@ def add_lora(module: nn.Module, rank: int, alpha: float, targets: tuple[str, ...
     matched = {n: m for n, m in names.items() if re.fullmatch(target_pattern(targets), n)}
     if not matched:
         layers = [n for n, m in names.items() if isinstance(m, nn.Linear)][:3]
-        raise ConfigError(f"optim.lora_target_modules: none of {', '.join(targets)} names a module of this "
-                          f"{type(module).__name__}; name its layers, e.g. {', '.join(layers)}")  # fmt: skip
+        raise ConfigError(
+            f"optim.lora_target_modules: none of {', '.join(targets)} names a module of this "
+            f"{type(module).__name__}; name its layers, e.g. {', '.join(layers)}"
+        )
     sides = {n: s for n, m in matched.items() if (s := layer_sides(m))}
     if sides:
         name, (inputs, outputs) = min(sides.items(), key=lambda item: min(item[1]))
         if rank > min(inputs, outputs):
-            raise ConfigError(f"optim.lora_rank: at most {min(inputs, outputs):,} for these layers ({name} is "
-                              f"{inputs:,} -> {outputs:,}: a higher rank adds nothing), got {rank:,}")
+            raise ConfigError(
+                f"optim.lora_rank: at most {min(inputs, outputs):,} for these layers ({name} is "
+                f"{inputs:,} -> {outputs:,}: a higher rank adds nothing), got {rank:,}"
+            )
     try:
         module.add_adapter(lora_config(rank, alpha, targets), adapter_name=ADAPTER_NAME)
     except ValueError as err:  # peft: a module that is not a layer LoRA can wrap
@@ -124,8 +137,10 @@ def add_lora(module: nn.Module, rank: int, alpha: float, targets: tuple[str, ...
             raise ConfigError(f"optim.lora_target_modules: {cut(' '.join(str(err).split()))}") from err
         inner = [f"{other}.{n}" for n, m in matched[other].named_modules() if isinstance(m, nn.Linear)][:2]
         hint = f"; name its layers instead, e.g. {', '.join(inner)}" if inner else ""
-        raise ConfigError(f"optim.lora_target_modules: {other} ({type(matched[other]).__name__}) is not a layer "
-                          f"LoRA wraps (Linear, convolution, Embedding){hint}") from err
+        raise ConfigError(
+            f"optim.lora_target_modules: {other} ({type(matched[other]).__name__}) is not a layer "
+            f"LoRA wraps (Linear, convolution, Embedding){hint}"
+        ) from err
 
 
 def lora_targets(policy, text_stream: bool = True) -> tuple[str, ...]:
@@ -249,8 +264,11 @@ def reference_policy(policy: nn.Module) -> nn.Module | None:
     if uses_lora(policy):
         return None
     reference = copy.copy(policy)  # a new module object whose registries are copied below, not shared
-    reference._modules, reference._parameters, reference._buffers = (dict(policy._modules), dict(policy._parameters),
-                                                                     dict(policy._buffers))  # fmt: skip
+    reference._modules, reference._parameters, reference._buffers = (
+        dict(policy._modules),
+        dict(policy._parameters),
+        dict(policy._buffers),
+    )
     for name, module in trained_experts(policy).items():
         setattr(reference, name, copy.deepcopy(module).requires_grad_(False).eval())
     return reference
@@ -287,8 +305,14 @@ def load_lora_adapter(policy: nn.Module, directory: Path, optim) -> None:
     """Load the adapters written by ``save_lora_adapter`` into the policy's experts, as the run's ``optim`` settings
     built them (``make_trainable``). Files of another rank, alpha, model or target modules are refused in one line
     (``adapter_mismatch``) instead of half-loading with a page of peft warnings."""
-    make_trainable(policy, optim.lora_rank, optim.lora_alpha, optim.lora_target_modules, optim.lora_text_stream,
-                   optim.trained_experts)  # fmt: skip
+    make_trainable(
+        policy,
+        optim.lora_rank,
+        optim.lora_alpha,
+        optim.lora_target_modules,
+        optim.lora_text_stream,
+        optim.trained_experts,
+    )
     expected = {k: tuple(v.shape) for k, v in trainable_state_dict(policy).items()}
     every, state = experts(policy), {}
     for name, path in lora_files(directory).items():
@@ -300,14 +324,19 @@ def load_lora_adapter(policy: nn.Module, directory: Path, optim) -> None:
         alpha = metadata.get(f"{PREFIX}lora_alpha", optim.lora_alpha)
         prefix = expert_prefix(policy, name)
         weights = {prefix + k.removeprefix(PREFIX): v for k, v in weights.items()}
-        problem = adapter_mismatch({k: s for k, s in expected.items() if k.startswith(prefix)},
-                                   {k: tuple(v.shape) for k, v in weights.items()}, optim.lora_rank)  # fmt: skip
+        problem = adapter_mismatch(
+            {k: s for k, s in expected.items() if k.startswith(prefix)},
+            {k: tuple(v.shape) for k, v in weights.items()},
+            optim.lora_rank,
+        )
         if not problem and alpha != optim.lora_alpha:
             problem = f"an adapter of lora_alpha {alpha:g}, but the run trained {optim.lora_alpha:g} (optim.lora_alpha)"
         if problem:
-            raise ConfigError(f"{path}: {problem}; it is not this run's adapter: restore it, or write it from the "
-                              f"run's newest checkpoint with `flowdppo export {Path(directory).parent} --checkpoint "
-                              f"--out {directory}`")
+            raise ConfigError(
+                f"{path}: {problem}; it is not this run's adapter: restore it, or write it from the "
+                f"run's newest checkpoint with `flowdppo export {Path(directory).parent} --checkpoint "
+                f"--out {directory}`"
+            )
         state.update(weights)
     load_trainable_state_dict(policy, state)
 
@@ -320,8 +349,10 @@ def adapter_mismatch(expected: dict[str, tuple[int, ...]], found: dict[str, tupl
         return f"an adapter of rank {', '.join(map(str, ranks))}, but the run trained rank {rank} (optim.lora_rank)"
     foreign = sorted(set(found) - set(expected))
     if foreign:
-        return (f"an adapter for another model or other target modules: {len(foreign)} of its {len(found)} weights "
-                f"(e.g. {foreign[0]}) are not in the run's adapter")
+        return (
+            f"an adapter for another model or other target modules: {len(foreign)} of its {len(found)} weights "
+            f"(e.g. {foreign[0]}) are not in the run's adapter"
+        )
     for key, shape in found.items():
         if shape != expected[key]:
             return f"an adapter for another model: {key} is {shape} in it, {expected[key]} in this model"

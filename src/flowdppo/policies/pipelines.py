@@ -64,8 +64,9 @@ FAMILIES: dict[str, type[PipelinePolicy]] = {
 }
 
 
-def pipeline_policy_class(model: str, families: dict[str, type[PipelinePolicy]] | None = None,
-                          task: str = "text_to_image") -> type[PipelinePolicy]:  # fmt: skip
+def pipeline_policy_class(
+    model: str, families: dict[str, type[PipelinePolicy]] | None = None, task: str = "text_to_image"
+) -> type[PipelinePolicy]:
     """The adapter class for the pipeline named in ``model``'s ``model_index.json`` (read alone, no weights),
     among ``families`` (default: the image ``FAMILIES``) of ``task``."""
     families = FAMILIES if families is None else families
@@ -79,9 +80,14 @@ def pipeline_policy_class(model: str, families: dict[str, type[PipelinePolicy]] 
 
 
 def load_pipeline_policy(
-    model: str, resolution: int, torch_dtype: torch.dtype, device: torch.device | str,
-    families: dict[str, type[PipelinePolicy]] | None = None, task: str = "text_to_image", **kwargs: Any,
-) -> PipelinePolicy:  # fmt: skip
+    model: str,
+    resolution: int,
+    torch_dtype: torch.dtype,
+    device: torch.device | str,
+    families: dict[str, type[PipelinePolicy]] | None = None,
+    task: str = "text_to_image",
+    **kwargs: Any,
+) -> PipelinePolicy:
     """The adapter for the pipeline class named in ``model``'s ``model_index.json`` (a folder or hub id)."""
     family = pipeline_policy_class(model, families, task)
     class_name = family.pipeline_class.__name__
@@ -91,4 +97,3 @@ def load_pipeline_policy(
         raise
     except (OSError, ValueError) as err:
         raise ConfigError(f"model: cannot load {model} as a {class_name} ({err})") from err
-

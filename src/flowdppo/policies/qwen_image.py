@@ -23,8 +23,9 @@ class QwenImagePolicy(PackedLatentPolicy):
 
     def encode_text(self, prompts: list[str]) -> dict[str, Tensor]:
         # at most 512 text tokens, as the pipeline's __call__ (its encode_prompt alone allows 1024)
-        embeds, mask = self.pipeline.encode_prompt(prompt=prompts, device=self.device,
-                                                   max_sequence_length=QWEN_MAX_TEXT_TOKENS)  # fmt: skip
+        embeds, mask = self.pipeline.encode_prompt(
+            prompt=prompts, device=self.device, max_sequence_length=QWEN_MAX_TEXT_TOKENS
+        )
         if mask is None:  # the pipeline drops an all-ones mask
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
         return {"prompt_embeds": embeds, "prompt_embeds_mask": mask}

@@ -44,4 +44,3 @@ class SD3Policy(PipelinePolicy):
     def vae_latents(self, latents: Tensor) -> Tensor:
         config = self.vae.config
         return latents / config.scaling_factor + config.shift_factor
-

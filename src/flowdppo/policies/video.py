@@ -36,8 +36,9 @@ from flowdppo.policies.limits import positions_error
 WAN_MAX_TEXT_TOKENS = 512  # WanPipeline.__call__'s max_sequence_length (its encode_prompt alone: 226)
 
 
-def video_size_error(height: int, width: int, num_frames: int, spatial: int, patch: tuple[int, ...],
-                     temporal: int) -> str:  # fmt: skip
+def video_size_error(
+    height: int, width: int, num_frames: int, spatial: int, patch: tuple[int, ...], temporal: int
+) -> str:
     """The first problem of a video size for a VAE of factors ``(temporal, spatial)`` and ``(t, h, w)`` patches:
     ``num_frames = temporal k + 1`` and ``height, width`` positive multiples of ``spatial x patch``; "" if none."""
     if num_frames < 1 or (num_frames - 1) % (temporal * patch[0]):
@@ -58,8 +59,16 @@ class WanPolicy(PipelinePolicy):
     lora_text_modules = ()  # no joint text stream (attn2's keys / values read the text and are in the preset)
     comfyui_names = WAN_NAMES  # ComfyUI's Wan model keeps the original Wan names (blocks.N.self_attn.q ...)
 
-    def __init__(self, pipeline: DiffusionPipeline, resolution: int, height: int = 0, width: int = 0,
-                 num_frames: int = 81, guidance_scale_2: float = 0.0, **kwargs: Any) -> None:  # fmt: skip
+    def __init__(
+        self,
+        pipeline: DiffusionPipeline,
+        resolution: int,
+        height: int = 0,
+        width: int = 0,
+        num_frames: int = 81,
+        guidance_scale_2: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
         self.size = (height or resolution, width or resolution, num_frames)  # before the base checks it
         if pipeline.transformer is None:
             raise ConfigError("model: this Wan pipeline has no `transformer` (the high-noise expert); it is required")
@@ -67,8 +76,10 @@ class WanPolicy(PipelinePolicy):
         if boundary is not None and pipeline.transformer_2 is None:
             raise ConfigError(f"model: boundary_ratio {boundary} is set but the pipeline has no transformer_2")
         if boundary is None and guidance_scale_2:
-            raise ConfigError("sampler.guidance_scale_2: only for a two-expert Wan 2.2 model (transformer_2 and "
-                              "boundary_ratio); this model has one transformer")  # fmt: skip
+            raise ConfigError(
+                "sampler.guidance_scale_2: only for a two-expert Wan 2.2 model (transformer_2 and "
+                "boundary_ratio); this model has one transformer"
+            )
         super().__init__(pipeline, resolution, **kwargs)
         # the low-noise expert, registered (trained, sharded, moved) like transformer; None for one expert (a
         # transformer_2 without boundary_ratio is never run by the pipeline, nor here)
@@ -136,8 +147,12 @@ class WanPolicy(PipelinePolicy):
         return {"num_inference_steps": num_steps}  # the scheduler's static (flow) shift, as WanPipeline.__call__
 
     def encode_text(self, prompts: list[str]) -> dict[str, Tensor]:
-        embeds, _ = self.pipeline.encode_prompt(prompt=prompts, do_classifier_free_guidance=False, device=self.device,
-                                                max_sequence_length=WAN_MAX_TEXT_TOKENS)  # fmt: skip
+        embeds, _ = self.pipeline.encode_prompt(
+            prompt=prompts,
+            do_classifier_free_guidance=False,
+            device=self.device,
+            max_sequence_length=WAN_MAX_TEXT_TOKENS,
+        )
         return {"prompt_embeds": embeds.to(self.dtype)}
 
     def transformer_output(self, x: Tensor, sigma: Tensor, embeds: dict[str, Tensor]) -> Tensor:
@@ -160,8 +175,9 @@ class WanPolicy(PipelinePolicy):
         timestep = sigma * self.num_train_timesteps
         if self.expand_timesteps:
             timestep = timestep[:, None].expand(-1, self.tokens)
-        return expert(hidden_states=x, timestep=timestep, encoder_hidden_states=embeds["prompt_embeds"],
-                      return_dict=False)[0]  # fmt: skip
+        return expert(
+            hidden_states=x, timestep=timestep, encoder_hidden_states=embeds["prompt_embeds"], return_dict=False
+        )[0]
 
     def vae_latents(self, latents: Tensor) -> Tensor:
         """``z std + mean`` per latent channel."""

@@ -45,11 +45,14 @@ class RewardConfig(Section):
         require_choice(self, prefix, "video_aggregation", ("mean", "min"))
         require(self, prefix, ">= 0", "video_frames")
         if sum(self.weights) == 0:
-            raise ConfigError(f"{prefix}weights: must not sum to 0 (the logged reward is their weighted mean), got "
-                              f"{self.weights}")
+            raise ConfigError(
+                f"{prefix}weights: must not sum to 0 (the logged reward is their weighted mean), got {self.weights}"
+            )
         if len(self.weights) != len(self.names) or not self.names:
-            raise ConfigError(f"{prefix}weights: need one weight per reward name ({len(self.names)} names, "
-                              f"{len(self.weights)} weights)")
+            raise ConfigError(
+                f"{prefix}weights: need one weight per reward name ({len(self.names)} names, "
+                f"{len(self.weights)} weights)"
+            )
 
 
 register_section("reward", RewardConfig)
@@ -105,8 +108,10 @@ def score(reward: Reward, name: str, images: Tensor, prompts: Any) -> Tensor:
     except RewardError:
         raise
     except Exception as err:  # a user's reward may raise anything; say where it came from
-        raise RewardError(f"reward {name!r} raised {type(err).__name__}: {err} (a reward is called as "
-                          "reward(images, prompts, metadata))") from err
+        raise RewardError(
+            f"reward {name!r} raised {type(err).__name__}: {err} (a reward is called as "
+            "reward(images, prompts, metadata))"
+        ) from err
     return check_shape(scores, name, images.shape[0])
 
 

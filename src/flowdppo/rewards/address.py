@@ -98,5 +98,14 @@ def proxy_of(url: str) -> str | None:
     return urlunsplit((p.scheme, p.netloc.rpartition("@")[2], p.path, "", ""))
 
 
-__all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_TIMEOUT_S", "OPTIONS", "RemoteSpec", "is_loopback", "is_remote",
-           "parse_remote", "proxy_of", "redacted"]  # fmt: skip
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_TIMEOUT_S",
+    "OPTIONS",
+    "RemoteSpec",
+    "is_loopback",
+    "is_remote",
+    "parse_remote",
+    "proxy_of",
+    "redacted",
+]

@@ -54,8 +54,10 @@ def import_open_clip() -> Any:
         raise ConfigError(f"reward 'hpsv2' needs open_clip, which is not installed: {PIP_HINT}") from err
     except Exception as err:  # e.g. a torchvision build that does not match torch
         detail = " ".join(str(err).split())[:200]
-        raise ConfigError(f"reward 'hpsv2': open_clip does not import ({type(err).__name__}: {detail}); "
-                          "torchvision must be the build that matches torch") from err  # fmt: skip
+        raise ConfigError(
+            f"reward 'hpsv2': open_clip does not import ({type(err).__name__}: {detail}); "
+            "torchvision must be the build that matches torch"
+        ) from err
     return open_clip
 
 
@@ -68,8 +70,9 @@ def hps_pixels(images: Tensor, size: int, mean: Sequence[float] = CLIP_MEAN, std
     scale = size / max(height, width)
     if scale != 1.0:
         new_h, new_w = round(height * scale), round(width * scale)
-        pixels = nn.functional.interpolate(pixels, size=(new_h, new_w), mode="bicubic", align_corners=False,
-                                           antialias=True)  # fmt: skip
+        pixels = nn.functional.interpolate(
+            pixels, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True
+        )
         pad_h, pad_w = size - new_h, size - new_w
         pixels = nn.functional.pad(pixels, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
     mean_t, std_t = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
@@ -107,8 +110,9 @@ def _weights_file(path: str) -> str:
 class HpsEmbedder:
     """An open_clip CLIP model with its tokenizer and image size / mean / std."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, image_size: int, mean: Sequence[float],
-                 std: Sequence[float]) -> None:  # fmt: skip
+    def __init__(
+        self, model: nn.Module, tokenizer: Any, image_size: int, mean: Sequence[float], std: Sequence[float]
+    ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.image_size, self.mean, self.std = image_size, tuple(mean), tuple(std)

@@ -136,8 +136,10 @@ def unknown_reward(name: str, kinds: Sequence[str], key: str) -> ConfigError:
     entry = REWARDS.get(base)
     other = f" (it is a{'n' if entry.kind[0] in 'aeiou' else ''} {entry.kind} reward)" if entry else ""
     at = " (name@model_path for a model reward)" if any(REWARDS[n].default_model for n in valid) else ""
-    return ConfigError(f"{key}: unknown reward {shown(name)}{other}{did_you_mean(base, valid)}; choose from "
-                       f"{', '.join(valid)}{at} or give your own as module:function")  # fmt: skip
+    return ConfigError(
+        f"{key}: unknown reward {shown(name)}{other}{did_you_mean(base, valid)}; choose from "
+        f"{', '.join(valid)}{at} or give your own as module:function"
+    )
 
 
 def reward_source(name: str, kinds: Sequence[str] = KINDS, key: str = "reward.names") -> str:
@@ -154,8 +156,14 @@ def reward_source(name: str, kinds: Sequence[str] = KINDS, key: str = "reward.na
     raise unknown_reward(name, kinds, key)
 
 
-def make_reward(spec: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                classifier: Any = None, kinds: Sequence[str] = KINDS, key: str = "reward.names") -> Reward:  # fmt: skip
+def make_reward(
+    spec: str,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    classifier: Any = None,
+    kinds: Sequence[str] = KINDS,
+    key: str = "reward.names",
+) -> Reward:
     """The built-in reward ``spec`` = ``name`` or ``name@path`` (a model reward's model: a local directory or a hub
     id; its default model without it), its model loaded once, on ``device`` in ``dtype``."""
     return build(spec, RewardContext(device, dtype, classifier), kinds, key)
@@ -175,8 +183,9 @@ def build(spec: str, context: RewardContext, kinds: Sequence[str] = KINDS, key: 
     return entry.factory(path or entry.default_model, context)
 
 
-def load_reward(name: str, kinds: Sequence[str], context: RewardContext, key: str = "reward.names"
-                ) -> tuple[str, Reward]:  # fmt: skip
+def load_reward(
+    name: str, kinds: Sequence[str], context: RewardContext, key: str = "reward.names"
+) -> tuple[str, Reward]:
     """``(source, reward)`` of any reward name (``reward_source``): a reward server's, your own or a built-in."""
     source = reward_source(name, kinds, key)
     if source == "remote":
@@ -190,8 +199,9 @@ Wrap = Callable[[Reward, str, str], Reward]
 """``wrap(reward, source, logged_name)``: what a task scores with (e.g. an image reward on a video's frames)."""
 
 
-def load_rewards(names: Sequence[str], kinds: Sequence[str], context: RewardContext, wrap: Wrap | None = None
-                 ) -> list[tuple[str, Reward]]:  # fmt: skip
+def load_rewards(
+    names: Sequence[str], kinds: Sequence[str], context: RewardContext, wrap: Wrap | None = None
+) -> list[tuple[str, Reward]]:
     """``(name in logs, reward)`` of each of ``names`` (``load_reward``, then ``wrap``), for a task that takes
     rewards of ``kinds``. A remote reward's name is ``remote:NAME`` after the reward its server declares, not its
     address (which changes with the port); two names of one reward are an error."""
@@ -200,8 +210,10 @@ def load_rewards(names: Sequence[str], kinds: Sequence[str], context: RewardCont
         source, reward = load_reward(name, kinds, context)
         logged = reward.name if source == "remote" else name
         if logged in seen:
-            raise ConfigError(f"reward.names: {redacted(seen[logged])!r} and {redacted(name)!r} are both the reward "
-                              f"{logged!r}; give each reward once")  # fmt: skip
+            raise ConfigError(
+                f"reward.names: {redacted(seen[logged])!r} and {redacted(name)!r} are both the reward "
+                f"{logged!r}; give each reward once"
+            )
         seen[logged] = name
         rewards.append((logged, reward if wrap is None else wrap(reward, source, logged)))
     return rewards

@@ -69,12 +69,15 @@ SERVE_EXTRA = "pip install 'flowdppo[serve]'"
 def check_scores(scores: Tensor, batch: int, url: str) -> Tensor:
     """``scores`` if it is ``batch`` finite values ``(batch,)``; a RewardError otherwise."""
     if scores.shape != (batch,):
-        raise RewardError(f"reward server {url} returned scores of shape {tuple(scores.shape)} for {batch} images; "
-                          f"it must return one score per image ({batch},)")  # fmt: skip
+        raise RewardError(
+            f"reward server {url} returned scores of shape {tuple(scores.shape)} for {batch} images; "
+            f"it must return one score per image ({batch},)"
+        )
     finite = torch.isfinite(scores)
     if not finite.all():
-        raise RewardError(f"reward server {url} returned a non-finite score (NaN or inf) for "
-                          f"{int((~finite).sum())} of {batch} images")  # fmt: skip
+        raise RewardError(
+            f"reward server {url} returned a non-finite score (NaN or inf) for {int((~finite).sum())} of {batch} images"
+        )
     return scores.to(torch.float32)
 
 
@@ -98,8 +101,9 @@ def import_httpx():
     return httpx
 
 
-async def with_retries(call: Callable[[], Awaitable[Any]], url: str, delays: Sequence[float] | None = None,
-                       proxy: str | None = None) -> Any:  # fmt: skip
+async def with_retries(
+    call: Callable[[], Awaitable[Any]], url: str, delays: Sequence[float] | None = None, proxy: str | None = None
+) -> Any:
     """``await call()``, tried again after each of ``delays`` (``RETRY_DELAYS_S``) while the server gives no
     answer (a connection error) or a 5xx; then a ``NoAnswer`` naming the last failure and the ``proxy``."""
     httpx = import_httpx()
@@ -110,10 +114,18 @@ async def with_retries(call: Callable[[], Awaitable[Any]], url: str, delays: Seq
         except (httpx.TransportError, _ServerBusy) as err:
             if wait is None:
                 detail = " ".join(str(err).split()) or "no detail"
-                via = (f" through the proxy {proxy} (from HTTP_PROXY / HTTPS_PROXY / ALL_PROXY; add the host to "
-                       "NO_PROXY to connect directly)") if proxy else ""  # fmt: skip
-                raise NoAnswer(f"reward server {url}: no answer after {len(delays) + 1} tries "
-                               f"({type(err).__name__}: {detail}){via}") from err  # fmt: skip
+                via = (
+                    (
+                        f" through the proxy {proxy} (from HTTP_PROXY / HTTPS_PROXY / ALL_PROXY; add the host to "
+                        "NO_PROXY to connect directly)"
+                    )
+                    if proxy
+                    else ""
+                )
+                raise NoAnswer(
+                    f"reward server {url}: no answer after {len(delays) + 1} tries "
+                    f"({type(err).__name__}: {detail}){via}"
+                ) from err
             await asyncio.sleep(wait)
     raise AssertionError("unreachable")
 
@@ -129,8 +141,11 @@ def _checked(response, url: str):
     detail = " ".join(str(detail).split())[:300]
     if response.status_code >= 500:
         raise _ServerBusy(f"HTTP {response.status_code} {detail}")
-    fix = (f"; give the trainer the server's token in {TOKEN_ENV} (or token=... in the address)"
-           if response.status_code == 401 else "")  # fmt: skip
+    fix = (
+        f"; give the trainer the server's token in {TOKEN_ENV} (or token=... in the address)"
+        if response.status_code == 401
+        else ""
+    )
     raise RewardError(f"reward server {url}: HTTP {response.status_code} to {response.url.path}: {detail}{fix}")
 
 
@@ -140,13 +155,16 @@ def parse_health(response, url: str) -> dict:
     try:
         health = response.json()
         name, protocol = str(health["reward"]), int(health["protocol"])
-        limits = {key: None if health.get(key) is None else int(health[key])
-                  for key in ("max_images", "max_body_bytes")}  # fmt: skip
+        limits = {
+            key: None if health.get(key) is None else int(health[key]) for key in ("max_images", "max_body_bytes")
+        }
     except Exception as err:
         raise RewardError(f"reward server {url}: /health is not a flowdppo reward server's answer") from err
     if protocol != PROTOCOL:
-        raise RewardError(f"reward server {url} speaks protocol {protocol}; this flowdppo speaks {PROTOCOL} "
-                          "(run the same flowdppo version on both sides)")  # fmt: skip
+        raise RewardError(
+            f"reward server {url} speaks protocol {protocol}; this flowdppo speaks {PROTOCOL} "
+            "(run the same flowdppo version on both sides)"
+        )
     return {"reward": name, "protocol": protocol, **limits}
 
 
@@ -175,8 +193,11 @@ class RemoteReward:
         headers = {"authorization": f"Bearer {check_token(token, TOKEN_ENV)}"} if token else {}
         self.spec, self.proxy = spec, proxy_of(spec.url)
         self.served, self.name, self.batch_size, self.max_body = "", spec.url, spec.batch_size, None
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT_S), headers=headers,
-                                        trust_env=not is_loopback(urlsplit(spec.url).hostname))  # fmt: skip
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT_S),
+            headers=headers,
+            trust_env=not is_loopback(urlsplit(spec.url).hostname),
+        )
         self.slots = asyncio.Semaphore(max(1, in_flight))
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, name="flowdppo-remote-reward", daemon=True).start()
@@ -186,8 +207,10 @@ class RemoteReward:
         try:
             health = self.wait(self.request("/health", lambda: self.client.get(f"{self.spec.url}/health")))
         except NoAnswer as err:
-            raise NoAnswer(f"{err}; start it with: flowdppo reward-server --reward NAME "
-                           f"--port {urlsplit(self.spec.url).port or 80}") from err  # fmt: skip
+            raise NoAnswer(
+                f"{err}; start it with: flowdppo reward-server --reward NAME "
+                f"--port {urlsplit(self.spec.url).port or 80}"
+            ) from err
         health = parse_health(health, self.spec.url)
         self.served, self.name, self.max_body = health["reward"], f"remote:{health['reward']}", health["max_body_bytes"]
         self.batch_size = min(self.spec.batch_size, health["max_images"] or self.spec.batch_size)
@@ -203,9 +226,11 @@ class RemoteReward:
             try:
                 response = await asyncio.wait_for(send(), timeout)
             except asyncio.TimeoutError:
-                raise RewardError(f"reward server {url}: no complete answer to {path} within {timeout:g} s; if the "
-                                  f"server is only slow, give it longer with timeout=SECONDS in the address "
-                                  f"(reward.names=['{url}?timeout=600'])") from None  # fmt: skip
+                raise RewardError(
+                    f"reward server {url}: no complete answer to {path} within {timeout:g} s; if the "
+                    f"server is only slow, give it longer with timeout=SECONDS in the address "
+                    f"(reward.names=['{url}?timeout=600'])"
+                ) from None
             return _checked(response, url)
 
         return await with_retries(once, url, proxy=self.proxy)
@@ -214,8 +239,12 @@ class RemoteReward:
         """One ``POST /score``: the checked ``(batch,)`` scores."""
         url = self.spec.url
         async with self.slots:
-            response = await self.request("/score", lambda: self.client.post(
-                f"{url}/score", content=body, headers={"content-type": "application/octet-stream"}))  # fmt: skip
+            response = await self.request(
+                "/score",
+                lambda: self.client.post(
+                    f"{url}/score", content=body, headers={"content-type": "application/octet-stream"}
+                ),
+            )
         return check_scores(decode_scores(response.content, url), batch, url)
 
     def encode(self, images: Tensor, prompts: Any, metadata: Any) -> bytes:
@@ -224,8 +253,10 @@ class RemoteReward:
         if self.max_body is not None and len(body) > self.max_body:
             fits = int(batch * self.max_body / len(body))
             fix = f"lower batch_size in the address to {fits}" if fits else "restart the server with more --max-body-mb"
-            raise RewardError(f"reward server {self.spec.url}: a request of {batch} images is {len(body) / 2**20:.3g} "
-                              f"MB, over the server's --max-body-mb {self.max_body / 2**20:.3g}; {fix}")  # fmt: skip
+            raise RewardError(
+                f"reward server {self.spec.url}: a request of {batch} images is {len(body) / 2**20:.3g} "
+                f"MB, over the server's --max-body-mb {self.max_body / 2**20:.3g}; {fix}"
+            )
         return body
 
     def submit(self, images: Tensor, prompts: Tensor | Sequence[Any], metadata: Any = None) -> PendingScores:
@@ -233,8 +264,9 @@ class RemoteReward:
         device, images, size = images.device, images.detach().cpu(), self.batch_size
         parts = []
         for i in range(0, images.shape[0], size):
-            body = self.encode(images[i : i + size], prompts[i : i + size],
-                               None if metadata is None else metadata[i : i + size])  # fmt: skip
+            body = self.encode(
+                images[i : i + size], prompts[i : i + size], None if metadata is None else metadata[i : i + size]
+            )
             parts.append(asyncio.run_coroutine_threadsafe(self.post(body, min(size, images.shape[0] - i)), self.loop))
         return PendingScores(parts, device)
 

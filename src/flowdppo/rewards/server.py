@@ -61,8 +61,14 @@ def default_device() -> str:
 
 
 @torch.no_grad()
-def score_request(reward: Reward, name: str, body: bytes, device: torch.device | str, max_images: int | None = None,
-                  lock: AbstractContextManager | None = None) -> bytes:  # fmt: skip
+def score_request(
+    reward: Reward,
+    name: str,
+    body: bytes,
+    device: torch.device | str,
+    max_images: int | None = None,
+    lock: AbstractContextManager | None = None,
+) -> bytes:
     """The answer body to a ``POST /score`` body: the reward's ``(B,)`` scores (not checked for finiteness:
     the client does that), scored holding ``lock``. RequestError when the request is malformed or over
     ``max_images``, RewardError when the reward fails or its output is wrong."""
@@ -97,8 +103,11 @@ async def read_body(request, max_bytes: int) -> bytes:
     kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     if kind != "application/octet-stream":
         raise RequestError(415, f"content-type {kind[:40]!r}; send the safetensors body as application/octet-stream")
-    over = RequestError(413, f"request body over the server's --max-body-mb {max_bytes / 2**20:g}; send fewer images "
-                             "per request (batch_size in the address)")  # fmt: skip
+    over = RequestError(
+        413,
+        f"request body over the server's --max-body-mb {max_bytes / 2**20:g}; send fewer images "
+        "per request (batch_size in the address)",
+    )
     if int(request.headers.get("content-length") or 0) > max_bytes:
         raise over
     from starlette.requests import ClientDisconnect
@@ -115,8 +124,14 @@ async def read_body(request, max_bytes: int) -> bytes:
     return b"".join(parts)
 
 
-def make_app(reward: Reward, name: str, device: torch.device | str = "cpu", token: str | None = None,
-             max_images: int = DEFAULT_MAX_IMAGES, max_body_bytes: int = int(DEFAULT_MAX_BODY_MB * 2**20)):  # fmt: skip
+def make_app(
+    reward: Reward,
+    name: str,
+    device: torch.device | str = "cpu",
+    token: str | None = None,
+    max_images: int = DEFAULT_MAX_IMAGES,
+    max_body_bytes: int = int(DEFAULT_MAX_BODY_MB * 2**20),
+):
     """The FastAPI app: ``GET /health`` and ``POST /score``, both behind ``token`` when one is given. A request it
     cannot score is answered 4xx ``{"detail": one line}`` and logged in one line on stderr."""
     from fastapi import FastAPI, Response
@@ -129,8 +144,11 @@ def make_app(reward: Reward, name: str, device: torch.device | str = "cpu", toke
     def refuse(request, status: int, detail: str) -> JSONResponse:
         detail = " ".join(detail.split())
         client = request.client.host if request.client else "?"
-        print(f"flowdppo reward-server: HTTP {status} to {request.method} {request.url.path} from {client}: {detail}",
-              file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"flowdppo reward-server: HTTP {status} to {request.method} {request.url.path} from {client}: {detail}",
+            file=sys.stderr,
+            flush=True,
+        )
         headers = {"www-authenticate": "Bearer"} if status == 401 else None
         return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
@@ -138,8 +156,9 @@ def make_app(reward: Reward, name: str, device: torch.device | str = "cpu", toke
         problem = token_problem(request.headers.get("authorization"), token)
         if problem:
             return refuse(request, 401, problem)
-        return JSONResponse({"reward": name, "protocol": PROTOCOL, "max_images": max_images,
-                             "max_body_bytes": max_body_bytes})  # fmt: skip
+        return JSONResponse(
+            {"reward": name, "protocol": PROTOCOL, "max_images": max_images, "max_body_bytes": max_body_bytes}
+        )
 
     async def score(request) -> Response:  # a plain Starlette route: the body as it comes
         problem = token_problem(request.headers.get("authorization"), token)
@@ -198,8 +217,10 @@ def exposure_warning(address: str, token: str | None) -> str | None:
     """The line to print when a server at ``address`` (as bound) is reachable beyond this machine without a token."""
     if token or is_loopback(address):
         return None
-    return (f"flowdppo reward-server: warning: listening on {address} without a token, so anyone who can reach this "
-            f"port can use the reward; set {TOKEN_ENV} (or --token) here and {TOKEN_ENV} for the trainer")  # fmt: skip
+    return (
+        f"flowdppo reward-server: warning: listening on {address} without a token, so anyone who can reach this "
+        f"port can use the reward; set {TOKEN_ENV} (or --token) here and {TOKEN_ENV} for the trainer"
+    )
 
 
 def server_token(token: str | None) -> str | None:
@@ -210,9 +231,15 @@ def server_token(token: str | None) -> str | None:
     return None if token is None else check_token(token, TOKEN_ENV)
 
 
-def serve(reward_name: str, host: str = "127.0.0.1", port: int = 8000, device: str | None = None,
-          token: str | None = None, max_images: int = DEFAULT_MAX_IMAGES,
-          max_body_mb: float = DEFAULT_MAX_BODY_MB) -> None:  # fmt: skip
+def serve(
+    reward_name: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    device: str | None = None,
+    token: str | None = None,
+    max_images: int = DEFAULT_MAX_IMAGES,
+    max_body_mb: float = DEFAULT_MAX_BODY_MB,
+) -> None:
     """Load the reward ``reward_name`` on ``device`` and serve it at ``http://host:port`` until interrupted."""
     require_serve_extra()
     if not 0 <= port <= 65535:
@@ -237,6 +264,20 @@ def serve(reward_name: str, host: str = "127.0.0.1", port: int = 8000, device: s
         sock.close()
 
 
-__all__ = ["DEFAULT_MAX_BODY_MB", "DEFAULT_MAX_IMAGES", "bind", "default_device", "exposure_warning", "make_app",
-           "read_body", "require_serve_extra", "resolve_reward", "run_server", "score_request", "serve", "server_token",
-           "token_problem", "url_of"]  # fmt: skip
+__all__ = [
+    "DEFAULT_MAX_BODY_MB",
+    "DEFAULT_MAX_IMAGES",
+    "bind",
+    "default_device",
+    "exposure_warning",
+    "make_app",
+    "read_body",
+    "require_serve_extra",
+    "resolve_reward",
+    "run_server",
+    "score_request",
+    "serve",
+    "server_token",
+    "token_problem",
+    "url_of",
+]

@@ -62,8 +62,10 @@ def prompt_questions(reward: str, prompt: str, metadata: dict[str, Any], default
             f"{DEFAULT_QUESTION.format(prompt='<prompt>')!r})"
         )
     if not isinstance(questions, list) or not all(isinstance(q, str) and q.strip() for q in questions):
-        raise RewardError(f"reward {reward!r}: {QUESTIONS_KEY!r} of prompt {prompt!r} must be a list of non-empty "
-                          f"strings, got {questions!r}")  # fmt: skip
+        raise RewardError(
+            f"reward {reward!r}: {QUESTIONS_KEY!r} of prompt {prompt!r} must be a list of non-empty "
+            f"strings, got {questions!r}"
+        )
     return questions
 
 

@@ -37,16 +37,20 @@ class RequestError(ValueError):
 def check_token(token: str, where: str) -> str:
     """``token`` if it can travel in an ``Authorization: Bearer`` header; else one line naming ``where``."""
     if not token or not all(33 <= ord(c) < 127 for c in token):
-        raise ConfigError(f"{where}: a token is one or more printable ASCII characters without spaces; make one with "
-                          "python -c 'import secrets; print(secrets.token_urlsafe(32))'")  # fmt: skip
+        raise ConfigError(
+            f"{where}: a token is one or more printable ASCII characters without spaces; make one with "
+            "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
     return token
 
 
 def encode_request(images: Tensor, prompts: Tensor | Sequence[Any], metadata: Sequence[dict] | None) -> bytes:
     """The body of ``POST /score``: images (their own dtype, exact), prompts and metadata."""
     tensors = {"images": images.detach().cpu().contiguous()}
-    header = {"protocol": str(PROTOCOL), "metadata": json.dumps(None if metadata is None else list(metadata),
-                                                                default=str)}  # fmt: skip
+    header = {
+        "protocol": str(PROTOCOL),
+        "metadata": json.dumps(None if metadata is None else list(metadata), default=str),
+    }
     if isinstance(prompts, Tensor):
         tensors["prompts"] = prompts.detach().cpu().to(torch.int64).contiguous()
     else:
@@ -61,8 +65,9 @@ def decode_request(body: bytes, max_images: int | None = None) -> tuple[Tensor, 
     batch = check_images(entries.get("images"), max_images)
     prompts = check_prompts(entries.get("prompts"), header, batch)
     metadata = parse_entry(header, "metadata", "null")
-    if metadata is not None and not (isinstance(metadata, list) and len(metadata) == batch
-                                     and all(isinstance(m, dict) for m in metadata)):  # fmt: skip
+    if metadata is not None and not (
+        isinstance(metadata, list) and len(metadata) == batch and all(isinstance(m, dict) for m in metadata)
+    ):
         raise RequestError(422, f"header entry 'metadata' must be null or a JSON list of {batch} objects")
     try:
         tensors = load_tensors(body)
@@ -103,8 +108,11 @@ def check_images(entry: Any, max_images: int | None) -> int:
     if len(shape) != 4 or shape[0] < 1:
         raise RequestError(422, f"images have shape {tuple(shape)[:8]}; send (B, C, H, W) with B >= 1")
     if max_images is not None and shape[0] > max_images:
-        raise RequestError(413, f"{shape[0]} images in one request, over the server's --max-images {max_images}; "
-                                "send fewer per request (batch_size in the address)")  # fmt: skip
+        raise RequestError(
+            413,
+            f"{shape[0]} images in one request, over the server's --max-images {max_images}; "
+            "send fewer per request (batch_size in the address)",
+        )
     check_bytes(entry, shape, IMAGE_DTYPES[dtype], "images")
     return shape[0]
 
@@ -115,8 +123,11 @@ def check_prompts(entry: Any, header: dict[str, str], batch: int) -> list | None
     if entry is not None:
         shape, dtype = tensor_entry(entry, "prompts")
         if dtype != "I64" or shape != [batch]:
-            raise RequestError(422, f"tensor 'prompts' is {dtype[:10]} {tuple(shape)[:8]}; send int64 ({batch},) "
-                                    "labels, or the header entry 'prompts'")  # fmt: skip
+            raise RequestError(
+                422,
+                f"tensor 'prompts' is {dtype[:10]} {tuple(shape)[:8]}; send int64 ({batch},) "
+                "labels, or the header entry 'prompts'",
+            )
         check_bytes(entry, shape, 8, "prompts")
         return None
     if "prompts" not in header:
@@ -142,10 +153,17 @@ def tensor_entry(entry: Any, name: str) -> tuple[list[int], str]:
 def check_bytes(entry: dict, shape: list[int], itemsize: int, name: str) -> None:
     """400 unless the entry's ``data_offsets`` span exactly the bytes its shape needs."""
     offsets = entry.get("data_offsets")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
-            and offsets[1] - offsets[0] == math.prod(shape) * itemsize):  # fmt: skip
-        raise RequestError(400, f"not a protocol-{PROTOCOL} request: tensor {name!r} of shape {tuple(shape)[:8]} "
-                                "does not match its data bytes")  # fmt: skip
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(type(o) is int for o in offsets)
+        and offsets[1] - offsets[0] == math.prod(shape) * itemsize
+    ):
+        raise RequestError(
+            400,
+            f"not a protocol-{PROTOCOL} request: tensor {name!r} of shape {tuple(shape)[:8]} "
+            "does not match its data bytes",
+        )
 
 
 def parse_entry(header: dict[str, str], key: str, default: str) -> Any:
@@ -165,9 +183,19 @@ def decode_scores(body: bytes, url: str) -> Tensor:
     try:
         return load_tensors(body)["scores"]
     except Exception as err:
-        raise RewardError(f"reward server {url}: its answer is not a protocol-{PROTOCOL} score tensor "
-                          f"({type(err).__name__})") from err  # fmt: skip
+        raise RewardError(
+            f"reward server {url}: its answer is not a protocol-{PROTOCOL} score tensor ({type(err).__name__})"
+        ) from err
 
 
-__all__ = ["PROTOCOL", "TOKEN_ENV", "RequestError", "check_token", "decode_request", "decode_scores", "encode_request",
-           "encode_scores", "read_header"]  # fmt: skip
+__all__ = [
+    "PROTOCOL",
+    "TOKEN_ENV",
+    "RequestError",
+    "check_token",
+    "decode_request",
+    "decode_scores",
+    "encode_request",
+    "encode_scores",
+    "read_header",
+]

@@ -22,12 +22,18 @@ def same_names(section: type) -> dict[str, str]:
     return {f.name: f.name for f in fields(section)}
 
 
-register_task("digits", "flowdppo.tasks.digits.task:DigitsTask", DigitsConfig,
-              {"digits_upsample": "upsample", "digits_classes": "classes"})  # fmt: skip
-register_task("text_to_image", "flowdppo.tasks.text_to_image:TextToImageTask", TextToImageConfig,
-              same_names(TextToImageConfig))  # fmt: skip
-register_task("text_to_video", "flowdppo.tasks.text_to_video:TextToVideoTask", TextToVideoConfig,
-              same_names(TextToVideoConfig))  # fmt: skip
+register_task(
+    "digits",
+    "flowdppo.tasks.digits.task:DigitsTask",
+    DigitsConfig,
+    {"digits_upsample": "upsample", "digits_classes": "classes"},
+)
+register_task(
+    "text_to_image", "flowdppo.tasks.text_to_image:TextToImageTask", TextToImageConfig, same_names(TextToImageConfig)
+)
+register_task(
+    "text_to_video", "flowdppo.tasks.text_to_video:TextToVideoTask", TextToVideoConfig, same_names(TextToVideoConfig)
+)
 
 
 def task_class(cfg):

@@ -69,27 +69,36 @@ class TextToImageTask:
         if not options.prompts:
             raise ConfigError(f"{cfg.task}.prompts: the {cfg.task} task needs a prompt file (.txt or .jsonl)")
         self.cfg, self.options, self.device = cfg, options, torch.device(device)
-        self.train_records, self.eval_records = split_prompts(load_prompts(options.prompts), options.eval_prompts,
-                                                              cfg.seed)  # fmt: skip
+        self.train_records, self.eval_records = split_prompts(
+            load_prompts(options.prompts), options.eval_prompts, cfg.seed
+        )
         self.policy = self.load_policy(cfg.model)
         self.cache = EmbeddingCache(self.policy.encode_prompts, max_mb=options.prompt_cache_mb)
         if options.text_encoders == "free":  # every prompt of the run encoded now, then the encoders dropped
             records = self.train_records + self.eval_records
             self.cache.encode_missing([r["prompt"] for r in records], progress=True)
             self.policy.free_text_encoders()
-        self.rewards = load_rewards(cfg.reward.names, self.reward_kinds, RewardContext(self.device),
-                                    self.wrap_reward)  # (name in logs, reward)
+        self.rewards = load_rewards(
+            cfg.reward.names, self.reward_kinds, RewardContext(self.device), self.wrap_reward
+        )  # (name in logs, reward)
 
     def load_policy(self, model: str = "") -> PipelinePolicy:
         """The pipeline in folder (or hub id) ``model``, in ``cfg.precision``."""
         cfg, options = self.cfg, self.options
         if not model:
             raise ConfigError(f"model: the {cfg.task} task needs a diffusers pipeline folder or hub id")
-        return load_pipeline_policy(model, options.resolution, DTYPES[cfg.precision], self.device,
-                                    embedded_guidance=options.embedded_guidance,
-                                    negative_prompt=options.negative_prompt, text_encoders=options.text_encoders,
-                                    vae_tiling=options.vae_tiling, attention_backend=options.attention_backend,
-                                    **self.policy_options())  # fmt: skip
+        return load_pipeline_policy(
+            model,
+            options.resolution,
+            DTYPES[cfg.precision],
+            self.device,
+            embedded_guidance=options.embedded_guidance,
+            negative_prompt=options.negative_prompt,
+            text_encoders=options.text_encoders,
+            vae_tiling=options.vae_tiling,
+            attention_backend=options.attention_backend,
+            **self.policy_options(),
+        )
 
     def policy_options(self) -> dict:
         """What a subclass adds to ``load_pipeline_policy`` (its pipeline families, its sizes)."""
@@ -128,8 +137,9 @@ class TextToImageTask:
         return self.generate_with_path_kl(velocity, None, noise, cond)[0]
 
     @torch.no_grad()
-    def generate_with_path_kl(self, velocity, base_velocity, noise: Tensor, cond: PromptBatch
-                              ) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+    def generate_with_path_kl(
+        self, velocity, base_velocity, noise: Tensor, cond: PromptBatch
+    ) -> tuple[Tensor, Tensor | None]:
         """``generate``, and with ``base_velocity`` the samples' path KL to the base ``(N,)``
         (``sample_with_path_kl``; else None)."""
         sigmas = self.sigmas()
@@ -161,4 +171,3 @@ class TextToImageTask:
         noise, cond = self.fixed_batch(records, per_prompt)
         images = self.generate(velocity, noise, cond)
         return images.permute(0, 2, 3, 1).reshape(len(records), per_prompt, *images.shape[2:], 3).cpu().numpy()
-

@@ -70,9 +70,15 @@ class TextToVideoTask(TextToImageTask):
 
     def policy_options(self) -> dict:
         cfg, options = self.cfg, self.options
-        return {"families": VIDEO_FAMILIES, "task": "text_to_video", "height": options.height, "width": options.width,
-                "num_frames": options.num_frames, "guidance_scale_2": cfg.sampler.guidance_scale_2,
-                "vae_slicing": options.vae_slicing}  # fmt: skip
+        return {
+            "families": VIDEO_FAMILIES,
+            "task": "text_to_video",
+            "height": options.height,
+            "width": options.width,
+            "num_frames": options.num_frames,
+            "guidance_scale_2": cfg.sampler.guidance_scale_2,
+            "vae_slicing": options.vae_slicing,
+        }
 
     def wrap_reward(self, reward: Reward, source: str, name: str) -> Reward:
         """A video reward as it is; a user's ``module:function`` on the whole videos (as uint8); an image reward (or
@@ -102,8 +108,9 @@ class TextToVideoTask(TextToImageTask):
         reused. ``folder`` None: nothing written (a process other than the writer)."""
         records = (self.eval_records or self.train_records)[:4]
         videos = [self._videos.get(id(v)) for v in velocities.values()]
-        videos = [self.sample_videos(v, records) if x is None else x for v, x in zip(velocities.values(), videos,
-                                                                                     strict=True)]  # fmt: skip
+        videos = [
+            self.sample_videos(v, records) if x is None else x for v, x in zip(velocities.values(), videos, strict=True)
+        ]
         if folder is not None:
             write_video(Path(folder) / "samples", torch.stack(videos, dim=1))
 

@@ -42,8 +42,9 @@ class DigitsConfig(Section):
 
     def check(self, prefix: str = "digits.") -> None:
         if self.upsample not in UPSAMPLE_FACTORS:
-            raise ConfigError(f"{prefix}upsample: must be one of {', '.join(map(str, UPSAMPLE_FACTORS))}; "
-                              f"got {self.upsample!r}")
+            raise ConfigError(
+                f"{prefix}upsample: must be one of {', '.join(map(str, UPSAMPLE_FACTORS))}; got {self.upsample!r}"
+            )
         if self.classes and (len(set(self.classes)) != len(self.classes) or not set(self.classes) <= set(range(10))):
             raise ConfigError(f"{prefix}classes: distinct digits 0-9, got {self.classes!r}")
 
@@ -53,5 +54,11 @@ def base_weights_dir(upsample: int = 1) -> Path:
     return BASE_WEIGHTS_DIR if upsample == 1 else WEIGHTS_DIR / f"base_u{upsample}"
 
 
-__all__ = ["DigitsConfig", "base_weights_dir", "BASE_WEIGHTS_DIR", "CLASSIFIER_WEIGHTS_DIR", "UPSAMPLE_FACTORS",
-           "WEIGHTS_DIR"]  # fmt: skip
+__all__ = [
+    "DigitsConfig",
+    "base_weights_dir",
+    "BASE_WEIGHTS_DIR",
+    "CLASSIFIER_WEIGHTS_DIR",
+    "UPSAMPLE_FACTORS",
+    "WEIGHTS_DIR",
+]

@@ -86,8 +86,9 @@ def as_labels(prompts: Tensor | list | tuple, device: torch.device | str | None 
 # ---------------------------------------------------------------- high-dimensional digits (digits.upsample)
 
 
-def upsample_digits(images: Tensor, factor: int, max_shift: int | None = None,
-                    generator: torch.Generator | None = None) -> Tensor:  # fmt: skip
+def upsample_digits(
+    images: Tensor, factor: int, max_shift: int | None = None, generator: torch.Generator | None = None
+) -> Tensor:
     """Digits ``(N, 1, 8, 8)`` in ``[-1, 1]`` -> ``(N, 1, 8u, 8u)``: bicubic upsampling (clamped to ``[-1, 1]``),
     then each image shifted by a random whole number of pixels in ``[-max_shift, max_shift]`` per axis (background
     ``-1`` enters at the border). ``max_shift`` defaults to ``u // 2`` (at most half an original pixel); 0: no

@@ -56,9 +56,11 @@ class DigitsTask:
         except (OSError, ValueError) as err:  # diffusers raises OSError/ValueError on a folder it cannot read
             raise ConfigError(f"model: {model} is not a digits policy saved with save_pretrained ({err})") from err
         if policy.latent_shape != self.latent_shape:
-            raise ConfigError(f"model: {model} has latents {policy.latent_shape}, digits.upsample={self.upsample} "
-                              f"needs {self.latent_shape} (make one with `flowdppo digits pretrain --upsample "
-                              f"{self.upsample} --out DIR`)")
+            raise ConfigError(
+                f"model: {model} has latents {policy.latent_shape}, digits.upsample={self.upsample} "
+                f"needs {self.latent_shape} (make one with `flowdppo digits pretrain --upsample "
+                f"{self.upsample} --out DIR`)"
+            )
         return policy.to(self.device)
 
     def sigmas(self) -> Tensor:
