@@ -24,26 +24,22 @@ written.
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
 from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
-from tiny_pipelines import build_tiny_pipeline
+from tiny_pipelines import build_tiny_pipeline, export_run_folder
 from tiny_video_pipelines import build_tiny_wan_pipeline
 from torch import nn
 
 from flowdppo.cli import main
-from flowdppo.config import load_config, save_config
 from flowdppo.policies.lora import (
     COMFYUI_FILE,
     experts,
     lora_file,
     make_trainable,
-    save_lora_adapter,
-    trainable_state_dict,
 )
 from flowdppo.policies.pipelines import FAMILIES as IMAGE_ADAPTERS
 from flowdppo.policies.video import WanPolicy
@@ -193,33 +189,8 @@ def randomize_lora(policy) -> None:
 
 
 def run_folder(tmp_path, policy, family: str):
-    """A finished run's folder as export reads it: config.yaml (its model folder holding only model_index.json,
-    all the export reads of it), final/ and one checkpoint."""
-    run, model = tmp_path / "run", tmp_path / "model"
-    (run / "final").mkdir(parents=True)
-    model.mkdir()
-    (model / "model_index.json").write_text(json.dumps({"_class_name": policy.pipeline_class.__name__}))
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a cat\na dog\n")
-    task = "text_to_video" if family in WAN else "text_to_image"
-    cfg = load_config(
-        overrides=[
-            f"task={task}",
-            f"model={model}",
-            f"prompts={prompts}",
-            f"optim.lora_rank={RANK}",
-            f"optim.lora_alpha={ALPHA}",
-        ]
-    )
-    save_config(cfg, run / "config.yaml")
-    save_lora_adapter(policy, run / "final")
-    checkpoint = run / "checkpoints" / "epoch_000001"
-    checkpoint.mkdir(parents=True)
-    save_file(
-        {k: v.contiguous() for k, v in trainable_state_dict(policy).items()}, str(checkpoint / "trainable.safetensors")
-    )
-    (checkpoint / "state.json").write_text(json.dumps({"epoch": 1}))
-    return run
+    """A finished run's folder as export reads it (``tiny_pipelines.export_run_folder``)."""
+    return export_run_folder(tmp_path, policy, "text_to_video" if family in WAN else "text_to_image", RANK, ALPHA)
 
 
 def test_the_wan_names_are_those_of_an_original_wan_checkpoint():

@@ -21,8 +21,8 @@ import torch
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
-from tiny_pipelines import FAMILIES, build_tiny_pipeline
+from safetensors.torch import load_file
+from tiny_pipelines import FAMILIES, build_tiny_pipeline, export_run_folder
 
 from flowdppo.cli import main
 from flowdppo.config import load_config, save_config
@@ -33,7 +33,6 @@ from flowdppo.policies.lora import (
     adapters_disabled,
     make_trainable,
     save_lora_adapter,
-    trainable_state_dict,
 )
 from flowdppo.policies.pipelines import FAMILIES as ADAPTERS
 from flowdppo.prompts import EmbeddingCache, make_batch
@@ -157,32 +156,8 @@ def test_metadata_holds_only_what_diffusers_needs_and_loads_in_a_fresh_pipeline(
 
 
 def run_folder(tmp_path, policy, rank: int, alpha: float):
-    """A finished run's folder, as export reads it: config.yaml, final/ and one checkpoint (no training); the
-    model folder holds only model_index.json (the family, all the export reads of the model)."""
-    run = tmp_path / "run"
-    (run / "final").mkdir(parents=True)
-    (tmp_path / "model").mkdir()
-    (tmp_path / "model" / "model_index.json").write_text(json.dumps({"_class_name": policy.pipeline_class.__name__}))
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a cat\na dog\n")
-    cfg = load_config(
-        overrides=[
-            "task=text_to_image",
-            f"model={tmp_path / 'model'}",
-            f"prompts={prompts}",
-            f"optim.lora_rank={rank}",
-            f"optim.lora_alpha={alpha}",
-        ]
-    )
-    save_config(cfg, run / "config.yaml")
-    save_lora_adapter(policy, run / "final")
-    checkpoint = run / "checkpoints" / "epoch_000001"
-    checkpoint.mkdir(parents=True)
-    save_file(
-        {k: v.contiguous() for k, v in trainable_state_dict(policy).items()}, str(checkpoint / "trainable.safetensors")
-    )
-    (checkpoint / "state.json").write_text(json.dumps({"epoch": 1}))
-    return run
+    """A finished run's folder as export reads it (``tiny_pipelines.export_run_folder``)."""
+    return export_run_folder(tmp_path, policy, "text_to_image", rank, alpha)
 
 
 def test_comfyui_export_gives_peft_merged_weights(tmp_path, capsys):

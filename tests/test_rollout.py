@@ -69,7 +69,7 @@ def test_rollout_records_the_sampler_transitions():
         torch.testing.assert_close(traj.log_probs[t], log_prob(traj.next_latents[t], step.mean, step.std))
     torch.testing.assert_close(traj.latents[1], traj.next_latents[0])  # consecutive window
     assert traj.step_index.tolist() == [1, 2]
-    assert torch.equal(traj.sigma, sigmas[[1, 2]]) and torch.equal(traj.sigma_next, sigmas[[2, 3]])
+    assert torch.equal(traj.step_sigma, sigmas[[1, 2]]) and torch.equal(traj.step_sigma_next, sigmas[[2, 3]])
 
 
 def test_rollout_without_trained_steps_is_plain_euler():
@@ -190,7 +190,7 @@ def test_chunked_velocity_and_custom_schedule():
     parts = rollout(in_chunks(counting, 2), cond, x, sigmas, cfg, [1, 2], generator=torch.Generator().manual_seed(1))
     assert calls == [2, 2, 1] * 4
     torch.testing.assert_close(parts.final, whole.final, atol=0, rtol=0)
-    assert torch.equal(whole.sigmas, sigmas) and torch.equal(whole.sigma, sigmas[[1, 2]])
+    assert torch.equal(whole.sigmas, sigmas) and torch.equal(whole.step_sigma, sigmas[[1, 2]])
     torch.testing.assert_close(
         sample(toy_velocity, cond, x, sigmas), rollout(toy_velocity, cond, x, sigmas, cfg, []).final
     )

@@ -103,7 +103,11 @@ def test_a_hand_edited_config_is_refused_on_resume(run, capsys):
 
 def test_a_run_from_before_newer_keys_existed_resumes_with_their_defaults(run, finished):
     config = yaml.safe_load((run / "config.yaml").read_text())
-    for section, key in ((config, "logging"), (config, "negative_prompt"), (config["optim"], "compile")):
+    for section, key in (
+        (config, "logging"),
+        (config["text_to_image"], "negative_prompt"),
+        (config["optim"], "compile"),
+    ):
         del section[key]  # keys a newer library added
     (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     assert resume(run) == 0

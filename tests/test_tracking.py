@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+import time
 
 import pytest
 import yaml
@@ -48,18 +49,25 @@ def wandb_records(run_file):
     return records
 
 
-def wandb_history(run_dir):
-    """``{step: {key: value}}`` and the run record of each offline W&B run in the folder."""
+def wandb_history(run_dir, wait_s: float = 30.0):
+    """``{step: {key: value}}`` and the run record of each offline W&B run in the folder. W&B's service process
+    writes the file on its own: on a loaded machine the run record can land after ``finish`` returns, so a file
+    without it is read again, for up to ``wait_s`` seconds."""
     runs = {}
     for folder in sorted((run_dir / "wandb").glob("offline-run-*")):
         (run_file,) = folder.glob("run-*.wandb")
-        history, run = {}, None
-        for record in wandb_records(run_file):
-            if record.WhichOneof("record_type") == "history":
-                items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
-                history.setdefault(items["_step"], {}).update(items)
-            elif record.WhichOneof("record_type") == "run":
-                run = record.run
+        deadline = time.monotonic() + wait_s
+        while True:
+            history, run = {}, None
+            for record in wandb_records(run_file):
+                if record.WhichOneof("record_type") == "history":
+                    items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+                    history.setdefault(items["_step"], {}).update(items)
+                elif record.WhichOneof("record_type") == "run":
+                    run = record.run
+            if run is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         runs[folder] = (run, history)
     return runs
 

@@ -385,3 +385,30 @@ def save_tiny_pipeline(family: str, directory: Path, seed: int = 0) -> Path:
     pipeline = build_tiny_pipeline(family, seed=seed)
     pipeline.save_pretrained(directory)
     return directory
+
+
+def export_run_folder(tmp_path: Path, policy, task: str, rank: int, alpha: float) -> Path:
+    """A finished run's folder as ``flowdppo export`` reads it (no training): config.yaml, final/ and one
+    checkpoint; the model folder holds only model_index.json (the family, all the export reads of the model)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from flowdppo.config import load_config, save_config
+    from flowdppo.policies.lora import save_lora_adapter, trainable_state_dict
+
+    run, model = tmp_path / "run", tmp_path / "model"
+    (run / "final").mkdir(parents=True)
+    model.mkdir()
+    (model / "model_index.json").write_text(json.dumps({"_class_name": policy.pipeline_class.__name__}))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\n")
+    overrides = [f"task={task}", f"model={model}", f"prompts={prompts}", f"optim.lora_rank={rank}"]
+    save_config(load_config(overrides=[*overrides, f"optim.lora_alpha={alpha}"]), run / "config.yaml")
+    save_lora_adapter(policy, run / "final")
+    checkpoint = run / "checkpoints" / "epoch_000001"
+    checkpoint.mkdir(parents=True)
+    state = {k: v.contiguous() for k, v in trainable_state_dict(policy).items()}
+    save_file(state, str(checkpoint / "trainable.safetensors"))
+    (checkpoint / "state.json").write_text(json.dumps({"epoch": 1}))
+    return run

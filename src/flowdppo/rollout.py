@@ -31,7 +31,7 @@ class Trajectory:
     cond:         (B,) the prompts (conditions) of the samples.
     final:        (B, ...) the generated latents at sigma = 0.
     step_index:   (T,) long, the trained steps' indices in the schedule.
-    sigma:        (T,) sigma of each trained step; sigma_next (T,) the one it steps to.
+    step_sigma:   (T,) sigma of each trained step; step_sigma_next (T,) the one it steps to.
     latents:      (T, B, ...) x_t at each trained step; next_latents (T, B, ...) the sampled x_next.
     means:        (T, B, ...) transition mean of the rollout policy; stds (T, B) its std.
     log_probs:    (T, B) log-density of next_latents under the rollout policy.
@@ -42,8 +42,8 @@ class Trajectory:
     cond: Any
     final: Tensor
     step_index: Tensor
-    sigma: Tensor
-    sigma_next: Tensor
+    step_sigma: Tensor
+    step_sigma_next: Tensor
     latents: Tensor
     next_latents: Tensor
     means: Tensor
@@ -149,8 +149,8 @@ def rollout(
         cond=cond,
         final=x,
         step_index=index,
-        sigma=sigmas[index],
-        sigma_next=sigmas[index + 1],
+        step_sigma=sigmas[index],
+        step_sigma_next=sigmas[index + 1],
         kl_to_base=kl,
         sigmas=sigmas,
         **{k: torch.stack(v) if v else x.new_zeros((0, batch)) for k, v in records.items()},

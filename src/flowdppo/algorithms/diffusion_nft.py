@@ -40,7 +40,7 @@ from flowdppo.algorithms.likelihood_free import (
 from flowdppo.distributed import Distributed
 from flowdppo.errors import ConfigError, ConsistencyError
 from flowdppo.rollout import Trajectory
-from flowdppo.sde import upcast
+from flowdppo.sde import per_sample, upcast
 from flowdppo.settings import Section, require, require_choice
 
 
@@ -51,7 +51,7 @@ def optimality_weight(advantages: Tensor, adv_clip_max: float) -> Tensor:
 
 def x0_error(noised: Tensor, sigma: Tensor, velocity: Tensor, x0: Tensor) -> Tensor:
     """Adaptively weighted x0-prediction error ``mean((x_s - s v - x0)^2) / max(detach(mean|.|), 1e-5)`` -> (E,)."""
-    s = upcast(sigma).view(-1, *([1] * (x0.ndim - 1)))
+    s = per_sample(upcast(sigma), x0)
     error = (upcast(noised) - s * upcast(velocity) - upcast(x0)).flatten(1)
     weight = error.detach().abs().mean(dim=1).clamp_min(1e-5)
     return error.pow(2).mean(dim=1) / weight

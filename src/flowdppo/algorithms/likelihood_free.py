@@ -18,7 +18,7 @@ from flowdppo.algorithms.base import Algorithm, Elements, index_cond
 from flowdppo.distributed import Distributed
 from flowdppo.policies.lora import trainable_parameters
 from flowdppo.rollout import Trajectory, guided_velocity
-from flowdppo.sde import upcast
+from flowdppo.sde import per_sample, upcast
 
 TIMESTEP_MODES = ("schedule", "stratified", "uniform")
 # the presets roll out with the ODE and measure the path KL in Flow-SDE, as for the SDE arms
@@ -83,7 +83,7 @@ def noised_elements(
     eps = torch.randn((n, b * dist.world_size, *x0.shape[1:]), generator=rng, device=rng.device)[:, rows]
     eps = eps.to(device=x0.device, dtype=x0.dtype).flatten(0, 1)
     sample = torch.arange(b, device=x0.device).repeat(n)
-    s = sigma.flatten().view(-1, *([1] * (x0.ndim - 1)))
+    s = per_sample(sigma.flatten(), x0)
     x0_rep = x0[sample]
     data = {
         "x0": x0_rep,

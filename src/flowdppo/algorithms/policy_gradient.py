@@ -160,8 +160,8 @@ def flat_steps(traj: Trajectory) -> dict[str, Tensor]:
     return {
         "latents": traj.latents.flatten(0, 1),
         "next_latents": traj.next_latents.flatten(0, 1),
-        "sigma": traj.sigma.repeat_interleave(b),
-        "sigma_next": traj.sigma_next.repeat_interleave(b),
+        "sigma": traj.step_sigma.repeat_interleave(b),
+        "sigma_next": traj.step_sigma_next.repeat_interleave(b),
         "sample": torch.arange(b, device=traj.final.device).repeat(t),
     }
 
