@@ -48,7 +48,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
 from gpu_throughput import SD3_VAE, SD35_MEDIUM  # noqa: E402
 from tiny_tokenizers import _to_byte_level, clip_tokenizer, qwen_tokenizer, t5_tokenizer  # noqa: E402
 
-from flowdppo.config import load_config  # noqa: E402
+from flowdppo.config import load_config, task_options  # noqa: E402
 from flowdppo.plan import GIB, GPU_SIZES_GB, estimate, fitting_option, format_plan, make_plan  # noqa: E402
 
 RECIPES = {
@@ -423,7 +423,7 @@ def recipe_prompts(config_file: str) -> list[str]:
     from flowdppo.prompts import load_prompts
 
     cfg = load_config(config_file=config_file)
-    prompts = getattr(cfg, cfg.task).prompts
+    prompts = task_options(cfg).prompts
     return [r["prompt"] for r in load_prompts(prompts)] if prompts else []
 
 
@@ -459,7 +459,7 @@ def summarise(cfg, config_file: str, hub_id: str, plan, tokens: int, seconds: fl
         "recipe": config_file,
         "model": hub_id,
         "pipeline": plan.family,
-        "resolution": getattr(cfg, cfg.task).resolution,
+        "resolution": task_options(cfg).resolution,
         "text_tokens": tokens,
         "precision": recipe.precision,
         "lora_rank": recipe.lora_rank,

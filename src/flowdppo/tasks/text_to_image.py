@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from flowdppo.config import task_options
 from flowdppo.errors import ConfigError
 from flowdppo.policies.pipelines import PipelinePolicy, load_pipeline_policy, pipeline_policy_class
 from flowdppo.prompts import EmbeddingCache, PromptBatch, load_prompts, make_batch, split_prompts
@@ -65,7 +66,7 @@ class TextToImageTask:
         return pipeline_policy_class(cfg.model)
 
     def __init__(self, cfg, device: torch.device | str = "cpu") -> None:
-        options = getattr(cfg, cfg.task)
+        options = task_options(cfg)
         if not options.prompts:
             raise ConfigError(f"{cfg.task}.prompts: the {cfg.task} task needs a prompt file (.txt or .jsonl)")
         self.cfg, self.options, self.device = cfg, options, torch.device(device)
