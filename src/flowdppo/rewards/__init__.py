@@ -29,7 +29,8 @@ class RewardConfig(Section):
     """The rewards and how their scores become advantages (``reward.*``)."""
 
     names: list[str] = field(default_factory=lambda: ["classifier_prob"])
-    """Reward functions by name."""
+    """Rewards by name: a built-in one (``name``, or ``name@model_path`` for a model reward), a reward server
+    (``http://HOST:PORT``) or your own ``module:function``."""
     weights: list[float] = field(default_factory=lambda: [1.0])
     """One weight per reward."""
     aggregation: str = "sum"
