@@ -4,17 +4,21 @@ readers, and ``flowdppo config`` shows them."""
 import dataclasses
 import re
 import typing
+from pathlib import Path
 
 import pytest
+import yaml
 from test_new_algorithm import registered_rwr  # noqa: F401  (the fixture, by name)
 
 from flowdppo.cli import main
 from flowdppo.config import PRESETS, load_config, train_config_type
 from flowdppo.errors import ConfigError
 from flowdppo.keys import all_keys, find, reference_markdown
+from flowdppo.overrides import flatten_keys
 from flowdppo.samplers import SamplerConfig
 from flowdppo.settings import TASKS
 
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 COMPANIONS = {  # a choice that needs another key to load (the combination checks)
     "sampler.kind=ode": ["sampler.kl_kernel=flow_sde"],
     "sampler.logprob_convention=cps": ["sampler.kind=cps", "sampler.eta=0.8"],
@@ -127,3 +131,13 @@ def test_flowdppo_config_lists_a_prefix_shows_a_key_and_names_the_closest_for_a_
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     assert "flowdppo config" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("recipe", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_key_of_an_example_recipe_is_a_key_and_carries_a_comment(recipe):
+    text = recipe.read_text()
+    uncommented = [line for line in text.splitlines() if re.match(r"\s*\w+:", line) and "  # " not in line]
+    assert not uncommented
+    names = {k.name for k in all_keys()}
+    assert set(flatten_keys(yaml.safe_load(text))) <= names
+    assert load_config(config_file=recipe).task in TASKS

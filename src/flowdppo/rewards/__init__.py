@@ -19,6 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from flowdppo.advantages import AGGREGATIONS, STD_SCOPES
 from flowdppo.errors import ConfigError, RewardError
 from flowdppo.prompts import PromptBatch
 from flowdppo.settings import Section, register_section, require
@@ -44,7 +45,7 @@ class RewardConfig(Section):
 
     @classmethod
     def choices(cls) -> dict[str, tuple]:
-        return {"aggregation": ("sum", "gdpo"), "std_scope": ("batch", "group"), "video_aggregation": ("mean", "min")}
+        return {"aggregation": AGGREGATIONS, "std_scope": STD_SCOPES, "video_aggregation": ("mean", "min")}
 
     def check(self, prefix: str = "reward.") -> None:
         self.check_choices(prefix)
