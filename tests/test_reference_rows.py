@@ -41,6 +41,8 @@ NEW_KEYS = {
     "first_moved_log_ratio_mean",
     "first_moved_log_ratio_std",
     "eval/kl_to_base",
+    "trained_elements",
+    "optimizer_steps",
 }
 REFERENCE = json.loads((Path(__file__).parent / "data" / "reference_rows.json").read_text())
 RTOL = 1e-3

@@ -1,6 +1,7 @@
 """End-to-end runs on the digits task: the reward moves, the alarms fire, the run folder is complete."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -228,3 +229,21 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path):
     policy = DigitsTask(load_config()).policy
     policy.enable_gradient_checkpointing()
     assert policy.transformer.gradient_checkpointing
+
+
+@pytest.mark.parametrize(
+    ("method", "per_sample", "extra"),
+    [
+        ("flow_dppo", 2, ["sampler.window_size=2"]),  # two trained SDE steps per sample
+        ("diffusion_nft", 3, ["nft.train_timesteps=3", "nft.timesteps=stratified"]),  # three noise levels per sample
+    ],
+)
+def test_rows_count_trained_elements_and_optimizer_steps(tmp_path, method, per_sample, extra):
+    """4 prompts x 2 samples x ``per_sample`` elements, 2 passes; mini-batches of 4 elements, 2 per optimizer step:
+    ``ceil(8 * per_sample / 4) / 2`` steps per pass (a last short window still steps)."""
+    overrides = ["epochs=1", "prompts_per_epoch=4", "group_size=2", "eval_every=1000", "optim.inner_epochs=2"]
+    overrides += ["optim.minibatch_size=4", "optim.grad_accum=2", *extra]
+    row = train(load_config(method, overrides=overrides), tmp_path / "run", progress=False).rows()[0]
+    elements = 4 * 2 * per_sample
+    assert row["trained_elements"] == 2 * elements
+    assert row["optimizer_steps"] == 2 * math.ceil(math.ceil(elements / 4) / 2)

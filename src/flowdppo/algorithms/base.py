@@ -175,7 +175,11 @@ class Algorithm:
                 history.append(metrics)
         self.after_update(policy)
         metrics = dist.reduce_metrics(average_metrics(history), advantages.device)
-        return metrics | mechanism_metrics(moved, dist)
+        counts = {  # what the update cost, in units that do not depend on the machine
+            "trained_elements": float(elements.steps * elements.batch * cfg.optim.inner_epochs * dist.world_size),
+            "optimizer_steps": float(self.optimizer_steps - steps_before),
+        }
+        return metrics | counts | mechanism_metrics(moved, dist)
 
 
 ELEMENT_DIM_KL = "elements/dim_kl"  # dim * D of each element of a mini-batch
