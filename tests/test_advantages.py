@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from flowdppo.advantages import aggregate_rewards, group_advantages
+from flowdppo.config import load_config
 
 
 def test_hand_computed_batch_std():
@@ -41,6 +42,31 @@ def test_identical_rewards_give_zero_not_nan(std_scope):
     assert torch.equal(out, torch.zeros(6))
     single = group_advantages(torch.tensor([1.0]), torch.tensor([0]), std_scope=std_scope)
     assert torch.equal(single, torch.zeros(1))
+
+
+@pytest.mark.parametrize("std_scope", ["batch", "group"])
+def test_eps_zero_gives_zero_for_a_constant_or_one_sample_group(std_scope):
+    """Not 0 / 0: the docstring's 0 for any eps; the other groups are plain z-scores."""
+    rewards = torch.tensor([0.3, 0.3, 0.3, 1.0, 3.0, 7.0])
+    groups = torch.tensor([0, 0, 0, 1, 1, 2])  # constant, two samples (mean 2, std 1), one sample
+    out = group_advantages(rewards, groups, std_scope=std_scope, eps=0.0)
+    assert torch.equal(out[[0, 1, 2, 5]], torch.zeros(4))
+    std = 1.0 if std_scope == "group" else float(rewards.std(unbiased=False))
+    torch.testing.assert_close(out[3:5], torch.tensor([-1.0, 1.0]) / std)
+    assert torch.equal(group_advantages(torch.full((4,), 2.5), torch.zeros(4), std_scope, eps=0.0), torch.zeros(4))
+    assert torch.equal(group_advantages(torch.tensor([4.0]), torch.tensor([0]), std_scope, eps=0.0), torch.zeros(1))
+
+
+def test_the_dance_grpo_preset_normalises_each_group_by_its_own_std():
+    """DanceGRPO's ``--use_group`` (every public script): per-group z-scores; the Flow-GRPO preset keeps the batch's."""
+    cfg = load_config("dance_grpo")
+    assert (cfg.reward.std_scope, load_config("flow_grpo").reward.std_scope) == ("group", "batch")
+    rewards = torch.tensor([1.0, 3.0, 2.0, 10.0, 20.0, 30.0])
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    weights = torch.tensor(cfg.reward.weights)
+    out = aggregate_rewards(rewards[:, None], groups, weights, cfg.reward.aggregation, cfg.reward.std_scope)
+    s0, s1 = (2 / 3) ** 0.5 + 1e-4, (200 / 3) ** 0.5 + 1e-4  # population stds of (1, 3, 2) and (10, 20, 30)
+    torch.testing.assert_close(out, torch.tensor([-1 / s0, 1 / s0, 0.0, -10 / s1, 0.0, 10 / s1]))
 
 
 def test_gdpo_matches_numpy():

@@ -1,11 +1,15 @@
 """Likelihood-free algorithms (DiffusionNFT, AWM) against hand-derived gradients, limits and mappings."""
 
+from functools import partial
+
 import pytest
 import torch
+from torch import Tensor
 
-from flowdppo.algorithms.awm import matching_log_prob
-from flowdppo.algorithms.diffusion_nft import nft_loss, optimality_weight, x0_error
-from flowdppo.algorithms.likelihood_free import SlowWeights, noise_levels, noised_elements
+from flowdppo.algorithms.awm import AWM, matching_log_prob
+from flowdppo.algorithms.diffusion_nft import DiffusionNFT, nft_loss, optimality_weight, x0_error
+from flowdppo.algorithms.likelihood_free import SlowWeights, mean_squared, noise_levels, noised_elements
+from flowdppo.config import load_config
 from flowdppo.distributed import Distributed
 from flowdppo.losses import ppo_clip
 from flowdppo.rollout import Trajectory
@@ -30,7 +34,7 @@ def test_optimality_weight_maps_advantages_to_unit_interval():
 
 
 def test_nft_gradient_matches_hand_derivation_on_a_linear_model():
-    """d/dtheta of (r L(v+) + (1 - r) L(v-)) / b with v+- linear in theta and the weights held constant."""
+    """d/dtheta of c (r L(v+) + (1 - r) L(v-)) / b with v+- linear in theta and the weights held constant."""
     u, x0, _, sigma, noised = linear_toy()
     v_old = 0.3 * u + 0.1
     adv = torch.tensor([3.0, -1.0, 0.0, 5.0, -7.0, 1.5], dtype=torch.float64)
@@ -45,12 +49,12 @@ def test_nft_gradient_matches_hand_derivation_on_a_linear_model():
         error = noised - s * v - x0
         w = error.abs().flatten(1).mean(1).view(-1, 1, 1, 1)
         # dL/dtheta = mean(2 e * de/dtheta) / w, de/dtheta = -s * (+-b) u
-        expected += (weight * 2 * error * (-s * sign * b * u) / w).flatten(1).mean(1).sum() / b
+        expected += c * (weight * 2 * error * (-s * sign * b * u) / w).flatten(1).mean(1).sum() / b
     torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-12)
 
 
 def test_nft_small_b_limit_is_the_advantage_weighted_matching_gradient():
-    """As b -> 0 (on-policy, v = v_old) the gradient becomes (2r - 1) * grad L(v): descend on good samples,
+    """As b -> 0 (on-policy, v = v_old) the gradient becomes c (2r - 1) * grad L(v): descend on good samples,
     ascend on bad ones."""
     u, x0, _, sigma, noised = linear_toy(1)
     adv = torch.tensor([5.0, -5.0, 2.0, 0.0, -1.0, 4.0], dtype=torch.float64)
@@ -65,7 +69,7 @@ def test_nft_small_b_limit_is_the_advantage_weighted_matching_gradient():
             for i in range(E)
         ]
     )
-    torch.testing.assert_close(grad, ((2 * r - 1) * plain).sum(), rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(grad, 5.0 * ((2 * r - 1) * plain).sum(), rtol=1e-5, atol=1e-9)
 
 
 def test_nft_with_the_best_advantage_and_b_one_is_plain_x0_matching():
@@ -73,7 +77,7 @@ def test_nft_with_the_best_advantage_and_b_one_is_plain_x0_matching():
     v = 0.8 * u
     loss, r = nft_loss(v, 0.2 * u, noised, sigma, x0, torch.full((E,), 5.0, dtype=torch.float64), 1.0, 5.0)
     assert torch.equal(r, torch.ones(E, dtype=torch.float64))
-    torch.testing.assert_close(loss, x0_error(noised, sigma, v, x0))
+    torch.testing.assert_close(loss, 5.0 * x0_error(noised, sigma, v, x0))
 
 
 def test_x0_error_is_normalised_by_its_detached_mean_absolute_value():
@@ -145,6 +149,11 @@ def test_noise_levels_come_from_the_schedule():
     assert set(strata[0].tolist()) == set(sigmas[[1, 2]].tolist())
     assert set(strata[1].tolist()) == set(sigmas[[3, 4, 5]].tolist())
     assert set(noise_levels("stratified", sigmas, 5, 20, gen).T[0].tolist()) == set(sigmas[1:6].tolist())
+    # AWM's public recipe: 14 steps, 6 levels, timestep_fraction 0.9 -> strata of linspace(1, 12, 7).long()
+    fourteen = torch.linspace(1, 0, 15)
+    public = noise_levels("stratified", fourteen, 6, 400, gen, fraction=0.9)
+    for row, (lo, hi) in zip(public, [(1, 2), (2, 4), (4, 6), (6, 8), (8, 10), (10, 12)], strict=True):
+        assert set(row.tolist()) == set(fourteen[lo:hi].tolist())
     uniform = noise_levels("uniform", sigmas, 3, 100, gen)
     assert uniform.min() >= 0.1 and uniform.max() <= 1.0 and len(set(uniform.flatten().tolist())) == 300
 
@@ -179,3 +188,115 @@ def test_noised_elements_are_forward_noised_and_split_across_processes_as_one():
         ).data
         mine = torch.cat([torch.arange(4) + 8 * t + 4 * rank for t in range(3)])
         assert torch.equal(part["eps"], d["eps"][mine]) and torch.equal(part["sigma"], d["sigma"][mine])
+
+
+def test_nft_loss_is_c_times_the_weighted_x0_errors_over_b():
+    """The public code's ``(ori_policy_loss * adv_clip_max).mean()``: the factor c, by hand."""
+    u, x0, _, sigma, noised = linear_toy(6)
+    v, v_old = 0.9 * u, 0.4 * u - 0.2
+    adv = torch.tensor([2.0, -1.0, 0.0, 6.0, -3.0, 0.5], dtype=torch.float64)
+    b, c = 0.5, 2.0
+    loss, _ = nft_loss(v, v_old, noised, sigma, x0, adv, b, c)
+    s = sigma.view(-1, 1, 1, 1)
+
+    def error(w):
+        e = (noised - s * w - x0).flatten(1)
+        return e.pow(2).mean(1) / e.abs().mean(1)
+
+    r = adv.clamp(-c, c) / (2 * c) + 0.5
+    expected = c * (r * error(b * v + (1 - b) * v_old) + (1 - r) * error((1 + b) * v_old - b * v)) / b
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+
+
+class ToyVelocity(torch.nn.Module):
+    """v = theta * x + 0.1 * cond: one trainable parameter, called as a policy (with ``guidance_scale``)."""
+
+    def __init__(self, theta: float) -> None:
+        super().__init__()
+        self.theta = torch.nn.Parameter(torch.tensor(theta))
+
+    def forward(self, x, sigma, cond, guidance_scale=1.0):
+        return self.theta * x + 0.1 * cond.view(-1, 1, 1, 1).to(x.dtype)
+
+
+def toy_trajectory(batch: int, num_steps: int) -> Trajectory:
+    empty = torch.zeros(0)
+    return Trajectory(
+        cond=torch.arange(batch) % 3,
+        final=torch.randn(batch, *SHAPE, generator=torch.Generator().manual_seed(7)),
+        step_index=empty,
+        step_sigma=empty,
+        step_sigma_next=empty,
+        latents=empty,
+        next_latents=empty,
+        means=empty,
+        stds=empty,
+        log_probs=torch.zeros(0, batch),
+        sigmas=torch.linspace(1, 0, num_steps + 1),
+    )
+
+
+def algorithm_on_toy(cls, method: str, overrides: list[str], batch: int = 8, moved: float = 0.0):
+    """``cls`` set up on a ToyVelocity at theta 0.7, then moved by ``moved`` (its slow copy stays at 0.7), with
+    the elements of a toy rollout; (algorithm, policy, trajectory, elements)."""
+    cfg = load_config(method, overrides=overrides)
+    algorithm, policy = cls(cfg), ToyVelocity(0.7)
+    algorithm.setup(policy)
+    with torch.no_grad():
+        policy.theta.add_(moved)
+    traj = toy_trajectory(batch, cfg.sampler.num_steps)
+    adv = torch.linspace(-6, 6, batch)
+    elements = algorithm.elements(traj, adv, policy, torch.Generator().manual_seed(0), Distributed())
+    return algorithm, policy, traj, elements
+
+
+def test_nft_loss_weighs_the_base_kl_by_beta_against_c_times_the_policy_term():
+    algorithm, policy, traj, elements = algorithm_on_toy(DiffusionNFT, "diffusion_nft", ["loss.beta=0.01"])
+    mb = elements.data
+    cond = traj.cond[mb["sample"]]
+    base = ToyVelocity(0.2)
+    loss, metrics = algorithm.loss(partial(policy), partial(base), mb, cond, True, Distributed())
+    v = policy(mb["noised"], mb["sigma"], cond)
+    per_element, _ = nft_loss(v, mb["v_old"], mb["noised"], mb["sigma"], mb["x0"], mb["advantages"], 1.0, 1.0)
+    v_ref = base(mb["noised"], mb["sigma"], cond).detach()
+    expected = 5.0 * per_element.mean() + 0.01 * mean_squared(v, v_ref).mean()  # c = nft.adv_clip_max = 5
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(metrics["policy_loss"], 5.0 * per_element.mean().detach())
+
+
+def awm_hand_loss(theta: Tensor, mb: dict, cond, beta: float, ema_kl: float, base_theta: float) -> Tensor:
+    """AWM's preset loss by hand: the PPO clip of the ghuber matching ratio, A / 5, plus the KL terms."""
+    v = theta * mb["noised"] + 0.1 * cond.view(-1, 1, 1, 1)
+    target = mb["eps"] - mb["x0"]
+    log_ratio = matching_log_prob(v, target, mb["sigma"]) - mb["log_probs"]
+    policy_term = ppo_clip(log_ratio, mb["advantages"].double().clamp(-5, 5) / 5, 1.0)[0].mean().float()
+    v_ref = base_theta * mb["noised"] + 0.1 * cond.view(-1, 1, 1, 1)
+    ema = ema_kl * mean_squared(v, mb["v_ema"]).mean() if ema_kl else 0.0
+    return policy_term + beta * mean_squared(v, v_ref).mean() + ema
+
+
+@pytest.mark.parametrize("beta", [0.0, 1e-4])
+def test_awm_adds_the_ema_kl_only_with_the_base_kl_as_the_public_code(beta):
+    """``loss.beta=0`` trains the policy term alone (no EMA forward either); ``beta > 0`` adds both KL terms."""
+    algorithm, policy, traj, elements = algorithm_on_toy(AWM, "awm", [f"loss.beta={beta}"], moved=0.3)
+    mb = elements.data
+    assert ("v_ema" in mb) == (beta > 0)
+    cond = traj.cond[mb["sample"]]
+    loss, metrics = algorithm.loss(partial(policy), partial(ToyVelocity(0.2)), mb, cond, True, Distributed())
+    assert ("ema_kl" in metrics) == (beta > 0)
+    (grad,) = torch.autograd.grad(loss, policy.theta)
+    theta = policy.theta.detach().clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(awm_hand_loss(theta, mb, cond, beta, 1.0 if beta else 0.0, 0.2), theta)
+    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-8)
+    if beta:  # the EMA term is there: the policy term's gradient alone is another one
+        (alone,) = torch.autograd.grad(awm_hand_loss(theta, mb, cond, 0.0, 0.0, 0.2), theta)
+        assert not torch.allclose(grad, alone, rtol=1e-3)
+
+
+def test_awm_never_trains_the_steps_from_int_k_times_the_timestep_fraction():
+    """10 steps at the public 0.9: indices 1..8, never 0 or 9; with fraction 1 index 9 is trained too."""
+    sigmas = torch.linspace(1, 0, 11)
+    _, _, _, elements = algorithm_on_toy(AWM, "awm", [], batch=64)
+    assert set(elements.data["sigma"].tolist()) == set(sigmas[1:9].tolist())
+    _, _, _, every = algorithm_on_toy(AWM, "awm", ["awm.timestep_fraction=1"], batch=64)
+    assert set(every.data["sigma"].tolist()) == set(sigmas[1:10].tolist())

@@ -100,7 +100,13 @@ def test_bad_values_name_the_key(overrides, message):
         ("diffusion_nft", ["nft.b=0"], "nft.b: must be > 0"),
         ("diffusion_nft", ["nft.b=-1"], "nft.b: must be > 0"),
         ("diffusion_nft", ["nft.train_timesteps=11"], "nft.train_timesteps: schedule draws at most 10 levels"),
-        ("awm", ["awm.train_timesteps=10"], "awm.train_timesteps: stratified draws at most 9 levels"),
+        (
+            "awm",
+            ["awm.train_timesteps=9"],
+            "awm.train_timesteps: stratified draws at most 8 levels from a 10-step schedule at "
+            "awm.timestep_fraction 0.9, got 9",
+        ),
+        ("awm", ["awm.timestep_fraction=1.5"], "awm.timestep_fraction: must be in (0, 1], got 1.5"),
         ("diffusion_nft", ["sampler.kl_kernel=rollout"], "sampler.kl_kernel: an ode rollout has no stochastic kernel"),
         ("diffusion_nft", ["optim.fsdp=true", "optim.lora_rank=0"], "optim.fsdp: not supported by diffusion_nft"),
         ("dance_grpo", ["sampler.eta=2.5"], "sampler.eta: must be in (0.0, 2.0] for sampler.kind dance_sde"),

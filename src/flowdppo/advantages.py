@@ -39,7 +39,9 @@ def group_advantages(
     std_scope: Literal["batch", "group"] = "batch",
     eps: float = 1e-4,
 ) -> Tensor:
-    """``A = (r - mean_group(r)) / (std + eps)``, std over the whole batch (default) or the group. (N,)"""
+    """``A = (r - mean_group(r)) / (std + eps)``, std over the whole batch (default) or the group. (N,)
+
+    A constant or one-sample group gets ``A = 0`` for any ``eps``, 0 included (not ``0 / 0``)."""
     if rewards.ndim != 1 or group_ids.shape != rewards.shape:
         raise ValueError(
             f"rewards and group_ids must both have shape (N,), got {tuple(rewards.shape)} and {tuple(group_ids.shape)}"
@@ -49,7 +51,7 @@ def group_advantages(
     rewards = rewards.float()
     centred, group_std = _group_stats(rewards, group_ids)
     std = group_std if std_scope == "group" else rewards.std(unbiased=False)
-    return centred / (std + eps)
+    return torch.where(centred == 0, torch.zeros_like(centred), centred / (std + eps))
 
 
 def aggregate_rewards(

@@ -9,10 +9,15 @@ is minus its velocity-matching error against the target ``eps - x0``:
 - ``rho = exp(lp - lp_old)``, ``lp_old`` the rollout policy's value on the same ``(x_s, s, eps)``, frozen
   before the update; ``A`` clamped to ``+-awm.adv_clip_max`` and divided by it;
 - loss ``max(-A rho, -A clip(rho, 1 - eps, 1 + eps))`` (the PPO clip, ``eps = awm.clip_range``),
-  averaged; ``loss.beta > 0`` adds ``beta * mean((v - v_ref)^2)`` to the frozen base and
-  ``awm.ema_kl > 0`` adds ``ema_kl * mean((v - v_ema)^2)`` to a slowly-updated copy of the weights
+  averaged; ``loss.beta > 0`` adds ``beta * mean((v - v_ref)^2)`` to the frozen base and with it
+  (``awm.ema_kl > 0``) ``ema_kl * mean((v - v_ema)^2)`` to a slowly-updated copy of the weights
   (``w_ema <- d w_ema + (1 - d) w`` after each rollout's update, ``d = min(ema_decay_rate * steps,
   ema_decay_max)``). Rollouts run the current weights.
+
+As the public code (scxue/advantage_weighted_matching ``scripts/train_sd3_awm.py``): the EMA term is added only
+inside ``if beta > 0`` (``loss.beta=0`` trains the policy term alone), and the stratified levels come from the
+step indices ``1 .. int(K * timestep_fraction) - 1`` (its ``discrete_wo_init`` with ``timestep_fraction`` 0.9:
+the last steps are never trained).
 """
 
 from __future__ import annotations
@@ -74,13 +79,15 @@ class AWMConfig(Section):
     train_timesteps: int = 6
     """Noise levels each final sample is trained at."""
     timesteps: str = "stratified"
-    """How they are drawn: "stratified" (one per stratum of the schedule's steps 1..K-1), "schedule", "uniform"."""
+    """How they are drawn: "stratified" (one per stratum of the steps 1..int(K f)-1), "schedule", "uniform"."""
+    timestep_fraction: float = 0.9
+    """f: "stratified" never trains the steps from int(K f) on (the public 0.9; 1: every step but the first)."""
     weighting: str = "ghuber"
     """Log-prob surrogate: "ghuber" -s((mse + d)^p - d^p)/p, "t" -s mse, "uniform" -mse."""
     huber_p: float = 0.25
     """p of the ghuber weighting."""
     ema_kl: float = 1.0
-    """Weight of mean((v - v_ema)^2) to the slowly-updated policy (0: off)."""
+    """Weight of mean((v - v_ema)^2) to the slowly-updated policy, added only with loss.beta > 0 (0: off)."""
     ema_decay_rate: float = 0.001
     """Slow policy w_ema <- d w_ema + (1 - d) w after each update, d = min(rate * optimizer steps, max)."""
     ema_decay_max: float = 0.3
@@ -94,6 +101,8 @@ class AWMConfig(Section):
         self.check_choices(prefix)
         require(self, prefix, "> 0", "clip_range", "adv_clip_max", "train_timesteps", "huber_p")
         require(self, prefix, ">= 0", "ema_kl", "ema_decay_rate")
+        if not 0 < self.timestep_fraction <= 1:
+            raise ConfigError(f"{prefix}timestep_fraction: must be in (0, 1], got {self.timestep_fraction}")
         if problem := decay_error(f"{prefix}ema_decay_max", self.ema_decay_max):
             raise ConfigError(problem)
 
@@ -106,7 +115,8 @@ class AWM(LikelihoodFree):
 
     @classmethod
     def config_error(cls, cfg) -> str | None:
-        return timesteps_error("awm", cfg.awm.timesteps, cfg.awm.train_timesteps, cfg.sampler.num_steps)
+        awm = cfg.awm
+        return timesteps_error("awm", awm.timesteps, awm.train_timesteps, cfg.sampler.num_steps, awm.timestep_fraction)
 
     def slow_decay(self) -> tuple[float, float]:
         return self.cfg.awm.ema_decay_rate, self.cfg.awm.ema_decay_max
@@ -115,14 +125,21 @@ class AWM(LikelihoodFree):
         self, traj: Trajectory, advantages: Tensor, policy: nn.Module, rng: torch.Generator, dist: Distributed
     ) -> Elements:
         awm = self.cfg.awm
-        elements = noised_elements(traj, advantages, awm.timesteps, awm.train_timesteps, rng, dist)
+        elements = noised_elements(
+            traj, advantages, awm.timesteps, awm.train_timesteps, rng, dist, awm.timestep_fraction
+        )
         data = elements.data
         target = data["eps"] - data["x0"]
         data["log_probs"] = self.log_prob(velocities(policy, elements, traj.cond, self.cfg), target, data["sigma"])
-        if awm.ema_kl > 0:
+        if self.ema_kl > 0:
             with self.slow.swapped_in(policy):  # the EMA policy
                 data["v_ema"] = velocities(policy, elements, traj.cond, self.cfg)
         return elements
+
+    @property
+    def ema_kl(self) -> float:
+        """The EMA term's weight: ``awm.ema_kl`` with ``loss.beta > 0``, else 0 (as the public code)."""
+        return self.cfg.awm.ema_kl if self.cfg.loss.beta > 0 else 0.0
 
     def log_prob(self, v: Tensor, target: Tensor, sigma: Tensor) -> Tensor:
         return matching_log_prob(v, target, sigma, self.cfg.awm.weighting, self.cfg.awm.huber_p)
@@ -147,9 +164,9 @@ class AWM(LikelihoodFree):
             "masked_fraction": clipped.float().mean(),
         }
         loss = with_reference_kl(loss, metrics, self.cfg.loss.beta, lambda: velocity_kl(v, base_velocity, mb, cond))
-        if awm.ema_kl > 0:
+        if self.ema_kl > 0:
             ema_kl = mean_squared(v, mb["v_ema"]).mean()
-            loss = loss + awm.ema_kl * ema_kl
+            loss = loss + self.ema_kl * ema_kl
             metrics["ema_kl"] = ema_kl.detach()
         return loss, metrics
 

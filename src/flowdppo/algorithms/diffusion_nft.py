@@ -7,14 +7,17 @@ and ``v_old`` the sampling policy's (no gradient):
 - optimality weight ``r = clip(A, -c, c) / (2 c) + 1/2`` in ``[0, 1]``;
 - x0-prediction error ``L(u) = mean((x_s - s u - x0)^2) / w`` with the adaptive weight
   ``w = max(detach(mean|x_s - s u - x0|), 1e-5)`` (computed for each of ``v+``, ``v-``);
-- loss ``(r L(v+) + (1 - r) L(v-)) / b``, averaged over elements; ``loss.beta > 0`` adds
+- loss ``c (r L(v+) + (1 - r) L(v-)) / b``, averaged over elements; ``loss.beta > 0`` adds
   ``beta * mean((v - v_ref)^2)`` to the frozen base.
 
 The sampling ("old") policy is a slowly-updated copy of the trained weights: after each rollout's
 update, ``w_old <- d w_old + (1 - d) w`` with ``d = min(nft.old_decay_rate * steps, nft.old_decay_max)``
 (``old_decay_max = 0``: roll out with the current weights). Rollouts run the old weights.
-The public code also multiplies the loss by ``c``; under Adam that only changes where gradient clipping
-binds, and it is left out here.
+The factor ``c`` is the public code's (NVlabs/DiffusionNFT ``scripts/train_nft_sd3.py``:
+``policy_loss = (ori_policy_loss * adv_clip_max).mean()``, then ``+ beta * kl``). It multiplies the policy
+term alone, so beyond the gradient norm ``optim.max_grad_norm`` clips it sets the base KL's weight relative to
+that term: Adam is invariant to a constant factor on the whole loss, so ``loss.beta`` acts as the public
+``train.beta`` of the same value (1e-4 in its recipes); without ``c`` it would act as ``c`` times that.
 """
 
 from __future__ import annotations
@@ -67,12 +70,12 @@ def nft_loss(
     b: float,
     adv_clip_max: float,
 ) -> tuple[Tensor, Tensor]:
-    """Per-element DiffusionNFT loss ``(r L(v+) + (1 - r) L(v-)) / b`` and the optimality weight ``r``. (E,)"""
+    """Per-element DiffusionNFT loss ``c (r L(v+) + (1 - r) L(v-)) / b`` and the optimality weight ``r``. (E,)"""
     v_old = v_old.detach()
     positive, negative = b * v + (1 - b) * v_old, (1 + b) * v_old - b * v
     r = optimality_weight(upcast(advantages.detach()), adv_clip_max)
     loss = (r * x0_error(noised, sigma, positive, x0) + (1 - r) * x0_error(noised, sigma, negative, x0)) / b
-    return loss, r
+    return adv_clip_max * loss, r
 
 
 @dataclass
@@ -82,7 +85,7 @@ class NFTConfig(Section):
     b: float = 1.0
     """Strength of the implicit policies v+- around the sampling policy (public: 1.0; 0.1 for OCR)."""
     adv_clip_max: float = 5.0
-    """c in the optimality weight r = clip(A, -c, c) / (2c) + 1/2."""
+    """c in the optimality weight r = clip(A, -c, c) / (2c) + 1/2, and the loss's factor."""
     train_timesteps: int = 9
     """Noise levels each final sample is trained at."""
     timesteps: str = "schedule"

@@ -25,19 +25,27 @@ TIMESTEP_MODES = ("schedule", "stratified", "uniform")
 LIKELIHOOD_FREE_SAMPLER = {"kind": "ode", "kl_kernel": "flow_sde"}
 
 
-def noise_levels(mode: str, sigmas: Tensor, n: int, batch: int, generator: torch.Generator) -> Tensor:
+def stratified_top(num_steps: int, fraction: float) -> int:
+    """The first step index ``"stratified"`` never draws: ``int(K * fraction)`` (AWM's ``timestep_fraction``)."""
+    return int(num_steps * fraction)
+
+
+def noise_levels(
+    mode: str, sigmas: Tensor, n: int, batch: int, generator: torch.Generator, fraction: float = 1.0
+) -> Tensor:
     """Training noise levels ``(n, batch)`` drawn from the rollout schedule ``sigmas[0..K]``.
 
     ``"schedule"`` (DiffusionNFT): per sample, ``n`` distinct levels of ``sigmas[0..K-1]`` in random order;
-    ``"stratified"`` (AWM): the step indices ``1..K-1`` cut into ``n`` consecutive, disjoint strata, one
-    index drawn in each, per sample; ``"uniform"``: ``s ~ U(sigmas[K-1], sigmas[0])``.
+    ``"stratified"`` (AWM): the step indices ``1..int(K * fraction) - 1`` cut into ``n`` consecutive, disjoint
+    strata, one index drawn in each, per sample; ``"uniform"``: ``s ~ U(sigmas[K-1], sigmas[0])``.
     """
     levels = sigmas[:-1].to(generator.device)
     k = len(levels)
     if mode == "schedule":
         index = torch.rand((batch, k), generator=generator, device=generator.device).argsort(dim=1)[:, :n].T
     elif mode == "stratified":
-        edges = torch.linspace(1, k, n + 1, device=generator.device).floor().long()  # [1, K) in n strata
+        top = stratified_top(k, fraction)  # [1, top) in n strata
+        edges = torch.linspace(1, top, n + 1, device=generator.device).floor().long()
         lo, width = edges[:-1, None], (edges[1:] - edges[:-1])[:, None]
         u = torch.rand((n, batch), generator=generator, device=generator.device)
         index = lo + (u * width).floor().long()
@@ -49,12 +57,14 @@ def noise_levels(mode: str, sigmas: Tensor, n: int, batch: int, generator: torch
     return levels[index]
 
 
-def timesteps_error(section: str, mode: str, n: int, num_steps: int) -> str | None:
+def timesteps_error(section: str, mode: str, n: int, num_steps: int, fraction: float = 1.0) -> str | None:
     """Why ``n`` training levels cannot be drawn with ``mode`` from a ``num_steps`` schedule, or None."""
-    most = {"schedule": num_steps, "stratified": num_steps - 1}.get(mode)
+    most = {"schedule": num_steps, "stratified": stratified_top(num_steps, fraction) - 1}.get(mode)
     if most is not None and n > most:
+        within = f" at {section}.timestep_fraction {fraction:g}" if mode == "stratified" and fraction < 1 else ""
         return (
-            f"{section}.train_timesteps: {mode} draws at most {most} levels from a {num_steps}-step schedule, got {n}"
+            f"{section}.train_timesteps: {mode} draws at most {max(most, 0)} levels from a {num_steps}-step "
+            f"schedule{within}, got {n}"
         )
     return None
 
@@ -71,15 +81,21 @@ def decay_error(key: str, decay_max: float) -> str | None:
 
 
 def noised_elements(
-    traj: Trajectory, advantages: Tensor, mode: str, n: int, rng: torch.Generator, dist: Distributed
+    traj: Trajectory,
+    advantages: Tensor,
+    mode: str,
+    n: int,
+    rng: torch.Generator,
+    dist: Distributed,
+    fraction: float = 1.0,
 ) -> Elements:
     """``n`` forward-noised copies of each final sample: element ``e = t * B + b`` holds ``x0`` (sample
-    ``b``), ``eps``, ``sigma = s`` and ``noised = (1 - s) x0 + s eps``. The levels and the noise are drawn
-    for the global batch from ``rng`` (alike on every process) and sliced to this process's rows."""
+    ``b``), ``eps``, ``sigma = s`` and ``noised = (1 - s) x0 + s eps``. The levels (``noise_levels``) and the
+    noise are drawn for the global batch from ``rng`` (alike on every process) and sliced to this process's rows."""
     x0 = traj.final
     b = x0.shape[0]
     rows = slice(dist.rank * b, (dist.rank + 1) * b)
-    sigma = noise_levels(mode, traj.sigmas, n, b * dist.world_size, rng)[:, rows].to(x0.device)
+    sigma = noise_levels(mode, traj.sigmas, n, b * dist.world_size, rng, fraction)[:, rows].to(x0.device)
     eps = torch.randn((n, b * dist.world_size, *x0.shape[1:]), generator=rng, device=rng.device)[:, rows]
     eps = eps.to(device=x0.device, dtype=x0.dtype).flatten(0, 1)
     sample = torch.arange(b, device=x0.device).repeat(n)

@@ -81,9 +81,10 @@ class PolicyGradient(Algorithm):
         "grpo_guard": {"sampler": SDE, "loss": {"loss_mode": "grpo_guard", "clip_range": 2e-6}},
         "flow_dppo_cps": {"sampler": {"kind": "cps", "eta": 0.8}, "loss": {"loss_mode": "flow_dppo"}},
         "unconstrained": {"sampler": SDE, "loss": {"loss_mode": "unconstrained"}},  # -A rho, no trust test: a control
-        "dance_grpo": {
+        "dance_grpo": {  # DanceGRPO's --use_group: each group's advantages by the group's own std
             "sampler": {"kind": "dance_sde", "eta": 0.3, "group_shared_noise": True},
             "loss": {"loss_mode": "flow_grpo", "clip_range": 1e-4},
+            "reward": {"std_scope": "group"},
         },
     }
 
