@@ -136,3 +136,32 @@ def test_a_flow_dppo_run_writes_mechanism_json_counting_every_moved_element(tmp_
         assert sum(n for rows_ in record["table"].values() for r in rows_ for n in r) == record["elements"]
         assert (record["tau"], record["clip_range"]) == (1e-5, 1e-4)
     assert data["total"]["elements"] == sum(r["elements"] for r in data["epochs"].values())
+
+
+def test_the_report_renders_both_tables_from_a_synthetic_results_json(tmp_path):
+    from test_compare import synthetic_results
+
+    from flowdppo.compare_report import render_report
+
+    results = synthetic_results(seeds=2)
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    plain = render_report(tmp_path).read_text()
+    assert "## Mechanism test" not in plain  # runs that predate it: no section
+    record = mech.summary(mech.counts(*columns(ELEMENTS), TAU, EPS), TAU, EPS)
+    for seed in results["arms"]["flow_dppo"]["seeds"].values():
+        seed["mechanism"] = record
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    report = render_report(tmp_path).read_text()
+    assert report.split("\n## Mechanism test")[0] == plain.split("\n## Plots")[0]  # the rest as it was
+    section = report.split("## Mechanism test")[1].split("## Plots")[0]
+    assert "### flow_dppo" in section and "### flow_grpo" not in section
+    assert "tau 1e-05, eps 0.0001; 14 moved elements over 2 seeds (0 non-finite left out)" in section
+    assert "| A > 0 | keeps | 0.0% (0) | 33.3% (2) |" in section
+    assert "| A > 0 | drops | 33.3% (2) | 33.3% (2) |" in section
+    assert "| A < 0 | keeps | 66.7% (4) | 0.0% (0) |" in section
+    assert "| A < 0 | drops | 0.0% (0) | 33.3% (2) |" in section
+    assert "A = 0: 2 elements, which neither test drops." in section
+    assert "| < 0.0001 | 2 | 0.0% (0) | 0.0-0.3% |" in section
+    assert "| [0.0001, 0.00032) | 2 | 100.0% (2) | 0.3-0.5% |" in section
+    assert "| [0.32, 1) | 6 | 33.3% (2) |" in section
+    assert "| >= 10 | 4 | 50.0% (2) | 48.7-50.0% |" in section
