@@ -74,7 +74,7 @@ def counts(
     edges = torch.tensor(DIM_KL_EDGES, dtype=torch.float64, device=dk.device)
     where = torch.bucketize(dk, edges, right=True)  # bin i: [edges[i - 1], edges[i])
     elements = torch.bincount(where, minlength=BINS)
-    disagree = torch.bincount(where, weights=sign_disagrees(lr, sh).double(), minlength=BINS).round().long()
+    disagree = torch.bincount(where[sign_disagrees(lr, sh)], minlength=BINS)
     return torch.cat([table, elements, disagree, (~finite).sum().view(1)])
 
 
