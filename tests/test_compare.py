@@ -460,3 +460,18 @@ def test_drawdown_and_collapse():
     assert measures["drawdown"] == pytest.approx(0.3) and measures["collapsed"] == 1.0
     assert run_measures(synthetic_record(1.0, 0))["drawdown"] == 0.0  # still rising at the end
     assert run_measures(synthetic_record(1.0, 0))["collapsed"] == 0.0
+
+
+def test_a_pre_registered_preset_runs_its_plans_seeds_and_refuses_others(tmp_path, monkeypatch, capsys):
+    import flowdppo.compare_runs
+
+    calls = []
+    monkeypatch.setattr(flowdppo.compare_runs, "run_compare", lambda preset, out, seeds, *rest: calls.append(seeds))
+    assert main(["compare", "--preset", "confirm", "--out", str(tmp_path / "c")]) == 0
+    assert main(["compare", "--preset", "matched", "--seeds", "20", "--out", str(tmp_path / "m")]) == 0
+    assert main(["compare", "--preset", "single", "--out", str(tmp_path / "s")]) == 0
+    assert calls == [PLANS["confirm"].seeds, PLANS["matched"].seeds, 5] == [40, 20, 5]
+    assert main(["compare", "--preset", "confirm", "--seeds", "5", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--seeds: the pre-registered preset confirm runs its plan's 40 seeds" in err
+    assert len(calls) == 3 and not (tmp_path / "x").exists()

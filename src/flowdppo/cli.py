@@ -144,7 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
         "asymmetry and ratio bias/noise at its latent size",
     )
     cmp.add_argument("--methods", help="comma-separated methods, any registered preset (default: all of them)")
-    cmp.add_argument("--seeds", type=int, default=5)
+    cmp.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="seeds per arm (default 5; a pre-registered preset runs its plan's number, and only that)",
+    )
     cmp.add_argument(
         "--seed-offset",
         type=int,

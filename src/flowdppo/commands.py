@@ -136,7 +136,7 @@ def export_command(args: argparse.Namespace) -> int:
 def compare_command(args: argparse.Namespace) -> int:
     from flowdppo.compare import BENCH_PRESETS, METHODS
     from flowdppo.compare_report import gather_reports, probe_line, render_report
-    from flowdppo.compare_runs import run_compare, run_probe
+    from flowdppo.compare_runs import run_compare, run_probe, seeds_of
 
     if args.gather:
         print(f"wrote {gather_reports(Path(args.gather))}")
@@ -169,12 +169,13 @@ def compare_command(args: argparse.Namespace) -> int:
             )
         print(f"wrote {render_report(out)}")
         return 0
-    _positive(seeds=args.seeds, jobs=args.jobs if args.jobs is not None else 1)
+    _positive(seeds=args.seeds if args.seeds is not None else 1, jobs=args.jobs if args.jobs is not None else 1)
     if args.preset not in BENCH_PRESETS:
         raise ConfigError(
             f"--preset: unknown preset {shown(args.preset)}{did_you_mean(args.preset, BENCH_PRESETS)}; "
             f"choose from {', '.join(BENCH_PRESETS)}"
         )
+    seeds = seeds_of(args.preset, args.seeds)
     if args.probe_only:
         print(probe_line(run_probe(args.preset, args.overrides, Path(args.out or f"runs/probe-{args.preset}"))))
         return 0
@@ -189,7 +190,7 @@ def compare_command(args: argparse.Namespace) -> int:
     run_compare(
         args.preset,
         out,
-        args.seeds,
+        seeds,
         methods,
         args.overrides,
         args.jobs,

@@ -141,12 +141,15 @@ def preset_arms(preset: str, methods: tuple[str, ...] = METHODS) -> list[Arm]:
         ]
     if preset in PLANS:  # the pre-registered pairs, in the probe's regime, on fresh seeds
         common = preset_common(preset)
+        # both arms of a pair carry its tau and eps: each logs the mechanism test at the pair's constants (the
+        # constant its own loss does not use changes nothing in its training)
         return [
             arm
             for group, tau, base, eps in PLANS[preset].pairs
+            for pair in ([f"loss.kl_mask_threshold={tau:g}", f"loss.clip_range={eps:g}"],)
             for arm in (
-                Arm(f"flow_dppo/tau{tau:g}", "flow_dppo", [*common, f"loss.kl_mask_threshold={tau:g}"], group),
-                Arm(f"{base}/eps{eps:g}", base, [*common, f"loss.clip_range={eps:g}"], group),
+                Arm(f"flow_dppo/tau{tau:g}", "flow_dppo", [*common, *pair], group),
+                Arm(f"{base}/eps{eps:g}", base, [*common, *pair[::-1]], group),
             )
         ]
     if preset == "single":  # claims 1 and 2

@@ -29,6 +29,7 @@ from flowdppo.compare_claims import (
     level_lines,
     matched_levels,
 )
+from flowdppo.compare_mechanism import mechanism_lines
 from flowdppo.frontier import mean_ci
 
 
@@ -256,6 +257,7 @@ def render_report(out: Path) -> Path:
         lines += level_lines(matched_levels(results))
     if results["preset"] == "epochs":
         lines += epochs_lines(table)
+    lines += mechanism_lines(results)  # none for runs that predate the mechanism test
     notes = out / "NOTES.md"  # a hand-written reading of the numbers, kept across re-renders
     if notes.is_file():
         lines += ["", "## Reading", "", notes.read_text().strip()]

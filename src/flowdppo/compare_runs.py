@@ -13,6 +13,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from flowdppo import estimators as est
+from flowdppo import mechanism
 from flowdppo.compare import METHODS, PLANS, PROBE_SEEDS, PROBED, Arm, preset_arms, probe_settings, run_overrides
 from flowdppo.compare_report import probe_line, render_plan, render_report
 from flowdppo.errors import ConfigError
@@ -43,7 +44,10 @@ def _run_one(method: str, overrides: list[str], path: str) -> dict:
         {k: v for k, v in r.items() if k in KEPT or k.startswith(("eval/", "eval_heldout/", "reward/"))}
         for r in run.rows()
     ]
-    return {"base": run.load_json("base_eval.json"), "rows": rows, "wall_s": time.perf_counter() - start}
+    record = {"base": run.load_json("base_eval.json"), "rows": rows, "wall_s": time.perf_counter() - start}
+    if (run.path / mechanism.FILE).is_file():  # the per-update mechanism test, summed over the run
+        record["mechanism"] = run.load_json(mechanism.FILE)["total"]
+    return record
 
 
 def _config_key(method: str, overrides: list[str]) -> str:
@@ -83,6 +87,23 @@ def run_probe(preset: str, overrides: list[str], out: Path, methods: tuple[str, 
         dim = 64 * load_config(arm.method, overrides=run_overrides(arm, overrides)).digits.upsample ** 2
         settings.append({"label": arm.label, "dim": dim, **est.regime_measures(runs)})
     return {"settings": settings}
+
+
+DEFAULT_SEEDS = 5  # --seeds of a preset that is not pre-registered
+
+
+def seeds_of(preset: str, seeds: int | None) -> int:
+    """The seeds per arm: a pre-registered preset's plan's number (``--seeds`` may only repeat it), else ``--seeds``
+    or ``DEFAULT_SEEDS``."""
+    if preset not in PLANS:
+        return DEFAULT_SEEDS if seeds is None else seeds
+    planned = PLANS[preset].seeds
+    if seeds not in (None, planned):
+        raise ConfigError(
+            f"--seeds: the pre-registered preset {preset} runs its plan's {planned} seeds; "
+            f"drop --seeds or pass --seeds {planned}"
+        )
+    return planned
 
 
 def seed_offset_of(preset: str, results: dict, seed_offset: int | None, out: Path) -> int:

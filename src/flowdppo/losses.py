@@ -81,6 +81,12 @@ def masked_policy_gradient(log_ratio: Tensor, advantages: Tensor, keep: Tensor, 
     return torch.where(keep, -advantages * torch.exp(safe_log_ratio), dropped_value.detach())
 
 
+def ppo_clipped(log_ratio: Tensor, advantages: Tensor, clip_range: float) -> Tensor:
+    """The PPO clip's drop test, ``True`` where ``(A > 0 and rho > 1 + eps) or (A < 0 and rho < 1 - eps)``."""
+    rho = torch.exp(log_ratio.detach())
+    return ((advantages > 0) & (rho > 1 + clip_range)) | ((advantages < 0) & (rho < 1 - clip_range))
+
+
 def ppo_clip(log_ratio: Tensor, advantages: Tensor, clip_range: float) -> tuple[Tensor, Tensor]:
     """PPO clipped surrogate ``max(-A rho, -A clip(rho, 1 - eps, 1 + eps))`` and its clip indicator.
 
@@ -88,7 +94,7 @@ def ppo_clip(log_ratio: Tensor, advantages: Tensor, clip_range: float) -> tuple[
     ``A < 0, rho < 1 - eps``; everywhere else it is ``-A rho``.
     """
     rho = torch.exp(log_ratio.detach())
-    clipped = ((advantages > 0) & (rho > 1 + clip_range)) | ((advantages < 0) & (rho < 1 - clip_range))
+    clipped = ppo_clipped(log_ratio, advantages, clip_range)
     dropped_value = -advantages * torch.clamp(rho, 1 - clip_range, 1 + clip_range)
     return masked_policy_gradient(log_ratio, advantages, ~clipped, dropped_value), clipped
 
@@ -303,6 +309,7 @@ __all__ = [
     "loss_kwargs",
     "masked_policy_gradient",
     "ppo_clip",
+    "ppo_clipped",
     "StepBatch",
     "dppo_mask",
     "flow_dppo_loss",

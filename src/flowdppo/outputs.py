@@ -21,6 +21,7 @@ OUTPUT_FILES = (
     "config.yaml",
     "metrics.jsonl",
     "base_eval.json",
+    "mechanism.json",  # flowdppo.mechanism.FILE
     "samples.png",
     "samples.mp4",
     "samples.gif",

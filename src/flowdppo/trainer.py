@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from flowdppo import mechanism
 from flowdppo.advantages import aggregate_rewards
 from flowdppo.algorithms import get_algorithm
 from flowdppo.algorithms.base import NonFiniteGuard
@@ -162,6 +163,9 @@ def run_training(cfg: TrainConfig, run: RunFolder, dist: Distributed, resume: bo
                 guard=guard,
                 dist=dist,
             )
+            counts = algorithm.mechanism_counts(dist)  # what the trust tests would drop (every process calls it)
+            if counts is not None and run.is_writer:
+                run.save_json(mechanism.FILE, mechanism.with_epoch(run.path / mechanism.FILE, epoch, counts))
         # 4. log, evaluate, checkpoint (process 0 writes)
         row = {
             "epoch": epoch,

@@ -108,6 +108,11 @@ class Algorithm:
     def after_update(self, policy: nn.Module) -> None:
         """Called once the rollout's inner epochs are done."""
 
+    def mechanism_counts(self, dist: Distributed) -> dict | None:
+        """The last update's mechanism test (``flowdppo.mechanism.summary``), summed over processes (every process
+        calls it), or None: the algorithm does not log one."""
+        return None
+
     def state_dict(self) -> dict[str, Tensor]:
         return {}
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from flowdppo import mechanism
 from flowdppo.algorithms.base import (
     ELEMENT_DIM_KL,
     ELEMENT_LOG_RATIO,
@@ -117,6 +118,8 @@ class PolicyGradient(Algorithm):
         if self.cfg.optim.anchor == "replay":
             traj = replay_anchor(policy, traj, self.cfg)
         self.sigma_stand_in = traj.sigmas[1]  # caps the Flow-SDE std of a step from sigma = 1
+        self.mechanism = torch.zeros(mechanism.SIZE, dtype=torch.long, device=advantages.device)
+        self.steps_at_rollout = self.optimizer_steps  # a later mini-batch replays a moved policy
         t, b = traj.log_probs.shape
         data = flat_steps(traj)
         data.update(
@@ -151,6 +154,8 @@ class PolicyGradient(Algorithm):
             dim = mean_new[0].numel()
             metrics[ELEMENT_DIM_KL] = dim * batch.divergence("mean")  # the full KL of the step
             metrics[ELEMENT_LOG_RATIO] = batch.logp_new - batch.logp_old  # the plain ratio, any loss
+        if self.optimizer_steps > self.steps_at_rollout:  # moved: what DPPO's mask and GRPO's clip would drop
+            self.mechanism += mechanism.batch_counts(batch, mb["next_latents"], self.cfg.loss)
 
         def base_kl() -> Tensor:
             with torch.no_grad():
@@ -158,6 +163,10 @@ class PolicyGradient(Algorithm):
             return reference_kl(mean_new, mean_ref, mb["stds"], self.cfg.loss.kl_reduce).mean()
 
         return with_reference_kl(per_element.mean(), metrics, self.cfg.loss.beta, base_kl), metrics
+
+    def mechanism_counts(self, dist: Distributed) -> dict:
+        total = dist.gather(self.mechanism[None]).sum(dim=0)
+        return mechanism.summary(total, self.cfg.loss.kl_mask_threshold, self.cfg.loss.clip_range)
 
 
 def flat_steps(traj: Trajectory) -> dict[str, Tensor]:
