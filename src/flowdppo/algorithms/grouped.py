@@ -117,7 +117,10 @@ class GroupLikelihoodFree(LikelihoodFree):
 
     def update(self, policy, optimizer, traj, advantages, rng, base_velocity, **kwargs) -> dict[str, float]:
         self.base_velocity = base_velocity  # the trainer's base, at the sampler's guidance
-        return super().update(policy, optimizer, traj, advantages, rng, base_velocity, **kwargs)
+        try:
+            return super().update(policy, optimizer, traj, advantages, rng, base_velocity, **kwargs)
+        finally:
+            self.pending = self.stats = None  # the rollout's elements are not kept between rollouts
 
     def anchor(self):
         """The base velocity at ``anchor_guidance`` (the trainer's own base when it is the sampler's scale)."""
