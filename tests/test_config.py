@@ -42,6 +42,8 @@ def test_presets_carry_the_public_defaults():
         "dance_grpo",
         "diffusion_nft",
         "awm",
+        "dgpo",
+        "crd",
         "unconstrained",
     }
 

@@ -9,6 +9,8 @@ settings section and method presets inside) and one line in ``ALGORITHMS`` (outs
 
 from flowdppo.algorithms.awm import AWM
 from flowdppo.algorithms.base import Algorithm, Elements, NonFiniteGuard
+from flowdppo.algorithms.crd import CRD
+from flowdppo.algorithms.dgpo import DGPO
 from flowdppo.algorithms.diffusion_nft import DiffusionNFT
 from flowdppo.algorithms.policy_gradient import PolicyGradient
 from flowdppo.settings import ALGORITHMS, register_algorithms
@@ -18,6 +20,8 @@ register_algorithms(
         "policy_gradient": PolicyGradient,
         "diffusion_nft": DiffusionNFT,
         "awm": AWM,
+        "dgpo": DGPO,
+        "crd": CRD,
     }
 )
 
