@@ -10,6 +10,7 @@ settings section and method presets inside) and one line in ``ALGORITHMS`` (outs
 from flowdppo.algorithms.awm import AWM
 from flowdppo.algorithms.base import Algorithm, Elements, NonFiniteGuard
 from flowdppo.algorithms.diffusion_nft import DiffusionNFT
+from flowdppo.algorithms.opd import OPD
 from flowdppo.algorithms.policy_gradient import PolicyGradient
 from flowdppo.settings import ALGORITHMS, register_algorithms
 
@@ -18,6 +19,7 @@ register_algorithms(
         "policy_gradient": PolicyGradient,
         "diffusion_nft": DiffusionNFT,
         "awm": AWM,
+        "opd": OPD,
     }
 )
 
