@@ -475,3 +475,17 @@ def test_a_pre_registered_preset_runs_its_plans_seeds_and_refuses_others(tmp_pat
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--seeds: the pre-registered preset confirm runs its plan's 40 seeds" in err
     assert len(calls) == 3 and not (tmp_path / "x").exists()
+
+
+def test_default_arms_and_a_report_without_the_claims_methods():
+    """``opd`` needs teachers, so it is no default arm; a report of methods outside the claims' (``dgpo``, ``crd``)
+    takes its matched targets from every run instead of failing on none."""
+    from flowdppo.compare import METHODS
+    from flowdppo.settings import PRESETS
+
+    assert "opd" in PRESETS and "opd" not in METHODS and {"dgpo", "crd", "flow_dppo"} <= set(METHODS)
+    results = synthetic_results(kl_scales=(("dgpo", 0.5), ("crd", 1.0)))
+    _, table = arm_table(results)
+    kl_key = next(k for k in table["dgpo"] if k.startswith("KL at reward"))
+    assert kl_key == "KL at reward 0.900"  # the best reward every run reaches
+    np.testing.assert_allclose(np.array(table["dgpo"][kl_key]) * 2, table["crd"][kl_key])

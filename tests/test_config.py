@@ -44,6 +44,7 @@ def test_presets_carry_the_public_defaults():
         "awm",
         "dgpo",
         "crd",
+        "opd",
         "unconstrained",
     }
 

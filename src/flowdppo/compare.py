@@ -17,7 +17,22 @@ from dataclasses import dataclass, field
 from flowdppo import estimators as est
 from flowdppo.settings import PRESETS
 
-METHODS = tuple(m for m in PRESETS if m != est.CONTROL)  # every registered method preset but the control
+
+
+def trains_alone(method: str) -> bool:
+    """Whether ``method``'s preset trains from its own rollouts with no further input (``opd`` needs teachers,
+    offline preference or data methods a file): only those are default arms."""
+    from flowdppo.config import load_config
+    from flowdppo.errors import ConfigError
+
+    try:
+        load_config(method)
+    except ConfigError:
+        return False
+    return True
+
+
+METHODS = tuple(m for m in PRESETS if m != est.CONTROL and trains_alone(m))  # every self-contained method preset
 BENCH_OVERRIDES = ["eval_every=5", "eval_samples_per_class=20", "checkpoint_every=1000", "keep_checkpoints=1"]
 HALF_EPOCHS = "epochs=half"  # resolved to half the run's epochs (half the rollouts)
 HALF_SEED_OFFSET = 1000  # the half-rollouts arms run seeds 1000, 1001, ...: independent of the full runs

@@ -197,9 +197,11 @@ def claim_methods() -> set[str]:
 
 def matched_targets(arms: dict) -> tuple[float, float]:
     """The best reward every run of the claims' methods reaches, and their smallest final KL (other arms
-    are measured at the same targets, so adding an arm does not change them). Runs that never rise above their
-    base (a collapse from the start) are left out, else the target would be a base reward."""
+    are measured at the same targets, so adding an arm does not change them; with none of them, every run).
+    Runs that never rise above their base (a collapse from the start) are left out, else the target would be a
+    base reward."""
     records = [rec for arm in arms.values() if arm["method"] in claim_methods() for rec in arm["seeds"].values()]
+    records = records or [rec for arm in arms.values() for rec in arm["seeds"].values()]
     records = [rec for rec in records if eval_points(rec)[1].max() > eval_points(rec)[1][0]] or records
     target_reward = min(eval_points(rec)[1].max() for rec in records)
     target_kl = min(eval_points(rec)[0].max() for rec in records)

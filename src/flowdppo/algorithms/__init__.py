@@ -12,6 +12,7 @@ from flowdppo.algorithms.base import Algorithm, Elements, NonFiniteGuard
 from flowdppo.algorithms.crd import CRD
 from flowdppo.algorithms.dgpo import DGPO
 from flowdppo.algorithms.diffusion_nft import DiffusionNFT
+from flowdppo.algorithms.opd import OPD
 from flowdppo.algorithms.policy_gradient import PolicyGradient
 from flowdppo.settings import ALGORITHMS, register_algorithms
 
@@ -22,6 +23,7 @@ register_algorithms(
         "awm": AWM,
         "dgpo": DGPO,
         "crd": CRD,
+        "opd": OPD,
     }
 )
 
