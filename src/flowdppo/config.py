@@ -22,7 +22,7 @@ from flowdppo import settings
 from flowdppo.errors import ConfigError, did_you_mean, shown
 from flowdppo.files import write_text_atomic
 from flowdppo.overrides import build, flatten_keys, merge, parse_overrides, read_yaml, read_yaml_file, to_dict
-from flowdppo.settings import ALGORITHMS, PRESETS, SECTIONS, TASKS, Section, require, require_choice
+from flowdppo.settings import ALGORITHMS, PRESETS, SECTIONS, TASKS, Section, require
 
 LARGEST = {
     "group_size": 100_000,
@@ -77,8 +77,12 @@ class OptimConfig(Section):
     anchor: str = "rollout"
     """Source of logp_old / mu_old: "rollout" (recorded) or "replay" (no-grad recompute before the update)."""
 
+    @classmethod
+    def choices(cls) -> dict[str, tuple]:
+        return {"anchor": ("rollout", "replay")}
+
     def check(self, prefix: str = "optim.") -> None:
-        require_choice(self, prefix, "anchor", ("rollout", "replay"))
+        self.check_choices(prefix)
         require(self, prefix, "> 0", "lr", "inner_epochs", "minibatch_size", "grad_accum")
         require(self, prefix, ">= 0", "weight_decay", "max_grad_norm", "lora_rank")
         if self.inner_epochs > MAX_INNER_EPOCHS:
@@ -96,7 +100,7 @@ class OptimConfig(Section):
 
 
 @dataclass
-class RunConfig:
+class RunConfig(Section):
     """The run's own keys (top level); the parts' sections are composed on top into ``TrainConfig``."""
 
     method: str = "flow_dppo"
@@ -138,8 +142,23 @@ class RunConfig:
     """Stop after this many epochs in a row with nothing to learn: every group's rewards equal (no advantage), or a
     zero gradient norm (the policy did not move); a warning at the first (0: never stop)."""
 
+    @classmethod
+    def choices(cls) -> dict[str, tuple]:
+        return {
+            "algorithm": tuple(ALGORITHMS),
+            "task": tuple(TASKS),
+            "on_nonfinite": ("stop", "skip"),
+            "method": tuple(PRESETS),
+            "precision": PRECISIONS,
+        }
+
 
 _composed: dict[int, type] = {}
+
+
+def section_types() -> dict[str, type]:
+    """Every section of ``TrainConfig`` by its key: ``optim``, then the registered ones (``flowdppo.settings``)."""
+    return {"optim": OptimConfig, **SECTIONS}
 
 
 def train_config_type() -> type:
@@ -148,10 +167,9 @@ def train_config_type() -> type:
     settings.check_plugins()
     version = settings.version()
     if version not in _composed:
-        sections = {"optim": OptimConfig, **SECTIONS}
         cls = make_dataclass(
             "TrainConfig",
-            [(name, section, field(default_factory=section)) for name, section in sections.items()],
+            [(name, section, field(default_factory=section)) for name, section in section_types().items()],
             bases=(RunConfig,),
         )
         cls.__module__ = __name__
@@ -179,11 +197,7 @@ def validate(cfg: Any) -> Any:
         value = getattr(cfg, section.name)
         if isinstance(value, Section):
             value.check(f"{section.name}.")
-    require_choice(cfg, "", "algorithm", tuple(ALGORITHMS))
-    require_choice(cfg, "", "task", tuple(TASKS))
-    require_choice(cfg, "", "on_nonfinite", ("stop", "skip"))
-    require_choice(cfg, "", "method", tuple(PRESETS))
-    require_choice(cfg, "", "precision", PRECISIONS)
+    cfg.check_choices("")
     if not 0 <= cfg.seed < 2**63:
         raise ConfigError(f"seed: must be in [0, 2^63), got {cfg.seed}")
     for key, most in LARGEST.items():
@@ -224,6 +238,12 @@ def algorithm_sections() -> set[str]:
     return {name for algorithm in ALGORITHMS.values() for name in getattr(algorithm, "sections", {})}
 
 
+def algorithm_reads(algorithm: type, key: str) -> bool:
+    """Whether ``algorithm`` reads the dotted ``key`` of an algorithm section (its ``reads``: keys, or prefixes
+    ending in a dot)."""
+    return any(key == r or key.startswith(r) for r in algorithm.reads)
+
+
 def check_given_keys(cfg: Any, given: dict) -> None:
     """Refuse a key the run would not read: a setting of an algorithm section ``cfg.algorithm`` does not use, or of
     another task's options section; it would silently do nothing."""
@@ -231,7 +251,7 @@ def check_given_keys(cfg: Any, given: dict) -> None:
     owned = algorithm_sections()
     for key in given:
         section = key.split(".")[0]
-        if section in owned and not any(key == r or key.startswith(r) for r in reads):
+        if section in owned and not algorithm_reads(ALGORITHMS[cfg.algorithm], key):
             raise ConfigError(
                 f"{key}: the {cfg.algorithm} algorithm does not use it (it reads "
                 f"{', '.join(r + '*' if r.endswith('.') else r for r in reads)}); remove it"
@@ -312,6 +332,7 @@ __all__ = [
     "config_from_dict",
     "load_config",
     "resume_config",
+    "section_types",
     "save_config",
     "task_options",
     "to_dict",

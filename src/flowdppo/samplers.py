@@ -19,7 +19,7 @@ from torch import Tensor
 
 from flowdppo.errors import ConfigError
 from flowdppo.sde import LOGPROB_CONVENTIONS, Transition, cps_step, dance_sde_step, flow_sde_step, ode_step
-from flowdppo.settings import Section, register_section, require, require_choice
+from flowdppo.settings import Section, register_section, require
 
 
 class Kernel(Protocol):
@@ -144,6 +144,8 @@ def window_error(cfg: SamplerConfig) -> str | None:
 
 @dataclass
 class SamplerConfig(Section):
+    """How rollouts are sampled (``sampler.*``): the kernel, its noise, the schedule, which steps are trained."""
+
     kind: str = "flow_sde"
     """Kernel of the stochastic steps: "flow_sde" (Flow-GRPO), "cps", "dance_sde" (DanceGRPO) or "ode" (none)."""
     eta: float = 0.7
@@ -179,12 +181,18 @@ class SamplerConfig(Section):
     logprob_convention: str = "gaussian"
     """"gaussian" (true density) or "cps" (the published CPS -(x - mean)^2, no variance)."""
 
+    @classmethod
+    def choices(cls) -> dict[str, tuple]:
+        return {
+            "kind": tuple(SAMPLERS),
+            "window_mode": WINDOW_MODES,
+            "logprob_convention": LOGPROB_CONVENTIONS,
+            "kl_to_base_steps": ("all", "trained"),
+            "kl_kernel": ("rollout", *(name for name, s in SAMPLERS.items() if s.stochastic)),
+        }
+
     def check(self, prefix: str = "sampler.") -> None:
-        require_choice(self, prefix, "kind", tuple(SAMPLERS))
-        require_choice(self, prefix, "window_mode", WINDOW_MODES)
-        require_choice(self, prefix, "logprob_convention", LOGPROB_CONVENTIONS)
-        require_choice(self, prefix, "kl_to_base_steps", ("all", "trained"))
-        require_choice(self, prefix, "kl_kernel", ("rollout", *(name for name, s in SAMPLERS.items() if s.stochastic)))
+        self.check_choices(prefix)
         require(self, prefix, "> 0", "num_steps", "window_size", "shift", "guidance_scale", "window_shift_every")
         require(self, prefix, ">= 0", "rollout_batch_size", "guidance_scale_2")
         if self.num_steps > MAX_STEPS:

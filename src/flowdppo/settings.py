@@ -34,10 +34,22 @@ _version = [0]  # bumped by every registration: config recomposes TrainConfig
 
 
 class Section:
-    """Base of a settings section (a dataclass): ``check`` validates its own values."""
+    """Base of a settings section (a dataclass): ``check`` validates its own values; ``choices`` names the keys
+    with a fixed set of values (``check_choices`` checks them; ``flowdppo config`` lists them)."""
+
+    @classmethod
+    def choices(cls) -> dict[str, tuple]:
+        """Key -> its allowed values (a list key: of its items), read when called (a registry may have grown)."""
+        return {}
+
+    def check_choices(self, prefix: str) -> None:
+        """Every key of ``choices`` holds one of its values (``require_choice``)."""
+        for key, allowed in self.choices().items():
+            require_choice(self, prefix, key, allowed)
 
     def check(self, prefix: str) -> None:
-        """Raise ``ConfigError`` naming ``prefix + key`` for a value out of range; nothing to check by default."""
+        """Raise ``ConfigError`` naming ``prefix + key`` for a value out of range; the choices by default."""
+        self.check_choices(prefix)
 
 
 def require(section: Any, prefix: str, rule: str, *keys: str) -> None:
@@ -50,13 +62,14 @@ def require(section: Any, prefix: str, rule: str, *keys: str) -> None:
 
 
 def require_choice(section: Any, prefix: str, key: str, allowed: tuple | list) -> None:
-    """``key`` must be one of ``allowed``."""
+    """``key`` must be one of ``allowed`` (a list: each of its items)."""
     value = getattr(section, key)
-    if value not in allowed:
-        raise ConfigError(
-            f"{prefix}{key}: must be one of {', '.join(map(str, allowed))}; got {shown(value)}"
-            f"{did_you_mean(value, allowed)}"
-        )
+    for item in value if isinstance(value, list) else [value]:
+        if item not in allowed:
+            raise ConfigError(
+                f"{prefix}{key}: must be one of {', '.join(map(str, allowed))}; got {shown(item)}"
+                f"{did_you_mean(item, allowed)}"
+            )
 
 
 def _register(registry: dict, name: str, value: Any, what: str) -> None:

@@ -131,6 +131,8 @@ def check_backends(backends: list[str]) -> None:
 
 @dataclass
 class LoggingConfig(Section):
+    """Experiment trackers (``logging.*``); the metrics always go to RUN/metrics.jsonl as well."""
+
     backends: list[str] = field(default_factory=lambda: ["tensorboard"])
     """Experiment trackers: "tensorboard" (RUN/tensorboard) and / or "wandb" (pip install 'flowdppo[wandb]')."""
     project: str = "flowdppo"
@@ -140,8 +142,12 @@ class LoggingConfig(Section):
     tags: list[str] = field(default_factory=list)
     """W&B tags."""
 
+    @classmethod
+    def choices(cls) -> dict[str, tuple]:
+        return {"backends": BACKENDS}
+
     def check(self, prefix: str = "logging.") -> None:
-        check_backends(self.backends)
+        check_backends(self.backends)  # the names (with a hint), then that each one's library imports
 
 
 register_section("logging", LoggingConfig)

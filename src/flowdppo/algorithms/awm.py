@@ -39,7 +39,7 @@ from flowdppo.distributed import Distributed
 from flowdppo.errors import ConfigError, ConsistencyError
 from flowdppo.losses import ppo_clip
 from flowdppo.rollout import Trajectory
-from flowdppo.settings import Section, require, require_choice
+from flowdppo.settings import Section, require
 
 WEIGHTINGS = ("ghuber", "uniform", "t")
 HUBER_DELTA = 1e-10
@@ -84,10 +84,14 @@ class AWMConfig(Section):
     ema_decay_rate: float = 0.001
     """Slow policy w_ema <- d w_ema + (1 - d) w after each update, d = min(rate * optimizer steps, max)."""
     ema_decay_max: float = 0.3
+    """Upper bound of d, in [0, 1] (0: the slow policy is the current weights after every update)."""
+
+    @classmethod
+    def choices(cls) -> dict[str, tuple]:
+        return {"timesteps": TIMESTEP_MODES, "weighting": WEIGHTINGS}
 
     def check(self, prefix: str = "awm.") -> None:
-        require_choice(self, prefix, "timesteps", TIMESTEP_MODES)
-        require_choice(self, prefix, "weighting", WEIGHTINGS)
+        self.check_choices(prefix)
         require(self, prefix, "> 0", "clip_range", "adv_clip_max", "train_timesteps", "huber_p")
         require(self, prefix, ">= 0", "ema_kl", "ema_decay_rate")
         if problem := decay_error(f"{prefix}ema_decay_max", self.ema_decay_max):

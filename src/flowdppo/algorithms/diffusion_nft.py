@@ -41,7 +41,7 @@ from flowdppo.distributed import Distributed
 from flowdppo.errors import ConfigError, ConsistencyError
 from flowdppo.rollout import Trajectory
 from flowdppo.sde import per_sample, upcast
-from flowdppo.settings import Section, require, require_choice
+from flowdppo.settings import Section, require
 
 
 def optimality_weight(advantages: Tensor, adv_clip_max: float) -> Tensor:
@@ -92,8 +92,12 @@ class NFTConfig(Section):
     old_decay_max: float = 0.5
     """Upper bound of d (0: roll out with the current weights)."""
 
+    @classmethod
+    def choices(cls) -> dict[str, tuple]:
+        return {"timesteps": TIMESTEP_MODES}
+
     def check(self, prefix: str = "nft.") -> None:
-        require_choice(self, prefix, "timesteps", TIMESTEP_MODES)
+        self.check_choices(prefix)
         if not self.b > 0:
             raise ConfigError(
                 f"{prefix}b: must be > 0 (it divides the loss; the public recipes use 1.0 or 0.1), got {self.b}"

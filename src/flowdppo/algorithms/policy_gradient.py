@@ -31,11 +31,13 @@ from flowdppo.losses import LOSSES, StepBatch, get_loss, loss_kwargs, reference_
 from flowdppo.rollout import Trajectory, guided_velocity
 from flowdppo.samplers import get_sampler
 from flowdppo.sde import REDUCTIONS, log_prob
-from flowdppo.settings import Section, require, require_choice
+from flowdppo.settings import Section, require
 
 
 @dataclass
 class LossConfig(Section):
+    """The per-step policy-gradient losses (``loss.*``, algorithm policy_gradient; ``loss.beta`` every algorithm)."""
+
     loss_mode: str = "flow_dppo"
     """One of flow_dppo, flow_grpo, flow_cps, grpo_guard, unconstrained (-A rho on every element: a control)."""
     kl_mask_threshold: float = 1e-5
@@ -51,9 +53,12 @@ class LossConfig(Section):
     beta: float = 0.0
     """Weight of the KL penalty to the frozen base (adapters disabled)."""
 
+    @classmethod
+    def choices(cls) -> dict[str, tuple]:
+        return {"loss_mode": tuple(sorted(LOSSES)), "kl_reduce": REDUCTIONS}
+
     def check(self, prefix: str = "loss.") -> None:
-        require_choice(self, prefix, "loss_mode", tuple(sorted(LOSSES)))
-        require_choice(self, prefix, "kl_reduce", REDUCTIONS)
+        self.check_choices(prefix)
         require(self, prefix, "> 0", "kl_mask_threshold", "clip_range", "adv_clip_max")
         require(self, prefix, ">= 0", "beta")
 

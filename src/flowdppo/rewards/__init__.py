@@ -21,11 +21,13 @@ from torch import Tensor
 
 from flowdppo.errors import ConfigError, RewardError
 from flowdppo.prompts import PromptBatch
-from flowdppo.settings import Section, register_section, require, require_choice
+from flowdppo.settings import Section, register_section, require
 
 
 @dataclass
 class RewardConfig(Section):
+    """The rewards and how their scores become advantages (``reward.*``)."""
+
     names: list[str] = field(default_factory=lambda: ["classifier_prob"])
     """Reward functions by name."""
     weights: list[float] = field(default_factory=lambda: [1.0])
@@ -39,10 +41,12 @@ class RewardConfig(Section):
     video_aggregation: str = "mean"
     """text_to_video: an image reward's per-frame scores -> one per video: "mean" or "min"."""
 
+    @classmethod
+    def choices(cls) -> dict[str, tuple]:
+        return {"aggregation": ("sum", "gdpo"), "std_scope": ("batch", "group"), "video_aggregation": ("mean", "min")}
+
     def check(self, prefix: str = "reward.") -> None:
-        require_choice(self, prefix, "aggregation", ("sum", "gdpo"))
-        require_choice(self, prefix, "std_scope", ("batch", "group"))
-        require_choice(self, prefix, "video_aggregation", ("mean", "min"))
+        self.check_choices(prefix)
         require(self, prefix, ">= 0", "video_frames")
         if sum(self.weights) == 0:
             raise ConfigError(

@@ -15,7 +15,7 @@ from flowdppo.prompts import EmbeddingCache, PromptBatch, load_prompts, make_bat
 from flowdppo.rewards import Reward, score
 from flowdppo.rewards.registry import RewardContext, load_rewards
 from flowdppo.rollout import sample, sample_with_path_kl
-from flowdppo.settings import Section, require, require_choice
+from flowdppo.settings import Section, require
 
 EVAL_SEED_OFFSET = 10_007  # evaluation noise never coincides with rollout noise
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -47,8 +47,12 @@ class TextToImageConfig(Section):
     embedded_guidance: float = 3.5
     """Guidance value fed to a guidance-distilled model's guidance embedding (FLUX.1-dev); others ignore it."""
 
+    @classmethod
+    def choices(cls) -> dict[str, tuple]:
+        return {"text_encoders": TEXT_ENCODER_PLACEMENTS}
+
     def check(self, prefix: str = "text_to_image.") -> None:
-        require_choice(self, prefix, "text_encoders", TEXT_ENCODER_PLACEMENTS)
+        self.check_choices(prefix)
         require(self, prefix, ">= 0", "eval_prompts", "resolution", "prompt_cache_mb")
 
 

@@ -40,11 +40,12 @@ class DigitsConfig(Section):
     trained classes and ``eval_heldout/*`` the held-out ones (what training does to digits it never saw:
     forgetting)."""
 
+    @classmethod
+    def choices(cls) -> dict[str, tuple]:
+        return {"upsample": UPSAMPLE_FACTORS}
+
     def check(self, prefix: str = "digits.") -> None:
-        if self.upsample not in UPSAMPLE_FACTORS:
-            raise ConfigError(
-                f"{prefix}upsample: must be one of {', '.join(map(str, UPSAMPLE_FACTORS))}; got {self.upsample!r}"
-            )
+        self.check_choices(prefix)
         if self.classes and (len(set(self.classes)) != len(self.classes) or not set(self.classes) <= set(range(10))):
             raise ConfigError(f"{prefix}classes: distinct digits 0-9, got {self.classes!r}")
 
