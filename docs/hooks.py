@@ -3,7 +3,8 @@
 - ``reference/config.md``: every config key, from ``flowdppo.keys.reference_markdown()`` (the same source as
   ``flowdppo config``);
 - ``reference/cli.md``: the help of every command, from the parser ``flowdppo.cli.build_parser`` builds;
-- ``digitsbench/``: the committed DigitsBench reports and plots of ``benchmarks/digitsbench/``, as they are.
+- ``digitsbench/``: the committed DigitsBench reports and plots of ``benchmarks/digitsbench/``, as they are, each
+  preset's report added to the nav under ``BENCH_NAV``.
 """
 
 from __future__ import annotations
@@ -12,21 +13,20 @@ import argparse
 import os
 from pathlib import Path
 
-from mkdocs.structure.files import File
-
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks" / "digitsbench"
-BENCH_SUFFIXES = (".md", ".png")
+BENCH_NAV = "DigitsBench reports"  # the nav section that lists every preset's report
+BENCH_REPORT = "REPORT.md"
 GENERATED_PAGES = ("reference/config.md", "reference/cli.md")
 HELP_COLUMNS = "100"  # the width argparse wraps the help to, whatever the terminal
 
 
 def bench_files() -> dict[str, Path]:
-    """Site path -> file, for each DigitsBench report and plot."""
+    """Site path -> file, for each DigitsBench report and plot (a preset's NOTES.md is part of its report)."""
     return {
         f"digitsbench/{path.relative_to(BENCH).as_posix()}": path
         for path in sorted(BENCH.rglob("*"))
-        if path.is_file() and path.suffix in BENCH_SUFFIXES
+        if path.is_file() and (path.name == BENCH_REPORT or path.suffix == ".png")
     }
 
 
@@ -38,13 +38,7 @@ def generated_pages() -> list[str]:
 def config_page() -> str:
     from flowdppo.keys import reference_markdown
 
-    return (
-        "# Config keys\n\n"
-        "Every key `flowdppo train` accepts, generated from the settings dataclasses when this site is built. "
-        "`flowdppo config` prints the same on the command line (`flowdppo config PREFIX` lists the keys that start "
-        "with it, `flowdppo config KEY` one key in full). A key is set in a YAML file (`--config FILE`) or on the "
-        "command line as `key=value`; see [Configuration](../guides/configuration.md).\n\n" + reference_markdown()
-    )
+    return reference_markdown()
 
 
 def _commands(parser: argparse.ArgumentParser) -> list[tuple[argparse.ArgumentParser, str]]:
@@ -83,7 +77,21 @@ def cli_page() -> str:
     return "\n".join(parts)
 
 
+def on_config(config):
+    """List each preset's report in the nav, after the page over all presets."""
+    presets = [
+        {path.parent.name: f"digitsbench/{path.parent.name}/{BENCH_REPORT}"}
+        for path in sorted(BENCH.glob(f"*/{BENCH_REPORT}"))
+    ]
+    for item in config.nav:
+        if isinstance(item, dict) and BENCH_NAV in item:
+            item[BENCH_NAV] = [*item[BENCH_NAV], *presets]
+    return config
+
+
 def on_files(files, config):
+    from mkdocs.structure.files import File  # here: the tests read this module without mkdocs installed
+
     files.append(File.generated(config, "reference/config.md", content=config_page()))
     files.append(File.generated(config, "reference/cli.md", content=cli_page()))
     for uri, path in bench_files().items():
