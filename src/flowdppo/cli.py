@@ -1,8 +1,9 @@
-"""Command line: ``flowdppo train | eval | export | compare | digits pretrain | digits classifier``.
+"""Command line: ``flowdppo train | config | plan | eval | export | compare | digits ... | reward-server``.
 
     flowdppo train                                  # Flow-DPPO on the digits task, CPU, ~2 minutes
     flowdppo train --method flow_grpo --out runs/grpo loss.clip_range=2e-4 epochs=60
     flowdppo train --resume runs/grpo
+    flowdppo config sampler.                        # the sampler's keys; `config sampler.eta`: one in full
     flowdppo eval runs/grpo
     flowdppo export runs/grpo --out lora/        # for pipeline.load_lora_weights("lora/")
     flowdppo export runs/grpo --out lora/ --format comfyui   # lora/comfyui_lora.safetensors for ComfyUI
@@ -32,6 +33,7 @@ import torch  # noqa: E402  (after the environment is set)
 
 from flowdppo.commands import (
     compare_command,
+    config_command,
     digits_classifier_command,
     digits_pretrain_command,
     eval_command,
@@ -60,15 +62,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="train a policy (default: Flow-DPPO on the digits task)")
+    train = commands.add_parser(
+        "train",
+        help="train a policy (default: Flow-DPPO on the digits task)",
+        epilog="Every key=value setting, its default and what it does: flowdppo config (one section: flowdppo "
+        "config sampler.; one key in full: flowdppo config sampler.num_steps).",
+    )
     train.add_argument("--config", help="YAML file of settings")
     train.add_argument("--method", help=f"preset: {', '.join(PRESETS)} (default flow_dppo)")
     train.add_argument("--out", help="run folder (default runs/METHOD-TIME)")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
     train.add_argument("--overwrite", action="store_true", help="reuse an --out folder that holds another run")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
-    train.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. loss.kl_mask_threshold=1e-4")
+    train.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="e.g. loss.kl_mask_threshold=1e-4 (all: flowdppo config)"
+    )
     train.set_defaults(func=train_command)
+
+    keys = commands.add_parser("config", help="every config key: its type, default, allowed values and doc")
+    keys.add_argument(
+        "key",
+        nargs="?",
+        default="",
+        metavar="PREFIX_OR_KEY",
+        help="one key in full (sampler.num_steps), or the keys under a prefix (sampler.); none: every key",
+    )
+    keys.set_defaults(func=config_command)
 
     plan = commands.add_parser("plan", help="parameter counts and peak GPU memory of a recipe (no weights read)")
     plan.add_argument("--config", help="YAML file of settings, as for train")

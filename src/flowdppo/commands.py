@@ -29,6 +29,13 @@ def train_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def config_command(args: argparse.Namespace) -> int:
+    from flowdppo.keys import lookup
+
+    print(lookup(args.key))
+    return 0
+
+
 def plan_command(args: argparse.Namespace) -> int:
     from flowdppo.plan import format_plan, make_plan
 

@@ -14,12 +14,14 @@ import ast
 import dataclasses
 import inspect
 import itertools
+import re
 import textwrap
 import typing
 from dataclasses import dataclass
 from functools import cache
 
 from flowdppo.config import RunConfig, algorithm_reads, algorithm_sections, section_types, train_config_type
+from flowdppo.errors import ConfigError, cut, did_you_mean, shown
 from flowdppo.settings import ALGORITHMS, TASKS, Section
 
 RUN = "run"  # the section name of the run's own (top-level) keys
@@ -150,4 +152,47 @@ def reference_markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["Key", "all_keys", "field_docs", "find", "read_by", "reference_markdown"]
+def summary(doc: str, limit: int = 90) -> str:
+    """The first sentence of ``doc`` on one line, cut to ``limit`` characters."""
+    text = " ".join(doc.split())
+    return cut(re.split(r"(?<=\.)\s+(?=[A-Z])", text, maxsplit=1)[0], limit)
+
+
+def listing(keys: list[Key]) -> str:
+    """One line a key: name, type, default and the first sentence of its doc, in aligned columns."""
+    defaults = [cut(key.default, 24) for key in keys]
+    name_width = max(len(key.name) for key in keys)
+    type_width = max(len(key.type) for key in keys)
+    default_width = max(map(len, defaults))
+    return "\n".join(
+        f"{key.name:<{name_width}}  {key.type:<{type_width}}  {default:<{default_width}}  {summary(key.doc)}"
+        for key, default in zip(keys, defaults, strict=True)
+    )
+
+
+def described(key: Key) -> str:
+    """One key in full: type, default, allowed values, who reads it and its whole doc."""
+    rows = [("type", key.type), ("default", key.default)]
+    rows += [("allowed", ", ".join(key.choices))] if key.choices else []
+    rows += [("read by", key.read_by)]
+    paragraphs = [textwrap.fill(" ".join(part.split()), 100) for part in key.doc.split("\n\n")]
+    return "\n".join([key.name, *(f"  {label + ':':<9}{value}" for label, value in rows), "", *paragraphs])
+
+
+def lookup(query: str) -> str:
+    """``flowdppo config QUERY``: one key in full, the keys under a prefix, or every key (``""``); an unknown one
+    raises ``ConfigError`` with the closest key."""
+    keys = all_keys()
+    exact = [key for key in keys if key.name == query]
+    if exact:
+        return described(exact[0])
+    matching = find(query)
+    if not matching:
+        raise ConfigError(
+            f"config: no key {shown(query)}{did_you_mean(query, [key.name for key in keys])}; "
+            "flowdppo config lists every key"
+        )
+    return listing(matching)
+
+
+__all__ = ["Key", "all_keys", "described", "field_docs", "find", "listing", "lookup", "read_by", "reference_markdown"]

@@ -136,11 +136,11 @@ class LoggingConfig(Section):
     backends: list[str] = field(default_factory=lambda: ["tensorboard"])
     """Experiment trackers: "tensorboard" (RUN/tensorboard) and / or "wandb" (pip install 'flowdppo[wandb]')."""
     project: str = "flowdppo"
-    """W&B project."""
+    """W&B project the run is logged to (backend wandb)."""
     run_name: str = ""
     """Tracker run name ("": the run folder's name)."""
     tags: list[str] = field(default_factory=list)
-    """W&B tags."""
+    """Tags of the W&B run (backend wandb)."""
 
     @classmethod
     def choices(cls) -> dict[str, tuple]:

@@ -39,7 +39,8 @@ class LossConfig(Section):
     """The per-step policy-gradient losses (``loss.*``, algorithm policy_gradient; ``loss.beta`` every algorithm)."""
 
     loss_mode: str = "flow_dppo"
-    """One of flow_dppo, flow_grpo, flow_cps, grpo_guard, unconstrained (-A rho on every element: a control)."""
+    """The per-step loss: flow_dppo (Flow-DPPO's KL mask), flow_grpo / flow_cps (the PPO ratio clip), grpo_guard,
+    unconstrained (-A rho on every element: a control); a loss added to ``losses.LOSSES`` too."""
     kl_mask_threshold: float = 1e-5
     """Flow-DPPO threshold tau on the mean-reduced per-step KL."""
     clip_range: float = 1e-4

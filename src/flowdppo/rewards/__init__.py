@@ -19,6 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from flowdppo.advantages import AGGREGATIONS, STD_SCOPES
 from flowdppo.errors import ConfigError, RewardError
 from flowdppo.prompts import PromptBatch
 from flowdppo.settings import Section, register_section, require
@@ -29,7 +30,8 @@ class RewardConfig(Section):
     """The rewards and how their scores become advantages (``reward.*``)."""
 
     names: list[str] = field(default_factory=lambda: ["classifier_prob"])
-    """Reward functions by name."""
+    """Rewards by name: a built-in one (``name``, or ``name@model_path`` for a model reward), a reward server
+    (``http://HOST:PORT``) or your own ``module:function``."""
     weights: list[float] = field(default_factory=lambda: [1.0])
     """One weight per reward."""
     aggregation: str = "sum"
@@ -43,7 +45,7 @@ class RewardConfig(Section):
 
     @classmethod
     def choices(cls) -> dict[str, tuple]:
-        return {"aggregation": ("sum", "gdpo"), "std_scope": ("batch", "group"), "video_aggregation": ("mean", "min")}
+        return {"aggregation": AGGREGATIONS, "std_scope": STD_SCOPES, "video_aggregation": ("mean", "min")}
 
     def check(self, prefix: str = "reward.") -> None:
         self.check_choices(prefix)
