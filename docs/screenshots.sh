@@ -27,7 +27,7 @@ for shot in home:index.html guide:guides/method/index.html config:reference/conf
     page=${shot#*:}
     # --no-sandbox: Chromium refuses to run as root otherwise; the page is a local file of this build
     "$browser" --headless --no-sandbox --disable-gpu --hide-scrollbars --user-data-dir="$profile" \
-        --window-size=1280,900 --virtual-time-budget=5000 --screenshot="$out/$name.png" "file://$site/$page" \
+        --window-size=1440,1000 --virtual-time-budget=5000 --screenshot="$out/$name.png" "file://$site/$page" \
         >/dev/null 2>&1
     [ -s "$out/$name.png" ] || { echo "docs/screenshots.sh: Chromium wrote no $out/$name.png" >&2; exit 1; }
     echo "wrote $out/$name.png"
