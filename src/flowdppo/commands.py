@@ -119,10 +119,17 @@ def _eval_report(args: argparse.Namespace) -> int:
 def export_command(args: argparse.Namespace) -> int:
     from flowdppo.evaluate import export_lora
 
-    written = export_lora(
-        Path(args.run_dir), Path(args.out), args.checkpoint, args.format, args.overwrite, check=not args.no_check
+    adapter, card = export_lora(
+        Path(args.run_dir),
+        Path(args.out),
+        args.checkpoint,
+        args.format,
+        args.overwrite,
+        check=not args.no_check,
+        license=args.license,
     )
-    print(f"wrote {written}")
+    print(f"wrote {adapter}")
+    print(f"model card: {card}")
     return 0
 
 

@@ -15,6 +15,7 @@ from flowdppo.config import config_from_dict, saved_config
 from flowdppo.distributed import Distributed
 from flowdppo.errors import CheckpointError, ConfigError
 from flowdppo.files import staged
+from flowdppo.model_card import DEFAULT_LICENSE, check_license, write_model_card
 from flowdppo.policies.comfyui import comfyui_names
 from flowdppo.policies.lora import (
     COMFYUI_FILE,
@@ -80,9 +81,11 @@ def export_lora(
     fmt: str = "diffusers",
     overwrite: bool = False,
     check: bool = True,
-) -> Path:
-    """Write the run's LoRA adapter (``final/``, or the newest checkpoint) without loading the model; returns what
-    was written (the first file, with two experts).
+    license: str = DEFAULT_LICENSE,
+) -> tuple[Path, Path]:
+    """Write the run's LoRA adapter (``final/``, or the newest checkpoint) without loading the model, and its model
+    card (``model_card.py``: ``README.md`` with the run's sample grid, ``license`` in its front matter); returns the
+    adapter file (the first, with two experts) and the card.
 
     ``diffusers``: ``out/pytorch_lora_weights.safetensors`` for ``pipeline.load_lora_weights(out)`` (``final/``
     already holds it; a checkpoint's peft weights go through the pipeline's ``save_lora_weights``), with the
@@ -100,6 +103,7 @@ def export_lora(
     nothing is written."""
     if fmt not in EXPORT_FORMATS:
         raise ConfigError(f"--format: must be one of {', '.join(EXPORT_FORMATS)}; got {fmt!r}")
+    check_license(license)
     cfg = run_config(run_dir)
     optim = cfg.optim
     if optim.lora_rank == 0:
@@ -158,7 +162,8 @@ def export_lora(
             check_nonzero_update(per_expert, out)
         elif check:
             check_adapter_moves_velocity(run_dir, tmp, out)
-    return out / lora_file(next(iter(per_expert)), base)
+        card = write_model_card(run_dir, cfg, tmp, out, license)
+    return out / lora_file(next(iter(per_expert)), base), card
 
 
 NO_CHECK = "--no-check skips this check"
