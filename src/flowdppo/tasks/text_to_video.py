@@ -99,14 +99,14 @@ class TextToVideoTask(TextToImageTask):
 
     def sample_grid(self, velocity, per_prompt: int = 1) -> np.ndarray:
         """Frame strips of up to 4 held-out (or training) prompts: ``(rows, frames, H, W, 3)`` in [0, 1]."""
-        videos = self.sample_videos(velocity, (self.eval_records or self.train_records)[:4])
+        videos = self.sample_videos(velocity, self.grid_records)
         return videos[:, frame_indices(videos.shape[1], STRIP_FRAMES)].permute(0, 1, 3, 4, 2).numpy()
 
     def save_videos(self, folder: Path | None, velocities: dict) -> None:
         """``folder/samples.mp4`` (``samples.gif`` without an MP4 encoder): the sample videos of each velocity side
         by side (a column each, a row per prompt), from the same noise; the videos ``sample_grid`` last made are
         reused. ``folder`` None: nothing written (a process other than the writer)."""
-        records = (self.eval_records or self.train_records)[:4]
+        records = self.grid_records
         videos = [self._videos.get(id(v)) for v in velocities.values()]
         videos = [
             self.sample_videos(v, records) if x is None else x for v, x in zip(velocities.values(), videos, strict=True)
