@@ -21,14 +21,12 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from tiny_pipelines import save_tiny_pipeline
+from tiny_pipelines import digits_run, save_tiny_pipeline
 
 from flowdppo.cli import main
-from flowdppo.config import load_config, save_config
+from flowdppo.config import load_config
 from flowdppo.model_card import loading_text
-from flowdppo.policies.lora import make_trainable, save_lora_adapter
 from flowdppo.protocol_report import format_interval
-from flowdppo.tasks.digits.policy import load_base_policy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -115,23 +113,6 @@ def test_an_image_export_has_a_card_with_measures_and_a_diffusers_snippet_that_l
     assert [node["inputs"]["lora_name"] for node in nodes.values()] == ["comfyui_lora.safetensors"]
     assert all(node["class_type"] == "LoraLoaderModelOnly" for node in nodes.values())
     assert (out / "comfyui_lora.safetensors").is_file() and "load_lora_weights" in code_blocks(body, "python")[0]
-
-
-def digits_run(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
-    """A digits run folder as export reads it (config.yaml and a nonzero final adapter; no metrics, no samples)."""
-    run = tmp_path / "digits"
-    (run / "final").mkdir(parents=True)
-    cfg = load_config(overrides=["optim.lora_rank=4", "optim.lora_alpha=8"])
-    save_config(cfg, run / "config.yaml")
-    policy = load_base_policy()
-    make_trainable(policy, 4, 8.0)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in policy.named_parameters():
-            if "lora_B" in name:
-                param.copy_(0.05 * torch.randn(param.shape, generator=gen))
-    save_lora_adapter(policy, run / "final")
-    return run, policy
 
 
 def test_a_digits_card_says_what_was_not_evaluated_and_its_snippet_loads_the_policy(tmp_path):

@@ -11,11 +11,14 @@ from pathlib import Path
 
 from flowdppo.config import PRESETS, load_config, resume_config, saved_config
 from flowdppo.errors import ConfigError, did_you_mean, shown
+from flowdppo.progress import quiet
 
 
 def train_command(args: argparse.Namespace) -> int:
     from flowdppo.trainer import train
 
+    if args.no_progress:
+        quiet()
     if args.resume:
         cfg = resume_config(saved_config(Path(args.resume), "--resume"), args.method, args.config, args.overrides)
         out = Path(args.resume)

@@ -29,6 +29,7 @@ from flowdppo.policies.lora import (
     lora_files,
     uses_lora,
 )
+from flowdppo.progress import status
 from flowdppo.runs import check_folder_path
 from flowdppo.tasks import load_task, task_class
 from flowdppo.trainer import make_base_velocity
@@ -68,7 +69,12 @@ def evaluate_run(run_dir: Path, per_class: int = 50) -> dict[str, dict[str, floa
     # with LoRA the base is the same network with its adapters off: the model is loaded once
     reference = None if uses_lora(trained) else task.policy
     velocities = {"base": make_base_velocity(trained, reference, w), "trained": partial(trained, guidance_scale=w)}
-    return {name: task.evaluate(v, per_class) for name, v in velocities.items()}
+    unit = "class" if cfg.task == "digits" else "held-out prompt"
+    results = {}
+    for name, velocity in velocities.items():
+        status(f"evaluating the {name} policy ({per_class} samples per {unit})")
+        results[name] = task.evaluate(velocity, per_class)
+    return results
 
 
 EXPORT_FORMATS = ("diffusers", "comfyui")

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from flowdppo.errors import ConfigError, did_you_mean, shown
+from flowdppo.progress import status
 from flowdppo.rewards import Reward, load_user_reward
 from flowdppo.rewards.address import is_remote, redacted
 from flowdppo.rewards.hps import HPS_HUB, make_hps_reward
@@ -216,6 +217,9 @@ def load_rewards(
     address (which changes with the port); two names of one reward are an error."""
     rewards, seen = [], {}
     for name in names:
+        entry = REWARDS.get(name.partition("@")[0].strip())
+        if entry is not None and entry.default_model:
+            status(f"loading the reward {name}")
         source, reward = load_reward(name, kinds, context)
         logged = reward.name if source == "remote" else name
         if logged in seen:
