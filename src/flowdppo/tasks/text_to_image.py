@@ -98,11 +98,12 @@ class TextToImageTask:
             text_encoders=options.text_encoders,
             vae_tiling=options.vae_tiling,
             attention_backend=options.attention_backend,
-            **self.policy_options(),
+            **self.policy_options(cfg),
         )
 
-    def policy_options(self) -> dict:
-        """What a subclass adds to ``load_pipeline_policy`` (its pipeline families, its sizes)."""
+    @staticmethod
+    def policy_options(cfg) -> dict:
+        """What a subclass adds to ``load_pipeline_policy`` for the run ``cfg`` (its pipeline families, its sizes)."""
         return {}
 
     @property

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from flowdppo.config import task_options
 from flowdppo.files import write_atomic
 from flowdppo.plots import grid_mosaic
 from flowdppo.policies.pipelines import PipelinePolicy, pipeline_policy_class
@@ -68,8 +69,9 @@ class TextToVideoTask(TextToImageTask):
         self._videos: dict[int, Tensor] = {}  # the last sample videos of each velocity (by id), for save_videos
         super().__init__(cfg, device)
 
-    def policy_options(self) -> dict:
-        cfg, options = self.cfg, self.options
+    @staticmethod
+    def policy_options(cfg) -> dict:
+        options = task_options(cfg)
         return {
             "families": VIDEO_FAMILIES,
             "task": "text_to_video",
