@@ -4,7 +4,7 @@
   has ``base_model``, ``library_name: diffusers``, ``license``, the tags; the protocol's measures appear with their
   CIs, the KL to the base with it; the sample grid it links and the files its snippets name exist; its diffusers
   snippet, run as written, loads the adapter into a fresh pipeline; exported again as ComfyUI into the same folder,
-  the card shows both loaders;
+  the card shows both loaders; exported from a checkpoint, it says so;
 - a digits run: ``library_name: flowdppo``, measures it never made are "not evaluated", and its flowdppo snippet
   loads the trained velocity;
 - a README.md or samples.png of the user's in --out stays (the card is MODEL_CARD.md); a bad --license is one line;
@@ -113,6 +113,11 @@ def test_an_image_export_has_a_card_with_measures_and_a_diffusers_snippet_that_l
     assert [node["inputs"]["lora_name"] for node in nodes.values()] == ["comfyui_lora.safetensors"]
     assert all(node["class_type"] == "LoraLoaderModelOnly" for node in nodes.values())
     assert (out / "comfyui_lora.safetensors").is_file() and "load_lora_weights" in code_blocks(body, "python")[0]
+
+    # from the newest checkpoint: the card says so (its measures are of final/)
+    assert main(["export", str(image_run), "--out", str(tmp_path / "checkpoint"), "--checkpoint"]) == 0
+    _, body = card_parts(tmp_path / "checkpoint" / "README.md")
+    assert "its checkpoint `epoch_000001`, not its final weights" in body
 
 
 def test_a_digits_card_says_what_was_not_evaluated_and_its_snippet_loads_the_policy(tmp_path):

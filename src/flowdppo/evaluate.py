@@ -168,7 +168,7 @@ def export_lora(
             check_nonzero_update(per_expert, out)
         elif check:
             check_adapter_moves_velocity(run_dir, tmp, out)
-        card = write_model_card(run_dir, cfg, tmp, out, license)
+        card = write_model_card(run_dir, cfg, tmp, out, license, found[-1].name if from_checkpoint else "")
     return out / lora_file(next(iter(per_expert)), base), card
 
 

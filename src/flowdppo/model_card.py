@@ -58,28 +58,37 @@ def check_license(license: str) -> str:
     return license
 
 
-def write_model_card(run_dir: Path, cfg, staging: Path, out: Path, license: str = DEFAULT_LICENSE) -> Path:
+def write_model_card(
+    run_dir: Path, cfg, staging: Path, out: Path, license: str = DEFAULT_LICENSE, checkpoint: str = ""
+) -> Path:
     """Write the card (and the run's sample grid) into ``staging``, the folder ``export_lora`` stages ``out`` in;
-    returns where the card will be in ``out``."""
+    returns where the card will be in ``out``. ``checkpoint``: the checkpoint exported ("" for ``final/``)."""
     card, grid = card_names(out)
     samples = Path(run_dir) / "samples.png"
     if samples.is_file():
         shutil.copyfile(samples, staging / grid)
     files = {p.name for folder in (staging, out) if folder.is_dir() for p in folder.iterdir() if p.is_file()}
-    text = model_card(Path(run_dir), cfg, str(out), files, grid if samples.is_file() else "", license)
+    text = model_card(Path(run_dir), cfg, str(out), files, grid if samples.is_file() else "", license, checkpoint)
     (staging / card).write_text(text)
     return out / card
 
 
-def model_card(run_dir: Path, cfg, out: str, files: set[str], grid: str, license: str = DEFAULT_LICENSE) -> str:
+def model_card(
+    run_dir: Path, cfg, out: str, files: set[str], grid: str, license: str = DEFAULT_LICENSE, checkpoint: str = ""
+) -> str:
     """The card's text: front matter and sections, from the run folder and the names of the export's ``files``."""
     rows = _rows(run_dir / "metrics.jsonl")
+    weights = (
+        f"its checkpoint `{checkpoint}`, not its final weights: the measures below are the run's, of `final/`"
+        if checkpoint
+        else "its final weights"
+    )
     sections = [
         f"---\n{yaml.safe_dump(front_matter(cfg, license), sort_keys=False)}---",
         MARKER,
         f"# {cfg.method} LoRA for {cfg.model or 'the flowdppo digits task'}",
-        f"A LoRA adapter trained with [flowdppo](https://pypi.org/project/flowdppo/) (online RL fine-tuning of "
-        f"flow-matching models) from the run folder `{run_dir}`.",
+        f"A LoRA adapter trained with flowdppo (online RL fine-tuning of flow-matching models): the run folder "
+        f"`{run_dir}`, {weights}.",
         *_base_model_note(cfg),
         "## Method\n\n" + method_text(cfg),
         "## Rewards and training\n\n" + training_text(cfg, rows),
