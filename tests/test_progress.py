@@ -36,9 +36,10 @@ def test_a_pipeline_load_is_named_and_quiet_silences_it(tmp_path, capsys, monkey
     load_pipeline_policy(str(model), 32, None, "cpu")
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("flowdppo")]
     assert lines == [f"flowdppo: loading the StableDiffusion3Pipeline {model} ..."]
-    progress.quiet()
-    try:
+    with progress.quiet():
         load_pipeline_policy(str(model), 32, None, "cpu")
-    finally:
-        progress.quiet(False)
     assert "flowdppo" not in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("not a folder")
+    assert main(["train", "--no-progress", "--out", str(tmp_path / "a_file")]) == 2  # stopped inside train
+    load_pipeline_policy(str(model), 32, None, "cpu")  # quiet only while train ran
+    assert "flowdppo: loading the" in capsys.readouterr().err

@@ -17,8 +17,6 @@ from flowdppo.progress import quiet
 def train_command(args: argparse.Namespace) -> int:
     from flowdppo.trainer import train
 
-    if args.no_progress:
-        quiet()
     if args.resume:
         cfg = resume_config(saved_config(Path(args.resume), "--resume"), args.method, args.config, args.overrides)
         out = Path(args.resume)
@@ -26,7 +24,8 @@ def train_command(args: argparse.Namespace) -> int:
         cfg = load_config(args.method, args.config, args.overrides)
         out = Path(args.out or f"runs/{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
     args.run_dir = out  # named in the message if the run is interrupted
-    run = train(cfg, out, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.no_progress)
+    with quiet(args.no_progress):
+        run = train(cfg, out, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.no_progress)
     if run.is_writer:
         _print_summary(run.path, cfg.eval_samples_per_class)
     return 0

@@ -2,23 +2,30 @@
 pipeline or a reward model, evaluating a policy), so a user at a terminal sees what is running.
 
 Shown only where stderr is a terminal and only by process 0 (``RANK``): logs, pipes and the tests' captured
-output keep their one line per error; ``quiet()`` turns them off (``flowdppo train --no-progress``).
+output keep their one line per error; inside ``quiet()`` there are none (``flowdppo train --no-progress``).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from tqdm.auto import tqdm
 
 _quiet = False
 
 
-def quiet(value: bool = True) -> None:
-    """No status messages (``value`` True) for the rest of the process, or again status messages."""
+@contextmanager
+def quiet(value: bool = True) -> Iterator[None]:
+    """No status messages inside the block (``value`` True; False: as outside it)."""
     global _quiet
-    _quiet = value
+    previous, _quiet = _quiet, _quiet or value
+    try:
+        yield
+    finally:
+        _quiet = previous
 
 
 def shown() -> bool:
