@@ -216,7 +216,8 @@ def test_every_exported_key_is_one_comfyui_maps_and_patches_the_trained_update(f
         out = tmp_path / f"comfy{len(source)}"
         assert main(["export", str(run), "--out", str(out), "--format", "comfyui", *source]) == 0
         assert str(out / COMFYUI_FILE) in capsys.readouterr().out
-        assert sorted(p.name for p in out.iterdir()) == sorted(lora_file(name, COMFYUI_FILE) for name in every)
+        files = sorted(p.name for p in out.iterdir())
+        assert files == sorted([*(lora_file(name, COMFYUI_FILE) for name in every), "README.md"])  # and the card
         for name, transformer in every.items():
             lora = load_file(str(out / lora_file(name, COMFYUI_FILE)))
             patches, not_loaded = comfyui_load(lora, comfyui_key_map(family, transformer))

@@ -90,6 +90,15 @@ def test_a_reward_of_another_kind_is_named_as_such():
     )
 
 
+def test_a_misspelt_reward_of_another_kind_is_suggested_with_its_kind():
+    with pytest.raises(ConfigError) as err:
+        load_rewards(["pickscor"], ("digits",), RewardContext())
+    assert one_line(err).startswith(
+        "reward.names: unknown reward 'pickscor' (did you mean pickscore? it is an image reward); choose from "
+        "classifier_prob, classifier_logprob, ink"
+    )
+
+
 def test_two_names_of_one_reward_are_refused_and_digits_rewards_share_the_classifier():
     context = RewardContext()
     rewards = load_rewards(["classifier_prob", "classifier_logprob"], ("digits",), context)

@@ -213,8 +213,9 @@ def test_train_both_experts_then_export_loads_into_both(a14b_dir, tmp_path, monk
             torch.testing.assert_close(velocity_at(exported, sigma), velocity_at(trained, sigma), atol=1e-6, rtol=1e-5)
 
     assert main(["export", str(run), "--out", str(tmp_path / "comfy"), "--format", "comfyui"]) == 0
-    comfy = {p.name: load_file(str(p)) for p in (tmp_path / "comfy").iterdir()}
+    comfy = {p.name: load_file(str(p)) for p in (tmp_path / "comfy").glob("*.safetensors")}
     assert sorted(comfy) == ["comfyui_lora.safetensors", "comfyui_lora_transformer_2.safetensors"]
+    assert (tmp_path / "comfy" / "README.md").is_file()  # the model card beside them
     assert all(k.startswith("diffusion_model.blocks.") for weights in comfy.values() for k in weights)  # Wan names
 
     resumed = tmp_path / "resumed"  # 2 epochs == 1 epoch, then resumed for 1 more

@@ -412,3 +412,25 @@ def export_run_folder(tmp_path: Path, policy, task: str, rank: int, alpha: float
     save_file(state, str(checkpoint / "trainable.safetensors"))
     (checkpoint / "state.json").write_text(json.dumps({"epoch": 1}))
     return run
+
+
+def digits_run(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
+    """A digits run folder as export and eval read it (config.yaml and a nonzero final LoRA adapter, rank 4, alpha 8;
+    no metrics, no samples), and the trained policy."""
+    from flowdppo.config import load_config, save_config
+    from flowdppo.policies.lora import make_trainable, save_lora_adapter
+    from flowdppo.tasks.digits.policy import load_base_policy
+
+    run = tmp_path / "digits"
+    (run / "final").mkdir(parents=True)
+    cfg = load_config(overrides=["optim.lora_rank=4", "optim.lora_alpha=8"])
+    save_config(cfg, run / "config.yaml")
+    policy = load_base_policy()
+    make_trainable(policy, 4, 8.0)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.05 * torch.randn(param.shape, generator=gen))
+    save_lora_adapter(policy, run / "final")
+    return run, policy

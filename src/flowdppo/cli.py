@@ -111,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--report", metavar="FILE.json", help="print the table of a saved result (no model loaded)")
     ev.set_defaults(func=eval_command)
 
-    exp = commands.add_parser("export", help="write a run's LoRA adapter for pipeline.load_lora_weights or ComfyUI")
+    exp = commands.add_parser(
+        "export", help="write a run's LoRA adapter for pipeline.load_lora_weights or ComfyUI, with a model card"
+    )
     exp.add_argument("run_dir")
     exp.add_argument("--out", required=True, help="folder for the adapter file")
     exp.add_argument(
@@ -121,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
         "with the alpha tensors ComfyUI scales by)",
     )
     exp.add_argument("--checkpoint", action="store_true", help="from the newest checkpoint instead of final/")
+    exp.add_argument(
+        "--license",
+        default="other",
+        help="the model card's license (a hub identifier, e.g. apache-2.0; default other: the base model's terms)",
+    )
     exp.add_argument("--overwrite", action="store_true", help="replace an adapter file already in --out")
     exp.add_argument(
         "--no-check",

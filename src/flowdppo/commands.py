@@ -11,6 +11,7 @@ from pathlib import Path
 
 from flowdppo.config import PRESETS, load_config, resume_config, saved_config
 from flowdppo.errors import ConfigError, did_you_mean, shown
+from flowdppo.progress import quiet
 
 
 def train_command(args: argparse.Namespace) -> int:
@@ -23,7 +24,8 @@ def train_command(args: argparse.Namespace) -> int:
         cfg = load_config(args.method, args.config, args.overrides)
         out = Path(args.out or f"runs/{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
     args.run_dir = out  # named in the message if the run is interrupted
-    run = train(cfg, out, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.no_progress)
+    with quiet(args.no_progress):
+        run = train(cfg, out, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.no_progress)
     if run.is_writer:
         _print_summary(run.path, cfg.eval_samples_per_class)
     return 0
@@ -126,10 +128,17 @@ def _eval_report(args: argparse.Namespace) -> int:
 def export_command(args: argparse.Namespace) -> int:
     from flowdppo.evaluate import export_lora
 
-    written = export_lora(
-        Path(args.run_dir), Path(args.out), args.checkpoint, args.format, args.overwrite, check=not args.no_check
+    adapter, card = export_lora(
+        Path(args.run_dir),
+        Path(args.out),
+        args.checkpoint,
+        args.format,
+        args.overwrite,
+        check=not args.no_check,
+        license=args.license,
     )
-    print(f"wrote {written}")
+    print(f"wrote {adapter}")
+    print(f"model card: {card}")
     return 0
 
 

@@ -15,6 +15,7 @@ from flowdppo.config import config_from_dict, saved_config
 from flowdppo.distributed import Distributed
 from flowdppo.errors import CheckpointError, ConfigError
 from flowdppo.files import staged
+from flowdppo.model_card import DEFAULT_LICENSE, check_license, write_model_card
 from flowdppo.policies.comfyui import comfyui_names
 from flowdppo.policies.lora import (
     COMFYUI_FILE,
@@ -28,6 +29,7 @@ from flowdppo.policies.lora import (
     lora_files,
     uses_lora,
 )
+from flowdppo.progress import status
 from flowdppo.runs import check_folder_path
 from flowdppo.tasks import load_task, task_class
 from flowdppo.trainer import make_base_velocity
@@ -67,7 +69,12 @@ def evaluate_run(run_dir: Path, per_class: int = 50) -> dict[str, dict[str, floa
     # with LoRA the base is the same network with its adapters off: the model is loaded once
     reference = None if uses_lora(trained) else task.policy
     velocities = {"base": make_base_velocity(trained, reference, w), "trained": partial(trained, guidance_scale=w)}
-    return {name: task.evaluate(v, per_class) for name, v in velocities.items()}
+    unit = "class" if cfg.task == "digits" else "held-out prompt"
+    results = {}
+    for name, velocity in velocities.items():
+        status(f"evaluating the {name} policy ({per_class} samples per {unit})")
+        results[name] = task.evaluate(velocity, per_class)
+    return results
 
 
 EXPORT_FORMATS = ("diffusers", "comfyui")
@@ -80,9 +87,11 @@ def export_lora(
     fmt: str = "diffusers",
     overwrite: bool = False,
     check: bool = True,
-) -> Path:
-    """Write the run's LoRA adapter (``final/``, or the newest checkpoint) without loading the model; returns what
-    was written (the first file, with two experts).
+    license: str = DEFAULT_LICENSE,
+) -> tuple[Path, Path]:
+    """Write the run's LoRA adapter (``final/``, or the newest checkpoint) without loading the model, and its model
+    card (``model_card.py``: ``README.md`` with the run's sample grid, ``license`` in its front matter); returns the
+    adapter file (the first, with two experts) and the card.
 
     ``diffusers``: ``out/pytorch_lora_weights.safetensors`` for ``pipeline.load_lora_weights(out)`` (``final/``
     already holds it; a checkpoint's peft weights go through the pipeline's ``save_lora_weights``), with the
@@ -100,6 +109,7 @@ def export_lora(
     nothing is written."""
     if fmt not in EXPORT_FORMATS:
         raise ConfigError(f"--format: must be one of {', '.join(EXPORT_FORMATS)}; got {fmt!r}")
+    check_license(license)
     cfg = run_config(run_dir)
     optim = cfg.optim
     if optim.lora_rank == 0:
@@ -158,7 +168,8 @@ def export_lora(
             check_nonzero_update(per_expert, out)
         elif check:
             check_adapter_moves_velocity(run_dir, tmp, out)
-    return out / lora_file(next(iter(per_expert)), base)
+        card = write_model_card(run_dir, cfg, tmp, out, license, found[-1].name if from_checkpoint else "")
+    return out / lora_file(next(iter(per_expert)), base), card
 
 
 NO_CHECK = "--no-check skips this check"

@@ -31,7 +31,7 @@ process count).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -41,11 +41,13 @@ from flowdppo.algorithms.likelihood_free import LikelihoodFree
 from flowdppo.config import task_options
 from flowdppo.errors import ConfigError
 from flowdppo.plan_meta import ActivationBytes, measure_activations, meta_policy, parameter_count
+from flowdppo.plan_sources import is_shipped, plan_model
 from flowdppo.policies.limits import GIB, human_bytes, sample_error
-from flowdppo.policies.lora import make_trainable, trainable_parameters
+from flowdppo.policies.lora import chosen_experts, make_trainable, trainable_parameters
 from flowdppo.policies.pipelines import PipelinePolicy, text_encoder_names
 from flowdppo.tasks.text_to_image import DTYPES
 
+PLANNED_TASKS = ("text_to_image", "text_to_video")
 GPU_SIZES_GB = (24, 48, 80)
 RESERVED_GIB = 1.5  # CUDA context, cuBLAS / cuDNN workspaces: not available to tensors
 ADAM_BYTES = 4 + 4 + 8  # per trainable parameter: float32 master weight, gradient, two Adam moments
@@ -114,6 +116,8 @@ class Plan:
     transformer_params: int
     text_encoder_choice: bool = False
     """Whether the config has ``text_encoders`` (keep / offload / free)."""
+    trained_experts: list[str] = field(default_factory=lambda: ["transformer"])
+    """The denoising networks trained (Wan 2.2 A14B: ``transformer`` and ``transformer_2``)."""
 
     def estimate(self, recipe: Recipe | None = None) -> Estimate:
         return estimate(self, recipe or self.recipe)
@@ -133,19 +137,21 @@ def make_plan(cfg, variants: bool = True) -> Plan:
     """Count the pipeline's parameters and measure the recipe's activations, all on the meta device.
 
     ``variants``: also measure the settings ``fitting_options`` may suggest (bfloat16, LoRA)."""
-    if cfg.task != "text_to_image":
+    if cfg.task not in PLANNED_TASKS:
         raise ConfigError(
-            f"plan: plans task=text_to_image recipes (a diffusers pipeline in model=); the {cfg.task} "
+            f"plan: plans {' and '.join(PLANNED_TASKS)} recipes (a diffusers pipeline in model=); the {cfg.task} "
             "task's model is tiny and trains on a CPU"
         )
     if not cfg.model:
-        raise ConfigError("model: the text_to_image task needs a diffusers pipeline folder or hub id")
+        raise ConfigError(f"model: the {cfg.task} task needs a diffusers pipeline folder or hub id")
+    model, source = cfg.model, plan_model(cfg.model)  # a folder of configs (shipped for the recipes' hub ids), or an id
+    cfg = replace(cfg, model=source)
     recipe = Recipe(
         cfg.precision,
         cfg.optim.lora_rank,
         cfg.optim.minibatch_size,
         cfg.optim.gradient_checkpointing,
-        getattr(cfg, "text_encoders", "keep"),
+        getattr(task_options(cfg), "text_encoders", "keep"),
     )
     prompt = plan_prompt(cfg)
     measured: dict[tuple[str, int], tuple[ActivationBytes, ActivationBytes]] = {}
@@ -171,7 +177,8 @@ def make_plan(cfg, variants: bool = True) -> Plan:
         for name, module in sorted(pipeline.components.items(), key=lambda item: component_order(item[0]))
         if isinstance(module, nn.Module)
     ]
-    transformer_params = parameter_count(policy.transformer)
+    trained = list(chosen_experts(policy, cfg.optim.trained_experts))  # the experts a rank-0 recipe fine-tunes
+    transformer_params = sum(parameter_count(getattr(policy, name)) for name in trained)
     rows = recipe.minibatch_size * (2 if policy.guides(cfg.sampler.guidance_scale) else 1)
     trainable = {}
     for precision, rank in plan_variants(recipe) if variants else [(recipe.precision, recipe.lora_rank)]:
@@ -180,7 +187,7 @@ def make_plan(cfg, variants: bool = True) -> Plan:
         trainable[rank] = sum(p.numel() for p in trainable_parameters(candidate))
         measured[(precision, rank)] = measure_activations(candidate, rows, prompt)
     return Plan(
-        model=cfg.model,
+        model=f"{model} (its architecture as shipped with flowdppo)" if is_shipped(source) else model,
         family=type(pipeline).__name__,
         components=components,
         trainable=trainable,
@@ -190,19 +197,20 @@ def make_plan(cfg, variants: bool = True) -> Plan:
         activations=measured,
         slow_copy=issubclass(ALGORITHMS[cfg.algorithm], LikelihoodFree),
         transformer_params=transformer_params,
-        text_encoder_choice=hasattr(cfg, "text_encoders"),
+        text_encoder_choice=hasattr(task_options(cfg), "text_encoders"),
+        trained_experts=trained,
     )
 
 
 def component_order(name: str) -> tuple[int, str]:
-    """The transformer first, then the text encoders, then the rest (the VAE)."""
-    return (0 if name == "transformer" else 1 if name.startswith("text_encoder") else 2, name)
+    """The transformers first, then the text encoders, then the rest (the VAE)."""
+    return (0 if name.startswith("transformer") else 1 if name.startswith("text_encoder") else 2, name)
 
 
 def make_trainable_as_train_does(policy: PipelinePolicy, cfg, lora_rank: int) -> None:
-    """``make_trainable`` with the recipe's LoRA settings (``optim.lora_text_stream`` where the config has it)."""
-    text_stream = (cfg.optim.lora_text_stream,) if hasattr(cfg.optim, "lora_text_stream") else ()
-    make_trainable(policy, lora_rank, cfg.optim.lora_alpha, cfg.optim.lora_target_modules, *text_stream)
+    """``make_trainable`` with the recipe's LoRA settings and experts."""
+    o = cfg.optim
+    make_trainable(policy, lora_rank, o.lora_alpha, o.lora_target_modules, o.lora_text_stream, o.trained_experts)
 
 
 def plan_variants(recipe: Recipe) -> list[tuple[str, int]]:
@@ -219,7 +227,7 @@ def estimate(plan: Plan, recipe: Recipe) -> Estimate:
     full = recipe.lora_rank == 0
     dtype = DTYPES[recipe.precision]
     weights = sum(
-        c.params * (4 if full and c.name == "transformer" else dtype.itemsize)
+        c.params * (4 if full and c.name in plan.trained_experts else dtype.itemsize)
         for c in plan.components
         if not c.text_encoder or recipe.text_encoders == "keep"
     )
@@ -290,7 +298,7 @@ def format_plan(plan: Plan) -> str:
     lines = [f"{plan.family} at {plan.model}", ""]
     rows = [("component", "class", "params", "bytes", "on GPU")]
     for c in plan.components:
-        nbytes = c.params * 4 if c.name == "transformer" and recipe.lora_rank == 0 else c.bytes
+        nbytes = c.params * 4 if c.name in plan.trained_experts and recipe.lora_rank == 0 else c.bytes
         on_gpu = ON_GPU[recipe.text_encoders] if c.text_encoder else "yes"
         rows.append((c.name, c.class_name, f"{c.params:,}", human_bytes(nbytes), on_gpu))
     what = "full transformer" if recipe.lora_rank == 0 else f"LoRA r {recipe.lora_rank}"

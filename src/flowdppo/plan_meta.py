@@ -9,9 +9,12 @@ through the policy adapter's own ``transformer_output``, on meta inputs of the s
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -24,15 +27,19 @@ from torch.utils._pytree import tree_flatten
 
 from flowdppo.config import task_options
 from flowdppo.errors import ConfigError
-from flowdppo.policies.pipelines import PipelinePolicy, pipeline_policy_class
+from flowdppo.plan_sources import TOKENIZER_SPEC, stand_in_tokenizer
+from flowdppo.policies.lora import experts, trained_experts
+from flowdppo.policies.pipelines import PipelinePolicy
 
 
 # ---- the pipeline on the meta device -----------------------------------------------------------------------------
 def meta_component(model: str, name: str, library: str, class_name: str, dtype: torch.dtype):
     """One pipeline component: a module built from its ``config.json`` on the meta device in ``dtype`` (no weights
-    read), or the real scheduler / tokenizer (small files)."""
+    read), or the real scheduler / tokenizer (small files; a shipped architecture's stand-in tokenizer)."""
     cls = getattr(importlib.import_module(library), class_name)
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        if (Path(model) / name / TOKENIZER_SPEC).is_file():
+            return stand_in_tokenizer(Path(model) / name)
         return cls.from_pretrained(model, subfolder=name)
     try:
         if library == "diffusers":
@@ -41,21 +48,31 @@ def meta_component(model: str, name: str, library: str, class_name: str, dtype: 
             config = cls.config_class.from_pretrained(model, subfolder=name)
     except (OSError, ValueError) as err:
         raise ConfigError(f"model: cannot read the config of {model}/{name} ({err})") from err
-    with init_empty_weights():  # parameters on meta; buffers are real, small, and moved below
-        module = cls.from_config(config) if library == "diffusers" else cls._from_config(config)
+    build = partial(cls.from_config, config) if library == "diffusers" else partial(cls._from_config, config)
+    try:  # every tensor made on meta: a position table (SD3.5's 226M-entry pos_embed) is not computed
+        with torch.device("meta"), init_empty_weights():
+            module = build()
+    except Exception:  # a model whose construction reads tensor values (a real error raises again below)
+        with init_empty_weights():  # parameters on meta; buffers are real and moved below
+            module = build()
     if hasattr(module, "tie_weights"):  # shared embeddings, as from_pretrained ties them (T5's shared / embed_tokens)
         module.tie_weights()
     nn.Module.to(module, device="meta", dtype=dtype)  # nn.Module's own .to: no "keep in float32" warnings
     return module.requires_grad_(False).eval()
 
 
-def meta_pipeline(model: str, dtype: torch.dtype) -> DiffusionPipeline:
-    """The pipeline of ``model`` (folder or hub id) with every module on the meta device, from configs alone."""
-    family = pipeline_policy_class(model)  # a one-line error for a folder that is not a supported pipeline
+def meta_pipeline(model: str, dtype: torch.dtype, family: type[PipelinePolicy]) -> DiffusionPipeline:
+    """The pipeline of ``model`` (a folder or hub id of the adapter ``family``) with every module on the meta device,
+    from configs alone; its settings (Wan 2.2's ``boundary_ratio``) as ``from_pretrained`` passes them."""
     index = DiffusionPipeline.load_config(model)
+    accepted = inspect.signature(family.pipeline_class.__init__).parameters
     components = {}
     for name, spec in index.items():
-        if name.startswith("_") or not isinstance(spec, (list, tuple)) or len(spec) != 2:
+        if name.startswith("_"):
+            continue
+        if not isinstance(spec, (list, tuple)) or len(spec) != 2:
+            if name in accepted:
+                components[name] = spec
             continue
         library, class_name = spec
         components[name] = None if class_name is None else meta_component(model, name, library, class_name, dtype)
@@ -63,9 +80,15 @@ def meta_pipeline(model: str, dtype: torch.dtype) -> DiffusionPipeline:
 
 
 def meta_policy(cfg, dtype: torch.dtype) -> PipelinePolicy:
-    """The recipe's policy adapter around a meta-device pipeline (frozen; ``make_trainable`` as ``train`` does)."""
-    pipeline, options = meta_pipeline(cfg.model, dtype), task_options(cfg)
-    return pipeline_policy_class(cfg.model)(pipeline, options.resolution, embedded_guidance=options.embedded_guidance)
+    """The recipe's policy adapter around a meta-device pipeline (frozen; ``make_trainable`` as ``train`` does), built
+    as its task builds it (``policy_options``: a video's size, a second expert's guidance)."""
+    from flowdppo.tasks import task_class
+
+    task, options = task_class(cfg), task_options(cfg)
+    family = task.policy_class(cfg)  # a one-line error for a folder that is not a pipeline of the task
+    kwargs = {k: v for k, v in task.policy_options(cfg).items() if k not in ("families", "task")}
+    pipeline = meta_pipeline(cfg.model, dtype, family)
+    return family(pipeline, options.resolution, embedded_guidance=options.embedded_guidance, **kwargs)
 
 
 def parameter_count(module: nn.Module | None) -> int:
@@ -176,12 +199,12 @@ def measure_activations(policy: PipelinePolicy, rows: int, prompt: str) -> tuple
     One meta-device forward of ``policy.transformer_output`` with diffusers' checkpointing on, recording the
     blocks it checkpoints and the tensors each keeps for recomputation; then one with it off, attributing each
     saved tensor to the block that saved it."""
-    transformer = policy.transformer
     x = torch.empty((rows, *policy.latent_shape), dtype=policy.dtype, device="meta")
     sigma = torch.full((rows,), 0.5, device="meta")
+    forward = training_forward(policy)
     embeds = prompt_embeddings(policy, rows, prompt)
     with torch.no_grad(), GPUAttention():
-        policy.transformer_output(x, sigma, embeds)  # caches (rotary tables) are made here, as in a training run
+        forward(x, sigma, embeds)  # caches (rotary tables) are made here, as in a training run
 
     outside: dict[int, int] = {}
     block_inputs: dict[int, int] = {}
@@ -198,12 +221,14 @@ def measure_activations(policy: PipelinePolicy, rows: int, prompt: str) -> tuple
         return run
 
     policy.enable_gradient_checkpointing()
-    checkpointing = [m for m in transformer.modules() if getattr(m, "_gradient_checkpointing_func", None)]
+    every = experts(policy).values()
+    checkpointing = [m for e in every for m in e.modules() if getattr(m, "_gradient_checkpointing_func", None)]
     for module in checkpointing:
         module._gradient_checkpointing_func = recording(module._gradient_checkpointing_func)
     with saved_tensor_bytes(outside.__setitem__) as created:
-        policy.transformer_output(x, sigma, embeds)
-    transformer.disable_gradient_checkpointing()
+        forward(x, sigma, embeds)
+    for expert in every:
+        expert.disable_gradient_checkpointing()
 
     saved: dict[int, int] = {}
     per_block: dict[int, dict[int, int]] = {}
@@ -219,7 +244,7 @@ def measure_activations(policy: PipelinePolicy, rows: int, prompt: str) -> tuple
         hooks.append(block.register_forward_pre_hook(lambda m, a: current.__setitem__(0, m)))
         hooks.append(block.register_forward_hook(lambda m, a, o: current.__setitem__(0, None)))
     with saved_tensor_bytes(on_save):
-        policy.transformer_output(x, sigma, embeds)
+        forward(x, sigma, embeds)
     for hook in hooks:
         hook.remove()
 
@@ -229,6 +254,15 @@ def measure_activations(policy: PipelinePolicy, rows: int, prompt: str) -> tuple
         return without, without
     inputs = {k: v for k, v in block_inputs.items() if k not in outside}
     return without, ActivationBytes(sum(outside.values()), sum(inputs.values()), largest, largest)
+
+
+def training_forward(policy: PipelinePolicy) -> Callable:
+    """The measured forward: ``policy.transformer_output``, or with several experts (Wan) one trained expert's
+    ``expert_output`` (the experts share one architecture; which one a noise level takes is read from tensor values,
+    which the meta device does not have)."""
+    if not hasattr(policy, "expert_output"):
+        return policy.transformer_output
+    return partial(policy.expert_output, next(iter(trained_experts(policy).values())))
 
 
 def prompt_embeddings(policy: PipelinePolicy, rows: int, prompt: str) -> dict[str, Tensor]:

@@ -35,7 +35,7 @@ from flowdppo.config import TrainConfig, config_from_dict, flatten_keys, save_co
 from flowdppo.errors import CheckpointError, ConfigError
 from flowdppo.files import disk_errors, remove, staged, write_text_atomic
 from flowdppo.outputs import leftovers, misplaced_files, output_entries, remove_outputs
-from flowdppo.plots import plot_per_step, plot_training_curves, save_image_grid
+from flowdppo.plots import plot_per_step, plot_training_curves, reward_label, save_image_grid
 from flowdppo.policies.lora import save_lora_adapter, uses_lora
 from flowdppo.tracking import open_trackers
 
@@ -232,20 +232,28 @@ class RunFolder:
             tracker.close()
         self.trackers = []
 
-    def finish(self, policy: nn.Module | None, grid_panels: dict) -> None:
-        """Plots, the sample grid and the final weights (written by process 0; ``policy`` may be None elsewhere)."""
+    def finish(self, policy: nn.Module | None, grid_panels: dict, row_labels: list[str] | None = None) -> None:
+        """Plots, the sample grid (rows labelled by ``row_labels``, e.g. the prompts) and the final weights (written
+        by process 0; ``policy`` may be None elsewhere)."""
         if not self.is_writer:
             return
-        rows = self.rows()
+        rows, cfg = self.rows(), self.cfg
         (self.path / "plots").mkdir(exist_ok=True)
-        plot_training_curves(rows, self.path / "plots" / "curves.png", title=self.cfg.method)
-        plot_per_step(rows, self.path / "plots" / "per_step.png")
-        save_image_grid(grid_panels, self.path / "samples.png")
+        reward = reward_label(cfg.reward.names, cfg.reward.weights)
+        plot_training_curves(rows, self.path / "plots" / "curves.png", title=cfg.method, reward=reward)
+        plot_per_step(rows, self.path / "plots" / "per_step.png", tau=flow_dppo_tau(cfg))
+        save_image_grid(grid_panels, self.path / "samples.png", row_labels)
         with staged(self.path / "final") as final:  # each file replaces its old self; other files in final/ stay
             if uses_lora(policy):
                 save_lora_adapter(policy, final)
             else:
                 policy.save_pretrained(final)
+
+
+def flow_dppo_tau(cfg: TrainConfig) -> float | None:
+    """The Flow-DPPO mask threshold tau of a run whose loss has one (``loss.kl_mask_threshold``), else None."""
+    flow_dppo = cfg.algorithm == "policy_gradient" and cfg.loss.loss_mode == "flow_dppo"
+    return cfg.loss.kl_mask_threshold if flow_dppo else None
 
 
 def evaluates(epoch: int, cfg: TrainConfig) -> bool:

@@ -188,7 +188,7 @@ def run_training(cfg: TrainConfig, run: RunFolder, dist: Distributed, resume: bo
     grids = {name: task.sample_grid(v) for name, v in (("base", base_velocity), ("trained", velocity))}
     if hasattr(task, "save_videos"):  # a video task's samples.mp4 / .gif (every process samples, process 0 writes)
         task.save_videos(run.path if run.is_writer else None, {"base": base_velocity, "trained": velocity})
-    run.finish(dist.full_model(policy, lambda: task.load_policy(cfg.model)), grids)
+    run.finish(dist.full_model(policy, lambda: task.load_policy(cfg.model)), grids, getattr(task, "grid_prompts", None))
     dist.barrier()
 
 

@@ -39,6 +39,7 @@ from flowdppo.policies.base import (
 from flowdppo.policies.flux import Flux2KleinPolicy, FluxPolicy
 from flowdppo.policies.qwen_image import QwenImagePolicy
 from flowdppo.policies.sd3 import SD3Policy
+from flowdppo.progress import status
 
 __all__ = [  # the adapters' names, importable from here wherever they live
     "ATTENTION_PROJECTIONS",
@@ -91,6 +92,7 @@ def load_pipeline_policy(
     """The adapter for the pipeline class named in ``model``'s ``model_index.json`` (a folder or hub id)."""
     family = pipeline_policy_class(model, families, task)
     class_name = family.pipeline_class.__name__
+    status(f"loading the {class_name} {model}")
     try:
         return family.from_pretrained(model, resolution, torch_dtype, device, **kwargs)
     except ConfigError:

@@ -10,6 +10,7 @@ directory or a hub id), a reward server's address (``http://HOST:PORT[?options]`
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 
 from flowdppo.errors import ConfigError, did_you_mean, shown
+from flowdppo.progress import status
 from flowdppo.rewards import Reward, load_user_reward
 from flowdppo.rewards.address import is_remote, redacted
 from flowdppo.rewards.hps import HPS_HUB, make_hps_reward
@@ -134,12 +136,20 @@ def unknown_reward(name: str, kinds: Sequence[str], key: str) -> ConfigError:
     """One line: ``name`` is no reward of ``kinds``; the closest valid name, and every valid one."""
     base, valid = name.partition("@")[0].strip(), reward_names(kinds)
     entry = REWARDS.get(base)
-    other = f" (it is a{'n' if entry.kind[0] in 'aeiou' else ''} {entry.kind} reward)" if entry else ""
+    other = f" (it is {_a_kind(entry.kind)} reward)" if entry else ""
+    close = did_you_mean(base, valid)
+    if not close and not entry:  # the closest reward of another kind: a typo of it, on a task that does not take it
+        found = difflib.get_close_matches(base, reward_names(), n=1)
+        close = f" (did you mean {found[0]}? it is {_a_kind(REWARDS[found[0]].kind)} reward)" if found else ""
     at = " (name@model_path for a model reward)" if any(REWARDS[n].default_model for n in valid) else ""
     return ConfigError(
-        f"{key}: unknown reward {shown(name)}{other}{did_you_mean(base, valid)}; choose from "
+        f"{key}: unknown reward {shown(name)}{other}{close}; choose from "
         f"{', '.join(valid)}{at} or give your own as module:function"
     )
+
+
+def _a_kind(kind: str) -> str:
+    return f"a{'n' if kind[0] in 'aeiou' else ''} {kind}"
 
 
 def reward_source(name: str, kinds: Sequence[str] = KINDS, key: str = "reward.names") -> str:
@@ -207,6 +217,9 @@ def load_rewards(
     address (which changes with the port); two names of one reward are an error."""
     rewards, seen = [], {}
     for name in names:
+        entry = REWARDS.get(name.partition("@")[0].strip())
+        if entry is not None and entry.default_model:
+            status(f"loading the reward {name}")
         source, reward = load_reward(name, kinds, context)
         logged = reward.name if source == "remote" else name
         if logged in seen:

@@ -102,11 +102,12 @@ class TextToImageTask:
             text_encoders=options.text_encoders,
             vae_tiling=options.vae_tiling,
             attention_backend=options.attention_backend,
-            **self.policy_options(),
+            **self.policy_options(cfg),
         )
 
-    def policy_options(self) -> dict:
-        """What a subclass adds to ``load_pipeline_policy`` (its pipeline families, its sizes)."""
+    @staticmethod
+    def policy_options(cfg) -> dict:
+        """What a subclass adds to ``load_pipeline_policy`` for the run ``cfg`` (its pipeline families, its sizes)."""
         return {}
 
     @property
@@ -170,9 +171,19 @@ class TextToImageTask:
         measures = {f"eval/{name}": float(score(fn, name, images, cond).mean()) for name, fn in self.rewards}
         return measures | ({"eval/kl_to_base": float(kl.mean())} if kl is not None else {})
 
+    @property
+    def grid_records(self) -> list[dict]:
+        """The prompts of the sample grid's rows: up to 4 held-out (or training) prompts."""
+        return (self.eval_records or self.train_records)[:4]
+
+    @property
+    def grid_prompts(self) -> list[str]:
+        """The text of each row of the sample grid (``samples.png`` labels its rows with them)."""
+        return [r["prompt"] for r in self.grid_records]
+
     def sample_grid(self, velocity, per_prompt: int = 4) -> np.ndarray:
-        """ODE samples of up to 4 held-out (or training) prompts: ``(rows, per_prompt, H, W, 3)`` in [0, 1]."""
-        records = (self.eval_records or self.train_records)[:4]
+        """ODE samples of the ``grid_records``: ``(rows, per_prompt, H, W, 3)`` in [0, 1]."""
+        records = self.grid_records
         noise, cond = self.fixed_batch(records, per_prompt)
         images = self.generate(velocity, noise, cond)
         return images.permute(0, 2, 3, 1).reshape(len(records), per_prompt, *images.shape[2:], 3).cpu().numpy()

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from flowdppo.config import task_options
 from flowdppo.files import write_atomic
 from flowdppo.plots import grid_mosaic
 from flowdppo.policies.pipelines import PipelinePolicy, pipeline_policy_class
@@ -68,8 +69,9 @@ class TextToVideoTask(TextToImageTask):
         self._videos: dict[int, Tensor] = {}  # the last sample videos of each velocity (by id), for save_videos
         super().__init__(cfg, device)
 
-    def policy_options(self) -> dict:
-        cfg, options = self.cfg, self.options
+    @staticmethod
+    def policy_options(cfg) -> dict:
+        options = task_options(cfg)
         return {
             "families": VIDEO_FAMILIES,
             "task": "text_to_video",
@@ -99,14 +101,14 @@ class TextToVideoTask(TextToImageTask):
 
     def sample_grid(self, velocity, per_prompt: int = 1) -> np.ndarray:
         """Frame strips of up to 4 held-out (or training) prompts: ``(rows, frames, H, W, 3)`` in [0, 1]."""
-        videos = self.sample_videos(velocity, (self.eval_records or self.train_records)[:4])
+        videos = self.sample_videos(velocity, self.grid_records)
         return videos[:, frame_indices(videos.shape[1], STRIP_FRAMES)].permute(0, 1, 3, 4, 2).numpy()
 
     def save_videos(self, folder: Path | None, velocities: dict) -> None:
         """``folder/samples.mp4`` (``samples.gif`` without an MP4 encoder): the sample videos of each velocity side
         by side (a column each, a row per prompt), from the same noise; the videos ``sample_grid`` last made are
         reused. ``folder`` None: nothing written (a process other than the writer)."""
-        records = (self.eval_records or self.train_records)[:4]
+        records = self.grid_records
         videos = [self._videos.get(id(v)) for v in velocities.values()]
         videos = [
             self.sample_videos(v, records) if x is None else x for v, x in zip(velocities.values(), videos, strict=True)
