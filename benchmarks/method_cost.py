@@ -29,7 +29,9 @@ def epoch_cost(method: str, epochs: int, folder: Path) -> tuple[float, float, fl
         method, overrides=[f"epochs={epochs}", "eval_every=1000", "eval_samples_per_class=2", "checkpoint_every=1000"]
     )
     rows = train(cfg, folder / method, overwrite=True, progress=False).rows()
-    return tuple(statistics.median(row[key] for row in rows) for key in ("time_s", "trained_elements", "optimizer_steps"))
+    return tuple(
+        statistics.median(row[key] for row in rows) for key in ("time_s", "trained_elements", "optimizer_steps")
+    )
 
 
 def main() -> None:

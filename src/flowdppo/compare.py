@@ -18,7 +18,6 @@ from flowdppo import estimators as est
 from flowdppo.settings import PRESETS
 
 
-
 def trains_alone(method: str) -> bool:
     """Whether ``method``'s preset trains from its own rollouts with no further input (``opd`` needs teachers,
     offline preference or data methods a file): only those are default arms."""
