@@ -9,8 +9,10 @@ settings section and method presets inside) and one line in ``ALGORITHMS`` (outs
 
 from flowdppo.algorithms.awm import AWM
 from flowdppo.algorithms.base import Algorithm, Elements, NonFiniteGuard
+from flowdppo.algorithms.diffusion_dpo import DiffusionDPO
 from flowdppo.algorithms.diffusion_nft import DiffusionNFT
 from flowdppo.algorithms.policy_gradient import PolicyGradient
+from flowdppo.algorithms.sft import SFT
 from flowdppo.settings import ALGORITHMS, register_algorithms
 
 register_algorithms(
@@ -18,6 +20,8 @@ register_algorithms(
         "policy_gradient": PolicyGradient,
         "diffusion_nft": DiffusionNFT,
         "awm": AWM,
+        "diffusion_dpo": DiffusionDPO,
+        "sft": SFT,
     }
 )
 

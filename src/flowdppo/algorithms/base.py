@@ -108,6 +108,12 @@ class Algorithm:
     def after_update(self, policy: nn.Module) -> None:
         """Called once the rollout's inner epochs are done."""
 
+    def epoch_data(self, epoch: int, rng: torch.Generator, dist: Distributed) -> tuple[Any, Tensor] | None:
+        """``(batch, weights)`` that epoch ``epoch`` trains on when the algorithm takes its data from a file or a
+        folder: ``update`` takes them in place of ``(traj, advantages)``, ``batch`` with the prompts ``cond``, and the
+        epoch has no rollout and no reward. None (the default): the epoch rolls out."""
+        return None
+
     def state_dict(self) -> dict[str, Tensor]:
         return {}
 
