@@ -43,6 +43,10 @@ def test_presets_carry_the_public_defaults():
         "diffusion_nft",
         "awm",
         "unconstrained",
+        "diffusion_dpo",
+        "diffusion_dpo_offline",
+        "sft",
+        "rft",
     }
 
 

@@ -102,6 +102,29 @@ def test_sft_loss_is_the_flow_matching_error_and_rft_keeps_each_groups_top_k():
     assert kept.tolist() == [1, 2, 4, 5]
 
 
+def test_presets_carry_the_public_defaults(tmp_path):
+    (tmp_path / "pairs.jsonl").write_text("")  # read when training starts
+    online = load_config("diffusion_dpo")
+    offline = load_config("diffusion_dpo_offline", overrides=[f"dpo.pairs_file={tmp_path / 'pairs.jsonl'}"])
+    assert (online.algorithm, online.sampler.kind, online.sampler.kl_kernel) == ("diffusion_dpo", "ode", "flow_sde")
+    assert (online.dpo.beta, online.dpo.train_timesteps, online.dpo.timesteps, online.dpo.source) == (
+        100.0,
+        9,
+        "logit_normal",
+        "rollout",
+    )
+    assert offline.dpo.source == "file"
+    sft, rft = load_config("sft"), load_config("rft")
+    assert (sft.algorithm, sft.sft.source, sft.sft.data, sft.sft.timesteps, sft.loss.beta) == (
+        "sft",
+        "data",
+        "digits",
+        "logit_normal",
+        0.0,
+    )
+    assert (rft.sft.source, rft.sft.top_k, rft.sampler.kind) == ("self", 1, "ode")
+
+
 # ---------------------------------------------------------------- through the CLI, on digits
 
 TINY = ["eval_samples_per_class=5", "checkpoint_every=100"]
