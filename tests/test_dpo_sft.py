@@ -155,11 +155,12 @@ def test_online_dpo_raises_the_digits_reward(tmp_path, one_thread):
     base, rows = train(
         tmp_path / "run",
         "diffusion_dpo",
-        *("epochs=6", "eval_every=3", "prompts_per_epoch=10", "group_size=4", "optim.minibatch_size=30"),
+        *("epochs=6", "eval_every=3", "prompts_per_epoch=10", "group_size=8", "optim.minibatch_size=30"),
     )
     assert all(0 <= r["implicit_accuracy"] <= 1 and r["valid_pairs"] > 0 for r in rows)
-    # measured: eval reward 0.534 -> 0.619 (accuracy 0.56 -> 0.64) in 6 epochs; the base and trained evaluations
-    # share their noise, so the gain is not a draw of the evaluation
+    # The base and trained evaluations share their noise: the gain is the training's, not a draw of the evaluation.
+    # Measured: eval reward 0.534 -> 0.662 (accuracy 0.56 -> 0.66); gains of 0.075 to 0.128 over seeds 0-3, so
+    # the margin holds at about half the smallest
     assert rows[-1]["eval/reward"] > base["eval/reward"] + 0.04
 
 
@@ -177,18 +178,23 @@ def test_make_pairs_writes_a_preference_file_that_offline_dpo_trains_on(pairs_fi
         tmp_path / "offline",
         "diffusion_dpo_offline",
         f"dpo.pairs_file={pairs_file}",
-        *("epochs=4", "eval_every=4", "prompts_per_epoch=4", "group_size=4", "optim.minibatch_size=36"),
+        *("epochs=6", "eval_every=6", "prompts_per_epoch=4", "group_size=4", "optim.minibatch_size=36"),
     )
     assert all("reward_mean" not in r and "kl_to_base" not in r for r in rows)  # no rollout
     assert "path KL to base" in capsys.readouterr().out  # the summary takes the evaluation's
-    # measured: eval reward 0.534 -> 0.621 (accuracy 0.56 -> 0.64)
+    # measured: eval reward 0.534 -> 0.667 (accuracy 0.56 -> 0.66); gains of 0.079 to 0.133 over seeds 0-3
     assert rows[-1]["eval/reward"] > base["eval/reward"] + 0.04
 
 
 def test_sft_on_real_digits_raises_classifier_accuracy(tmp_path, one_thread):
-    base, rows = train(tmp_path / "run", "sft", "epochs=3", "eval_every=3", "prompts_per_epoch=4", "group_size=4")
-    # measured: accuracy 0.56 -> 0.64, eval reward 0.534 -> 0.608 after 9 optimizer steps on real digits
-    assert rows[-1]["eval/accuracy"] > base["eval/accuracy"] + 0.04
+    base, rows = train(
+        tmp_path / "run",
+        "sft",
+        *("epochs=4", "eval_every=4", "prompts_per_epoch=4", "group_size=4"),
+        "optim.minibatch_size=16",
+    )
+    # measured: accuracy 0.56 -> 0.72 after 36 optimizer steps on real digits; gains of 0.10 to 0.16 over seeds 0-3
+    assert rows[-1]["eval/accuracy"] > base["eval/accuracy"] + 0.05
 
 
 def test_sft_resumes_exactly(tmp_path, one_thread):
