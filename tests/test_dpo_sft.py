@@ -102,10 +102,8 @@ def test_sft_loss_is_the_flow_matching_error_and_rft_keeps_each_groups_top_k():
     assert kept.tolist() == [1, 2, 4, 5]
 
 
-def test_presets_carry_the_public_defaults(tmp_path):
-    (tmp_path / "pairs.jsonl").write_text("")  # read when training starts
-    online = load_config("diffusion_dpo")
-    offline = load_config("diffusion_dpo_offline", overrides=[f"dpo.pairs_file={tmp_path / 'pairs.jsonl'}"])
+def test_presets_carry_the_public_defaults():
+    online, offline = load_config("diffusion_dpo"), load_config("diffusion_dpo_offline")
     assert (online.algorithm, online.sampler.kind, online.sampler.kl_kernel) == ("diffusion_dpo", "ode", "flow_sde")
     assert (online.dpo.beta, online.dpo.train_timesteps, online.dpo.timesteps, online.dpo.source) == (
         100.0,
@@ -113,7 +111,7 @@ def test_presets_carry_the_public_defaults(tmp_path):
         "logit_normal",
         "rollout",
     )
-    assert offline.dpo.source == "file"
+    assert (offline.dpo.source, offline.dpo.pairs_file) == ("file", "digits")
     sft, rft = load_config("sft"), load_config("rft")
     assert (sft.algorithm, sft.sft.source, sft.sft.data, sft.sft.timesteps, sft.loss.beta) == (
         "sft",
@@ -149,6 +147,18 @@ def pairs_file(tmp_path_factory, one_thread) -> Path:
     out = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
     assert main(["digits", "make-pairs", "--out", str(out), "--n", "40"]) == 0
     return out
+
+
+def test_the_built_in_pairs_are_the_ones_make_pairs_writes(pairs_file):
+    from flowdppo.algorithms.examples import built_in_pairs, load_pairs
+    from flowdppo.tasks.digits.policy import load_base_policy
+
+    written = load_pairs(pairs_file, 1, "cpu")
+    made = built_in_pairs(load_base_policy(), load_config("diffusion_dpo_offline"), n=40)
+    assert torch.equal(made.cond, written.cond)
+    torch.testing.assert_close(made.x0, written.x0, rtol=0, atol=1e-7)
+    torch.testing.assert_close(made.rejected, written.rejected, rtol=0, atol=1e-7)
+    assert not torch.equal(made.x0, made.rejected)
 
 
 def test_online_dpo_raises_the_digits_reward(tmp_path, one_thread):
@@ -241,10 +251,43 @@ def test_a_bad_preference_file_is_one_line_naming_the_file_and_line(pairs_file, 
     one_line_error(capsys, r"dpo.pairs_file: no such file '.*none.jsonl'")
 
 
+def test_a_data_folder_reads_as_the_digits_task_data(tmp_path, capsys):
+    """captions.jsonl and 8x8 PNGs -> latents 2 x - 1 (8-bit pixels: within 1/255 of the images), upsampled for
+    digits.upsample; an image of another size or a file that is no image: one line naming the file and line."""
+    from PIL import Image
+
+    from flowdppo.algorithms.examples import load_data
+    from flowdppo.errors import ConfigError
+    from flowdppo.tasks.digits.data import load_digits_split, to_latent, to_unit_range, upsample_digits
+
+    images, labels = (t[:6] for t in load_digits_split()[:2])
+    lines = []
+    for i, image in enumerate(to_unit_range(images)):
+        Image.fromarray((image[0] * 255).round().byte().numpy()).save(tmp_path / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "prompt": str(int(labels[i]))}))
+    (tmp_path / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    data = load_data(str(tmp_path), 1, [], "cpu")
+    assert data.cond.tolist() == labels.tolist()
+    torch.testing.assert_close(data.x0, images, atol=1.01 / 255, rtol=0)
+    big = load_data(str(tmp_path), 4, [], "cpu").x0
+    torch.testing.assert_close(big, to_latent(upsample_digits(data.x0, 4, max_shift=0), 4))
+    Image.new("L", (9, 9)).save(tmp_path / "3.png")
+    (tmp_path / "4.png").write_text("not an image")
+    for upsample, pattern in (
+        (1, r"captions.jsonl:4: the image is 9x9; digits.upsample=1 takes 8x8$"),
+        (4, r"captions.jsonl:4: the image is 9x9; digits.upsample=4 takes 8x8 or 32x32"),
+    ):
+        with pytest.raises(ConfigError, match=pattern):
+            load_data(str(tmp_path), upsample, [], "cpu")
+    Image.new("L", (8, 8)).save(tmp_path / "3.png")
+    with pytest.raises(ConfigError, match=r"sft.data: .*captions.jsonl:5: .*4.png is not a readable image"):
+        load_data(str(tmp_path), 1, [], "cpu")
+
+
 @pytest.mark.parametrize(
     "method, overrides, message",
     [
-        ("diffusion_dpo_offline", [], "dpo.pairs_file: dpo.source=file trains on a preference file; give"),
+        ("diffusion_dpo", ["dpo.source=file"], "dpo.pairs_file: dpo.source=file trains on a preference file; give"),
         ("diffusion_dpo", ["dpo.pairs_file=p.jsonl"], "dpo.pairs_file: read only with dpo.source=file"),
         ("diffusion_dpo", ["dpo.beta=0"], "dpo.beta: must be > 0, got 0.0"),
         ("rft", ["group_size=4", "sft.top_k=4"], r"sft.top_k: .* below group_size \(4\), got 4"),

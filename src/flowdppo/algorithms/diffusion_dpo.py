@@ -15,7 +15,8 @@ over dimensions with ``-0.5 beta``): public betas are 5000 (SD 1.5), 2500 (SDXL)
 ``dpo.source=rollout`` (``--method diffusion_dpo``, online): each group of the rollout gives one pair, its best and
 worst sample by advantage (flow_grpo's and Flow-Factory's choice); a group whose samples all scored alike gives none
 (its pair is weighted 0). ``dpo.source=file`` (``--method diffusion_dpo_offline``): pairs from a JSONL preference file
-(``dpo.pairs_file``, ``flowdppo.algorithms.examples``), no rollout. Levels are drawn logit-normal by default
+(``dpo.pairs_file``, ``flowdppo.algorithms.examples``; by default ``digits``, the pairs ``flowdppo digits
+make-pairs`` writes, made in memory from the base), no rollout. Levels are drawn logit-normal by default
 (``sigmoid(N(0, 1))``, the public default).
 """
 
@@ -30,7 +31,9 @@ from torch import Tensor, nn
 
 from flowdppo.algorithms.base import Algorithm, Elements
 from flowdppo.algorithms.examples import (
+    BUILT_IN_DIGITS,
     LEVEL_MODES,
+    built_in_pairs,
     check_source_path,
     epoch_examples,
     load_pairs,
@@ -75,7 +78,8 @@ class DPOConfig(Section):
     offline: no rollout)."""
     pairs_file: str = ""
     """With source=file: a JSONL preference file, one {"prompt", "chosen", "rejected"} a line, image paths relative to
-    it (``flowdppo digits make-pairs --out FILE`` writes one)."""
+    it (``flowdppo digits make-pairs --out FILE`` writes one), or "digits": the pairs make-pairs writes by default
+    (200, the best and worst of 4 base samples), made in memory from the run's base and ranked by its rewards."""
     train_timesteps: int = 9
     """Noise levels each pair is trained at (flow_grpo: int(0.99 num_steps), 39 of its 40 steps; 9 of our 10;
     Flow-Factory's default: 1)."""
@@ -94,7 +98,10 @@ class DiffusionDPO(Algorithm):
     sections = {"dpo": DPOConfig}
     presets = {
         "diffusion_dpo": {"sampler": LIKELIHOOD_FREE_SAMPLER},
-        "diffusion_dpo_offline": {"sampler": LIKELIHOOD_FREE_SAMPLER, "dpo": {"source": "file"}},
+        "diffusion_dpo_offline": {
+            "sampler": LIKELIHOOD_FREE_SAMPLER,
+            "dpo": {"source": "file", "pairs_file": BUILT_IN_DIGITS},
+        },
     }
 
     @classmethod
@@ -110,13 +117,18 @@ class DiffusionDPO(Algorithm):
                 )
             if cfg.task != "digits":
                 return f"dpo.source: file reads digits images only; task {cfg.task} trains with dpo.source=rollout"
-            if problem := check_source_path("dpo.pairs_file", dpo.pairs_file, folder=False):
+            if dpo.pairs_file != BUILT_IN_DIGITS and (
+                problem := check_source_path("dpo.pairs_file", dpo.pairs_file, folder=False)
+            ):
                 return problem
         return timesteps_error("dpo", dpo.timesteps, dpo.train_timesteps, cfg.sampler.num_steps)
 
     def setup(self, policy: nn.Module) -> None:
-        if self.cfg.dpo.source == "file":  # read (and checked) once, before the run folder is written
-            self.pairs = load_pairs(self.cfg.dpo.pairs_file, self.cfg.digits.upsample, policy_device(policy))
+        dpo = self.cfg.dpo
+        if dpo.source == "file" and dpo.pairs_file == BUILT_IN_DIGITS:  # the policy is still the base here
+            self.pairs = built_in_pairs(policy, self.cfg)
+        elif dpo.source == "file":  # read (and checked) once, before the run folder is written
+            self.pairs = load_pairs(dpo.pairs_file, self.cfg.digits.upsample, policy_device(policy))
 
     def epoch_data(self, epoch: int, rng: torch.Generator, dist: Distributed):
         return epoch_examples(self.pairs, self.cfg, rng, dist) if self.cfg.dpo.source == "file" else None

@@ -5,6 +5,8 @@ folder (or absolute); other keys (``flowdppo digits make-pairs`` adds the two re
 
     {"prompt": "3", "chosen": "pairs_images/00000_chosen.png", "rejected": "pairs_images/00000_rejected.png"}
 
+``dpo.pairs_file=digits``: the pairs ``make-pairs`` writes by default, made in memory from the run's base.
+
 Data folder (``sft.data=DIR``): ``DIR/captions.jsonl``, one ``{"image": "0001.png", "prompt": "3"}`` a line, paths
 relative to ``DIR``. ``sft.data=digits``: the digits task's real training digits (the base's 1,437), each prompted
 with its class. Images become latents as the digits task's data do: an 8x8 (or, with ``digits.upsample`` u, 8u x 8u)
@@ -35,7 +37,7 @@ from flowdppo.sde import per_sample, shifted_sigmas
 LEVEL_MODES = ("logit_normal", *TIMESTEP_MODES)
 LOGIT_NORMAL_RANGE = (0.01, 0.99)  # Flow-Factory's DPO draws s in about [0.01, 0.99]
 CAPTIONS_FILE = "captions.jsonl"
-BUILT_IN_DIGITS = "digits"
+BUILT_IN_DIGITS = "digits"  # sft.data's real digits, dpo.pairs_file's pairs of the base
 PAIR_KEYS = ("prompt", "chosen", "rejected")
 CAPTION_KEYS = ("prompt", "image")
 
@@ -78,7 +80,8 @@ class Examples:
 
 def training_levels(mode: str, sigmas: Tensor, n: int, batch: int, generator: torch.Generator) -> Tensor:
     """Noise levels ``(n, batch)``: ``"logit_normal"``, ``s = sigmoid(z)``, ``z ~ N(0, 1)``, clamped to [0.01, 0.99]
-    (the density Diffusion-DPO's and flow_grpo's DPO / SFT code draw); the other modes are ``noise_levels``'."""
+    (Flow-Factory's DPO default, unshifted; flow_grpo's DPO and SFT draw the same); the other modes are
+    ``noise_levels``'."""
     if mode == "logit_normal":
         z = torch.randn((n, batch), generator=generator, device=generator.device)
         return torch.sigmoid(z).clamp(*LOGIT_NORMAL_RANGE)
@@ -195,6 +198,22 @@ def load_pairs(path: str | Path, upsample: int, device, option: str = "dpo.pairs
         for key, out in (("chosen", chosen), ("rejected", rejected)):
             out.append(digits_latent(read_image(record[key], path.parent, where, option), upsample, where, option))
     return Examples(torch.tensor(cond, device=device), torch.stack(chosen).to(device), torch.stack(rejected).to(device))
+
+
+def built_in_pairs(policy: Any, cfg: Any, n: int | None = None) -> Examples:
+    """``dpo.pairs_file=digits``: the pairs ``flowdppo digits make-pairs`` writes by default, made in memory from
+    ``policy`` before it trains (the run's base) and ranked by the run's rewards (their weighted mean), its 8-bit
+    images read back as the file's would be."""
+    from flowdppo.tasks.digits.make_pairs import CANDIDATES, NUM_STEPS, PAIRS, base_pairs, reward_score
+
+    device, upsample = policy_device(policy), cfg.digits.upsample
+    score = reward_score(cfg.reward.names, cfg.reward.weights, device)
+    prompts, chosen, rejected, _ = base_pairs(policy, score, n or PAIRS, CANDIDATES, 0, NUM_STEPS)
+
+    def latents(images: Tensor) -> Tensor:
+        return torch.stack([digits_latent(image[None].float() / 255, upsample, "", "") for image in images.cpu()])
+
+    return Examples(prompts, latents(chosen).to(device), latents(rejected).to(device))
 
 
 def load_data(source: str, upsample: int, classes: list[int], device, option: str = "sft.data") -> Examples:
