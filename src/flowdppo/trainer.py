@@ -3,7 +3,8 @@
 ``train(cfg, out_dir)`` reads top to bottom. The task (``flowdppo.tasks``) brings the policy, prompts,
 rewards and evaluation; the sampler (``flowdppo.samplers``) the rollout's kernel and trained steps; the
 algorithm (``flowdppo.algorithms``) turns a rollout and its advantages into training elements and a
-loss. Under ``torchrun`` / ``accelerate launch`` it runs data-parallel (see ``distributed``).
+loss; one that takes its data from a file or a folder (``Algorithm.epoch_data``) skips the rollout and the reward.
+Under ``torchrun`` / ``accelerate launch`` it runs data-parallel (see ``distributed``).
 """
 
 from __future__ import annotations
