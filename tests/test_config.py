@@ -46,6 +46,10 @@ def test_presets_carry_the_public_defaults():
         "crd",
         "opd",
         "unconstrained",
+        "diffusion_dpo",
+        "diffusion_dpo_offline",
+        "sft",
+        "rft",
     }
 
 

@@ -35,6 +35,7 @@ from flowdppo.commands import (
     compare_command,
     config_command,
     digits_classifier_command,
+    digits_make_pairs_command,
     digits_pretrain_command,
     eval_command,
     export_command,
@@ -197,6 +198,17 @@ def build_parser() -> argparse.ArgumentParser:
     clf.add_argument("--out", required=True)
     clf.add_argument("--seed", type=int, default=0)
     clf.set_defaults(func=digits_classifier_command)
+    pairs = digits_commands.add_parser(
+        "make-pairs", help="a preference file for offline DPO (dpo.pairs_file) from scored base samples"
+    )
+    pairs.add_argument("--out", required=True, help="the JSONL file; its PNGs go to STEM_images/ beside it")
+    pairs.add_argument("--n", type=int, default=200, help="pairs (prompts 0..9 in turn; default 200)")
+    pairs.add_argument("--candidates", type=int, default=4, help="samples per prompt; the best and worst pair up (4)")
+    pairs.add_argument("--reward", default="classifier_prob", help="the digits reward that ranks them")
+    pairs.add_argument("--seed", type=int, default=0)
+    pairs.add_argument("--upsample", type=int, default=1, choices=UPSAMPLE_FACTORS, help="digits.upsample=U's base")
+    pairs.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    pairs.set_defaults(func=digits_make_pairs_command)
 
     srv = commands.add_parser("reward-server", help="serve a reward over HTTP, for reward.names=[http://HOST:PORT]")
     srv.add_argument(

@@ -52,7 +52,8 @@ def _print_summary(path: Path, per_class: int) -> None:
     base = json.loads((path / "base_eval.json").read_text())
     last = rows[-1]
     print(f"\nrun folder: {path}")
-    print(f"  rollout reward   first epoch {rows[0]['reward_mean']:.3f} -> last epoch {last['reward_mean']:.3f}")
+    if "reward_mean" in last:  # not in a run trained on a file or a folder (no rollout)
+        print(f"  rollout reward   first epoch {rows[0]['reward_mean']:.3f} -> last epoch {last['reward_mean']:.3f}")
     unit = "class" if "eval/accuracy" in base else "held-out prompt"
     if base:
         print(
@@ -61,7 +62,9 @@ def _print_summary(path: Path, per_class: int) -> None:
         )
     for key in ("eval/accuracy", "eval/fid") if "eval/accuracy" in base else base:
         print(f"  {key:<16} base {base[key]:.3f} -> trained {last[key]:.3f}")
-    print(f"  path KL to base  {last['kl_to_base']:.3e}")
+    kl = last.get("kl_to_base", last.get("eval/kl_to_base"))  # the evaluation's in a run with no rollout
+    if kl is not None:
+        print(f"  path KL to base  {kl:.3e}")
     print(f"  look at: {path / 'samples.png'} and {path / 'plots' / 'curves.png'}")
 
 
@@ -227,6 +230,16 @@ def digits_classifier_command(args: argparse.Namespace) -> int:
     from flowdppo.tasks.digits.classifier import train_classifier
 
     train_classifier(args.out, seed=args.seed)
+    return 0
+
+
+def digits_make_pairs_command(args: argparse.Namespace) -> int:
+    from flowdppo.tasks.digits.make_pairs import make_pairs
+
+    out = make_pairs(
+        args.out, args.n, args.candidates, args.seed, args.reward, upsample=args.upsample, overwrite=args.overwrite
+    )
+    print(f"{args.n} pairs: {out}; train with: flowdppo train --method diffusion_dpo_offline dpo.pairs_file={out}")
     return 0
 
 

@@ -23,13 +23,18 @@ def plot_training_curves(rows: list[dict], path: Path, title: str = "", reward: 
 
 
 def training_curves_figure(rows: list[dict], title: str = "", reward: str = "") -> Figure:
-    """``plot_training_curves``'s figure; ``reward`` names the rollout reward (``reward_label``)."""
+    """``plot_training_curves``'s figure; ``reward`` names the reward (``reward_label``). The rollouts' reward and
+    KL, or in a run with no rollout (trained on a file or a folder) the evaluations' (``eval/reward``,
+    ``eval/kl_to_base``)."""
+    rollouts = any("reward_mean" in r for r in rows)
+    reward_key, kl_key = ("reward_mean", "kl_to_base") if rollouts else ("eval/reward", "eval/kl_to_base")
+    rows = [r for r in rows if reward_key in r and kl_key in r]
     epochs = [r["epoch"] for r in rows]
-    reward_mean = [r["reward_mean"] for r in rows]
-    kl = [r["kl_to_base"] for r in rows]
+    reward_mean = [r[reward_key] for r in rows]
+    kl = [r[kl_key] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     axes[0].plot(epochs, reward_mean, color="tab:blue")
-    axes[0].set(xlabel="epoch", ylabel="mean reward (rollout)", title="reward")
+    axes[0].set(xlabel="epoch", ylabel=f"mean reward ({'rollout' if rollouts else 'evaluation'})", title="reward")
     axes[1].plot(epochs, kl, color="tab:red")
     axes[1].set(xlabel="epoch", ylabel="path KL to base", title="KL to base")
     axes[2].plot(kl, reward_mean, marker=".", color="tab:purple")

@@ -3,7 +3,8 @@
 ``train(cfg, out_dir)`` reads top to bottom. The task (``flowdppo.tasks``) brings the policy, prompts,
 rewards and evaluation; the sampler (``flowdppo.samplers``) the rollout's kernel and trained steps; the
 algorithm (``flowdppo.algorithms``) turns a rollout and its advantages into training elements and a
-loss. Under ``torchrun`` / ``accelerate launch`` it runs data-parallel (see ``distributed``).
+loss; one that takes its data from a file or a folder (``Algorithm.epoch_data``) skips the rollout and the reward.
+Under ``torchrun`` / ``accelerate launch`` it runs data-parallel (see ``distributed``).
 """
 
 from __future__ import annotations
@@ -109,6 +110,15 @@ def run_training(cfg: TrainConfig, run: RunFolder, dist: Distributed, resume: bo
         run.save_json("base_eval.json", task.evaluate(base_velocity, cfg.eval_samples_per_class))
         run.log_images({"base": task.sample_grid(base_velocity)}, 0)
 
+    def end_epoch(epoch: int, row: dict) -> None:
+        """4. evaluate, log, checkpoint (process 0 writes)."""
+        if evaluates(epoch, cfg):
+            row.update(task.evaluate(velocity, cfg.eval_samples_per_class, base_velocity))
+            run.log_images({"trained": task.sample_grid(velocity)}, epoch)
+        run.log(row)
+        if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
+            run.save_checkpoint(epoch + 1, policy, optimizer, rng, algorithm, {"nonfinite": guard.state_dict()})
+
     bar = tqdm(
         range(start_epoch, cfg.epochs),
         desc=f"{cfg.method}",
@@ -118,6 +128,15 @@ def run_training(cfg: TrainConfig, run: RunFolder, dist: Distributed, resume: bo
     )
     for epoch in bar:
         t0 = time.perf_counter()
+        data = algorithm.epoch_data(epoch, rng, dist)  # (examples, weights) of a file or a folder: no rollout
+        if data is not None:
+            metrics = algorithm.update(
+                trained_policy, optimizer, *data, rng, base_velocity, epoch=epoch, guard=guard, dist=dist
+            )
+            row = {"epoch": epoch, **metrics, "nonfinite_skipped": guard.skipped, "time_s": time.perf_counter() - t0}
+            end_epoch(epoch, row)
+            bar.set_postfix(loss=f"{metrics['loss']:.3g}")
+            continue
         rng_at_start = rng.get_state()  # checkpointed if this epoch's reward fails
         # 1. rollout: P prompts x G samples (this process's rows), stochastic and recorded on the trained steps
         cond, group_ids = task.prompts(cfg.prompts_per_epoch, cfg.group_size, cfg.seed, epoch)
@@ -166,7 +185,6 @@ def run_training(cfg: TrainConfig, run: RunFolder, dist: Distributed, resume: bo
             counts = algorithm.mechanism_counts(dist)  # what the trust tests would drop (every process calls it)
             if counts is not None and run.is_writer:
                 run.save_json(mechanism.FILE, mechanism.with_epoch(run.path / mechanism.FILE, epoch, counts))
-        # 4. log, evaluate, checkpoint (process 0 writes)
         row = {
             "epoch": epoch,
             "reward_mean": float((rewards @ rewards.new_tensor(cfg.reward.weights)).mean() / sum(cfg.reward.weights)),
@@ -177,13 +195,8 @@ def run_training(cfg: TrainConfig, run: RunFolder, dist: Distributed, resume: bo
             "nonfinite_skipped": guard.skipped,
             "time_s": time.perf_counter() - t0,
         }
-        if evaluates(epoch, cfg):
-            row.update(task.evaluate(velocity, cfg.eval_samples_per_class, base_velocity))
-            run.log_images({"trained": task.sample_grid(velocity)}, epoch)
-        run.log(row)
+        end_epoch(epoch, row)
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl_to_base']:.2e}")
-        if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
-            run.save_checkpoint(epoch + 1, policy, optimizer, rng, algorithm, {"nonfinite": guard.state_dict()})
         stall.check(epoch, rewards, group_ids, update_metrics)  # after the row and checkpoint: nothing is lost
     grids = {name: task.sample_grid(v) for name, v in (("base", base_velocity), ("trained", velocity))}
     if hasattr(task, "save_videos"):  # a video task's samples.mp4 / .gif (every process samples, process 0 writes)

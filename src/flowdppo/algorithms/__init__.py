@@ -11,9 +11,11 @@ from flowdppo.algorithms.awm import AWM
 from flowdppo.algorithms.base import Algorithm, Elements, NonFiniteGuard
 from flowdppo.algorithms.crd import CRD
 from flowdppo.algorithms.dgpo import DGPO
+from flowdppo.algorithms.diffusion_dpo import DiffusionDPO
 from flowdppo.algorithms.diffusion_nft import DiffusionNFT
 from flowdppo.algorithms.opd import OPD
 from flowdppo.algorithms.policy_gradient import PolicyGradient
+from flowdppo.algorithms.sft import SFT
 from flowdppo.settings import ALGORITHMS, register_algorithms
 
 register_algorithms(
@@ -24,6 +26,8 @@ register_algorithms(
         "dgpo": DGPO,
         "crd": CRD,
         "opd": OPD,
+        "diffusion_dpo": DiffusionDPO,
+        "sft": SFT,
     }
 )
 

@@ -113,6 +113,12 @@ class Algorithm:
         calls it), or None: the algorithm does not log one."""
         return None
 
+    def epoch_data(self, epoch: int, rng: torch.Generator, dist: Distributed) -> tuple[Any, Tensor] | None:
+        """``(batch, weights)`` that epoch ``epoch`` trains on when the algorithm takes its data from a file or a
+        folder: ``update`` takes them in place of ``(traj, advantages)``, ``batch`` with the prompts ``cond``, and the
+        epoch has no rollout and no reward. None (the default): the epoch rolls out."""
+        return None
+
     def state_dict(self) -> dict[str, Tensor]:
         return {}
 
