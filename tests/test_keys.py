@@ -26,6 +26,7 @@ COMPANIONS = {  # a choice that needs another key to load (the combination check
     "sampler.kind=cps": ["sampler.eta=0.8"],
     "method=opd": ["opd.teachers=[runs/teacher]"],
     "algorithm=opd": ["opd.teachers=[runs/teacher]"],
+    "crd.timesteps=stratified": ["crd.train_timesteps=9"],  # stratified: at most K - 1 levels
 }
 
 

@@ -56,7 +56,7 @@ from flowdppo.distributed import Distributed
 from flowdppo.errors import ConfigError
 from flowdppo.rollout import Trajectory
 from flowdppo.sde import upcast
-from flowdppo.settings import Section, require, require_choice
+from flowdppo.settings import Section, require
 
 LOSS_TYPES = ("mse", "bce")
 
@@ -150,9 +150,12 @@ class CRDConfig(Section):
     sampling_decay: list[float] = field(default_factory=lambda: [75.0, 0.0, 0.0075, 0.999])
     """Sampling model's schedule (d = 0 before start_step: rollouts run the current weights)."""
 
+    @classmethod
+    def choices(cls) -> dict[str, tuple]:
+        return {"loss_type": LOSS_TYPES, "timesteps": TIMESTEP_MODES}
+
     def check(self, prefix: str = "crd.") -> None:
-        require_choice(self, prefix, "loss_type", LOSS_TYPES)
-        require_choice(self, prefix, "timesteps", TIMESTEP_MODES)
+        self.check_choices(prefix)
         require(self, prefix, "> 0", "beta", "adv_clip_max", "train_timesteps", "kl_cfg", "kl_min")
         if self.weight_temp == 0:
             raise ConfigError(f"{prefix}weight_temp: 0 is not supported; use a negative value (uniform) or T > 0")

@@ -42,7 +42,7 @@ from flowdppo.algorithms.examples import (
 )
 from flowdppo.algorithms.likelihood_free import LIKELIHOOD_FREE_SAMPLER, mean_squared, timesteps_error
 from flowdppo.distributed import Distributed
-from flowdppo.settings import Section, require, require_choice
+from flowdppo.settings import Section, require
 
 SOURCES = ("rollout", "file")
 
@@ -86,9 +86,12 @@ class DPOConfig(Section):
     timesteps: str = "logit_normal"
     """How they are drawn: "logit_normal" (sigmoid(N(0, 1)), public), "schedule", "stratified", "uniform"."""
 
+    @classmethod
+    def choices(cls) -> dict[str, tuple]:
+        return {"source": SOURCES, "timesteps": LEVEL_MODES}
+
     def check(self, prefix: str = "dpo.") -> None:
-        require_choice(self, prefix, "source", SOURCES)
-        require_choice(self, prefix, "timesteps", LEVEL_MODES)
+        self.check_choices(prefix)
         require(self, prefix, "> 0", "beta", "train_timesteps")
 
 

@@ -44,7 +44,7 @@ from flowdppo.policies.lora import reference_policy, uses_lora
 from flowdppo.rollout import Trajectory, in_chunks
 from flowdppo.samplers import get_sampler
 from flowdppo.sde import REDUCTIONS
-from flowdppo.settings import Section, require_choice
+from flowdppo.settings import Section
 
 
 @dataclass
@@ -63,8 +63,12 @@ class OPDConfig(Section):
     kl_reduce: str = "mean"
     """Reduction of the per-step KL over the latent: "mean" (the public code's) or "sum" (the full KL)."""
 
+    @classmethod
+    def choices(cls) -> dict[str, tuple]:
+        return {"kl_reduce": REDUCTIONS}
+
     def check(self, prefix: str = "opd.") -> None:
-        require_choice(self, prefix, "kl_reduce", REDUCTIONS)
+        self.check_choices(prefix)
         if any(not w > 0 for w in self.guidance_scales):
             raise ConfigError(f"{prefix}guidance_scales: each must be > 0, got {self.guidance_scales}")
 

@@ -34,7 +34,7 @@ from flowdppo.algorithms.examples import (
 )
 from flowdppo.algorithms.likelihood_free import LIKELIHOOD_FREE_SAMPLER, mean_squared, timesteps_error, velocity_kl
 from flowdppo.distributed import Distributed
-from flowdppo.settings import Section, require, require_choice
+from flowdppo.settings import Section, require
 
 SOURCES = ("data", "self")
 
@@ -69,9 +69,12 @@ class SFTConfig(Section):
     timesteps: str = "logit_normal"
     """How they are drawn: "logit_normal" (sigmoid(N(0, 1)), flow_grpo's), "schedule", "stratified", "uniform"."""
 
+    @classmethod
+    def choices(cls) -> dict[str, tuple]:
+        return {"source": SOURCES, "timesteps": LEVEL_MODES}
+
     def check(self, prefix: str = "sft.") -> None:
-        require_choice(self, prefix, "source", SOURCES)
-        require_choice(self, prefix, "timesteps", LEVEL_MODES)
+        self.check_choices(prefix)
         require(self, prefix, "> 0", "top_k", "train_timesteps")
 
 
