@@ -52,6 +52,7 @@ def advantages_worker(rank: int, world_size: int, init_file: str, out: str) -> N
         )
         result.update({f"rewards.{setting}": rewards, f"advantages.{setting}": advantages})
     torch.save(result, f"{out}.{rank}")
+    torch_dist.barrier()  # neither process tears gloo down while the other still talks to it
     torch_dist.destroy_process_group()
 
 
@@ -108,6 +109,7 @@ def fsdp_worker(rank: int, world_size: int, init_file: str, out: str) -> None:
     weights, optimizer_state = gather_full_state(policy, optimizer)
     result = {"local": local, "norm": norm, "weights": weights, "optimizer": optimizer_state.get("state", {})}
     torch.save(result, f"{out}.{rank}")
+    torch_dist.barrier()  # neither process tears gloo down while the other still talks to it
     torch_dist.destroy_process_group()
 
 
