@@ -562,9 +562,9 @@ def test_bad_requests_get_4xx_and_one_line_each_and_the_server_keeps_serving(cap
         assert raw_post(url, head) == (413, {"detail": f"{refused} (batch_size in the address)"})
         partial = f"POST /score HTTP/1.1\r\nhost: x\r\n{head.replace(str(10**12), '1000')}\r\n".encode() + b"x" * 10
         with socket.create_connection((urlsplit(url).hostname, urlsplit(url).port), timeout=10) as sock:
-            sock.sendall(partial)  # 10 of 1000 bytes, then gone: the end of the stream follows them (a bare close
-            sock.shutdown(socket.SHUT_WR)  # may reset the connection, dropping what the server has not read yet)
-            while sock.recv(65536):  # until the server closes its side too
+            sock.sendall(partial)  # 10 of 1000 bytes, then the end of the stream
+            sock.shutdown(socket.SHUT_WR)
+            while sock.recv(65536):  # until the server has seen the client gone and closed its side
                 pass
         for _ in range(200):  # then until it has answered (and logged) it: capfd is read once, as reading it
             if not server.server_state.tasks:  # while another thread writes may lose what that thread wrote
