@@ -23,16 +23,18 @@ from pathlib import Path
 
 from common import RESULTS_DIR, write_result
 
+from flowdppo.frontier import mean_ci
+
 LOW, HIGH = [0, 1, 2, 3, 4], [5, 6, 7, 8, 9]
 TEACHERS = {"low": ("flow_dppo", LOW), "high": ("awm", HIGH)}
 
 
 def train(out: Path, method: str, *overrides: str) -> None:
-    """``flowdppo train`` in its own one-thread process; an existing finished run is kept."""
+    """``flowdppo train`` in its own one-thread process; a finished run is kept (an unfinished one is refused)."""
     if (out / "final").is_dir():
         return
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "flowdppo", "train", "--no-progress", "--overwrite", "--method", method]
+    command = [sys.executable, "-m", "flowdppo", "train", "--no-progress", "--method", method]
     done = subprocess.run([*command, "--out", str(out), *overrides], env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{out}: training failed\n{done.stderr[-2000:]}")
@@ -52,17 +54,6 @@ def evaluate_on(run_dir: Path, classes: list[int], per_class: int) -> dict[str, 
     policy = load_trained_policy(run_dir, task)
     measures = task.evaluate(partial(policy, guidance_scale=cfg.sampler.guidance_scale), per_class)
     return {k: v for k, v in measures.items() if k.startswith("eval/")}
-
-
-def t_interval(values: list[float]) -> tuple[float, float, float]:
-    """Mean and its 95% t interval (two-sided) over the seeds."""
-    from scipy import stats
-
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, float("nan"), float("nan")
-    half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
-    return mean, mean - half, mean + half
 
 
 def main() -> None:
@@ -115,7 +106,8 @@ def main() -> None:
         for measure in ("eval/accuracy", "eval/reward", "eval/fid", "eval/diversity"):
             gaps = [per_seed[s][name]["student"][measure] - per_seed[s][name]["teacher"][measure] for s in seeds]
             teacher_mean = statistics.fmean(per_seed[s][name]["teacher"][measure] for s in seeds)
-            mean, low, high = t_interval(gaps)
+            mean, half = mean_ci(gaps)
+            low, high = mean - half, mean + half
             summary[f"{name}/{measure}"] = {"teacher": teacher_mean, "student_minus_teacher": [mean, low, high]}
             print(
                 f"{method} teacher of {classes[0]}-{classes[-1]}  {measure:<15} teacher {teacher_mean:.3f}  "
