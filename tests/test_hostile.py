@@ -108,6 +108,10 @@ BAD_VALUES = {
     ),
     "misspelt sampler": (["sampler.kind=flow_sd"], r"sampler\.kind: .* got 'flow_sd' \(did you mean flow_sde\?\)"),
     "misspelt method": (["method=flow_grp"], r"method: .* got 'flow_grp' \(did you mean flow_grpo\?\)"),
+    "one evaluation sample per class": (
+        ["eval_samples_per_class=1"],
+        r"digits evaluation: at least 2 samples per class \(eval_samples_per_class, eval --per-class\), got 1",
+    ),
     "misspelt key": (["sampler.knd=ode"], r"unknown config key 'sampler\.knd' \(did you mean sampler\.kind\?\)"),
 }
 

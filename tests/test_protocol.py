@@ -110,7 +110,7 @@ def evaluate(run: Path, prompts: Path, out: Path, capsys, *extra: str) -> tuple[
 def test_eval_writes_the_protocol_is_seeded_and_report_reprints_it(run, tmp_path, capsys, monkeypatch):
     prompts = prompt_file(tmp_path, "eval.txt", EVAL_PROMPTS)
     first, printed = evaluate(run, prompts, tmp_path / "first.json", capsys)
-    second, _ = evaluate(run, prompts, tmp_path / "second.json", capsys)
+    second, _ = evaluate(run, prompts, tmp_path / "first.json", capsys, "--overwrite")  # replaces the first
 
     p = first["protocol"]
     assert first["format"] == RESULT_FORMAT and first["prompts"] == EVAL_PROMPTS
@@ -298,6 +298,9 @@ def protocol_model(run: Path) -> str:
         (["--prompts", "{tmp}/eval.txt", "--samples-per-prompt", "0"], "--samples-per-prompt: must be at least 1"),
         (["--prompts", "{tmp}/eval.txt", "--per-class", "3"], "--per-class:"),
         (["--samples-per-prompt", "2"], "--samples-per-prompt: only with --prompts"),
+        (["--overwrite"], "--overwrite: only with --prompts"),
+        (["--prompts", "{tmp}/eval.txt", "--out", "{tmp}/other.json"], "holds an earlier result; give --overwrite"),
+        (["--prompts", "{tmp}/eval.txt", "--out", "{tmp}"], "is a folder; give a file name"),
         (["--report", "{tmp}/eval.txt"], "is not a flowdppo eval result (not JSON"),
         (["--report", "{tmp}/other.json"], "is not a flowdppo eval result"),
         (["--report", "{tmp}/missing.json"], "--report: no such file"),

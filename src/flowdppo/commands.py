@@ -82,6 +82,7 @@ def eval_command(args: argparse.Namespace) -> int:
         "--samples-per-prompt": args.samples_per_prompt,
         "--seed": args.seed,
         "--out": args.out,
+        "--overwrite": args.overwrite or None,
     }
     for flag, value in given.items():
         if value is not None:
@@ -109,10 +110,15 @@ def _eval_protocol(args: argparse.Namespace) -> int:
     per_prompt = DEFAULT_SAMPLES_PER_PROMPT if args.samples_per_prompt is None else args.samples_per_prompt
     _positive(samples_per_prompt=per_prompt)
     run_dir, prompts = Path(args.run_dir), Path(args.prompts)
+    out = Path(args.out) if args.out else run_dir / "eval" / f"{prompts.stem}.json"
+    if out.is_dir():
+        raise ConfigError(f"--out: {out} is a folder; give a file name, e.g. {out / prompts.stem}.json")
+    if out.exists() and not args.overwrite:
+        raise ConfigError(f"--out: {out} holds an earlier result; give --overwrite to replace it or another --out")
     result = evaluate_protocol(
         run_dir, prompts, parse_reward_names(args.rewards), per_prompt, DEFAULT_SEED if args.seed is None else args.seed
     )
-    out = write_result(result, Path(args.out) if args.out else run_dir / "eval" / f"{prompts.stem}.json")
+    write_result(result, out)
     print(format_table(result))
     print(f"wrote {out}")
     return 0

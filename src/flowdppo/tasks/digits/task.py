@@ -98,6 +98,11 @@ class DigitsTask:
         (``sample_with_path_kl``). With ``digits.classes``, ``eval/*`` covers those classes and ``eval_heldout/*``
         the others (FID against real digits of the same classes).
         """
+        if per_class < 2:
+            raise ConfigError(
+                f"digits evaluation: at least 2 samples per class (eval_samples_per_class, eval --per-class), got "
+                f"{per_class}; the diversity measure compares samples of one class"
+            )
         noise, cond = self.eval_noise(per_class)
         kl = None
         if base_velocity is None:
