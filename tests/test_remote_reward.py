@@ -37,7 +37,16 @@ from flowdppo.rewards.remote import (
     parse_remote,
     with_retries,
 )
-from flowdppo.rewards.server import bind, exposure_warning, make_app, resolve_reward, server_token, url_of
+from flowdppo.rewards.server import (
+    DEFAULT_MAX_CONNECTIONS,
+    bind,
+    exposure_warning,
+    make_app,
+    resolve_reward,
+    server_config,
+    server_token,
+    url_of,
+)
 from flowdppo.rewards.wire import TOKEN_ENV, RequestError
 from flowdppo.runs import RunFolder
 from flowdppo.trainer import train
@@ -64,11 +73,11 @@ def serving(app):
 
 
 @contextmanager
-def serving_with_server(app):
+def serving_with_server(app, max_connections: int = DEFAULT_MAX_CONNECTIONS):
     """``serving``, yielding the URL and the ``uvicorn.Server`` (whose ``server_state.tasks`` are the requests
-    still being answered)."""
+    still being answered), with the reward server's own uvicorn settings."""
     sock = bind("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(server_config(app, max_connections))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:
@@ -320,6 +329,40 @@ def test_server_port_in_use_and_unknown_reward_are_one_line(capsys):
     assert err.count("\n") == 0 and f"--port: cannot listen on 127.0.0.1:{port}" in err, err
     assert main(["reward-server", "--reward", "sharpness", "--port", "0"]) == 2
     assert "--reward: unknown reward 'sharpness'" in capsys.readouterr().err
+    assert main(["reward-server", "--reward", "ink", "--port", "0", "--max-connections", "0"]) == 2
+    assert "--max-connections: must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_a_connection_over_max_connections_gets_503_and_the_trainer_retries_it():
+    """Two requests held on a server answering 2 at once: a third is HTTP 503, a client retries it and then says
+    the server is full; once the two are answered, the client is served."""
+    held, release = threading.Semaphore(0), threading.Event()
+
+    def hold(images, prompts):
+        held.release()
+        assert release.wait(30)
+        return prompts.float()
+
+    def post(url, answers):
+        with httpx.Client(trust_env=False, timeout=30) as http:
+            answers.append(http.post(f"{url}/score", content=encode_request(*images_and_labels(2), None)).status_code)
+
+    with serving_with_server(fake_app(hold), max_connections=2) as (url, server):
+        answers = []
+        threads = [threading.Thread(target=post, args=(url, answers)) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        assert held.acquire(timeout=30) and held.acquire(timeout=30)  # both are being scored
+        with httpx.Client(trust_env=False, timeout=10) as http:
+            assert http.get(f"{url}/health").status_code == 503
+        with pytest.raises(RewardError, match=r"no answer after 4 tries .*HTTP 503 .*--max-connections"):
+            load_remote_reward(url)
+        release.set()
+        for thread in threads:
+            thread.join(30)
+        assert answers == [200, 200]
+        client = load_remote_reward(f"{url}?batch_size=4")
+        assert torch.equal(client(torch.rand(8, 1, 8, 8), torch.arange(8)), torch.arange(8).float())
 
 
 # A run on a server, and on a server that dies mid-run

@@ -45,7 +45,7 @@ from flowdppo.commands import (
 )
 from flowdppo.config import PRESETS
 from flowdppo.errors import FlowDPPOError, cut
-from flowdppo.rewards.server import DEFAULT_MAX_BODY_MB, DEFAULT_MAX_IMAGES
+from flowdppo.rewards.server import DEFAULT_MAX_BODY_MB, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_IMAGES
 from flowdppo.tasks.digits import UPSAMPLE_FACTORS
 
 
@@ -237,6 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=DEFAULT_MAX_BODY_MB,
         help=f"request body size at most, in MB (default {DEFAULT_MAX_BODY_MB:g})",
+    )
+    srv.add_argument(
+        "--max-connections",
+        type=int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        help=f"connections answered at once; one more gets HTTP 503, which trainers retry (default "
+        f"{DEFAULT_MAX_CONNECTIONS}; memory grows with it times --max-body-mb)",
     )
     srv.set_defaults(func=reward_server_command)
     return parser

@@ -252,5 +252,14 @@ def digits_make_pairs_command(args: argparse.Namespace) -> int:
 def reward_server_command(args: argparse.Namespace) -> int:
     from flowdppo.rewards.server import serve
 
-    serve(args.reward, args.host, args.port, args.device, args.token, args.max_images, args.max_body_mb)
+    serve(
+        args.reward,
+        args.host,
+        args.port,
+        args.device,
+        args.token,
+        args.max_images,
+        args.max_body_mb,
+        args.max_connections,
+    )
     return 0

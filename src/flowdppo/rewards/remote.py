@@ -140,7 +140,8 @@ def _checked(response, url: str):
         detail = response.text
     detail = " ".join(str(detail).split())[:300]
     if response.status_code >= 500:
-        raise _ServerBusy(f"HTTP {response.status_code} {detail}")
+        busy = "; the server answers its --max-connections at once already" if response.status_code == 503 else ""
+        raise _ServerBusy(f"HTTP {response.status_code} {detail}{busy}")
     fix = (
         f"; give the trainer the server's token in {TOKEN_ENV} (or token=... in the address)"
         if response.status_code == 401

@@ -11,8 +11,9 @@ It listens on 127.0.0.1 unless ``--host`` says otherwise, and warns when it list
 With a token (``--token`` or ``FLOWDPPO_REWARD_TOKEN``) every request needs ``Authorization: Bearer TOKEN``
 (compared in constant time; else HTTP 401). A request body is bounded by ``--max-body-mb`` (its Content-Length,
 then the bytes as they arrive) and its images by ``--max-images`` (read from the header, before any tensor is
-made): over either, HTTP 413. Every request it cannot score is answered 4xx with one line, and one line on its
-stderr.
+made): over either, HTTP 413. At most ``--max-connections`` connections are answered at once (so its memory stays
+near that many bodies); one more is answered HTTP 503, which the trainer retries. Every request it cannot score
+is answered 4xx with one line, and one line on its stderr.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from flowdppo.rewards.wire import PROTOCOL, TOKEN_ENV, RequestError, check_token
 
 DEFAULT_MAX_IMAGES = 256
 DEFAULT_MAX_BODY_MB = 512.0  # 32 float32 RGB images of 1024x1024 are 403 MB
+DEFAULT_MAX_CONNECTIONS = 32  # a trainer process keeps remote.IN_FLIGHT (2) requests open: 16 processes
 
 
 def require_serve_extra() -> None:
@@ -200,7 +202,15 @@ def url_of(sock: socket.socket, host: str) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def run_server(app, sock: socket.socket, ready_line: str) -> None:
+def server_config(app, max_connections: int = DEFAULT_MAX_CONNECTIONS):
+    """uvicorn's settings for ``app``: quiet, and ``max_connections`` connections answered at once (a request on one
+    more gets HTTP 503). uvicorn counts the asking connection itself against ``limit_concurrency``, hence the + 1."""
+    import uvicorn
+
+    return uvicorn.Config(app, log_level="warning", access_log=False, limit_concurrency=max_connections + 1)
+
+
+def run_server(app, sock: socket.socket, ready_line: str, max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
     """Serve ``app`` on ``sock`` until interrupted; print ``ready_line`` once it accepts requests."""
     import uvicorn
 
@@ -210,7 +220,7 @@ def run_server(app, sock: socket.socket, ready_line: str) -> None:
             if not self.should_exit:
                 print(ready_line, flush=True)
 
-    AnnouncingServer(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[sock])
+    AnnouncingServer(server_config(app, max_connections)).run(sockets=[sock])
 
 
 def exposure_warning(address: str, token: str | None) -> str | None:
@@ -239,6 +249,7 @@ def serve(
     token: str | None = None,
     max_images: int = DEFAULT_MAX_IMAGES,
     max_body_mb: float = DEFAULT_MAX_BODY_MB,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
 ) -> None:
     """Load the reward ``reward_name`` on ``device`` and serve it at ``http://host:port`` until interrupted."""
     require_serve_extra()
@@ -248,6 +259,8 @@ def serve(
         raise ConfigError(f"--max-images: must be at least 1, got {max_images}")
     if not 0 < max_body_mb < float("inf"):
         raise ConfigError(f"--max-body-mb: must be a positive number of MB, got {max_body_mb}")
+    if max_connections < 1:
+        raise ConfigError(f"--max-connections: must be at least 1, got {max_connections}")
     token = server_token(token)
     sock = bind(host, port)  # a port in use is found before a model is loaded
     try:
@@ -259,13 +272,14 @@ def serve(
         name, url = reward_name.strip(), url_of(sock, host)
         ready = f"flowdppo reward-server: serving {name!r} at {url} (reward.names=[{url}])"
         app = make_app(reward, name, device, token, max_images, int(max_body_mb * 2**20))
-        run_server(app, sock, ready + (f"; requests need the token ({TOKEN_ENV})" if token else ""))
+        run_server(app, sock, ready + (f"; requests need the token ({TOKEN_ENV})" if token else ""), max_connections)
     finally:
         sock.close()
 
 
 __all__ = [
     "DEFAULT_MAX_BODY_MB",
+    "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_MAX_IMAGES",
     "bind",
     "default_device",
@@ -277,6 +291,7 @@ __all__ = [
     "run_server",
     "score_request",
     "serve",
+    "server_config",
     "server_token",
     "token_problem",
     "url_of",
