@@ -277,6 +277,9 @@ def test_probe_runs_each_baseline_setting_and_words_its_criterion(tmp_path, caps
     assert [(m["label"], m["dim"], m["seeds"], m["epochs"]) for m in measured] == [("flow_grpo", 64, 2, 2)]
     assert measured[0]["bias_noise"] > 0 and not measured[0]["met"]  # dim 64: the ratio's noise swamps D
     assert {d.name for d in (tmp_path / "probe" / "runs" / "probe" / "flow_grpo").iterdir()} == {"seed0", "seed1"}
+    # methods with no clipped-ratio baseline among them (e.g. --methods rft,sft): nothing to probe, and it says so
+    assert run_probe("dim64", tiny, tmp_path / "none", ("rft", "sft")) == {"settings": []}
+    assert probe_line({"settings": []}).startswith("no probe: none of the methods is a clipped-ratio baseline")
     assert main(["compare", "--preset", "dims"]) == 2
     assert "unknown preset 'dims'" in capsys.readouterr().err
 

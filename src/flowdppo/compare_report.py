@@ -37,8 +37,11 @@ def probe_line(probe: dict) -> str:
     """One line per setting: what the probe measured and whether its criterion is met (a probe recorded before the
     per-setting probe: one Flow-GRPO eps 1e-4 run, no bias/noise)."""
     old = {"label": "flow_grpo (eps 1e-4)", "seeds": 1, "met": probe.get("reached"), "bias_noise": math.nan}
+    settings = probe["settings"] if "settings" in probe else [{**probe, **old}]
+    if not settings:
+        return "no probe: none of the methods is a clipped-ratio baseline Flow-DPPO is compared with"
     lines = []
-    for p in probe.get("settings") or [{**probe, **old}]:
+    for p in settings:
         bias_noise = p["bias_noise"]
         noise = "not recorded" if math.isnan(bias_noise) else f"{bias_noise:.2g}"
         reading = (
