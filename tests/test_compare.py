@@ -98,6 +98,20 @@ def synthetic_results(kl_scales=(("flow_dppo", 0.5), ("flow_grpo", 1.0)), seeds=
     return {"preset": preset, "arms": arms, "overrides": [], "seeds": seeds}
 
 
+def test_every_arm_of_a_large_report_is_drawn_in_its_own_style(tmp_path, monkeypatch):
+    """15 arms (the dim presets with every method): no two curves share colour and line style."""
+    import flowdppo.benchplots as benchplots
+
+    figures = []
+    monkeypatch.setattr(benchplots.plt, "close", figures.append)
+    results = synthetic_results(tuple((f"arm{i}", 0.5 + 0.1 * i) for i in range(15)))
+    benchplots.plot_frontier(results, tmp_path / "frontier.png")
+    (lines,) = [fig.axes[0].lines for fig in figures]
+    assert [line.get_label() for line in lines] == list(results["arms"])
+    assert len({(line.get_color(), line.get_linestyle()) for line in lines}) == 15
+    assert (tmp_path / "frontier.png").is_file()
+
+
 def test_claims_from_synthetic_results():
     """DPPO reaches every reward with half the KL of GRPO: claim 1 holds, and it forgets less (claim 2)."""
     results = synthetic_results(seeds=6)

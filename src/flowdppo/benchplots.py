@@ -14,6 +14,12 @@ from flowdppo.estimators import eval_points  # noqa: E402
 from flowdppo.frontier import mean_ci  # noqa: E402
 
 
+def arm_style(index: int) -> dict:
+    """The line style of the ``index``-th arm: matplotlib's ten cycle colours, solid, then dashed, then dotted, so
+    no two of 30 arms look alike."""
+    return {"color": f"C{index % 10}", "linestyle": ("-", "--", ":")[index // 10 % 3]}
+
+
 def _records(arm: dict) -> list[dict]:
     return [rec for _, rec in sorted(arm["seeds"].items(), key=lambda kv: int(kv[0]))]
 
@@ -29,9 +35,9 @@ def _series(arm: dict, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def plot_frontier(results: dict, path: Path) -> None:
     """Eval reward vs KL to the base over training, seed means, one curve per arm (start: the base)."""
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for label, arm in results["arms"].items():
+    for i, (label, arm) in enumerate(results["arms"].items()):
         kl, reward = np.mean([eval_points(rec) for rec in _records(arm)], 0)
-        ax.plot(kl, reward, marker="o", ms=3, label=label)
+        ax.plot(kl, reward, marker="o", ms=3, label=label, **arm_style(i))
     ax.set(
         xlabel="path KL to base (estimators.eval_points)",
         ylabel="eval reward (p of prompted digit)",
@@ -48,10 +54,10 @@ def plot_vs_epoch(results: dict, keys: list[str], path: Path) -> None:
     """Each key vs epoch, seed mean with a 95% CI band, one line per arm."""
     fig, axes = plt.subplots(1, len(keys), figsize=(4.6 * len(keys), 3.8))
     for ax, key in zip(np.atleast_1d(axes), keys, strict=True):
-        for label, arm in results["arms"].items():
+        for i, (label, arm) in enumerate(results["arms"].items()):
             epochs, mean, half = _series(arm, key)
-            ax.plot(epochs, mean, label=label)
-            ax.fill_between(epochs, mean - half, mean + half, alpha=0.15)
+            ax.plot(epochs, mean, label=label, **arm_style(i))
+            ax.fill_between(epochs, mean - half, mean + half, alpha=0.15, color=arm_style(i)["color"])
         ax.set(xlabel="epoch", title=key)
         ax.grid(alpha=0.3)
     np.atleast_1d(axes)[0].legend(fontsize=7)
@@ -64,7 +70,7 @@ def plot_inner_epochs(results: dict, path: Path) -> None:
     """Final eval reward vs inner epochs (1, 2, 4) per method, with CIs."""
     fig, ax = plt.subplots(figsize=(6, 4))
     methods = sorted({arm["method"] for arm in results["arms"].values()})
-    for method in methods:
+    for index, method in enumerate(methods):
         xs, means, halves = [], [], []
         for i in (1, 2, 4):
             arm = results["arms"].get(f"{method}/I{i}")
@@ -72,7 +78,7 @@ def plot_inner_epochs(results: dict, path: Path) -> None:
                 finals = [[r["eval/reward"] for r in rec["rows"] if "eval/reward" in r][-1] for rec in _records(arm)]
                 m, h = mean_ci(finals)
                 xs.append(i), means.append(m), halves.append(h)
-        ax.errorbar(xs, means, yerr=halves, marker="o", capsize=3, label=method)
+        ax.errorbar(xs, means, yerr=halves, marker="o", capsize=3, label=method, **arm_style(index))
     ax.set(
         xscale="log",
         xticks=[1, 2, 4],
