@@ -464,6 +464,11 @@ def test_across_dims_table_reads_each_dim_report(tmp_path):
     render_report(tmp_path / "dim1024-lr")
     rows = across_dims(tmp_path)[2:]
     assert [r.split(" | ")[0] for r in rows] == ["| 1024", "| 1024 optim.lr=3e-3"]
+    (tmp_path / "dim1024-rerun").mkdir()  # a second report of one setting: each row names its folder
+    (tmp_path / "dim1024-rerun" / "results.json").write_text(json.dumps(results))
+    render_report(tmp_path / "dim1024-rerun")
+    rows = across_dims(tmp_path)[2:]
+    assert [r.split(" | ")[0] for r in rows] == ["| 1024 (dim1024)", "| 1024 (dim1024-rerun)", "| 1024 optim.lr=3e-3"]
     render_plan("matched", tmp_path / "matched")  # pre-registered, not run: its rule is gathered, no plots
     gathered = gather_reports(tmp_path).read_text()
     assert "## [matched](matched/REPORT.md)" in gathered and "### Decision rule (pre-registered)" in gathered

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 from flowdppo import estimators as est
@@ -285,10 +286,18 @@ def across_dims(root: Path) -> list[str]:
         "baseline dropped A>0 / A<0 | claim 1 (less KL at that level) | claim 2 (FID at reward) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    reports = [json.loads((path.parent / "results.json").read_text()) for path in root.glob("dim*/REPORT.md")]
-    reports = [r for r in reports if r.get("preset") in {f"dim{d}" for d in UPSAMPLE_OF_DIM}]
-    for results in sorted(reports, key=lambda r: (int(r["preset"][3:]), r.get("overrides", []))):
-        dim = " ".join([results["preset"][3:], *results.get("overrides", [])])  # e.g. "4096 optim.lr=3e-3"
+    reports = {
+        path.parent.name: json.loads((path.parent / "results.json").read_text()) for path in root.glob("dim*/REPORT.md")
+    }
+    reports = {name: r for name, r in reports.items() if r.get("preset") in {f"dim{d}" for d in UPSAMPLE_OF_DIM}}
+
+    def setting(results: dict) -> str:  # e.g. "4096 optim.lr=3e-3"
+        return " ".join([results["preset"][3:], *results.get("overrides", [])])
+
+    repeated = Counter(setting(r) for r in reports.values())
+    order = sorted(reports.items(), key=lambda kv: (int(kv[1]["preset"][3:]), kv[1].get("overrides", []), kv[0]))
+    for folder, results in order:
+        dim = setting(results) + (f" ({folder})" if repeated[setting(results)] > 1 else "")  # two reports, one setting
         _, table = est.arm_table(results)
         verdicts = {(r["pair"], r["claim"]): r["verdict"] for r in claim_rows(results, table)}
         for label, base_label in est.claim_pairs(results):
