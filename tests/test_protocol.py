@@ -298,7 +298,7 @@ def protocol_model(run: Path) -> str:
         (["--prompts", "{tmp}/eval.txt", "--samples-per-prompt", "0"], "--samples-per-prompt: must be at least 1"),
         (["--prompts", "{tmp}/eval.txt", "--per-class", "3"], "--per-class:"),
         (["--samples-per-prompt", "2"], "--samples-per-prompt: only with --prompts"),
-        (["--overwrite"], "--overwrite: only with --prompts"),
+        (["--overwrite"], "--overwrite: replaces an --out result; give --out FILE.json"),
         (["--prompts", "{tmp}/eval.txt", "--out", "{tmp}/other.json"], "holds an earlier result; give --overwrite"),
         (["--prompts", "{tmp}/eval.txt", "--out", "{tmp}"], "is a folder; give a file name"),
         (["--report", "{tmp}/eval.txt"], "is not a flowdppo eval result (not JSON"),

@@ -108,8 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--rewards", metavar="R1,R2", help="with --prompts: rewards to score (default: the run's)")
     ev.add_argument("--samples-per-prompt", type=int, default=None, help="with --prompts: samples per prompt (4)")
     ev.add_argument("--seed", type=int, default=None, help="with --prompts: the noise seed (0)")
-    ev.add_argument("--out", metavar="FILE.json", help="with --prompts: the result (default RUN/eval/PROMPTS.json)")
-    ev.add_argument("--overwrite", action="store_true", help="with --prompts: replace an existing result file")
+    ev.add_argument(
+        "--out",
+        metavar="FILE.json",
+        help="the result as JSON (with --prompts the default is RUN/eval/PROMPTS.json; without, nothing is written)",
+    )
+    ev.add_argument("--overwrite", action="store_true", help="replace an existing --out result")
     ev.add_argument("--report", metavar="FILE.json", help="print the table of a saved result (no model loaded)")
     ev.set_defaults(func=eval_command)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from flowdppo.config import PRESETS, load_config, resume_config, saved_config
 from flowdppo.errors import ConfigError, did_you_mean, shown
+from flowdppo.files import write_text_atomic
 from flowdppo.progress import quiet
 
 
@@ -77,24 +78,35 @@ def eval_command(args: argparse.Namespace) -> int:
         raise ConfigError("eval: give a run folder (flowdppo eval RUN ...) or --report FILE.json")
     if args.prompts is not None:
         return _eval_protocol(args)
-    given = {
-        "--rewards": args.rewards,
-        "--samples-per-prompt": args.samples_per_prompt,
-        "--seed": args.seed,
-        "--out": args.out,
-        "--overwrite": args.overwrite or None,
-    }
+    given = {"--rewards": args.rewards, "--samples-per-prompt": args.samples_per_prompt, "--seed": args.seed}
     for flag, value in given.items():
         if value is not None:
             raise ConfigError(f"{flag}: only with --prompts FILE (the text-to-image protocol)")
+    if args.overwrite and args.out is None:
+        raise ConfigError("--overwrite: replaces an --out result; give --out FILE.json")
     per_class = EVAL_PER_CLASS if args.per_class is None else args.per_class
     _positive(per_class=per_class)
+    out = None if args.out is None else _result_file(Path(args.out), args.overwrite, "eval")
     results = evaluate_run(Path(args.run_dir), per_class=per_class)
     width = max(len(k) for k in results["base"])
     print(f"{'measure':<{width}}  {'base':>9}  {'trained':>9}")
     for key in results["base"]:
         print(f"{key:<{width}}  {results['base'][key]:>9.4f}  {results['trained'][key]:>9.4f}")
+    if out is not None:
+        record = {"run": str(Path(args.run_dir).resolve()), "per_class": per_class, **results}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out, json.dumps(record, indent=1) + "\n")
+        print(f"wrote {out}")
     return 0
+
+
+def _result_file(out: Path, overwrite: bool, name: str) -> Path:
+    """``out`` where a result may be written: not a folder, and not an earlier result unless ``overwrite``."""
+    if out.is_dir():
+        raise ConfigError(f"--out: {out} is a folder; give a file name, e.g. {out / name}.json")
+    if out.exists() and not overwrite:
+        raise ConfigError(f"--out: {out} holds an earlier result; give --overwrite to replace it or another --out")
+    return out
 
 
 EVAL_PER_CLASS = 50  # flowdppo eval's samples per class / held-out prompt
@@ -110,11 +122,9 @@ def _eval_protocol(args: argparse.Namespace) -> int:
     per_prompt = DEFAULT_SAMPLES_PER_PROMPT if args.samples_per_prompt is None else args.samples_per_prompt
     _positive(samples_per_prompt=per_prompt)
     run_dir, prompts = Path(args.run_dir), Path(args.prompts)
-    out = Path(args.out) if args.out else run_dir / "eval" / f"{prompts.stem}.json"
-    if out.is_dir():
-        raise ConfigError(f"--out: {out} is a folder; give a file name, e.g. {out / prompts.stem}.json")
-    if out.exists() and not args.overwrite:
-        raise ConfigError(f"--out: {out} holds an earlier result; give --overwrite to replace it or another --out")
+    out = _result_file(
+        Path(args.out) if args.out else run_dir / "eval" / f"{prompts.stem}.json", args.overwrite, prompts.stem
+    )
     result = evaluate_protocol(
         run_dir, prompts, parse_reward_names(args.rewards), per_prompt, DEFAULT_SEED if args.seed is None else args.seed
     )
