@@ -27,9 +27,12 @@ def epochs_to(curve: est.Curve, level: float) -> float:
     return float(curve.epoch[reached[0]] + 1) if len(reached) else math.nan
 
 
-def elements_per_epoch(run_dir: Path) -> float:
-    """Mean ``trained_elements`` of the run's updates, from its ``metrics.jsonl`` (results.json keeps fewer keys)."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def elements_per_epoch(record: dict, run_dir: Path) -> float:
+    """Mean ``trained_elements`` of the run's updates: from its record in results.json, or from its
+    ``metrics.jsonl`` for a report written before results.json kept the key."""
+    rows = record["rows"]
+    if not any("trained_elements" in r for r in rows):
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return float(np.mean([r["trained_elements"] for r in rows if "trained_elements" in r]))
 
 
@@ -47,7 +50,9 @@ def cost_to_level(report: Path, results: dict, label: str, reference: str) -> tu
         ok = gain > 0 and not math.isnan(ea) and not math.isnan(eb)
         whys.append("" if ok else "level not reached")
         epochs.append(math.log(ea / eb) if ok else math.nan)
-        per_epoch = [elements_per_epoch(report / "runs" / x / f"seed{s}") for x in (label, reference)]
+        per_epoch = [
+            elements_per_epoch(arms[x]["seeds"][s], report / "runs" / x / f"seed{s}") for x in (label, reference)
+        ]
         elements.append(math.log(ea * per_epoch[0] / (eb * per_epoch[1])) if ok else math.nan)
     return est.summarise(epochs, whys), est.summarise(elements, whys)
 

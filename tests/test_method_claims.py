@@ -24,12 +24,19 @@ def record(rewards: list[float]) -> dict:
     return {"base": {"eval/reward": 0.5}, "rows": rows, "wall_s": 1.0}
 
 
-def write_report(root: Path, arms: dict[str, tuple[list[float], float]], seeds: int = 5) -> dict:
-    """A report folder: results.json with each arm's eval rewards, and each run's metrics.jsonl with its
-    ``trained_elements`` per epoch."""
+def write_report(
+    root: Path, arms: dict[str, tuple[list[float], float]], seeds: int = 5, in_results: bool = False
+) -> dict:
+    """A report folder: results.json with each arm's eval rewards, and each run's ``trained_elements`` per epoch in
+    its rows there (``in_results``) or, as a report before results.json kept the key, in its run's metrics.jsonl."""
     results = {"preset": "single", "seeds": seeds, "overrides": [], "arms": {}}
     for label, (rewards, elements) in arms.items():
         results["arms"][label] = {"method": label, "seeds": {str(s): record(rewards) for s in range(seeds)}}
+        if in_results:
+            for rec in results["arms"][label]["seeds"].values():
+                for row in rec["rows"]:
+                    row["trained_elements"] = elements
+            continue
         for s in range(seeds):
             run = root / "runs" / label / f"seed{s}"
             run.mkdir(parents=True)
@@ -39,13 +46,15 @@ def write_report(root: Path, arms: dict[str, tuple[list[float], float]], seeds: 
     return results
 
 
-def test_epochs_and_elements_to_the_level_are_read_at_the_first_crossing(tmp_path):
+@pytest.mark.parametrize("in_results", [False, True])
+def test_epochs_and_elements_to_the_level_are_read_at_the_first_crossing(tmp_path, in_results):
     """Base 0.5, both arms' best 0.9: the level is 0.5 + 0.7 * 0.4 = 0.78. The reference first reaches it at epoch
     2 (3 epochs trained), the fast arm at epoch 0 (1 epoch) with 3x the elements per epoch: epochs 1/3, elements 1."""
     mc = load_script()
     results = write_report(
-        tmp_path, {"flow_grpo": ([0.6, 0.7, 0.8, 0.9], 100.0), "fast": ([0.8, 0.9, 0.9, 0.9], 300.0)}
+        tmp_path, {"flow_grpo": ([0.6, 0.7, 0.8, 0.9], 100.0), "fast": ([0.8, 0.9, 0.9, 0.9], 300.0)}, 5, in_results
     )
+    assert (tmp_path / "runs").is_dir() != in_results
     level, gain = est.seed_level(*(est.curve(results["arms"][a]["seeds"]["0"]) for a in ("flow_grpo", "fast")))
     assert (level, gain) == pytest.approx((0.78, 0.4))
     assert mc.epochs_to(est.curve(results["arms"]["flow_grpo"]["seeds"]["0"]), level) == 3.0

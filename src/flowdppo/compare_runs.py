@@ -27,7 +27,17 @@ MECHANISM = (
     "first_moved_log_ratio_mean",
     "first_moved_log_ratio_std",
 )  # the trust tests' mechanism, per update
-KEPT = ("epoch", "reward_mean", "kl_to_base", "masked_fraction", "ratio_mean", "kl_max", "time_s", *MECHANISM)
+KEPT = (
+    "epoch",
+    "reward_mean",
+    "kl_to_base",
+    "masked_fraction",
+    "ratio_mean",
+    "kl_max",
+    "time_s",
+    "trained_elements",
+    *MECHANISM,
+)
 
 
 def _run_one(method: str, overrides: list[str], path: str) -> dict:
