@@ -384,6 +384,21 @@ def test_batches_beyond_the_free_memory_name_the_option_and_a_size_that_fits(mod
     assert check(1, 1).startswith("resolution: one sample (4 tokens) needs at least ")
 
 
+def test_free_memory_is_the_gpus_free_bytes_on_cuda_and_the_available_ram_on_cpu(monkeypatch):
+    """The CUDA branch, without a GPU: ``torch.cuda.mem_get_info`` answers (free, total) for the asked device."""
+    import psutil
+
+    import flowdppo.policies.limits as limits
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: asked.append(device) or (3 * 2**30, 80 * 2**30))
+    assert limits.free_memory("cuda:1") == (3 * 2**30, "GPU memory free on cuda:1")
+    assert asked == [torch.device("cuda:1")]
+    free, where = limits.free_memory("cpu")
+    assert where == "RAM available" and 0 < free <= psutil.virtual_memory().total
+    assert limits.free_memory("meta") is None
+
+
 def test_train_refuses_a_size_past_the_positions_or_the_memory_before_writing(model_dirs, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
